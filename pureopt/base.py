@@ -1,0 +1,277 @@
+"""The pure core: gradient transformations, state records and ``apply_updates``.
+
+A :class:`GradientTransformation` is a pair of pure functions::
+
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    params = apply_updates(params, updates)
+
+``update`` never mutates its inputs. Updates are *added* to the parameters (as in optax), so a descent step
+returns ``-lr * direction``. A ``None`` gradient leaf produces a ``None`` update leaf and leaves that
+parameter's state untouched (torch.optim's semantics for parameters whose ``.grad`` is ``None``).
+
+Internally every transformation pureopt builds also exposes a *leaf-level* update over flat lists
+(:class:`LeafUpdate`), so that :func:`pureopt.chain` flattens the gradient and parameter trees once per step
+instead of once per transform. Transformations written by users with plain functions work everywhere too;
+they are simply called with trees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, TypeAlias
+
+import torch
+
+from pureopt import tree as _tree
+from pureopt.tree import PyTreeSpec
+
+__all__ = [
+    "Params",
+    "Updates",
+    "OptState",
+    "Schedule",
+    "ScalarOrSchedule",
+    "GradientTransformation",
+    "TransformInitFn",
+    "TransformUpdateFn",
+    "EmptyState",
+    "UpdateContext",
+    "LeafInit",
+    "LeafUpdate",
+    "leaf_transformation",
+    "as_leaf_update",
+    "identity",
+    "stateless",
+    "set_to_zero",
+    "apply_updates",
+]
+
+Params: TypeAlias = Any
+"""A pytree of tensors (a dict from ``named_parameters()``, a tuple, a NamedTuple, ...)."""
+Updates: TypeAlias = Any
+"""A pytree shaped like the parameters whose leaves are tensors or ``None``."""
+OptState: TypeAlias = Any
+"""An optimizer state: a NamedTuple (or a tuple / dict of NamedTuples) of tensors."""
+Schedule: TypeAlias = Callable[[torch.Tensor | int], torch.Tensor | float]
+"""A pure function from the step count (a 0-d tensor) to a value."""
+ScalarOrSchedule: TypeAlias = float | torch.Tensor | Schedule
+"""A hyperparameter given as a Python number, a 0-d tensor, or a schedule of the step count."""
+
+
+class TransformInitFn(Protocol):
+    """``init(params) -> state``."""
+
+    def __call__(self, params: Params) -> OptState: ...
+
+
+class TransformUpdateFn(Protocol):
+    """``update(updates, state, params=None, **extra_args) -> (updates, new_state)``."""
+
+    def __call__(
+        self, updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """A pure optimizer or building block: an ``(init, update)`` pair.
+
+    Attributes:
+      init: ``init(params) -> state``; builds the initial state from the parameters.
+      update: ``update(updates, state, params=None, **extra_args) -> (updates, new_state)``; transforms the
+        incoming updates (gradients for the first transform of a chain). Pure: inputs are never mutated.
+
+    Example::
+
+        tx = pureopt.adam(lr=1e-3)
+        state = tx.init(params)
+        updates, state = tx.update(grads, state, params)
+        params = pureopt.apply_updates(params, updates)
+    """
+
+    init: TransformInitFn
+    update: TransformUpdateFn
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transformation."""
+
+
+@dataclass(frozen=True)
+class UpdateContext:
+    """What a leaf-level update knows besides its flat inputs.
+
+    Attributes:
+      spec: the tree structure of the updates / parameters (``None`` leaves included).
+      extra_args: keyword arguments passed to ``update`` (e.g. ``value_fn`` for L-BFGS).
+      donate: the caller owns the gradient and state buffers and allows them to be overwritten in place
+        (set by the stateful adapters only; the pure API never sets it).
+    """
+
+    spec: PyTreeSpec
+    extra_args: dict[str, Any] = field(default_factory=dict)
+    donate: bool = False
+
+    def state_leaves(self, state_tree: Any) -> list[Any]:
+        """Flatten a per-parameter state tree up to the update structure, naming the first mismatch."""
+        return _tree.flatten_like(self.spec, state_tree, what="grads", against="the optimizer state")
+
+
+LeafList: TypeAlias = list[Any]
+
+
+class LeafInit:
+    """``init`` over a tree, implemented by a function of the flat leaves and the tree structure."""
+
+    def __init__(self, init_leaves: Callable[[list[Any], PyTreeSpec], OptState]) -> None:
+        self.init_leaves = init_leaves
+
+    def __call__(self, params: Params) -> OptState:
+        leaves, spec = _tree.flatten(params)
+        return self.init_leaves(leaves, spec)
+
+
+class LeafUpdate:
+    """``update`` over trees, implemented by ``update_leaves(updates, state, params, ctx)`` over flat lists.
+
+    ``updates`` is the list of update leaves (tensors or ``None``), ``params`` the list of parameter leaves or
+    ``None``; the function returns ``(new_update_leaves, new_state)``.
+    """
+
+    def __init__(
+        self,
+        update_leaves: Callable[[LeafList, OptState, LeafList | None, UpdateContext], tuple[LeafList, OptState]],
+    ) -> None:
+        self.update_leaves = update_leaves
+
+    def __call__(
+        self, updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]:
+        leaves, spec = _tree.flatten(updates)
+        param_leaves = flatten_params_like(spec, updates, params)
+        new_leaves, new_state = self.update_leaves(leaves, state, param_leaves, UpdateContext(spec, extra_args))
+        return spec.unflatten(new_leaves), new_state
+
+
+def flatten_params_like(spec: PyTreeSpec, updates: Updates, params: Params | None) -> LeafList | None:
+    """The leaves of ``params``, after checking that they are structured like the updates."""
+    if params is None:
+        return None
+    param_leaves, param_spec = _tree.flatten(params)
+    if param_spec != spec:
+        raise _tree.structure_error(params, updates, "grads", "the parameters")
+    return param_leaves
+
+
+def leaf_transformation(
+    init_leaves: Callable[[list[Any], PyTreeSpec], OptState],
+    update_leaves: Callable[[LeafList, OptState, LeafList | None, UpdateContext], tuple[LeafList, OptState]],
+) -> GradientTransformation:
+    """Build a :class:`GradientTransformation` from functions over flat leaves.
+
+    Args:
+      init_leaves: ``(param_leaves, spec) -> state``.
+      update_leaves: ``(update_leaves, state, param_leaves_or_None, ctx) -> (new_update_leaves, new_state)``.
+    """
+    return GradientTransformation(LeafInit(init_leaves), LeafUpdate(update_leaves))
+
+
+def as_leaf_update(
+    tx: GradientTransformation,
+) -> Callable[[LeafList, OptState, LeafList | None, UpdateContext], tuple[LeafList, OptState]]:
+    """The leaf-level update of ``tx``; a tree-level update (user code) is wrapped to take flat lists."""
+    if isinstance(tx.update, LeafUpdate):
+        return tx.update.update_leaves
+
+    def update_leaves(
+        updates: LeafList, state: OptState, params: LeafList | None, ctx: UpdateContext
+    ) -> tuple[LeafList, OptState]:
+        tree_params = None if params is None else ctx.spec.unflatten(params)
+        new_updates, new_state = tx.update(ctx.spec.unflatten(updates), state, tree_params, **ctx.extra_args)
+        return _tree.flatten_like(ctx.spec, new_updates, "updates", "the incoming updates"), new_state
+
+    return update_leaves
+
+
+def identity() -> GradientTransformation:
+    """The transformation that returns its updates unchanged.
+
+    Example::
+
+        tx = pureopt.identity()
+        updates, state = tx.update(grads, tx.init(params))  # updates is grads
+    """
+
+    def update_leaves(
+        updates: LeafList, state: OptState, params: LeafList | None, ctx: UpdateContext
+    ) -> tuple[LeafList, OptState]:
+        del params, ctx
+        return updates, state
+
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+
+
+def stateless(fn: Callable[[Updates, Params | None], Updates]) -> GradientTransformation:
+    """A transformation without state from ``fn(updates, params) -> new_updates`` over trees.
+
+    Example::
+
+        negate = pureopt.stateless(lambda u, p: pureopt.tree.tree_map(lambda x: None if x is None else -x, u))
+    """
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]:
+        del extra_args
+        return fn(updates, params), state
+
+    return GradientTransformation(init, update)
+
+
+def set_to_zero() -> GradientTransformation:
+    """Replace every update by zeros (``None`` stays ``None``): parameters do not move.
+
+    Used with :func:`pureopt.partition` to freeze part of a model.
+    """
+
+    def update_leaves(
+        updates: LeafList, state: OptState, params: LeafList | None, ctx: UpdateContext
+    ) -> tuple[LeafList, OptState]:
+        del params, ctx
+        return [None if u is None else torch.zeros_like(u) for u in updates], state
+
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """Return ``params + updates``, each leaf cast back to its parameter's dtype.
+
+    A ``None`` update leaves its parameter as it is (the same tensor object). Nothing is mutated.
+
+    Args:
+      params: a pytree of tensors.
+      updates: a pytree of the same structure, tensors or ``None``.
+
+    Example::
+
+        params = pureopt.apply_updates(params, updates)
+    """
+    param_leaves, spec = _tree.flatten(params)
+    update_leaves = _tree.flatten_like(spec, updates, what="updates", against="the parameters")
+    return spec.unflatten(_add_leaves(param_leaves, update_leaves))
+
+
+def _add_leaves(params: Sequence[Any], updates: Sequence[Any]) -> list[Any]:
+    out = []
+    for p, u in zip(params, updates):
+        if u is None or p is None:
+            out.append(p)
+        else:
+            new = p + u
+            out.append(new if new.dtype == p.dtype else new.to(p.dtype))
+    return out

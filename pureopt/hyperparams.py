@@ -1,0 +1,64 @@
+"""Hyperparameter values: Python numbers, 0-d tensors or schedules, and torch.optim's validation wording."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from pureopt.base import ScalarOrSchedule
+
+__all__ = ["resolve", "is_schedule", "check_lr", "check_nonneg", "check_beta", "check_betas"]
+
+
+def is_schedule(value: Any) -> bool:
+    """Whether ``value`` is a schedule (a callable of the step count)."""
+    return callable(value) and not isinstance(value, Tensor)
+
+
+def resolve(value: ScalarOrSchedule, count: Tensor) -> float | Tensor:
+    """The value of a hyperparameter at step ``count``: a schedule is called, numbers and tensors pass through."""
+    if is_schedule(value):
+        return value(count)  # type: ignore[operator]
+    return value  # type: ignore[return-value]
+
+
+def _value(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def check_lr(lr: ScalarOrSchedule) -> None:
+    """torch.optim's checks on ``lr`` (skipped for schedules, whose values are only known at run time)."""
+    if is_schedule(lr):
+        return
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= _value(lr):  # type: ignore[arg-type]
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_nonneg(value: ScalarOrSchedule, what: str) -> None:
+    """``Invalid {what} value: {value}`` unless ``value >= 0`` (torch.optim's wording)."""
+    if is_schedule(value):
+        return
+    if not 0.0 <= _value(value):  # type: ignore[arg-type]
+        raise ValueError(f"Invalid {what} value: {value}")
+
+
+def check_beta(beta: float | Tensor, index: int) -> None:
+    """``Invalid beta parameter at index i`` unless ``0 <= beta < 1``."""
+    if not 0.0 <= _value(beta) < 1.0:
+        raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+
+
+def check_betas(betas: tuple[float | Tensor, float | Tensor]) -> None:
+    """Check both Adam betas with torch.optim's wording."""
+    for i, beta in enumerate(betas):
+        check_beta(beta, i)
+
+
+def as_python_or_tensor(value: float | Tensor) -> float | Tensor:
+    """A 1-element tensor as a 0-d tensor; numbers unchanged."""
+    if isinstance(value, Tensor):
+        return value.reshape(())
+    return value

@@ -1,0 +1,26 @@
+"""Each algorithm's math over flat lists of tensors, with per-tensor / foreach (/ fused) paths.
+
+Kernels take lists of tensors (never ``None``), hyperparameters as Python numbers or 0-d tensors, ``impl`` and
+``donate``, and return the updates and the new state lists. With ``donate=False`` (the pure API) nothing passed
+in is modified.
+"""
+
+from pureopt.kernels.adam import AdamResult, adam
+from pureopt.kernels.listops import FOREACH, LOOP, ListOps
+from pureopt.kernels.select import IMPLS, Impl, check_impl, choose_impl, functorch_active
+from pureopt.kernels.sgd import SGDResult, sgd
+
+__all__ = [
+    "FOREACH",
+    "IMPLS",
+    "LOOP",
+    "AdamResult",
+    "Impl",
+    "ListOps",
+    "SGDResult",
+    "adam",
+    "check_impl",
+    "choose_impl",
+    "functorch_active",
+    "sgd",
+]

@@ -1,0 +1,110 @@
+"""Adam / AdamW (with amsgrad, maximize, coupled or decoupled weight decay): torch.optim.Adam's math on lists.
+
+Update rule (torch.optim.Adam / AdamW), per parameter ``p`` with gradient ``g`` and its own step count ``t``::
+
+    g <- -g                                          if maximize
+    g <- g + weight_decay * p                        if weight_decay != 0 and not decoupled
+    t <- t + 1
+    m <- m + (1 - beta1) * (g - m)                   (lerp)
+    v <- beta2 * v + (1 - beta2) * g * g
+    vmax <- max(vmax, v); use vmax for v             if amsgrad
+    denom = sqrt(v) / sqrt(1 - beta2**t) + eps
+    update = -(lr / (1 - beta1**t)) * m / denom
+    update <- update - lr * weight_decay * p         if weight_decay != 0 and decoupled
+
+``lr=None`` returns the positive direction ``m_hat / (sqrt(v_hat) + eps)`` (used by
+:func:`pureopt.scale_by_adam`). Complex tensors are viewed as real pairs, as torch.optim does.
+
+Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2015; Loshchilov & Hutter, "Decoupled Weight
+Decay Regularization", 2019; Reddi et al., "On the Convergence of Adam and Beyond" (amsgrad), 2018.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from pureopt.kernels.common import as_complex_like, as_real, cast_like, per_tensor
+from pureopt.kernels.listops import FOREACH, LOOP
+from pureopt.kernels.select import choose_impl
+
+__all__ = ["AdamResult", "adam"]
+
+
+class AdamResult(NamedTuple):
+    """Updates and new state lists (named like torch.optim's state keys)."""
+
+    updates: list[Tensor]
+    step: list[Tensor]
+    exp_avg: list[Tensor]
+    exp_avg_sq: list[Tensor]
+    max_exp_avg_sq: list[Tensor] | None
+
+
+def adam(
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    impl: str = "auto",
+    donate: bool = False,
+) -> AdamResult:
+    """One Adam step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    path = choose_impl(impl, [*grads, *exp_avgs])
+    ops = FOREACH if path == "foreach" else LOOP
+    like = grads
+    grads = as_real(grads)
+    exp_avgs, exp_avg_sqs = as_real(exp_avgs), as_real(exp_avg_sqs)
+    rparams = as_real(params) if params is not None else None
+    if max_exp_avg_sqs is not None:
+        max_exp_avg_sqs = as_real(max_exp_avg_sqs)
+    grads = cast_like(grads, exp_avgs)  # state may be kept in another dtype (state_dtype=)
+    if rparams is not None:
+        rparams = cast_like(rparams, exp_avgs)
+    if weight_decay != 0 and rparams is None:
+        raise ValueError("weight_decay needs the parameters: call update(grads, state, params)")
+
+    g = ops.neg(grads) if maximize else grads
+    if weight_decay != 0 and not decoupled_weight_decay:
+        g = ops.add(g, rparams, alpha=weight_decay, inplace=maximize)  # type: ignore[arg-type]
+    new_steps = ops.add_scalar(steps, 1, inplace=donate)
+    m = ops.lerp(exp_avgs, g, 1 - beta1, inplace=donate)
+    v = ops.addcmul(ops.mul(exp_avg_sqs, beta2, inplace=donate), g, g, value=1 - beta2, inplace=True)
+    vmax = None
+    if amsgrad:
+        assert max_exp_avg_sqs is not None
+        vmax = ops.maximum(max_exp_avg_sqs, v, inplace=donate)
+    sign = -1.0 if lr is not None else 1.0
+    step_lr = 1.0 if lr is None else lr
+    # step_size = lr / (1 - beta1**t), bias_correction2_sqrt = sqrt(1 - beta2**t), per tensor, in float64
+    neg_step_size = per_tensor(new_steps, lambda t: sign * step_lr / (1 - torch.pow(beta1, t)))
+    bc2_sqrt = per_tensor(new_steps, lambda t: torch.sqrt(1 - torch.pow(beta2, t)))
+    denom = ops.sqrt(vmax if vmax is not None else v)
+    denom = ops.add_scalar(ops.div(denom, bc2_sqrt, inplace=True), eps, inplace=True)
+    updates = ops.div_list(ops.mul(m, neg_step_size), denom, inplace=True)
+    if weight_decay != 0 and decoupled_weight_decay and lr is not None:
+        decay = -lr * weight_decay
+        if isinstance(decay, Tensor):
+            updates = ops.add(updates, ops.mul(rparams, decay), inplace=True)  # type: ignore[arg-type]
+        else:
+            updates = ops.add(updates, rparams, alpha=decay, inplace=True)  # type: ignore[arg-type]
+    return AdamResult(
+        as_complex_like(updates, like),
+        new_steps,
+        as_complex_like(m, like),
+        as_complex_like(v, like),
+        as_complex_like(vmax, like) if vmax is not None else None,
+    )

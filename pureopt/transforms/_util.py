@@ -1,0 +1,140 @@
+"""Small helpers shared by the primitive transforms (internal)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pureopt.base import GradientTransformation, LeafList, UpdateContext, leaf_transformation
+from pureopt.tree import PyTreeSpec
+
+__all__ = [
+    "present",
+    "gather",
+    "scatter",
+    "new_count",
+    "step_counts",
+    "count_device",
+    "kernel_transform",
+    "zeros",
+    "full",
+    "step_init",
+]
+
+
+def present(updates: Sequence[Any]) -> list[int]:
+    """Indices of the leaves that have an update (``None`` gradients are skipped, torch-style)."""
+    return [i for i, u in enumerate(updates) if u is not None]
+
+
+def gather(xs: Sequence[Any], idx: Sequence[int]) -> list[Any]:
+    """``[xs[i] for i in idx]``."""
+    return [xs[i] for i in idx]
+
+
+def scatter(base: Sequence[Any], idx: Sequence[int], values: Sequence[Any]) -> list[Any]:
+    """A copy of ``base`` with ``values`` written at ``idx``."""
+    out = list(base)
+    for i, v in zip(idx, values):
+        out[i] = v
+    return out
+
+
+def count_device(leaves: Sequence[Any]) -> torch.device:
+    """Where a transform keeps its global counter: the device of the first tensor leaf (CPU if none)."""
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            return leaf.device
+    return torch.device("cpu")
+
+
+def new_count(leaves: Sequence[Any]) -> Tensor:
+    """A fresh global update counter: a 0-d int64 tensor holding 0."""
+    return torch.zeros((), dtype=torch.int64, device=count_device(leaves))
+
+
+def step_dtype() -> torch.dtype:
+    """The dtype of per-parameter step counts: torch.optim's (float64 under a float64 default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def step_counts(leaves: Sequence[Any]) -> list[Tensor | None]:
+    """One 0-d step counter per parameter (torch.optim's ``state['step']``), on the parameter's device."""
+    return [None if p is None else torch.zeros((), dtype=step_dtype(), device=p.device) for p in leaves]
+
+
+# --- the common shape of an algorithm transform ------------------------------------------------------------------
+
+LeafInitFn = Callable[[Tensor], Tensor]
+"""Builds one per-parameter state tensor from the parameter (e.g. ``torch.zeros_like``)."""
+
+StepFn = Callable[
+    [list[Tensor] | None, list[Tensor], dict[str, list[Tensor]], Tensor, UpdateContext],
+    tuple[list[Tensor], dict[str, list[Tensor]]],
+]
+"""``(params, grads, state_lists, num_updates, ctx) -> (updates, new_state_lists)`` over the present leaves."""
+
+
+def zeros(dtype: torch.dtype | None = None) -> LeafInitFn:
+    """A state initialiser: zeros like the parameter (in ``dtype`` if given)."""
+    return lambda p: torch.zeros_like(p, dtype=dtype)
+
+
+def full(value: float, dtype: torch.dtype | None = None) -> LeafInitFn:
+    """A state initialiser: ``value`` everywhere, shaped like the parameter."""
+    return lambda p: torch.full_like(p, value, dtype=dtype)
+
+
+def step_init(p: Tensor) -> Tensor:
+    """A state initialiser: a 0-d step counter (torch.optim's ``state['step']``) on the parameter's device."""
+    return torch.zeros((), dtype=step_dtype(), device=p.device)
+
+
+def kernel_transform(
+    state_type: Callable[..., Any],
+    fields: dict[str, LeafInitFn | None],
+    step: StepFn,
+) -> GradientTransformation:
+    """An algorithm transform: per-parameter state fields plus a ``num_updates`` counter, stepped by a kernel.
+
+    Args:
+      state_type: the state NamedTuple; its fields are ``num_updates`` followed by ``fields``' keys.
+      fields: per-parameter state fields and how to initialise each from its parameter; ``None`` means the
+        field is not kept for these hyperparameters (stored as ``()``).
+      step: runs the kernel on the leaves that have a gradient. It receives those parameters (or ``None``
+        when ``update`` was called without params), gradients, the kept state fields as lists, the
+        ``num_updates`` counter and the update context, and returns the updates and the new state lists (a
+        field it does not return stays as it was).
+
+    ``None`` gradients produce ``None`` updates and leave that parameter's state untouched.
+    """
+    kept = [name for name, init in fields.items() if init is not None]
+
+    def init_leaves(leaves: list[Any], spec: PyTreeSpec) -> Any:
+        values: dict[str, Any] = {}
+        for name, init in fields.items():
+            if init is None:
+                values[name] = ()
+            else:
+                values[name] = spec.unflatten([None if p is None else init(p) for p in leaves])
+        return state_type(num_updates=new_count(leaves), **values)
+
+    def update_leaves(
+        updates: LeafList, state: Any, params: LeafList | None, ctx: UpdateContext
+    ) -> tuple[LeafList, Any]:
+        full_lists = {name: ctx.state_leaves(getattr(state, name)) for name in kept}
+        idx = present(updates)
+        sub = {name: gather(values, idx) for name, values in full_lists.items()}
+        new_updates, new_sub = step(
+            gather(params, idx) if params is not None else None, gather(updates, idx), sub, state.num_updates, ctx
+        )
+        new_fields = {
+            name: ctx.spec.unflatten(scatter(full_lists[name], idx, values)) for name, values in new_sub.items()
+        }
+        new_state = state._replace(num_updates=state.num_updates + 1, **new_fields)
+        return scatter([None] * len(updates), idx, new_updates), new_state
+
+    return leaf_transformation(init_leaves, update_leaves)
