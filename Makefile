@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(PY) examples/quickstart.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check pureopt tests examples benchmarks
-	$(PY) -m ruff format --check pureopt tests examples benchmarks
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
 unit: $(STAMP)

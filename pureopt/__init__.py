@@ -9,7 +9,7 @@ Example::
     params = pureopt.apply_updates(params, updates)
 """
 
-from pureopt import kernels, tree
+from pureopt import kernels, schedules, tree
 from pureopt.base import (
     EmptyState,
     GradientTransformation,
@@ -66,6 +66,7 @@ __all__ = [
     "scale_by_adam",
     "scale_by_learning_rate",
     "scale_by_schedule",
+    "schedules",
     "set_to_zero",
     "sgd",
     "stateless",
