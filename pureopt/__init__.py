@@ -20,6 +20,7 @@ from pureopt.base import (
     Updates,
     apply_updates,
     identity,
+    inplace_step,
     set_to_zero,
     stateless,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "clip",
     "clip_by_global_norm",
     "identity",
+    "inplace_step",
     "kernels",
     "scale",
     "scale_by_adam",

@@ -18,6 +18,7 @@ they are simply called with trees.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeAlias
@@ -46,6 +47,7 @@ __all__ = [
     "stateless",
     "set_to_zero",
     "apply_updates",
+    "inplace_step",
 ]
 
 Params: TypeAlias = Any
@@ -106,12 +108,20 @@ class UpdateContext:
       spec: the tree structure of the updates / parameters (``None`` leaves included).
       extra_args: keyword arguments passed to ``update`` (e.g. ``value_fn`` for L-BFGS).
       donate: the caller owns the gradient and state buffers and allows them to be overwritten in place
-        (set by the stateful adapters only; the pure API never sets it).
+        (set by :func:`inplace_step` and the stateful adapters; the pure API never sets it).
+      apply: the caller also allows the transformation to add its updates to the parameters in place (a
+        fused kernel does it in the same pass). A transformation that did so returns ``None`` instead of the
+        list of updates; one that did not returns its updates as usual and the caller adds them.
     """
 
     spec: PyTreeSpec
     extra_args: dict[str, Any] = field(default_factory=dict)
     donate: bool = False
+    apply: bool = False
+
+    def but(self, **changes: Any) -> UpdateContext:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
 
     def state_leaves(self, state_tree: Any) -> list[Any]:
         """Flatten a per-parameter state tree up to the update structure, naming the first mismatch."""
@@ -119,6 +129,10 @@ class UpdateContext:
 
 
 LeafList: TypeAlias = list[Any]
+LeafUpdateFn: TypeAlias = Callable[
+    [LeafList, OptState, LeafList | None, UpdateContext], tuple[LeafList | None, OptState]
+]
+"""``update_leaves(updates, state, params, ctx) -> (new_updates, new_state)``; ``None`` updates: already applied."""
 
 
 class LeafInit:
@@ -141,7 +155,7 @@ class LeafUpdate:
 
     def __init__(
         self,
-        update_leaves: Callable[[LeafList, OptState, LeafList | None, UpdateContext], tuple[LeafList, OptState]],
+        update_leaves: LeafUpdateFn,
     ) -> None:
         self.update_leaves = update_leaves
 
@@ -151,6 +165,7 @@ class LeafUpdate:
         leaves, spec = _tree.flatten(updates)
         param_leaves = flatten_params_like(spec, updates, params)
         new_leaves, new_state = self.update_leaves(leaves, state, param_leaves, UpdateContext(spec, extra_args))
+        assert new_leaves is not None  # only a context with apply=True may return None
         return spec.unflatten(new_leaves), new_state
 
 
@@ -166,7 +181,7 @@ def flatten_params_like(spec: PyTreeSpec, updates: Updates, params: Params | Non
 
 def leaf_transformation(
     init_leaves: Callable[[list[Any], PyTreeSpec], OptState],
-    update_leaves: Callable[[LeafList, OptState, LeafList | None, UpdateContext], tuple[LeafList, OptState]],
+    update_leaves: LeafUpdateFn,
 ) -> GradientTransformation:
     """Build a :class:`GradientTransformation` from functions over flat leaves.
 
@@ -179,7 +194,7 @@ def leaf_transformation(
 
 def as_leaf_update(
     tx: GradientTransformation,
-) -> Callable[[LeafList, OptState, LeafList | None, UpdateContext], tuple[LeafList, OptState]]:
+) -> LeafUpdateFn:
     """The leaf-level update of ``tx``; a tree-level update (user code) is wrapped to take flat lists."""
     if isinstance(tx.update, LeafUpdate):
         return tx.update.update_leaves
@@ -275,3 +290,47 @@ def _add_leaves(params: Sequence[Any], updates: Sequence[Any]) -> list[Any]:
             new = p + u
             out.append(new if new.dtype == p.dtype else new.to(p.dtype))
     return out
+
+
+def inplace_step(tx: GradientTransformation, grads: Updates, state: OptState, params: Params) -> OptState:
+    """One optimizer step that *donates* its buffers: ``params`` are updated in place, the state is reused.
+
+    Equivalent to ``updates, state = tx.update(grads, state, params); params += updates`` but allowed to
+    overwrite ``grads`` and the buffers of ``state`` and to run torch's fused in-place kernels (e.g.
+    ``torch._fused_adam_`` updates parameters, moments and step counts in one pass). The returned state
+    shares its tensors with ``state``: the old state must not be used afterwards. This is what the stateful
+    adapters run; call it yourself only when you own all three trees.
+
+    Args:
+      tx: the transformation.
+      grads: gradients shaped like ``params`` (``None`` leaves are skipped); may be overwritten.
+      state: the current state; its buffers are overwritten.
+      params: the parameters, updated in place (under ``torch.no_grad()``).
+
+    Returns:
+      The new state.
+
+    Example::
+
+        state = pureopt.inplace_step(tx, grads, state, params)
+    """
+    leaves, spec = _tree.flatten(grads)
+    param_leaves = flatten_params_like(spec, grads, params)
+    assert param_leaves is not None
+    ctx = UpdateContext(spec, donate=True, apply=True)
+    with torch.no_grad():
+        updates, new_state = as_leaf_update(tx)(leaves, state, param_leaves, ctx)
+        if updates is not None:
+            add_inplace(param_leaves, updates)
+    return new_state
+
+
+def add_inplace(params: Sequence[Any], updates: Sequence[Any]) -> None:
+    """``p += u`` for every pair with an update (cast to the parameter's dtype), in one foreach call per dtype."""
+    pairs = [(p, u) for p, u in zip(params, updates) if u is not None and p is not None]
+    same = [(p, u) for p, u in pairs if p.dtype == u.dtype and p.device == u.device and not p.is_sparse]
+    other = [(p, u) for p, u in pairs if not (p.dtype == u.dtype and p.device == u.device and not p.is_sparse)]
+    if same:
+        torch._foreach_add_([p for p, _ in same], [u for _, u in same])
+    for p, u in other:
+        p.add_(u.to(device=p.device, dtype=p.dtype))

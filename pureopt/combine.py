@@ -40,14 +40,19 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     def update_leaves(
         updates: LeafList, state: tuple[OptState, ...], params: LeafList | None, ctx: UpdateContext
-    ) -> tuple[LeafList, tuple[OptState, ...]]:
+    ) -> tuple[LeafList | None, tuple[OptState, ...]]:
         if not isinstance(state, tuple) or len(state) != len(updates_fns):
             got = f"a tuple of {len(state)} states" if isinstance(state, tuple) else f"a {type(state).__name__}"
             raise ValueError(f"chain of {len(updates_fns)} transformations got {got}")
         new_states = []
-        for fn, sub_state in zip(updates_fns, state):
-            updates, new_sub = fn(updates, sub_state, params, ctx)
+        inner = ctx.but(apply=False) if ctx.apply else ctx
+        last = len(updates_fns) - 1
+        out: LeafList | None = updates
+        for i, (fn, sub_state) in enumerate(zip(updates_fns, state)):
+            # only the last transformation may apply its updates to the parameters in place
+            assert out is not None
+            out, new_sub = fn(out, sub_state, params, ctx if i == last else inner)
             new_states.append(new_sub)
-        return updates, tuple(new_states)
+        return out, tuple(new_states)
 
     return leaf_transformation(init_leaves, update_leaves)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import pureopt
 
 DTYPES = [torch.float64, torch.float32]
-IMPLS = ["loop", "foreach"]
+IMPLS = ["loop", "foreach", "fused"]
 
 SGD_GRID = [
     dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
@@ -31,6 +31,11 @@ ADAMW_GRID = [
 ]
 
 
+def _init(params, flags):
+    tx = pureopt.sgd(lr=0.05, **flags)
+    return tx.init(params), params
+
+
 def _id(flags: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in flags.items())
 
@@ -39,6 +44,10 @@ def _id(flags: dict) -> str:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("flags", SGD_GRID, ids=_id)
 def test_sgd_matches_torch(flags, dtype, impl):
+    if impl == "fused" and flags["momentum"] != 0 and flags["dampening"] != 0:
+        with pytest.raises(RuntimeError, match="impl='fused' is not available"):
+            pureopt.sgd(lr=0.05, impl=impl, **flags).update({"w": torch.ones(2)}, *_init({"w": torch.ones(2)}, flags))
+        return
     run_parity(
         lambda p: torch.optim.SGD(p, lr=0.05, **flags),
         pureopt.sgd(lr=0.05, impl=impl, **flags),

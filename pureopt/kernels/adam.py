@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from pureopt.base import add_inplace
+from pureopt.kernels import fused as _fused
 from pureopt.kernels.common import as_complex_like, as_real, cast_like, per_tensor
 from pureopt.kernels.listops import FOREACH, LOOP
 from pureopt.kernels.select import choose_impl
@@ -36,7 +38,7 @@ __all__ = ["AdamResult", "adam"]
 class AdamResult(NamedTuple):
     """Updates and new state lists (named like torch.optim's state keys)."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     step: list[Tensor]
     exp_avg: list[Tensor]
     exp_avg_sq: list[Tensor]
@@ -61,9 +63,35 @@ def adam(
     maximize: bool,
     impl: str = "auto",
     donate: bool = False,
+    apply: bool = False,
 ) -> AdamResult:
-    """One Adam step over tensor lists; returns the updates and the new state lists (see module docstring)."""
-    path = choose_impl(impl, [*grads, *exp_avgs])
+    """One Adam step over tensor lists; returns the updates and the new state lists (see module docstring).
+
+    ``donate``: the state lists (and gradients) may be overwritten. ``apply`` (with ``donate`` and ``params``):
+    add the updates to the parameters in place too and return ``updates=None``.
+    """
+    apply = apply and donate and params is not None
+    fused_ok = _fused.fused_legal([*grads, *exp_avgs, *(params or [])])
+    path = choose_impl(impl, [*grads, *exp_avgs], fused_available=fused_ok)
+    if path == "fused":
+        return _adam_fused(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            donate=donate,
+            apply=apply,
+        )
     ops = FOREACH if path == "foreach" else LOOP
     like = grads
     grads = as_real(grads)
@@ -101,10 +129,82 @@ def adam(
             updates = ops.add(updates, ops.mul(rparams, decay), inplace=True)  # type: ignore[arg-type]
         else:
             updates = ops.add(updates, rparams, alpha=decay, inplace=True)  # type: ignore[arg-type]
+    if apply:
+        add_inplace(params, as_complex_like(updates, like))  # type: ignore[arg-type]
     return AdamResult(
-        as_complex_like(updates, like),
+        None if apply else as_complex_like(updates, like),
         new_steps,
         as_complex_like(m, like),
         as_complex_like(v, like),
         as_complex_like(vmax, like) if vmax is not None else None,
     )
+
+
+def _adam_fused(
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    donate: bool,
+    apply: bool,
+) -> AdamResult:
+    """The same step through ``torch._fused_adam_`` / ``torch._fused_adamw_`` (see :mod:`pureopt.kernels.fused`)."""
+    new_steps = FOREACH.add_scalar(steps, 1, inplace=donate)
+    m = exp_avgs if donate else _fused.clone_all(exp_avgs)
+    v = exp_avg_sqs if donate else _fused.clone_all(exp_avg_sqs)
+    vmax = None
+    if amsgrad:
+        assert max_exp_avg_sqs is not None
+        vmax = max_exp_avg_sqs if donate else _fused.clone_all(max_exp_avg_sqs)
+    # lr=None (scale_by_adam): lr=-1 makes the kernel write +direction into the zero buffer
+    kernel_lr: float | Tensor = -1.0 if lr is None else lr
+    if (weight_decay != 0 or apply) and params is None:
+        raise ValueError("weight_decay needs the parameters: call update(grads, state, params)")
+
+    def body(idx: list[int]) -> list[Tensor] | None:
+        take = _fused.take
+        g, mm, vv, st = take(grads, idx), take(m, idx), take(v, idx), take(new_steps, idx)
+        vm = take(vmax, idx) if vmax is not None else []
+        p = take(params, idx) if params is not None else None
+        device = mm[0].device
+        g = cast_like(g, mm)
+        in_kernel = apply and p is not None and all(x.dtype == y.dtype for x, y in zip(p, mm))
+        if in_kernel:  # torch's own call: parameters, moments and steps in one pass
+            assert p is not None
+            fn = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+            fn(p, g, mm, vv, vm, st, lr=_fused.fused_lr(kernel_lr, device), beta1=beta1, beta2=beta2,
+               weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize)  # fmt: skip
+            return None
+        if maximize:
+            g = FOREACH.neg(g)
+        if weight_decay != 0 and not decoupled_weight_decay:
+            g = FOREACH.add(g, cast_like(p, mm), alpha=weight_decay, inplace=maximize)  # type: ignore[arg-type]
+        updates = _fused.zeros_like_all(mm)
+        torch._fused_adam_(updates, g, mm, vv, vm, st, lr=_fused.fused_lr(kernel_lr, device), beta1=beta1,
+                           beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=amsgrad, maximize=False)  # fmt: skip
+        if weight_decay != 0 and decoupled_weight_decay and lr is not None:
+            decay = -lr * weight_decay
+            pp = cast_like(p, mm)  # type: ignore[arg-type]
+            if isinstance(decay, Tensor):
+                updates = FOREACH.add(updates, FOREACH.mul(pp, decay.to(device)), inplace=True)
+            else:
+                updates = FOREACH.add(updates, pp, alpha=decay, inplace=True)
+        if apply:
+            add_inplace(p, updates)  # type: ignore[arg-type]
+            return None
+        return updates
+
+    keys = [(t.device, t.dtype) for t in m]
+    updates = _fused.run_grouped(len(grads), keys, body)
+    return AdamResult(updates, new_steps, m, v, vmax)

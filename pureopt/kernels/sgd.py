@@ -11,6 +11,10 @@ Update rule (torch.optim.SGD), for each parameter ``p`` with gradient ``g``::
 
 The buffer starts at zero, which reproduces torch's "first step copies the gradient" exactly when
 ``dampening == 0``; with dampening the per-parameter step count tells the first step apart.
+
+Sparse (COO) gradients are accepted where torch.optim.SGD accepts them: without momentum the update is sparse
+(per-tensor path); with momentum the gradient is made dense (torch's sparse buffer holds the same values as the
+dense one kept here). ``weight_decay`` with a sparse gradient raises, as in torch.
 """
 
 from __future__ import annotations
@@ -20,17 +24,21 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from pureopt.base import add_inplace
+from pureopt.kernels import fused as _fused
 from pureopt.kernels.common import cast_like, per_tensor
 from pureopt.kernels.listops import FOREACH, LOOP
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["SGDResult", "sgd"]
 
+SPARSE_WEIGHT_DECAY_ERROR = "weight_decay option is not compatible with sparse gradients"
+
 
 class SGDResult(NamedTuple):
     """Updates and new state lists (named like torch.optim's state keys); ``None`` for what is not kept."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     momentum_buffer: list[Tensor] | None
     step: list[Tensor] | None
 
@@ -49,6 +57,7 @@ def sgd(
     maximize: bool,
     impl: str = "auto",
     donate: bool = False,
+    apply: bool = False,
 ) -> SGDResult:
     """One SGD step over tensor lists; returns the updates and the new state lists.
 
@@ -59,9 +68,45 @@ def sgd(
       steps: per-parameter step counts when ``dampening != 0`` (to tell the first step apart), else ``None``.
       lr: the learning rate; ``None`` returns the unscaled direction (used by :func:`pureopt.trace`).
       impl: ``"auto" | "loop" | "foreach"``.
-      donate: the caller owns the state buffers: they are updated in place.
+      donate: the caller owns the state buffers (and gradients): they are updated in place.
+      apply: with ``donate`` and ``params``, also add the updates to the parameters and return ``updates=None``.
+
+    The fused path (``torch._fused_sgd_``) is available when the first step needs no special case
+    (``dampening == 0``: a zero buffer then reproduces torch's copy of the first gradient exactly).
     """
-    path = choose_impl(impl, [*grads, *(momentum_buffers or [])])
+    if any(g.is_sparse for g in grads):
+        if weight_decay != 0:
+            raise RuntimeError(SPARSE_WEIGHT_DECAY_ERROR)  # torch.optim.SGD fails here too
+        if momentum != 0:
+            # torch keeps a sparse momentum buffer holding the same values as this dense one
+            grads = [g.to_dense() if g.is_sparse else g for g in grads]
+        else:
+            return _sgd_split_sparse(grads, lr=lr, maximize=maximize, impl=impl)
+    apply = apply and donate and params is not None
+    if apply and any(g.is_sparse for g in grads):
+        res = sgd(params, grads, momentum_buffers, steps, lr=lr, momentum=momentum, dampening=dampening,
+                  weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, impl=impl,
+                  donate=donate)  # fmt: skip
+        assert res.updates is not None
+        add_inplace(params, res.updates)  # type: ignore[arg-type]
+        return res._replace(updates=None)
+    fused_ok = (momentum == 0 or dampening == 0) and _fused.fused_legal(
+        [*grads, *(momentum_buffers or []), *(params or [])]
+    )
+    path = choose_impl(impl, [*grads, *(momentum_buffers or [])], fused_available=fused_ok)
+    if path == "fused":
+        return _sgd_fused(
+            params,
+            grads,
+            momentum_buffers,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            donate=donate,
+            apply=apply,
+        )
     ops = FOREACH if path == "foreach" else LOOP
     if momentum_buffers is not None:  # state may be kept in another dtype (state_dtype=)
         grads = cast_like(grads, momentum_buffers)
@@ -99,4 +144,81 @@ def sgd(
         updates = ops.mul(g, -lr, inplace=owned)
     else:
         updates = ops.mul(g, -lr, inplace=owned)
+    if apply:
+        add_inplace(params, updates)  # type: ignore[arg-type]
+        return SGDResult(None, new_bufs, new_steps)
     return SGDResult(updates, new_bufs, new_steps)
+
+
+def _sgd_fused(
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    *,
+    lr: float | Tensor | None,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    donate: bool,
+    apply: bool,
+) -> SGDResult:
+    """The same step through ``torch._fused_sgd_`` (see :mod:`pureopt.kernels.fused`); ``dampening == 0``."""
+    bufs: list[Tensor] = []
+    if momentum != 0:
+        assert momentum_buffers is not None
+        bufs = momentum_buffers if donate else _fused.clone_all(momentum_buffers)
+    kernel_lr: float | Tensor = -1.0 if lr is None else lr  # lr=None (trace): +direction into the zero buffer
+    if (weight_decay != 0 or apply) and params is None:
+        raise ValueError("weight_decay needs the parameters: call update(grads, state, params)")
+    like = bufs if bufs else grads
+
+    def body(idx: list[int]) -> list[Tensor] | None:
+        take = _fused.take
+        g = take(grads, idx)
+        b = take(bufs, idx) if bufs else []
+        ref = take(like, idx)
+        p = take(params, idx) if params is not None else None
+        device = ref[0].device
+        g = cast_like(g, ref)
+        if apply and p is not None and all(x.dtype == y.dtype for x, y in zip(p, ref)):
+            torch._fused_sgd_(p, g, b, weight_decay=weight_decay, momentum=momentum,
+                              lr=_fused.fused_lr(kernel_lr, device), dampening=0.0, nesterov=nesterov,
+                              maximize=maximize, is_first_step=False)  # fmt: skip
+            return None
+        if maximize:
+            g = FOREACH.neg(g)
+        if weight_decay != 0:
+            g = FOREACH.add(g, cast_like(p, ref), alpha=weight_decay, inplace=maximize)  # type: ignore[arg-type]
+        updates = _fused.zeros_like_all(ref)
+        torch._fused_sgd_(updates, g, b, weight_decay=0.0, momentum=momentum, lr=_fused.fused_lr(kernel_lr, device),
+                          dampening=0.0, nesterov=nesterov, maximize=False, is_first_step=False)  # fmt: skip
+        if apply:
+            add_inplace(p, updates)  # type: ignore[arg-type]
+            return None
+        return updates
+
+    keys = [(t.device, t.dtype) for t in like]
+    updates = _fused.run_grouped(len(grads), keys, body)
+    return SGDResult(updates, bufs if momentum != 0 else None, None)
+
+
+def _sgd_split_sparse(grads: list[Tensor], *, lr: float | Tensor | None, maximize: bool, impl: str) -> SGDResult:
+    """Plain SGD (no momentum, no weight decay) when some gradients are sparse: those take the per-tensor path."""
+    dense = [i for i, g in enumerate(grads) if not g.is_sparse]
+    updates: list[Tensor] = []
+    for g in grads:  # sparse: u = -lr * g (sign flipped if maximize), itself sparse over g's entries
+        if g.is_sparse:
+            g = -g if maximize else g
+            updates.append(g.clone() if lr is None else g * -lr)
+        else:
+            updates.append(g)  # replaced below
+    if dense:
+        res = sgd(
+            None, [grads[i] for i in dense], None, None, lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+            nesterov=False, maximize=maximize, impl=impl,
+        )  # fmt: skip
+        assert res.updates is not None
+        for i, u in zip(dense, res.updates):
+            updates[i] = u
+    return SGDResult(updates, None, None)

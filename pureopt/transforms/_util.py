@@ -73,9 +73,11 @@ LeafInitFn = Callable[[Tensor], Tensor]
 
 StepFn = Callable[
     [list[Tensor] | None, list[Tensor], dict[str, list[Tensor]], Tensor, UpdateContext],
-    tuple[list[Tensor], dict[str, list[Tensor]]],
+    tuple[list[Tensor] | None, dict[str, list[Tensor]]],
 ]
-"""``(params, grads, state_lists, num_updates, ctx) -> (updates, new_state_lists)`` over the present leaves."""
+"""``(params, grads, state_lists, num_updates, ctx) -> (updates, new_state_lists)`` over the present leaves.
+
+With ``ctx.apply`` the step may add its updates to the parameters in place and return ``None`` updates."""
 
 
 def zeros(dtype: torch.dtype | None = None) -> LeafInitFn:
@@ -124,7 +126,7 @@ def kernel_transform(
 
     def update_leaves(
         updates: LeafList, state: Any, params: LeafList | None, ctx: UpdateContext
-    ) -> tuple[LeafList, Any]:
+    ) -> tuple[LeafList | None, Any]:
         full_lists = {name: ctx.state_leaves(getattr(state, name)) for name in kept}
         idx = present(updates)
         sub = {name: gather(values, idx) for name, values in full_lists.items()}
@@ -135,6 +137,8 @@ def kernel_transform(
             name: ctx.spec.unflatten(scatter(full_lists[name], idx, values)) for name, values in new_sub.items()
         }
         new_state = state._replace(num_updates=state.num_updates + 1, **new_fields)
+        if new_updates is None:  # applied to the parameters in place
+            return None, new_state
         return scatter([None] * len(updates), idx, new_updates), new_state
 
     return leaf_transformation(init_leaves, update_leaves)

@@ -53,7 +53,7 @@ def sgd_transform(
         s: dict[str, list[Tensor]],
         num_updates: Tensor,
         ctx: UpdateContext,
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         res = kernels.sgd(
             params,
             grads,
@@ -67,6 +67,7 @@ def sgd_transform(
             maximize=maximize,
             impl=impl,
             donate=ctx.donate,
+            apply=ctx.apply,
         )
         return res.updates, {k: v for k, v in res._asdict().items() if k != "updates" and v is not None}
 
