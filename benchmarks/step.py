@@ -1,0 +1,234 @@
+"""Time one optimizer step, pureopt side by side with torch.optim, in one process.
+
+For each parameter set and algorithm, every implementation takes one step per round, in a shuffled order
+(interleaved, so that machine noise hits all of them alike); the median over the timed rounds is reported.
+
+Implementations:
+  torch-loop / torch-foreach / torch-fused   torch.optim.<Algo>(foreach=False / foreach=True / fused=True)
+  pureopt-pure                               updates, state = tx.update(...); params = apply_updates(...)
+  pureopt-donated                            state = pureopt.inplace_step(tx, grads, state, params)
+                                             (what the stateful adapters run: buffers owned, updated in place)
+
+Reported per row: median ms, ratio to torch's fastest implementation of the same algorithm, and the fraction of
+the memory-bandwidth bound (bytes the algorithm must move per step / measured copy bandwidth).
+
+    python benchmarks/step.py                      # all sets, SGD-momentum / Adam / AdamW / Adagrad
+    python benchmarks/step.py --quick              # small sizes, a few rounds: a smoke run
+    python benchmarks/step.py --algos all --json benchmarks/results/latest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import pureopt
+
+
+@dataclass
+class Algo:
+    """An algorithm: its torch.optim class and kwargs, the pureopt factory, and the bytes it moves per param."""
+
+    name: str
+    torch_cls: str | None
+    kwargs: dict[str, Any]
+    factory: str  # "module:function" under pureopt
+    state_tensors: int  # per-parameter state tensors read and written each step
+    fused: bool = False
+
+    def bytes_per_param(self, itemsize: int) -> int:
+        # read param, grad and every state tensor; write param and every state tensor
+        return itemsize * (2 + self.state_tensors + 1 + self.state_tensors)
+
+    def build_pureopt(self, impl: str) -> pureopt.GradientTransformation:
+        module, fn = self.factory.split(":")
+        return getattr(importlib.import_module(module), fn)(impl=impl, **self.kwargs)
+
+
+ALGOS = {
+    "sgd": Algo("sgd-momentum", "SGD", {"lr": 0.01, "momentum": 0.9}, "pureopt.optimizers.sgd:sgd", 1, True),
+    "adam": Algo("adam", "Adam", {"lr": 1e-3}, "pureopt.optimizers.adam:adam", 2, True),
+    "adamw": Algo("adamw", "AdamW", {"lr": 1e-3, "weight_decay": 0.01}, "pureopt.optimizers.adam:adamw", 2, True),
+    "adagrad": Algo("adagrad", "Adagrad", {"lr": 1e-2}, "pureopt.optimizers.adagrad:adagrad", 1, True),
+    "rmsprop": Algo("rmsprop", "RMSprop", {"lr": 1e-3}, "pureopt.optimizers.rmsprop:rmsprop", 1),
+    "adamax": Algo("adamax", "Adamax", {"lr": 1e-3}, "pureopt.optimizers.adamax:adamax", 2),
+    "nadam": Algo("nadam", "NAdam", {"lr": 1e-3}, "pureopt.optimizers.nadam:nadam", 2),
+    "radam": Algo("radam", "RAdam", {"lr": 1e-3}, "pureopt.optimizers.radam:radam", 2),
+    "adadelta": Algo("adadelta", "Adadelta", {"lr": 1.0}, "pureopt.optimizers.adadelta:adadelta", 2),
+    "rprop": Algo("rprop", "Rprop", {"lr": 1e-2}, "pureopt.optimizers.rprop:rprop", 2),
+    "asgd": Algo("asgd", "ASGD", {"lr": 1e-2}, "pureopt.optimizers.asgd:asgd", 1),
+}
+DEFAULT_ALGOS = ["sgd", "adam", "adamw", "adagrad"]
+
+
+def param_shapes(name: str, scale: float = 1.0) -> list[tuple[int, ...]]:
+    """The parameter sets: few large tensors, a GPT-like model, many small tensors."""
+    if name == "large":  # 10 tensors, 10M params
+        return [(int(1_000_000 * scale),)] * 10
+    if name == "medium":  # 196 tensors, ~10M params, shaped like a 16-layer transformer
+        d = max(8, int(224 * math.sqrt(scale)))
+        layer = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+        return [(1000, d), (256, d)] + layer * 16 + [(d,), (d,)]
+    if name == "many-small":  # 2000 tensors of 1k params
+        return [(int(1000 * scale),)] * 2000
+    raise ValueError(f"unknown parameter set {name!r}")
+
+
+def make_tensors(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen) for s in shapes]
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 10) -> float:
+    """Measured copy bandwidth in bytes/s (a copy reads and writes ``nbytes`` each)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times)
+
+
+def build_runners(algo: Algo, shapes: list[tuple[int, ...]]) -> dict[str, Callable[[], None]]:
+    """One closure per implementation, each with its own parameters, gradients and state."""
+    runners: dict[str, Callable[[], None]] = {}
+    grads_data = make_tensors(shapes, seed=1)
+    if algo.torch_cls is not None:
+        cls = getattr(torch.optim, algo.torch_cls)
+        variants = {"torch-loop": {"foreach": False}, "torch-foreach": {"foreach": True}}
+        if algo.fused:
+            variants["torch-fused"] = {"fused": True}
+        for label, flags in variants.items():
+            ps = [p.requires_grad_(True) for p in make_tensors(shapes, seed=0)]
+            for p, g in zip(ps, grads_data):
+                p.grad = g.clone()
+            opt = cls(ps, **algo.kwargs, **flags)
+            runners[label] = opt.step
+
+    tx = algo.build_pureopt("auto")
+    pure = {"params": {str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))}}
+    pure_grads = {str(i): g.clone() for i, g in enumerate(grads_data)}
+    pure["state"] = tx.init(pure["params"])
+
+    def pure_step() -> None:
+        updates, pure["state"] = tx.update(pure_grads, pure["state"], pure["params"])
+        pure["params"] = pureopt.apply_updates(pure["params"], updates)
+
+    runners["pureopt-pure"] = pure_step
+
+    own_params = {str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))}
+    own_grads = {str(i): g.clone() for i, g in enumerate(grads_data)}
+    own = {"state": tx.init(own_params)}
+
+    def donated_step() -> None:
+        own["state"] = pureopt.inplace_step(tx, own_grads, own["state"], own_params)
+
+    runners["pureopt-donated"] = donated_step
+    return runners
+
+
+def bench(algo: Algo, set_name: str, scale: float, rounds: int, warmup: int, bandwidth: float) -> list[dict[str, Any]]:
+    shapes = param_shapes(set_name, scale)
+    n_params = sum(math.prod(s) for s in shapes)
+    runners = build_runners(algo, shapes)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    rng = random.Random(0)
+    for r in range(warmup + rounds):
+        order = list(runners)
+        rng.shuffle(order)
+        for label in order:
+            t = time.perf_counter()
+            runners[label]()
+            elapsed = time.perf_counter() - t
+            if r >= warmup:
+                times[label].append(elapsed)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    torch_best = min((v for k, v in medians.items() if k.startswith("torch")), default=float("nan"))
+    bound = algo.bytes_per_param(4) * n_params / bandwidth
+    rows = []
+    for label, t in medians.items():
+        rows.append(
+            {
+                "set": set_name,
+                "tensors": len(shapes),
+                "params": n_params,
+                "algo": algo.name,
+                "impl": label,
+                "median_ms": t * 1e3,
+                "ratio_to_torch_best": t / torch_best,
+                "bandwidth_fraction": bound / t,
+            }
+        )
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", default="large,medium,many-small")
+    parser.add_argument("--algos", default=",".join(DEFAULT_ALGOS), help="comma list, or 'all'")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply tensor sizes (smoke runs)")
+    parser.add_argument("--quick", action="store_true", help="--scale 0.01 --rounds 3 --warmup 1")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    if args.quick:
+        args.scale, args.rounds, args.warmup = 0.01, 3, 1
+    algos = list(ALGOS) if args.algos == "all" else args.algos.split(",")
+    bandwidth = copy_bandwidth()
+    info = machine()
+    print(f"# {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}, copy {bandwidth / 1e9:.1f} GB/s")
+    header = f"{'set':<11} {'algo':<13} {'impl':<16} {'ms':>9} {'x torch best':>13} {'of bw bound':>12}"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for set_name in args.sets.split(","):
+        for key in algos:
+            algo = ALGOS[key]
+            try:
+                rows = bench(algo, set_name, args.scale, args.rounds, args.warmup, bandwidth)
+            except (ImportError, AttributeError) as exc:  # an algorithm this checkout does not have yet
+                print(f"{set_name:<11} {algo.name:<13} skipped: {exc}")
+                continue
+            for row in rows:
+                print(
+                    f"{row['set']:<11} {row['algo']:<13} {row['impl']:<16} {row['median_ms']:9.2f} "
+                    f"{row['ratio_to_torch_best']:13.2f} {row['bandwidth_fraction']:12.0%}"
+                )
+            results.extend(rows)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump({"machine": info, "bandwidth_bytes_per_s": bandwidth, "args": vars(args), "rows": results}, fh,
+                      indent=1)  # fmt: skip
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
