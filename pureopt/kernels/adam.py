@@ -29,7 +29,7 @@ from torch import Tensor
 from pureopt.base import add_inplace
 from pureopt.kernels import fused as _fused
 from pureopt.kernels.common import as_complex_like, as_real, cast_like, per_tensor
-from pureopt.kernels.listops import FOREACH, LOOP
+from pureopt.kernels.listops import FOREACH, ops_for
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["AdamResult", "adam"]
@@ -92,7 +92,7 @@ def adam(
             donate=donate,
             apply=apply,
         )
-    ops = FOREACH if path == "foreach" else LOOP
+    ops = ops_for(path)
     like = grads
     grads = as_real(grads)
     exp_avgs, exp_avg_sqs = as_real(exp_avgs), as_real(exp_avg_sqs)

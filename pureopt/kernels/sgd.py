@@ -27,7 +27,7 @@ from torch import Tensor
 from pureopt.base import add_inplace
 from pureopt.kernels import fused as _fused
 from pureopt.kernels.common import cast_like, per_tensor
-from pureopt.kernels.listops import FOREACH, LOOP
+from pureopt.kernels.listops import FOREACH, ops_for
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["SGDResult", "sgd"]
@@ -107,7 +107,7 @@ def sgd(
             donate=donate,
             apply=apply,
         )
-    ops = FOREACH if path == "foreach" else LOOP
+    ops = ops_for(path)
     if momentum_buffers is not None:  # state may be kept in another dtype (state_dtype=)
         grads = cast_like(grads, momentum_buffers)
         params = cast_like(params, momentum_buffers) if params is not None else None
