@@ -71,10 +71,12 @@ def adam(
     add the updates to the parameters in place too and return ``updates=None``.
     """
     apply = apply and donate and params is not None
-    fused_ok = _fused.fused_legal([*grads, *exp_avgs, *(params or [])])
-    path = choose_impl(impl, [*grads, *exp_avgs], fused_available=fused_ok)
+    plan = _fused.fused_plan([*grads, *(params or [])], exp_avgs) if impl in ("auto", "fused") else None
+    path = choose_impl(impl, grads, fused_available=plan is not None)
     if path == "fused":
+        assert plan is not None
         return _adam_fused(
+            plan,
             params,
             grads,
             exp_avgs,
@@ -141,6 +143,7 @@ def adam(
 
 
 def _adam_fused(
+    plan: _fused.Plan,
     params: list[Tensor] | None,
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -205,6 +208,5 @@ def _adam_fused(
             return None
         return updates
 
-    keys = [(t.device, t.dtype) for t in m]
-    updates = _fused.run_grouped(len(grads), keys, body)
+    updates = _fused.run_grouped(len(grads), plan, body)
     return AdamResult(updates, new_steps, m, v, vmax)

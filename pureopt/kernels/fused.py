@@ -20,25 +20,39 @@ from torch import Tensor
 
 from pureopt.kernels.select import functorch_active
 
-__all__ = ["FUSED_DEVICES", "fused_legal", "group_indices", "fused_lr", "zeros_like_all", "clone_all"]
+__all__ = ["FUSED_DEVICES", "fused_plan", "group_indices", "fused_lr", "zeros_like_all", "clone_all", "run_grouped"]
+
+Plan = list[list[int]]
+"""Indices of the tensors of each (device, dtype) group a fused kernel is called on."""
 
 FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
-def fused_legal(tensors: Sequence[Tensor]) -> bool:
-    """Whether torch's fused kernels can take these tensors: real floating, plain, strided, supported device,
-    no torch.func transform active, and not differentiating through the update."""
-    if not tensors or functorch_active():
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return all(
-        type(t) in (Tensor, torch.nn.Parameter)
-        and t.layout == torch.strided
-        and t.is_floating_point()
-        and t.device.type in FUSED_DEVICES
-        for t in tensors
-    )
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def fused_plan(inputs: Sequence[Tensor], state: Sequence[Tensor]) -> Plan | None:
+    """How to run a fused kernel over these tensors, or ``None`` if torch's fused kernels can't take them.
+
+    Legal when no torch.func transform is active, nothing is being differentiated, the ``inputs`` (gradients and
+    parameters, which come from the caller) are plain strided tensors, and the ``state`` tensors (created by
+    pureopt, one per gradient, in the dtype the kernel computes in) are real floating point on a device with
+    fused kernels. The plan groups the indices by the state's (device, dtype), using torch's C++ grouping, so
+    the per-step cost is a few checks per tensor rather than a Python loop over properties.
+    """
+    if not state or functorch_active():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return None
+    if not all(type(t) in _PLAIN and t.layout == torch.strided for t in inputs):
+        return None
+    groups = torch._C._group_tensors_by_device_and_dtype([list(state)], True)
+    plan: Plan = []
+    for (device, dtype), (_, indices) in groups.items():
+        if not dtype.is_floating_point or device.type not in FUSED_DEVICES:
+            return None
+        plan.append(list(indices))
+    return plan
 
 
 def group_indices(keys: Sequence[Any]) -> dict[Any, list[int]]:
@@ -73,7 +87,7 @@ def take(xs: Sequence[Any], idx: Sequence[int]) -> list[Any]:
 
 def run_grouped(
     n: int,
-    keys: Sequence[Any],
+    plan: Plan,
     body: Callable[[list[int]], list[Tensor] | None],
 ) -> list[Tensor] | None:
     """Run ``body`` on each group of indices; gather the per-group updates back in order.
@@ -83,7 +97,7 @@ def run_grouped(
     """
     out: list[Tensor | None] = [None] * n
     applied_all = True
-    for idx in group_indices(keys).values():
+    for idx in plan:
         updates = body(idx)
         if updates is not None:
             applied_all = False

@@ -90,12 +90,15 @@ def sgd(
         assert res.updates is not None
         add_inplace(params, res.updates)  # type: ignore[arg-type]
         return res._replace(updates=None)
-    fused_ok = (momentum == 0 or dampening == 0) and _fused.fused_legal(
-        [*grads, *(momentum_buffers or []), *(params or [])]
-    )
-    path = choose_impl(impl, [*grads, *(momentum_buffers or [])], fused_available=fused_ok)
+    plan = None
+    if impl in ("auto", "fused") and (momentum == 0 or dampening == 0):
+        ref = momentum_buffers if momentum_buffers is not None and momentum != 0 else grads
+        plan = _fused.fused_plan([*grads, *(params or [])], ref)
+    path = choose_impl(impl, grads, fused_available=plan is not None)
     if path == "fused":
+        assert plan is not None
         return _sgd_fused(
+            plan,
             params,
             grads,
             momentum_buffers,
@@ -151,6 +154,7 @@ def sgd(
 
 
 def _sgd_fused(
+    plan: _fused.Plan,
     params: list[Tensor] | None,
     grads: list[Tensor],
     momentum_buffers: list[Tensor] | None,
@@ -198,8 +202,7 @@ def _sgd_fused(
             return None
         return updates
 
-    keys = [(t.device, t.dtype) for t in like]
-    updates = _fused.run_grouped(len(grads), keys, body)
+    updates = _fused.run_grouped(len(grads), plan, body)
     return SGDResult(updates, bufs if momentum != 0 else None, None)
 
 
