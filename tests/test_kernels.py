@@ -119,3 +119,32 @@ def test_update_traces_without_graph_breaks(factory):
     expected, _ = tx.update(grads, state, params)
     for k in params:
         torch.testing.assert_close(new_params[k], params[k] + expected[k])
+
+
+COMBINED = {
+    "chain(clip, adamw)": lambda: pureopt.chain(pureopt.clip_by_global_norm(0.5), pureopt.adamw(lr=0.01)),
+    "chain(adam, scale)": lambda: pureopt.chain(pureopt.adam(lr=0.01, amsgrad=True), pureopt.scale(0.5)),
+    "chain(sgd, adam)": lambda: pureopt.chain(pureopt.trace(0.9), pureopt.adam(lr=0.01)),
+    "partition": lambda: pureopt.partition(
+        {"decay": pureopt.adamw(lr=0.01, weight_decay=0.1), "plain": pureopt.sgd(lr=0.05, momentum=0.9)},
+        lambda p: {k: "decay" if k.startswith("w") else "plain" for k in p},
+    ),
+}
+
+
+@pytest.mark.parametrize("make", COMBINED.values(), ids=COMBINED.keys())
+def test_donated_step_through_combinators_equals_pure_update(make):
+    """Only the last transform of a chain may apply in place; the result equals the pure path."""
+    dtype = torch.float64
+    data = make_data(dtype)
+    tx = make()
+    pure_params = make_params(dtype)
+    pure_state = tx.init(pure_params)
+    own_params = {k: v.clone() for k, v in pure_params.items()}
+    own_state = tx.init(own_params)
+    for step in range(6):
+        updates, pure_state = tx.update(grads_at(pure_params, step, data), pure_state, pure_params)
+        pure_params = pureopt.apply_updates(pure_params, updates)
+        own_state = pureopt.inplace_step(tx, grads_at(own_params, step, data), own_state, own_params)
+        for k in own_params:
+            torch.testing.assert_close(own_params[k], pure_params[k], rtol=1e-12, atol=1e-14)
