@@ -7,6 +7,14 @@ One module per family; the math lives once in :mod:`pureopt.kernels`.
 """
 
 from pureopt.optimizers.adam import adam, adamw
+from pureopt.optimizers.lbfgs import lbfgs
+from pureopt.optimizers.muon import muon
 from pureopt.optimizers.sgd import sgd
 
-__all__ = ["adam", "adamw", "sgd"]
+__all__ = [
+    "adam",
+    "adamw",
+    "lbfgs",
+    "muon",
+    "sgd",
+]
