@@ -9,7 +9,8 @@ Example::
     params = pureopt.apply_updates(params, updates)
 """
 
-from pureopt import kernels, schedules, tree
+from pureopt import adapters, kernels, schedules, tree
+from pureopt.adapters import FunctionalOptimizer, TorchOptimizer
 from pureopt.base import (
     EmptyState,
     GradientTransformation,
@@ -35,12 +36,17 @@ from pureopt.combine import (
     partition,
     set_to_none,
 )
-from pureopt.optimizers import adam, adamw, lbfgs, muon, sgd
+from pureopt.optimizers import adafactor, adam, adamw, lbfgs, muon, nadam, radam, rmsprop, rprop, sgd
 from pureopt.transforms import (
     AddNoiseState,
     LBFGSState,
     MuonState,
     ScaleByAdamState,
+    ScaleByFactoredRmsState,
+    ScaleByNAdamState,
+    ScaleByRAdamState,
+    ScaleByRmsState,
+    ScaleByRpropState,
     ScaleByScheduleState,
     TraceState,
     ZeroNansState,
@@ -55,8 +61,13 @@ from pureopt.transforms import (
     orthogonalize,
     scale,
     scale_by_adam,
+    scale_by_factored_rms,
     scale_by_learning_rate,
     scale_by_muon,
+    scale_by_nadam,
+    scale_by_radam,
+    scale_by_rms,
+    scale_by_rprop,
     scale_by_schedule,
     trace,
     zero_nans,
@@ -81,7 +92,9 @@ from pureopt.wrappers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "adapters",
     "__version__",
+    "adafactor",
     "adam",
     "adamw",
     "adaptive_grad_clip",
@@ -101,6 +114,7 @@ __all__ = [
     "EmaState",
     "EmptyState",
     "freeze",
+    "FunctionalOptimizer",
     "GradientTransformation",
     "identity",
     "inject_hyperparams",
@@ -119,6 +133,7 @@ __all__ = [
     "MultiStepsState",
     "muon",
     "MuonState",
+    "nadam",
     "named_chain",
     "OptState",
     "orthogonalize",
@@ -128,13 +143,26 @@ __all__ = [
     "partition",
     "PartitionState",
     "polyak_average",
+    "radam",
+    "rmsprop",
+    "rprop",
     "ScalarOrSchedule",
     "scale",
     "scale_by_adam",
+    "scale_by_factored_rms",
     "scale_by_learning_rate",
     "scale_by_muon",
+    "scale_by_nadam",
+    "scale_by_radam",
+    "scale_by_rms",
+    "scale_by_rprop",
     "scale_by_schedule",
     "ScaleByAdamState",
+    "ScaleByFactoredRmsState",
+    "ScaleByNAdamState",
+    "ScaleByRAdamState",
+    "ScaleByRmsState",
+    "ScaleByRpropState",
     "ScaleByScheduleState",
     "Schedule",
     "schedules",
@@ -142,6 +170,7 @@ __all__ = [
     "set_to_zero",
     "sgd",
     "stateless",
+    "TorchOptimizer",
     "trace",
     "TraceState",
     "tree",

@@ -107,8 +107,9 @@ class UpdateContext:
     Attributes:
       spec: the tree structure of the updates / parameters (``None`` leaves included).
       extra_args: keyword arguments passed to ``update`` (e.g. ``value_fn`` for L-BFGS).
-      donate: the caller owns the gradient and state buffers and allows them to be overwritten in place
-        (set by :func:`inplace_step` and the stateful adapters; the pure API never sets it).
+      donate: the caller owns the state buffers and allows them to be overwritten in place (set by
+        :func:`inplace_step` and the stateful adapters; the pure API never sets it). Gradients stay read-only
+        even then: the adapters hand ``p.grad`` over without copying it.
       apply: the caller also allows the transformation to add its updates to the parameters in place (a
         fused kernel does it in the same pass). A transformation that did so returns ``None`` instead of the
         list of updates; one that did not returns its updates as usual and the caller adds them.
@@ -296,14 +297,14 @@ def inplace_step(tx: GradientTransformation, grads: Updates, state: OptState, pa
     """One optimizer step that *donates* its buffers: ``params`` are updated in place, the state is reused.
 
     Equivalent to ``updates, state = tx.update(grads, state, params); params += updates`` but allowed to
-    overwrite ``grads`` and the buffers of ``state`` and to run torch's fused in-place kernels (e.g.
+    overwrite the buffers of ``state`` and to run torch's fused in-place kernels (e.g.
     ``torch._fused_adam_`` updates parameters, moments and step counts in one pass). The returned state
     shares its tensors with ``state``: the old state must not be used afterwards. This is what the stateful
     adapters run; call it yourself only when you own all three trees.
 
     Args:
       tx: the transformation.
-      grads: gradients shaped like ``params`` (``None`` leaves are skipped); may be overwritten.
+      grads: gradients shaped like ``params`` (``None`` leaves are skipped); read only.
       state: the current state; its buffers are overwritten.
       params: the parameters, updated in place (under ``torch.no_grad()``).
 

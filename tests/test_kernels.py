@@ -36,7 +36,11 @@ def test_donated_step_equals_pure_update(factory, impl):
         updates, pure_state = tx.update(g, pure_state, pure_params)
         pure_params = pureopt.apply_updates(pure_params, updates)
         before = {k: v for k, v in own_params.items()}
-        own_state = pureopt.inplace_step(tx, grads_at(own_params, step, data), own_state, own_params)
+        own_grads = grads_at(own_params, step, data)
+        grads_copy = {k: None if v is None else v.clone() for k, v in own_grads.items()}
+        own_state = pureopt.inplace_step(tx, own_grads, own_state, own_params)
+        for k, v in own_grads.items():  # gradients are read-only even when the state is donated
+            assert v is None or torch.equal(v, grads_copy[k]), k
         for k in own_params:
             assert own_params[k] is before[k]  # updated in place, same tensor objects
             torch.testing.assert_close(own_params[k], pure_params[k], rtol=1e-12, atol=1e-14)

@@ -64,9 +64,12 @@ def group_indices(keys: Sequence[Any]) -> dict[Any, list[int]]:
 
 
 def fused_lr(lr: float | Tensor, device: torch.device) -> float | Tensor:
-    """The ``lr`` argument for a fused kernel: a Python float, or a tensor on the kernel's device."""
+    """The ``lr`` argument for a fused kernel: a Python float, or a tensor on the kernel's device.
+
+    torch's GPU fused kernels read a tensor lr as float32, so off the CPU it is cast to float32.
+    """
     if isinstance(lr, Tensor):
-        return lr.to(device=device)
+        return lr.to(device=device, dtype=lr.dtype if device.type == "cpu" else torch.float32)
     return float(lr)
 
 

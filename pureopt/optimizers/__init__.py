@@ -6,15 +6,25 @@ torch.optim class of the same name, flag for flag (tested against torch.optim it
 One module per family; the math lives once in :mod:`pureopt.kernels`.
 """
 
+from pureopt.optimizers.adafactor import adafactor
 from pureopt.optimizers.adam import adam, adamw
 from pureopt.optimizers.lbfgs import lbfgs
 from pureopt.optimizers.muon import muon
+from pureopt.optimizers.nadam import nadam
+from pureopt.optimizers.radam import radam
+from pureopt.optimizers.rmsprop import rmsprop
+from pureopt.optimizers.rprop import rprop
 from pureopt.optimizers.sgd import sgd
 
 __all__ = [
+    "adafactor",
     "adam",
     "adamw",
     "lbfgs",
     "muon",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "rprop",
     "sgd",
 ]

@@ -1,5 +1,6 @@
 """Primitive gradient transformations: the building blocks that optimizers are chained from."""
 
+from pureopt.transforms.adafactor import ScaleByFactoredRmsState, scale_by_factored_rms
 from pureopt.transforms.adam import ScaleByAdamState, scale_by_adam
 from pureopt.transforms.adaptive_clip import adaptive_grad_clip
 from pureopt.transforms.block_rms import clip_by_block_rms
@@ -9,8 +10,12 @@ from pureopt.transforms.constraints import keep_params_nonnegative
 from pureopt.transforms.lbfgs import LBFGSState
 from pureopt.transforms.momentum import TraceState, trace
 from pureopt.transforms.muon import MuonState, orthogonalize, scale_by_muon
+from pureopt.transforms.nadam import ScaleByNAdamState, scale_by_nadam
 from pureopt.transforms.nans import ZeroNansState, zero_nans
 from pureopt.transforms.noise import AddNoiseState, add_noise
+from pureopt.transforms.radam import ScaleByRAdamState, scale_by_radam
+from pureopt.transforms.rmsprop import ScaleByRmsState, scale_by_rms
+from pureopt.transforms.rprop import ScaleByRpropState, scale_by_rprop
 from pureopt.transforms.scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
 from pureopt.transforms.weight_decay import add_decayed_weights
 
@@ -30,10 +35,20 @@ __all__ = [
     "orthogonalize",
     "scale",
     "scale_by_adam",
+    "scale_by_factored_rms",
     "scale_by_learning_rate",
     "scale_by_muon",
+    "scale_by_nadam",
+    "scale_by_radam",
+    "scale_by_rms",
+    "scale_by_rprop",
     "scale_by_schedule",
     "ScaleByAdamState",
+    "ScaleByFactoredRmsState",
+    "ScaleByNAdamState",
+    "ScaleByRAdamState",
+    "ScaleByRmsState",
+    "ScaleByRpropState",
     "ScaleByScheduleState",
     "trace",
     "TraceState",

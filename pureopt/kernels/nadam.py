@@ -1,0 +1,161 @@
+"""NAdam (Adam with Nesterov momentum and momentum decay): torch.optim.NAdam's math on tensor lists.
+
+Update rule (torch.optim.NAdam), per parameter ``p`` with gradient ``g``, its own step count ``t`` and
+running product ``mu_product`` (a 0-d tensor per parameter, as torch keeps it)::
+
+    g <- -g                                             if maximize
+    t <- t + 1
+    g <- g + weight_decay * p                           if weight_decay != 0 and not decoupled
+    mu_t      = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
+    mu_{t+1}  = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+    mu_product <- mu_product * mu_t                     (in the step-count dtype, as torch)
+    m <- m + (1 - beta1) * (g - m)
+    v <- beta2 * v + (1 - beta2) * g * g
+    denom = sqrt(v / (1 - beta2**t)) + eps
+    update = -lr * (1 - mu_t) / (1 - mu_product) * g / denom
+             - lr * mu_{t+1} / (1 - mu_product * mu_{t+1}) * m / denom
+    update <- update - lr * weight_decay * p            if weight_decay != 0 and decoupled
+
+``lr=None`` gives the positive direction (the same with ``lr = 1`` and the sign flipped), used by
+:func:`pureopt.transforms.nadam.scale_by_nadam`. Complex tensors are viewed as real pairs, as torch does.
+
+Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from pureopt.kernels.common import as_complex_like, as_real, cast_like, scalar_dtype
+from pureopt.kernels.listops import ops_for
+from pureopt.kernels.select import choose_impl
+
+__all__ = ["NAdamResult", "nadam", "stacked_scalars", "autograd_recording"]
+
+
+class NAdamResult(NamedTuple):
+    """Updates and new state lists (named like torch.optim's state keys)."""
+
+    updates: list[Tensor]
+    step: list[Tensor]
+    mu_product: list[Tensor]
+    exp_avg: list[Tensor]
+    exp_avg_sq: list[Tensor]
+
+
+def autograd_recording(*lists: Sequence[Any] | None) -> bool:
+    """Whether autograd records through these tensors (the update is being differentiated).
+
+    Kernels then avoid every in-place op, even on their own temporaries: an op like ``sqrt`` saves its output
+    for the backward pass, and writing into it afterwards would break that.
+    """
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for ts in lists if ts is not None for t in ts if isinstance(t, Tensor))
+
+
+def stacked_scalars(fn: Callable[..., tuple[Tensor, ...]], *columns: Sequence[Tensor]) -> tuple[list[Tensor], ...]:
+    """Evaluate ``fn`` on per-tensor 0-d values stacked into vectors; returns one list of 0-d tensors per output.
+
+    ``columns`` are lists of 0-d tensors of equal length (one entry per parameter); ``fn`` receives one stacked
+    1-d tensor per column, in its own dtype, and returns a tuple of 1-d tensors of the same length. Values on
+    different devices are handled device by device. No host synchronisation happens.
+    """
+    n = len(columns[0])
+    if n == 0:
+        return ()
+    devices = {c.device for c in columns[0]}
+    if len(devices) == 1:
+        outs = fn(*(torch.stack(list(c)) for c in columns))
+        return tuple(list(torch.unbind(o)) for o in outs)
+    result: list[list[Tensor | None]] | None = None
+    for dev in devices:
+        idx = [i for i, c in enumerate(columns[0]) if c.device == dev]
+        part = stacked_scalars(fn, *([c[i] for i in idx] for c in columns))
+        if result is None:
+            result = [[None] * n for _ in part]
+        for out, vals in zip(result, part):
+            for i, v in zip(idx, vals):
+                out[i] = v
+    assert result is not None
+    return tuple(result)  # type: ignore[arg-type]
+
+
+def nadam(
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    mu_products: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    momentum_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    impl: str = "auto",
+    donate: bool = False,
+) -> NAdamResult:
+    """One NAdam step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    path = choose_impl(impl, [*grads, *exp_avgs])
+    ops = ops_for(path)
+    # in place on the kernel's own temporaries, unless autograd records through the update
+    tmp = not autograd_recording(params, grads, exp_avgs, exp_avg_sqs)
+    donate = donate and tmp
+    if weight_decay != 0 and params is None:
+        raise ValueError("weight_decay needs the parameters: call update(grads, state, params)")
+    like = grads
+    ms, vs = as_real(exp_avgs), as_real(exp_avg_sqs)
+    g = cast_like(as_real(grads), ms)  # state may be kept in another dtype (state_dtype=)
+    rparams = cast_like(as_real(params), ms) if params is not None else None
+    owned = False
+    if maximize:
+        g = ops.neg(g)
+        owned = tmp
+    new_steps = ops.add_scalar(steps, 1, inplace=donate)
+    if weight_decay != 0 and not decoupled_weight_decay:
+        g = ops.add(g, rparams, alpha=weight_decay, inplace=owned)  # type: ignore[arg-type]
+
+    sign = -1.0 if lr is not None else 1.0
+    step_lr = 1.0 if lr is None else lr
+
+    def scalars(t: Tensor, mu_prod: Tensor) -> tuple[Tensor, ...]:
+        t = t.to(scalar_dtype(t.device))
+        mu = beta1 * (1.0 - 0.5 * torch.pow(0.96, t * momentum_decay))
+        mu_next = beta1 * (1.0 - 0.5 * torch.pow(0.96, (t + 1) * momentum_decay))
+        # torch multiplies its float32 (float64 under a float64 default) mu_product by the Python float mu
+        new_prod = mu_prod * mu.to(mu_prod.dtype)
+        prod = new_prod.to(t.dtype)
+        coef_g = sign * step_lr * (1.0 - mu) / (1.0 - prod)
+        coef_m = sign * step_lr * mu_next / (1.0 - prod * mu_next)
+        bias_correction2 = 1 - torch.pow(beta2, t)
+        return new_prod, coef_g, coef_m, bias_correction2
+
+    new_prods, coef_g, coef_m, bc2 = stacked_scalars(scalars, new_steps, mu_products) or ([], [], [], [])
+    m = ops.lerp(ms, g, 1 - beta1, inplace=donate)
+    v = ops.addcmul(ops.mul(vs, beta2, inplace=donate), g, g, value=1 - beta2, inplace=tmp)
+    denom = ops.add_scalar(ops.sqrt(ops.div(v, bc2), inplace=tmp), eps, inplace=tmp)
+    # torch: p.addcdiv_(g, denom, value=coef_g); p.addcdiv_(m, denom, value=coef_m)
+    updates = ops.div_list(ops.mul(g, coef_g), denom, inplace=tmp)
+    updates = ops.add(updates, ops.div_list(ops.mul(m, coef_m), denom, inplace=tmp), inplace=tmp)
+    if weight_decay != 0 and decoupled_weight_decay and lr is not None:
+        decay = -lr * weight_decay
+        if isinstance(decay, Tensor):
+            updates = ops.add(updates, ops.mul(rparams, decay), inplace=tmp)  # type: ignore[arg-type]
+        else:
+            updates = ops.add(updates, rparams, alpha=decay, inplace=tmp)  # type: ignore[arg-type]
+    return NAdamResult(
+        as_complex_like(updates, like),
+        new_steps,
+        new_prods,
+        as_complex_like(m, like),
+        as_complex_like(v, like),
+    )

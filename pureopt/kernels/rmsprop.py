@@ -1,0 +1,122 @@
+"""RMSprop (plain or centered, with momentum, weight decay, maximize): torch.optim.RMSprop's math on lists.
+
+Update rule (torch.optim.RMSprop), per parameter ``p`` with gradient ``g``::
+
+    g <- -g                                   if maximize
+    t <- t + 1                                (kept for the state dict; not used by the math)
+    g <- g + weight_decay * p                 if weight_decay != 0
+    v <- alpha * v + (1 - alpha) * g * g      (square_avg)
+    m <- m + (1 - alpha) * (g - m)            if centered (grad_avg, a lerp)
+    avg = sqrt(v - m * m) + eps   if centered   else   sqrt(v) + eps
+    b <- momentum * b + g / avg               if momentum > 0 (momentum_buffer)
+    update = -lr * b      if momentum > 0     else   -lr * g / avg
+
+``lr=None`` returns the positive direction (``b`` or ``g / avg``), which is what
+:func:`pureopt.transforms.rmsprop.scale_by_rms` uses. Complex tensors are viewed as real pairs, as torch does
+(the running averages are kept per component).
+
+Hinton, Srivastava & Swersky, "Neural Networks for Machine Learning", lecture 6e (2012); Graves, "Generating
+Sequences With Recurrent Neural Networks" (centered variant), 2013.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from pureopt.kernels.common import as_complex_like, as_real, cast_like
+from pureopt.kernels.listops import ops_for
+from pureopt.kernels.nadam import autograd_recording
+from pureopt.kernels.select import choose_impl
+
+__all__ = ["RMSpropResult", "rmsprop"]
+
+
+class RMSpropResult(NamedTuple):
+    """Updates and new state lists (named like torch.optim's state keys); ``None`` for what is not kept."""
+
+    updates: list[Tensor]
+    step: list[Tensor]
+    square_avg: list[Tensor]
+    momentum_buffer: list[Tensor] | None
+    grad_avg: list[Tensor] | None
+
+
+def rmsprop(
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor] | None,
+    momentum_buffers: list[Tensor] | None,
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor | None,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    impl: str = "auto",
+    donate: bool = False,
+) -> RMSpropResult:
+    """One RMSprop step over tensor lists; returns the updates and the new state lists (see module docstring).
+
+    Args:
+      params: the parameters (needed when ``weight_decay != 0``).
+      grads: the gradients, one per parameter (none of them ``None``).
+      square_avgs: running averages of the squared gradients.
+      grad_avgs: running averages of the gradients when ``centered``, else ``None``.
+      momentum_buffers: momentum buffers when ``momentum > 0``, else ``None``.
+      steps: per-parameter step counts.
+      lr: the learning rate; ``None`` returns the positive direction.
+      impl: ``"auto" | "loop" | "foreach"``.
+      donate: the caller owns the state buffers: they are updated in place.
+    """
+    path = choose_impl(impl, [*grads, *square_avgs])
+    ops = ops_for(path)
+    # in place on the kernel's own temporaries, unless autograd records through the update
+    tmp = not autograd_recording(params, grads, square_avgs, grad_avgs, momentum_buffers)
+    donate = donate and tmp
+    if weight_decay != 0 and params is None:
+        raise ValueError("weight_decay needs the parameters: call update(grads, state, params)")
+    like = grads
+    sq = as_real(square_avgs)
+    g = cast_like(as_real(grads), sq)  # state may be kept in another dtype (state_dtype=)
+    owned = False
+    if maximize:
+        g = ops.neg(g)
+        owned = tmp
+    new_steps = ops.add_scalar(steps, 1, inplace=donate)
+    if weight_decay != 0:
+        rparams = cast_like(as_real(params), sq)  # type: ignore[arg-type]
+        g = ops.add(g, rparams, alpha=weight_decay, inplace=owned)
+        owned = tmp
+    new_sq = ops.addcmul(ops.mul(sq, alpha, inplace=donate), g, g, value=1 - alpha, inplace=tmp)
+    new_ga = None
+    if centered:
+        assert grad_avgs is not None
+        new_ga = ops.lerp(as_real(grad_avgs), g, 1 - alpha, inplace=donate)
+        avg = ops.sqrt(ops.addcmul(new_sq, new_ga, new_ga, value=-1), inplace=tmp)
+    else:
+        avg = ops.sqrt(new_sq)
+    avg = ops.add_scalar(avg, eps, inplace=tmp)
+    new_bufs = None
+    if momentum > 0:
+        assert momentum_buffers is not None
+        bufs = ops.mul(as_real(momentum_buffers), momentum, inplace=donate)
+        new_bufs = ops.addcdiv(bufs, g, avg, inplace=tmp)
+        updates = ops.clone(new_bufs) if lr is None else ops.mul(new_bufs, -lr)
+    elif lr is None:
+        updates = ops.div_list(g, avg, inplace=owned)
+    else:
+        # torch: p.addcdiv_(g, avg, value=-lr), i.e. p + ((-lr) * g) / avg
+        updates = ops.div_list(ops.mul(g, -lr, inplace=owned), avg, inplace=tmp)
+    return RMSpropResult(
+        as_complex_like(updates, like),
+        new_steps,
+        as_complex_like(new_sq, like),
+        as_complex_like(new_bufs, like) if new_bufs is not None else None,
+        as_complex_like(new_ga, like) if new_ga is not None else None,
+    )
