@@ -33,11 +33,48 @@ def _adam_grid() -> list[tuple[str, Factory]]:
     return out
 
 
-OPTIMIZERS: list[tuple[str, Factory]] = [*_sgd_grid(), *_adam_grid()]
+# (name, kwargs) for the other optimizers: a representative configuration or two each
+_OTHERS: list[tuple[str, dict]] = [
+    ("adagrad", dict(lr=0.05, lr_decay=0.01, weight_decay=0.1)),
+    ("adadelta", dict(lr=1.0, weight_decay=0.1)),
+    ("adamax", dict(lr=0.01, weight_decay=0.1)),
+    ("asgd", dict(lr=0.01, t0=3.0)),
+    ("rmsprop", dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1)),
+    ("rmsprop", dict(lr=0.01)),
+    ("rprop", dict(lr=0.01)),
+    ("nadam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("radam", dict(lr=0.01, weight_decay=0.1)),
+    ("adafactor", dict(lr=0.01)),
+    ("lion", dict(lr=1e-3, weight_decay=0.1)),
+    ("lamb", dict(lr=0.01, weight_decay=0.1)),
+    ("lars", dict(lr=0.1, momentum=0.9, weight_decay=1e-4)),
+    ("adabelief", dict(lr=0.01)),
+    ("yogi", dict(lr=0.01)),
+    ("novograd", dict(lr=0.01, weight_decay=0.1)),
+    ("sign_sgd", dict(lr=0.01)),
+    ("signum", dict(lr=0.01, momentum=0.9)),
+    ("adan", dict(lr=0.01, weight_decay=0.02)),
+    ("schedule_free_sgd", dict(lr=0.1)),
+    ("schedule_free_adamw", dict(lr=0.01, warmup_steps=2)),
+    ("ademamix", dict(lr=0.01)),
+]
+
+
+def _others() -> list[tuple[str, Factory]]:
+    out: list[tuple[str, Factory]] = []
+    for name, kw in _OTHERS:
+        fn = getattr(pureopt, name, None)
+        if fn is None:  # not in this checkout
+            continue
+        out.append((f"{name}{kw}", lambda impl, fn=fn, kw=kw: fn(impl=impl, **kw)))
+    return out
+
+
+OPTIMIZERS: list[tuple[str, Factory]] = [*_sgd_grid(), *_adam_grid(), *_others()]
 
 
 def fused_available(opt_id: str) -> bool:
     """Whether the configuration has a torch fused kernel (SGD only without dampening)."""
-    if opt_id.startswith("sgd"):
+    if opt_id.startswith("sgd{"):
         return "'dampening': 0.0" in opt_id or "'momentum': 0.0" in opt_id
-    return opt_id.startswith("adam")
+    return opt_id.startswith(("adam{", "adamw", "adagrad"))

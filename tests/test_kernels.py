@@ -152,3 +152,56 @@ def test_donated_step_through_combinators_equals_pure_update(make):
         own_state = pureopt.inplace_step(tx, grads_at(own_params, step, data), own_state, own_params)
         for k in own_params:
             torch.testing.assert_close(own_params[k], pure_params[k], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("factory", FACTORIES, ids=IDS)
+@pytest.mark.parametrize("impl", ["loop", "foreach", "auto"])
+@pytest.mark.parametrize("lr_kind", ["float", "schedule"])
+def test_updates_and_state_keep_their_dtypes(factory, impl, lr_kind):
+    """A 0-d float32 parameter must not get float64 updates or state from float64 per-tensor scalars."""
+    tx = factory(impl)
+    if lr_kind == "schedule":
+        tx = pureopt.chain(tx, pureopt.scale_by_learning_rate(pureopt.schedules.exponential_decay(1.0, 10, 0.5)))
+    params = make_params(torch.float32)
+    state = tx.init(params)
+    dtypes = [t.dtype for t in pureopt.tree.leaves(state)]
+    for _ in range(2):
+        grads = {k: torch.ones_like(v) for k, v in params.items()}
+        updates, state = tx.update(grads, state, params)
+        for k, u in updates.items():
+            assert u.dtype == params[k].dtype, k
+        assert [t.dtype for t in pureopt.tree.leaves(state)] == dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "kwargs", [dict(lr=0.05), dict(lr=0.05, lr_decay=0.01, weight_decay=0.1, maximize=True)], ids=["plain", "flags"]
+)
+def test_fused_adagrad_matches_torch(kwargs, dtype):
+    """The pure fused Adagrad path (zero update buffer) against torch.optim.Adagrad."""
+    from _parity import run_parity
+
+    run_parity(
+        lambda p: torch.optim.Adagrad(p, **kwargs),
+        pureopt.adagrad(impl="fused", **kwargs),
+        dtype,
+        state_keys=["step", "sum"],
+        maximize=kwargs.get("maximize", False),
+    )
+
+
+def test_donated_adagrad_is_torch_fused_adagrad_bitwise():
+    params = make_params(torch.float32)
+    data = make_data(torch.float32)
+    torch_params = [v.clone().requires_grad_(True) for v in params.values()]
+    opt = torch.optim.Adagrad(torch_params, lr=0.05, lr_decay=0.01, weight_decay=0.1, fused=True)
+    tx = pureopt.adagrad(lr=0.05, lr_decay=0.01, weight_decay=0.1)
+    state = tx.init(params)
+    for step in range(10):
+        g = grads_at({k: t.detach() for k, t in zip(params, torch_params)}, step, data)
+        for k, t in zip(params, torch_params):
+            t.grad = None if g[k] is None else g[k].clone()
+        opt.step()
+        state = pureopt.inplace_step(tx, grads_at(params, step, data), state, params)
+    for k, t in zip(params, torch_params):
+        assert torch.equal(params[k], t.detach()), k

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import cast_like, scalar_dtype
+from pureopt.kernels.common import cast_like, scalar_dtype, scalars_for
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.nadam import autograd_recording, stacked_scalars
 from pureopt.kernels.select import choose_impl
@@ -202,15 +202,16 @@ def adafactor(
     ]
     if lr is None:
         (denoms,) = stacked_scalars(lambda r: (torch.clamp_min(r, 1.0),), u_rms)
-        updates = ops.div(u, denoms, inplace=tmp)
+        updates = ops.div(u, scalars_for(denoms, u), inplace=tmp)
     else:
         alphas = scalars[1]
         (coefs,) = stacked_scalars(lambda a, r: (-a / torch.clamp_min(r, 1.0),), alphas, u_rms)
-        updates = ops.mul(u, coefs, inplace=tmp)
+        updates = ops.mul(u, scalars_for(coefs, u), inplace=tmp)
         if weight_decay != 0:
             decay = -lr * weight_decay
             if isinstance(decay, Tensor):
-                updates = ops.add(updates, ops.mul(rparams, decay), inplace=tmp)  # type: ignore[arg-type]
+                decays = scalars_for([decay] * len(updates), updates)
+                updates = ops.add(updates, ops.mul(rparams, decays), inplace=tmp)  # type: ignore[arg-type]
             else:
                 updates = ops.add(updates, rparams, alpha=decay, inplace=tmp)  # type: ignore[arg-type]
     return AdafactorResult(updates, new_steps, new_rows, new_cols, new_vars)

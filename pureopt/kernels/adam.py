@@ -28,7 +28,7 @@ from torch import Tensor
 
 from pureopt.base import add_inplace
 from pureopt.kernels import fused as _fused
-from pureopt.kernels.common import as_complex_like, as_real, cast_like, per_tensor
+from pureopt.kernels.common import as_complex_like, as_real, cast_like, over, per_tensor, scalars_for
 from pureopt.kernels.listops import FOREACH, ops_for
 from pureopt.kernels.select import choose_impl
 
@@ -120,15 +120,17 @@ def adam(
     sign = -1.0 if lr is not None else 1.0
     step_lr = 1.0 if lr is None else lr
     # step_size = lr / (1 - beta1**t), bias_correction2_sqrt = sqrt(1 - beta2**t), per tensor, in float64
-    neg_step_size = per_tensor(new_steps, lambda t: sign * step_lr / (1 - torch.pow(beta1, t)))
+    neg_step_size = per_tensor(new_steps, lambda t: over(sign * step_lr, 1 - torch.pow(beta1, t)))
     bc2_sqrt = per_tensor(new_steps, lambda t: torch.sqrt(1 - torch.pow(beta2, t)))
+    neg_step_size, bc2_sqrt = scalars_for(neg_step_size, m), scalars_for(bc2_sqrt, m)
     denom = ops.sqrt(vmax if vmax is not None else v)
     denom = ops.add_scalar(ops.div(denom, bc2_sqrt, inplace=True), eps, inplace=True)
     updates = ops.div_list(ops.mul(m, neg_step_size), denom, inplace=True)
     if weight_decay != 0 and decoupled_weight_decay and lr is not None:
         decay = -lr * weight_decay
         if isinstance(decay, Tensor):
-            updates = ops.add(updates, ops.mul(rparams, decay), inplace=True)  # type: ignore[arg-type]
+            decays = scalars_for([decay] * len(updates), updates)
+            updates = ops.add(updates, ops.mul(rparams, decays), inplace=True)  # type: ignore[arg-type]
         else:
             updates = ops.add(updates, rparams, alpha=decay, inplace=True)  # type: ignore[arg-type]
     if apply:

@@ -7,7 +7,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["scalar_dtype", "per_tensor", "as_real", "as_complex_like", "cast_like", "StepScalars"]
+__all__ = [
+    "scalar_dtype",
+    "per_tensor",
+    "over",
+    "scalars_for",
+    "as_real",
+    "as_complex_like",
+    "cast_like",
+    "StepScalars",
+]
 
 StepScalars = list[Tensor]
 
@@ -38,6 +47,23 @@ def per_tensor(steps: Sequence[Tensor], fn: Callable[[Tensor], Tensor]) -> list[
         for i, v in zip(idx, vals):
             out[i] = v
     return out  # type: ignore[return-value]
+
+
+def over(num: float | Tensor, den: Tensor) -> Tensor:
+    """``num / den`` rounded once, as torch computes it on Python floats.
+
+    (torch evaluates ``number / tensor`` as ``number * reciprocal(tensor)``, which rounds twice.)
+    """
+    return (num if isinstance(num, Tensor) else torch.full_like(den, num)) / den
+
+
+def scalars_for(scalars: Sequence[Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Per-tensor 0-d scalars (float64) cast to their tensor's dtype where that tensor is 0-d.
+
+    A 0-d float64 scalar does not promote a dimensioned float32 tensor, but it does promote a 0-d one; casting
+    keeps every update and state in its tensor's dtype (torch casts a Python scalar the same way).
+    """
+    return [s.to(t.dtype) if t.dim() == 0 and s.dtype != t.dtype else s for s, t in zip(scalars, tensors)]
 
 
 def cast_like(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from pureopt.kernels.common import cast_like
-from pureopt.kernels.listops import FOREACH, LOOP
+from pureopt.kernels.listops import ops_for
 from pureopt.kernels.select import choose_impl
 
 __all__ = [
@@ -148,7 +148,7 @@ def muon(
     if lr is not None and params is None:
         raise ValueError("muon needs the parameters: call update(grads, state, params)")
     path = choose_impl(impl, [*grads, *momentum_buffers])
-    ops = FOREACH if path == "foreach" else LOOP
+    ops = ops_for(path)
     grads = cast_like(grads, momentum_buffers)  # state may be kept in another dtype (state_dtype=)
 
     bufs = ops.lerp(momentum_buffers, grads, 1 - momentum, inplace=donate)

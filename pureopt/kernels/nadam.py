@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like, scalar_dtype
+from pureopt.kernels.common import as_complex_like, as_real, cast_like, scalar_dtype, scalars_for
 from pureopt.kernels.listops import ops_for
 from pureopt.kernels.select import choose_impl
 
@@ -140,6 +140,7 @@ def nadam(
         return new_prod, coef_g, coef_m, bias_correction2
 
     new_prods, coef_g, coef_m, bc2 = stacked_scalars(scalars, new_steps, mu_products) or ([], [], [], [])
+    coef_g, coef_m, bc2 = (scalars_for(x, g) for x in (coef_g, coef_m, bc2))
     m = ops.lerp(ms, g, 1 - beta1, inplace=donate)
     v = ops.addcmul(ops.mul(vs, beta2, inplace=donate), g, g, value=1 - beta2, inplace=tmp)
     denom = ops.add_scalar(ops.sqrt(ops.div(v, bc2), inplace=tmp), eps, inplace=tmp)
@@ -149,7 +150,8 @@ def nadam(
     if weight_decay != 0 and decoupled_weight_decay and lr is not None:
         decay = -lr * weight_decay
         if isinstance(decay, Tensor):
-            updates = ops.add(updates, ops.mul(rparams, decay), inplace=tmp)  # type: ignore[arg-type]
+            decays = scalars_for([decay] * len(updates), updates)
+            updates = ops.add(updates, ops.mul(rparams, decays), inplace=tmp)  # type: ignore[arg-type]
         else:
             updates = ops.add(updates, rparams, alpha=decay, inplace=tmp)  # type: ignore[arg-type]
     return NAdamResult(

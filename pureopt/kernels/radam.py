@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like, per_tensor
+from pureopt.kernels.common import as_complex_like, as_real, cast_like, per_tensor, scalars_for
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.nadam import autograd_recording
 from pureopt.kernels.select import choose_impl
@@ -114,6 +114,7 @@ def radam(
     bc2_sqrt = per_tensor(new_steps, lambda t: torch.sqrt(1 - torch.pow(beta2, t)))
     rectified = per_tensor(new_steps, lambda t: rho(t) > 5.0)
     rects = per_tensor(new_steps, rect)
+    bias_correction1, bc2_sqrt, rects = (scalars_for(x, m) for x in (bias_correction1, bc2_sqrt, rects))
 
     # torch: m_hat = m / bc1; m_hat * lr * (sqrt(bc2) / (sqrt(v) + eps)) * r, the middle factor formed as
     # reciprocal(sqrt(v) + eps) * sqrt(bc2) (Python's float / Tensor)
@@ -127,7 +128,8 @@ def radam(
     if weight_decay != 0 and decoupled_weight_decay and lr is not None:
         decay = -lr * weight_decay
         if isinstance(decay, Tensor):
-            updates = ops.add(updates, ops.mul(rparams, decay), inplace=tmp)  # type: ignore[arg-type]
+            decays = scalars_for([decay] * len(updates), updates)
+            updates = ops.add(updates, ops.mul(rparams, decays), inplace=tmp)  # type: ignore[arg-type]
         else:
             updates = ops.add(updates, rparams, alpha=decay, inplace=tmp)  # type: ignore[arg-type]
     return RAdamResult(as_complex_like(updates, like), new_steps, as_complex_like(m, like), as_complex_like(v, like))

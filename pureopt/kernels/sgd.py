@@ -26,7 +26,7 @@ from torch import Tensor
 
 from pureopt.base import add_inplace
 from pureopt.kernels import fused as _fused
-from pureopt.kernels.common import cast_like, per_tensor
+from pureopt.kernels.common import cast_like, per_tensor, scalars_for
 from pureopt.kernels.listops import FOREACH, ops_for
 from pureopt.kernels.select import choose_impl
 
@@ -131,7 +131,7 @@ def sgd(
             scale = per_tensor(
                 steps, lambda s: torch.where(s == 0, torch.ones_like(s), torch.full_like(s, 1.0 - dampening))
             )
-            new_bufs = ops.add(bufs, ops.mul(g, scale), inplace=True)
+            new_bufs = ops.add(bufs, ops.mul(g, scalars_for(scale, g)), inplace=True)
             new_steps = ops.add_scalar(steps, 1, inplace=donate)
         else:
             new_bufs = ops.add(bufs, g, inplace=True)
@@ -144,7 +144,7 @@ def sgd(
     if lr is None:
         updates = g if owned else ops.clone(g)
     elif isinstance(lr, Tensor):
-        updates = ops.mul(g, -lr, inplace=owned)
+        updates = ops.mul(g, scalars_for([-lr] * len(g), g), inplace=owned)
     else:
         updates = ops.mul(g, -lr, inplace=owned)
     if apply:

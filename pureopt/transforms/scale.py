@@ -73,8 +73,12 @@ def scale_by_schedule(step_size_fn: ScalarOrSchedule) -> GradientTransformation:
 
 
 def _cast_factor(factor: float | Tensor, like: Tensor) -> float | Tensor:
-    if isinstance(factor, Tensor) and factor.device != like.device:
-        return factor.to(like.device)
+    """A tensor factor on ``like``'s device; in its dtype too when ``like`` is 0-d (else it would promote it)."""
+    if isinstance(factor, Tensor):
+        if like.dim() == 0 and like.is_floating_point() and factor.dtype != like.dtype:
+            factor = factor.to(like.dtype)
+        if factor.device != like.device:
+            factor = factor.to(like.device)
     return factor
 
 

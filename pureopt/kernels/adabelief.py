@@ -1,0 +1,108 @@
+"""AdaBelief: Adam with the second moment replaced by the EMA of the squared deviation from the first moment.
+
+Update rule (Zhuang et al. 2020, Algorithm 2), per parameter ``p`` with gradient ``g`` and its own step count::
+
+    g <- -g                                                    if maximize
+    g <- g + weight_decay * p                                  if weight_decay != 0 and not decoupled
+    t <- t + 1
+    m <- beta1 * m + (1 - beta1) * g
+    s <- beta2 * s + (1 - beta2) * (g - m)**2 + eps            (eps inside the belief term, as in the paper)
+    smax <- max(smax, s); use smax for s                       if amsgrad
+    update = -(lr / (1 - beta1**t)) * m / (sqrt(s) / sqrt(1 - beta2**t) + eps)
+    update <- update - lr * weight_decay * p                   if weight_decay != 0 and decoupled
+
+``m`` in ``(g - m)`` is the updated first moment. ``lr=None`` returns the positive direction
+``m_hat / (sqrt(s_hat) + eps)`` (used by ``scale_by_belief``). Complex tensors are viewed as real pairs.
+
+Zhuang, Tang, Ding, Tatikonda, Dvornek, Papademetris & Duncan, "AdaBelief Optimizer: Adapting Stepsizes by the
+Belief in Observed Gradients", NeurIPS 2020.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from pureopt.kernels.common import as_complex_like, as_real, cast_like
+from pureopt.kernels.lars import add_scaled, map_scalars_n, require_params
+from pureopt.kernels.listops import ops_for
+from pureopt.kernels.select import choose_impl
+
+__all__ = ["AdaBeliefResult", "adabelief"]
+
+
+class AdaBeliefResult(NamedTuple):
+    """Updates and new state lists (named like the reference implementation's state keys)."""
+
+    updates: list[Tensor]
+    step: list[Tensor]
+    exp_avg: list[Tensor]
+    exp_avg_var: list[Tensor]
+    max_exp_avg_var: list[Tensor] | None
+
+
+def adabelief(
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor] | None,
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    impl: str = "auto",
+    donate: bool = False,
+) -> AdaBeliefResult:
+    """One AdaBelief step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    path = choose_impl(impl, [*grads, *exp_avgs])
+    ops = ops_for(path)
+    m, s = as_real(exp_avgs), as_real(exp_avg_vars)
+    smax = as_real(max_exp_avg_vars) if max_exp_avg_vars is not None else None
+    g = cast_like(as_real(grads), m)  # state may be kept in another dtype (state_dtype=)
+    p = None
+    if weight_decay != 0 and (lr is not None or not decoupled_weight_decay):
+        p = cast_like(as_real(require_params(params, "weight_decay")), m)
+
+    owned = False
+    if maximize:
+        g, owned = ops.neg(g), True
+    if p is not None and not decoupled_weight_decay:
+        g = ops.add(g, p, alpha=weight_decay, inplace=owned)
+    new_steps = ops.add_scalar(steps, 1, inplace=donate)
+    new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
+    residual = ops.sub(g, new_m)
+    new_s = ops.addcmul(ops.mul(s, beta2, inplace=donate), residual, residual, value=1 - beta2, inplace=True)
+    new_s = ops.add_scalar(new_s, eps, inplace=True)
+    new_smax = None
+    if amsgrad:
+        assert smax is not None
+        new_smax = ops.maximum(smax, new_s, inplace=donate)
+    sign = -1.0 if lr is not None else 1.0
+    step_lr = 1.0 if lr is None else lr
+    step_size, bc2_sqrt = map_scalars_n(
+        lambda t: (sign * step_lr / (1 - torch.pow(beta1, t)), torch.sqrt(1 - torch.pow(beta2, t))),
+        new_steps,
+        outputs=2,
+        like=new_m,
+    )
+    denom = ops.sqrt(new_smax if new_smax is not None else new_s)
+    denom = ops.add_scalar(ops.div(denom, bc2_sqrt, inplace=True), eps, inplace=True)
+    updates = ops.div_list(ops.mul(new_m, step_size), denom, inplace=True)
+    if p is not None and decoupled_weight_decay and lr is not None:
+        updates = add_scaled(ops, updates, p, -lr * weight_decay, inplace=True)
+    return AdaBeliefResult(
+        as_complex_like(updates, grads),
+        new_steps,
+        as_complex_like(new_m, grads),
+        as_complex_like(new_s, grads),
+        as_complex_like(new_smax, grads) if new_smax is not None else None,
+    )

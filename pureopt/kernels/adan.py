@@ -1,0 +1,116 @@
+"""Adan (adaptive Nesterov momentum), the restart-free version, with proximal or decoupled weight decay.
+
+Update rule (Xie et al. 2022, Algorithm 1, with bias correction), per parameter ``p`` with gradient ``g``, the
+previous gradient ``g_prev`` and its own step count ``t``. The betas follow the authors' released code: ``beta``
+here is ``1 - beta`` of the paper (the paper's ``(0.02, 0.08, 0.01)`` are ``betas=(0.98, 0.92, 0.99)``)::
+
+    g <- -g                                                   if maximize
+    diff = g - g_prev                                         (0 on the tensor's first step)
+    t <- t + 1
+    m <- beta1 * m + (1 - beta1) * g                          (gradient moment)
+    d <- beta2 * d + (1 - beta2) * diff                       (gradient-difference moment)
+    n <- beta3 * n + (1 - beta3) * (g + beta2 * diff)**2      (second moment of the Nesterov gradient)
+    u = (m / (1 - beta1**t) + beta2 * d / (1 - beta2**t)) / (sqrt(n) / sqrt(1 - beta3**t) + eps)
+    p_new = (p - lr * u) / (1 + lr * weight_decay)            proximal weight decay (default)
+    p_new = p * (1 - lr * weight_decay) - lr * u              no_prox=True (decoupled, as AdamW)
+    update = p_new - p;   g_prev <- g
+
+``lr=None`` returns ``u`` (used by ``scale_by_adan``). Complex tensors are viewed as real pairs.
+
+Xie, Zhou, Li, Lin & Yan, "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep Models", 2022
+(arXiv:2208.06677; IEEE TPAMI 2024).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from pureopt.kernels.common import as_complex_like, as_real, cast_like
+from pureopt.kernels.lars import add_scaled, map_scalars_n, require_params, scalar_for
+from pureopt.kernels.listops import ops_for
+from pureopt.kernels.select import choose_impl
+
+__all__ = ["AdanResult", "adan"]
+
+
+class AdanResult(NamedTuple):
+    """Updates and new state lists (named like the reference implementation's state keys)."""
+
+    updates: list[Tensor]
+    step: list[Tensor]
+    exp_avg: list[Tensor]
+    exp_avg_diff: list[Tensor]
+    exp_avg_sq: list[Tensor]
+    pre_grad: list[Tensor]
+
+
+def adan(
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_diffs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    pre_grads: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor | None,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    eps: float,
+    weight_decay: float,
+    no_prox: bool,
+    maximize: bool,
+    impl: str = "auto",
+    donate: bool = False,
+) -> AdanResult:
+    """One Adan step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    path = choose_impl(impl, [*grads, *exp_avgs])
+    ops = ops_for(path)
+    m, d, n, prev = as_real(exp_avgs), as_real(exp_avg_diffs), as_real(exp_avg_sqs), as_real(pre_grads)
+    g = cast_like(as_real(grads), m)  # state may be kept in another dtype (state_dtype=)
+    p = None
+    if weight_decay != 0 and lr is not None:
+        p = cast_like(as_real(require_params(params, "weight_decay")), m)
+    owned = False
+    if maximize:
+        g, owned = ops.neg(g), True
+
+    def scalars(t: Tensor) -> tuple[Tensor, ...]:
+        t1 = t + 1
+        seen = (t > 0).to(t.dtype)  # 0 on a tensor's first step: there is no previous gradient
+        inv_bc1 = 1 / (1 - torch.pow(beta1, t1))
+        diff_scale = beta2 / (1 - torch.pow(beta2, t1))
+        return seen, inv_bc1, diff_scale, torch.sqrt(1 - torch.pow(beta3, t1))
+
+    seen, inv_bc1, diff_scale, bc3_sqrt = map_scalars_n(scalars, steps, outputs=4, like=m)
+    diff = ops.mul(ops.sub(g, prev), seen, inplace=True)
+    new_steps = ops.add_scalar(steps, 1, inplace=donate)
+    new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
+    new_d = ops.lerp(d, diff, 1 - beta2, inplace=donate)
+    nesterov_g = ops.add(ops.mul(diff, beta2, inplace=True), g, inplace=True)  # g + beta2 * diff
+    new_n = ops.addcmul(ops.mul(n, beta3, inplace=donate), nesterov_g, nesterov_g, value=1 - beta3, inplace=True)
+    new_prev = ops.copy_(prev, g) if donate else (g if owned else ops.clone(g))
+
+    denom = ops.add_scalar(ops.div(ops.sqrt(new_n), bc3_sqrt, inplace=True), eps, inplace=True)
+    numer = ops.add(ops.mul(new_m, inv_bc1), ops.mul(new_d, diff_scale), inplace=True)
+    direction = ops.div_list(numer, denom, inplace=True)
+    if lr is None:
+        updates = direction
+    else:
+        updates = ops.mul(direction, -lr, inplace=True)
+        if p is not None:
+            updates = add_scaled(ops, updates, p, -lr * weight_decay, inplace=True)
+            if not no_prox:
+                updates = ops.mul(updates, scalar_for(1 / (1 + lr * weight_decay), updates), inplace=True)
+    return AdanResult(
+        as_complex_like(updates, grads),
+        new_steps,
+        as_complex_like(new_m, grads),
+        as_complex_like(new_d, grads),
+        as_complex_like(new_n, grads),
+        as_complex_like(new_prev, grads),
+    )

@@ -1,0 +1,96 @@
+"""LAMB: Adam's direction plus decoupled weight decay, scaled per layer by the trust ratio ||p|| / ||u||.
+
+Update rule (You et al. 2020, Algorithm 2, with phi the identity), per parameter tensor ``p`` with gradient ``g``
+and its own step count ``t``::
+
+    g <- -g                                            if maximize
+    t <- t + 1
+    m <- beta1 * m + (1 - beta1) * g
+    v <- beta2 * v + (1 - beta2) * g * g
+    r = (m / (1 - beta1**t)) / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+    u = r + weight_decay * p
+    ratio = ||p|| / ||u||                              (1 where ||p|| == 0 or ||u|| == 0)
+    update = -lr * ratio * u
+
+``r`` is Adam's bias-corrected direction, computed by :func:`pureopt.kernels.adam.adam` (torch's eps placement),
+so the moments, step counts and complex handling are Adam's. ``lr=None`` returns ``ratio * u``.
+
+You, Li, Reddi, Hseu, Kumar, Bhojanapalli, Song, Demmel, Keutzer & Hsieh, "Large Batch Optimization for Deep
+Learning: Training BERT in 76 minutes", ICLR 2020.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from pureopt.kernels.adam import adam
+from pureopt.kernels.common import as_complex_like, as_real, cast_like
+from pureopt.kernels.lars import map_scalars, norms, require_params, trust_ratio
+from pureopt.kernels.listops import ops_for
+from pureopt.kernels.select import choose_impl
+
+__all__ = ["LambResult", "lamb"]
+
+
+class LambResult(NamedTuple):
+    """Updates and new state lists (named like torch.optim's state keys)."""
+
+    updates: list[Tensor]
+    step: list[Tensor]
+    exp_avg: list[Tensor]
+    exp_avg_sq: list[Tensor]
+
+
+def lamb(
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    impl: str = "auto",
+    donate: bool = False,
+) -> LambResult:
+    """One LAMB step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    given = require_params(params, "lamb")
+    path = choose_impl(impl, [*grads, *exp_avgs])  # before any work: an illegal explicit impl raises here
+    ops = ops_for(path)
+    direction = adam(
+        None,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        None,
+        steps,
+        lr=None,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=0.0,
+        decoupled_weight_decay=False,
+        amsgrad=False,
+        maximize=maximize,
+        impl=path,
+        donate=donate,
+    )
+    assert direction.updates is not None
+    # fresh tensors owned by this kernel; in the state dtype (adam's 0-d results may come back promoted to float64)
+    u = cast_like(as_real(direction.updates), as_real(direction.exp_avg))
+    p = cast_like(as_real(given), u)
+    if weight_decay != 0:
+        u = ops.add(u, p, alpha=weight_decay, inplace=True)
+    sign = 1.0 if lr is None else -1.0
+    step_lr = 1.0 if lr is None else lr
+    scales = map_scalars(
+        lambda pn, un: sign * step_lr * trust_ratio(pn, un, 1.0, 0.0), norms(ops, p), norms(ops, u), like=u
+    )
+    updates = ops.mul(u, scales, inplace=True)
+    return LambResult(as_complex_like(updates, grads), direction.step, direction.exp_avg, direction.exp_avg_sq)

@@ -1,0 +1,265 @@
+"""LARS and the layer-wise trust ratio, plus the per-tensor scalar helpers the layer-wise kernels share.
+
+LARS update rule (You, Gitman & Ginsburg 2017, Algorithm 1), per parameter tensor ("layer") ``w`` with gradient
+``g``, global learning rate ``lr``, trust coefficient ``eta`` and weight decay ``beta``::
+
+    g <- -g                                                     if maximize
+    local_lr = eta * ||w|| / (||g|| + beta * ||w|| + eps)       (1 where ||w|| == 0 or ||g|| == 0)
+    d = g + beta * w
+    v <- momentum * v + lr * local_lr * d                       (v = lr * local_lr * d without momentum)
+    update = -(d_step + momentum * v)  if nesterov  else  -v    (d_step = lr * local_lr * d)
+
+A tensor excluded by the mask (``adapt[i] == False``, e.g. biases and norm weights) gets ``local_lr = 1`` and no
+weight decay: plain momentum SGD with the learning rate inside the buffer, as in the paper.
+
+The trust ratio of :func:`trust_ratio_scale` (the ``scale_by_trust_ratio`` primitive, also LAMB's)::
+
+    ratio = trust_coefficient * ||p|| / (||u|| + eps)           (1 where ||p|| == 0 or ||u|| == 0)
+    u <- ratio * u
+
+Norms are per tensor; the ratios are evaluated for all tensors at once on stacked vectors with ``torch.where``
+(no host sync, no Python branching on values). Complex tensors are viewed as real pairs (the complex 2-norm).
+
+You, Gitman & Ginsburg, "Large Batch Training of Convolutional Networks", 2017 (arXiv:1708.03888).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from pureopt.kernels.common import as_complex_like, as_real, cast_like, scalar_dtype
+from pureopt.kernels.listops import ListOps, ops_for
+from pureopt.kernels.select import choose_impl
+
+__all__ = [
+    "LarsResult",
+    "add_scaled",
+    "cast_values",
+    "lars",
+    "map_scalars",
+    "map_scalars_n",
+    "norms",
+    "require_params",
+    "scalar_for",
+    "trust_ratio",
+    "trust_ratio_scale",
+]
+
+
+# --- helpers shared by the kernels of this family ------------------------------------------------------------
+
+
+def norms(ops: ListOps, xs: Sequence[Tensor]) -> list[Tensor]:
+    """The 2-norm of each tensor as a 0-d tensor (0 for an empty tensor); one foreach call on that backend."""
+    if not xs:
+        return []
+    if ops.foreach:
+        return list(torch._foreach_norm(list(xs)))
+    return [torch.linalg.vector_norm(x) for x in xs]
+
+
+def map_scalars_n(
+    fn: Callable[..., tuple[Tensor, ...]],
+    *columns: Sequence[Tensor],
+    outputs: int,
+    dtype: torch.dtype | None = None,
+    like: Sequence[Tensor] | None = None,
+) -> list[list[Tensor]]:
+    """Evaluate ``fn`` on per-tensor 0-d values stacked into vectors; ``fn`` returns ``outputs`` vectors.
+
+    Each column holds one 0-d tensor per parameter tensor. The columns are stacked (a few ops per group, not per
+    tensor), converted to ``dtype`` (default: the scalar dtype, float64 where the device has it) and passed to
+    ``fn``; each output vector is unbound into 0-d tensors. Values on different devices are handled device by
+    device. With ``like`` (one tensor per position) each value is cast to its tensor's dtype, so that it never
+    promotes a 0-d tensor it multiplies (``fp32_0d * fp64_0d`` is float64).
+    """
+    n = len(columns[0])
+    if n == 0:
+        return [[] for _ in range(outputs)]
+    devices = {c.device for c in columns[0]}
+    if len(devices) == 1:
+        dev = columns[0][0].device
+        work = dtype or scalar_dtype(dev)
+        stacked = [torch.stack([v.to(dev) for v in col]).to(work) for col in columns]
+        results = fn(*stacked)
+        like_dtypes = {t.dtype for t in like} if like is not None else set()
+        if len(like_dtypes) == 1:  # one cast per output vector instead of one per value
+            target = like_dtypes.pop()
+            results = tuple(out.to(target) for out in results)
+        if like is None:
+            return [list(torch.unbind(out)) for out in results]
+        return [cast_values(list(torch.unbind(out)), like) for out in results]
+    result: list[list[Tensor]] | None = None
+    for dev in devices:
+        idx = [i for i, v in enumerate(columns[0]) if v.device == dev]
+        sub_like = [like[i] for i in idx] if like is not None else None
+        part = map_scalars_n(
+            fn, *[[col[i] for i in idx] for col in columns], outputs=outputs, dtype=dtype, like=sub_like
+        )
+        if result is None:
+            result = [[torch.empty(())] * n for _ in part]
+        for out, vals in zip(result, part):
+            for i, v in zip(idx, vals):
+                out[i] = v
+    assert result is not None
+    return result
+
+
+def map_scalars(
+    fn: Callable[..., Tensor], *columns: Sequence[Tensor], like: Sequence[Tensor] | None = None
+) -> list[Tensor]:
+    """:func:`map_scalars_n` for a function with one output vector."""
+    return map_scalars_n(lambda *vs: (fn(*vs),), *columns, outputs=1, like=like)[0]
+
+
+def cast_values(values: list[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """Each 0-d value in its partner's dtype (no op where it already is)."""
+    return [v if v.dtype == t.dtype else v.to(t.dtype) for v, t in zip(values, like)]
+
+
+def scalar_for(value: float | Tensor, like: Sequence[Tensor]) -> float | list[Tensor]:
+    """A hyperparameter ready to multiply ``like``: a number as it is, a 0-d tensor cast once per dtype in ``like``
+    (so that it never promotes a 0-d tensor), as a per-tensor list."""
+    if not isinstance(value, Tensor):
+        return value
+    casts: dict[torch.dtype, Tensor] = {}
+    out = []
+    for t in like:
+        if t.dtype not in casts:
+            casts[t.dtype] = value if value.dtype == t.dtype else value.to(t.dtype)
+        out.append(casts[t.dtype])
+    return out
+
+
+def add_scaled(
+    ops: ListOps, xs: list[Tensor], ys: Sequence[Tensor], coef: float | Tensor, inplace: bool = False
+) -> list[Tensor]:
+    """``x + coef * y`` where ``coef`` is a Python number or a 0-d tensor (kept from promoting the result)."""
+    if isinstance(coef, Tensor):
+        return ops.add(xs, ops.mul(list(ys), scalar_for(coef, xs)), inplace=inplace)
+    return ops.add(xs, ys, alpha=coef, inplace=inplace)
+
+
+def require_params(params: list[Tensor] | None, what: str) -> list[Tensor]:
+    """``params``, or a clear error when ``update`` was called without them."""
+    if params is None:
+        raise ValueError(f"{what} needs the parameters: call update(grads, state, params)")
+    return params
+
+
+def trust_ratio(param_norm: Tensor, update_norm: Tensor, trust_coefficient: float, eps: float) -> Tensor:
+    """``trust_coefficient * ||p|| / (||u|| + eps)`` elementwise, 1 where either norm is 0 (stacked vectors)."""
+    ok = (param_norm > 0) & (update_norm > 0)
+    denom = torch.where(ok, update_norm + eps, torch.ones_like(update_norm))
+    return torch.where(ok, trust_coefficient * param_norm / denom, torch.ones_like(param_norm))
+
+
+# --- scale_by_trust_ratio -----------------------------------------------------------------------------------------
+
+
+def trust_ratio_scale(
+    params: list[Tensor],
+    updates: list[Tensor],
+    *,
+    trust_coefficient: float,
+    eps: float,
+    impl: str = "auto",
+) -> list[Tensor]:
+    """Scale each update by its layer-wise trust ratio (see module docstring); returns new tensors."""
+    path = choose_impl(impl, updates)
+    ops = ops_for(path)
+    u = as_real(updates)
+    p = cast_like(as_real(params), u)
+    ratios = map_scalars(
+        lambda pn, un: trust_ratio(pn, un, trust_coefficient, eps), norms(ops, p), norms(ops, u), like=u
+    )
+    return as_complex_like(ops.mul(u, ratios), updates)
+
+
+# --- LARS ---------------------------------------------------------------------------------------------------------
+
+
+class LarsResult(NamedTuple):
+    """Updates and new state lists (named like torch.optim's state keys); ``None`` for what is not kept."""
+
+    updates: list[Tensor]
+    momentum_buffer: list[Tensor] | None
+
+
+def lars(
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    maximize: bool,
+    adapt: Sequence[bool] | None = None,
+    impl: str = "auto",
+    donate: bool = False,
+) -> LarsResult:
+    """One LARS step over tensor lists (see module docstring).
+
+    Args:
+      params: the parameters (always needed: the trust ratio uses their norms).
+      grads: the gradients, one per parameter (none of them ``None``).
+      momentum_buffers: one buffer per parameter when ``momentum != 0``, else ``None``.
+      adapt: per tensor, whether the layer-wise rate and weight decay apply (``None``: everywhere).
+      impl: ``"auto" | "loop" | "foreach"``.
+      donate: the caller owns the state buffers: they are updated in place.
+    """
+    path = choose_impl(impl, [*grads, *(momentum_buffers or [])])
+    ops = ops_for(path)
+    like = grads
+    g = as_real(grads)
+    p = as_real(require_params(params, "lars"))
+    bufs = as_real(momentum_buffers) if momentum_buffers is not None else None
+    if bufs is not None:  # state may be kept in another dtype (state_dtype=)
+        g, p = cast_like(g, bufs), cast_like(p, bufs)
+    if maximize:
+        g = ops.neg(g)
+    n = len(g)
+    keep = [True] * n if adapt is None else [bool(a) for a in adapt]
+    on = [i for i in range(n) if keep[i]]
+    off = [i for i in range(n) if not keep[i]]
+    steps: list[Tensor] = [g[0]] * n if n else []
+    if on:
+        g_on, p_on = [g[i] for i in on], [p[i] for i in on]
+
+        def rate(w_norm: Tensor, g_norm: Tensor) -> Tensor:
+            ok = (w_norm > 0) & (g_norm > 0)
+            denom = torch.where(ok, g_norm + weight_decay * w_norm + eps, torch.ones_like(g_norm))
+            local = torch.where(ok, trust_coefficient * w_norm / denom, torch.ones_like(w_norm))
+            return local * lr
+
+        scales = map_scalars(rate, norms(ops, p_on), norms(ops, g_on), like=g_on)
+        d_on = ops.add(g_on, p_on, alpha=weight_decay) if weight_decay != 0 else g_on
+        for i, s in zip(on, ops.mul(d_on, scales, inplace=weight_decay != 0)):
+            steps[i] = s
+    if off:
+        g_off = [g[i] for i in off]
+        for i, s in zip(off, ops.mul(g_off, scalar_for(lr, g_off))):
+            steps[i] = s
+    new_bufs = None
+    if momentum != 0:
+        assert bufs is not None
+        new_bufs = ops.add(ops.mul(bufs, momentum, inplace=donate), steps, inplace=True)
+        if nesterov:
+            direction = ops.add(steps, new_bufs, alpha=momentum, inplace=True)
+        else:
+            direction = ops.clone(new_bufs)
+    else:
+        direction = steps
+    updates = ops.neg(direction, inplace=True)
+    return LarsResult(
+        as_complex_like(updates, like),
+        as_complex_like(new_bufs, like) if new_bufs is not None else None,
+    )

@@ -1,0 +1,89 @@
+"""NovoGrad: SGD with momentum on gradients normalised by a layer-wise (one scalar per tensor) second moment.
+
+Update rule (Ginsburg et al. 2019, Algorithm 1), per parameter tensor ("layer") ``p`` with gradient ``g`` and its
+own step count ``t``::
+
+    g <- -g                                                  if maximize
+    v <- ||g||**2                                            on the tensor's first step
+    v <- beta2 * v + (1 - beta2) * ||g||**2                  afterwards (v is a 0-d tensor per parameter)
+    d = g / (sqrt(v) + eps) + weight_decay * p
+    d <- (1 - beta1) * d                                     if grad_averaging
+    m <- beta1 * m + d                                       (m starts at 0, so the first m is d)
+    update = -lr * m
+
+``lr=None`` returns ``m`` (used by ``scale_by_novograd``). Norms are the 2-norm of the whole tensor (the complex
+2-norm for complex tensors, which are viewed as real pairs). The layer scalars are computed for all tensors at
+once on stacked vectors (no host sync).
+
+Ginsburg, Castonguay, Hrinchuk, Kuchaiev, Lavrukhin, Leary, Li, Nguyen, Zhang & Cohen, "Stochastic Gradient
+Methods with Layer-wise Adaptive Moments for Training of Deep Networks", 2019 (arXiv:1905.11286).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from pureopt.kernels.common import as_complex_like, as_real, cast_like
+from pureopt.kernels.lars import map_scalars_n, norms, require_params, scalar_for
+from pureopt.kernels.listops import ops_for
+from pureopt.kernels.select import choose_impl
+
+__all__ = ["NovoGradResult", "novograd"]
+
+
+class NovoGradResult(NamedTuple):
+    """Updates and new state lists; ``exp_avg_sq`` holds one 0-d tensor per parameter."""
+
+    updates: list[Tensor]
+    step: list[Tensor]
+    exp_avg: list[Tensor]
+    exp_avg_sq: list[Tensor]
+
+
+def novograd(
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_averaging: bool,
+    maximize: bool,
+    impl: str = "auto",
+    donate: bool = False,
+) -> NovoGradResult:
+    """One NovoGrad step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    path = choose_impl(impl, [*grads, *exp_avgs])
+    ops = ops_for(path)
+    m = as_real(exp_avgs)
+    g = cast_like(as_real(grads), m)  # state may be kept in another dtype (state_dtype=)
+    if maximize:
+        g = ops.neg(g)
+
+    def layer_moments(t: Tensor, v: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+        n2 = n * n
+        new_v = torch.where(t == 0, n2, beta2 * v + (1 - beta2) * n2)
+        return new_v, torch.sqrt(new_v) + eps
+
+    # in the layer moments' own dtype (the state dtype), like the per-element math
+    dtypes = {v.dtype for v in exp_avg_sqs}
+    work = dtypes.pop() if len(dtypes) == 1 else None
+    new_v, denom = map_scalars_n(layer_moments, steps, exp_avg_sqs, norms(ops, g), outputs=2, dtype=work, like=g)
+    d = ops.div(g, denom)
+    if weight_decay != 0:
+        p = cast_like(as_real(require_params(params, "weight_decay")), m)
+        d = ops.add(d, p, alpha=weight_decay, inplace=True)
+    if grad_averaging:
+        d = ops.mul(d, 1 - beta1, inplace=True)
+    new_m = ops.add(ops.mul(m, beta1, inplace=donate), d, inplace=True)
+    new_steps = ops.add_scalar(steps, 1, inplace=donate)
+    updates = ops.clone(new_m) if lr is None else ops.mul(new_m, scalar_for(-lr, new_m))
+    return NovoGradResult(as_complex_like(updates, grads), new_steps, as_complex_like(new_m, grads), new_v)

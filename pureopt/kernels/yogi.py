@@ -1,0 +1,96 @@
+"""Yogi: Adam with an additive, sign-controlled second-moment update that cannot blow the step size up.
+
+Update rule (Zaheer et al. 2018, Algorithm 2), per parameter ``p`` with gradient ``g``::
+
+    g <- -g                                            if maximize
+    g <- g + weight_decay * p                          if weight_decay != 0 (L2 penalty)
+    m <- beta1 * m + (1 - beta1) * g                   (m starts at 0)
+    v <- v - (1 - beta2) * sign(v - g**2) * g**2       (v starts at initial_accumulator_value)
+    update = -lr * m / (sqrt(v) + eps)                 without bias correction (the paper's algorithm)
+    update = -(lr / (1 - beta1**t)) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)   with it (t: own step count)
+
+The paper leaves Adam's debiasing out of its pseudo-code for clarity; ``bias_correction=True`` (the default)
+applies it as torch.optim.Adam does. ``v`` stays non-negative for a non-negative start. ``lr=None`` returns the
+positive direction (used by ``scale_by_yogi``). Complex tensors are viewed as real pairs.
+
+Zaheer, Reddi, Sachan, Kale & Kumar, "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from pureopt.kernels.common import as_complex_like, as_real, cast_like
+from pureopt.kernels.lars import map_scalars_n, require_params, scalar_for
+from pureopt.kernels.listops import ops_for
+from pureopt.kernels.select import choose_impl
+
+__all__ = ["YogiResult", "yogi"]
+
+
+class YogiResult(NamedTuple):
+    """Updates and new state lists; ``step`` is ``None`` without bias correction."""
+
+    updates: list[Tensor]
+    step: list[Tensor] | None
+    exp_avg: list[Tensor]
+    exp_avg_sq: list[Tensor]
+
+
+def yogi(
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor] | None,
+    *,
+    lr: float | Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    maximize: bool,
+    impl: str = "auto",
+    donate: bool = False,
+) -> YogiResult:
+    """One Yogi step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    path = choose_impl(impl, [*grads, *exp_avgs])
+    ops = ops_for(path)
+    m, v = as_real(exp_avgs), as_real(exp_avg_sqs)
+    g = cast_like(as_real(grads), m)  # state may be kept in another dtype (state_dtype=)
+    owned = False
+    if maximize:
+        g, owned = ops.neg(g), True
+    if weight_decay != 0:
+        p = cast_like(as_real(require_params(params, "weight_decay")), m)
+        g = ops.add(g, p, alpha=weight_decay, inplace=owned)
+    new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
+    g2 = ops.mul_list(g, g)
+    direction = ops.sign(ops.sub(v, g2), inplace=True)
+    new_v = ops.addcmul(v, direction, g2, value=-(1 - beta2), inplace=donate)
+    sign = -1.0 if lr is not None else 1.0
+    step_lr = 1.0 if lr is None else lr
+    denom = ops.sqrt(new_v)
+    new_steps = None
+    if bias_correction:
+        assert steps is not None
+        new_steps = ops.add_scalar(steps, 1, inplace=donate)
+        step_size, bc2_sqrt = map_scalars_n(
+            lambda t: (sign * step_lr / (1 - torch.pow(beta1, t)), torch.sqrt(1 - torch.pow(beta2, t))),
+            new_steps,
+            outputs=2,
+            like=new_m,
+        )
+        denom = ops.add_scalar(ops.div(denom, bc2_sqrt, inplace=True), eps, inplace=True)
+        updates = ops.div_list(ops.mul(new_m, step_size), denom, inplace=True)
+    else:
+        denom = ops.add_scalar(denom, eps, inplace=True)
+        scale = scalar_for(sign * step_lr, new_m)
+        updates = ops.div_list(ops.mul(new_m, scale), denom, inplace=True)
+    return YogiResult(
+        as_complex_like(updates, grads), new_steps, as_complex_like(new_m, grads), as_complex_like(new_v, grads)
+    )

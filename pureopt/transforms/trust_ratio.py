@@ -1,0 +1,206 @@
+"""The layer-wise trust ratio (``scale_by_trust_ratio``) and the LAMB algorithm transform built on it.
+
+Also holds small helpers shared by the transforms of the optimizers torch.optim lacks (leaf masks, state
+initialisers that respect complex parameters, passing per-update values to a kernel step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from pureopt import tree as _tree
+from pureopt.base import (
+    EmptyState,
+    GradientTransformation,
+    LeafList,
+    ScalarOrSchedule,
+    UpdateContext,
+    leaf_transformation,
+)
+from pureopt.hyperparams import check_nonneg, resolve
+from pureopt.kernels.lamb import lamb as lamb_kernel
+from pureopt.kernels.lars import trust_ratio_scale
+from pureopt.kernels.select import check_impl
+from pureopt.transforms._util import LeafInitFn, gather, kernel_transform, present, scatter, step_init
+
+__all__ = [
+    "LambState",
+    "MaskOrFn",
+    "lamb_transform",
+    "leaf_mask",
+    "scale_by_trust_ratio",
+    "state_copy",
+    "state_full",
+    "state_zeros",
+    "with_extra",
+]
+
+MaskOrFn = Any | Callable[[Any], Any] | None
+"""A tree of booleans shaped like the parameters, a function ``params -> that tree``, or ``None`` (all True)."""
+
+
+# --- helpers shared with the other transforms of this family ------------------------------------------------------
+
+
+def _state_dtype_for(p: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+    if state_dtype is None:
+        return p.dtype
+    if p.is_complex() and not state_dtype.is_complex:
+        return state_dtype.to_complex()  # the same precision for both parts of a complex parameter
+    return state_dtype
+
+
+def state_zeros(state_dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
+    """A state initialiser: zeros like the parameter, in ``state_dtype`` (its complex kind for complex params)."""
+    return lambda p: torch.zeros_like(p, dtype=_state_dtype_for(p, state_dtype))
+
+
+def state_full(value: float, state_dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
+    """A state initialiser: ``value`` everywhere (real part for complex parameters), in ``state_dtype``."""
+    return lambda p: torch.full_like(p, value, dtype=_state_dtype_for(p, state_dtype))
+
+
+def state_copy(state_dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
+    """A state initialiser: a copy of the parameter (never an alias), in ``state_dtype``."""
+    return lambda p: p.to(dtype=_state_dtype_for(p, state_dtype), copy=True)
+
+
+def leaf_mask(mask: MaskOrFn, ctx: UpdateContext, params: LeafList | None) -> list[bool]:
+    """``mask`` resolved to one Python bool per leaf (a function of the params is called on the params tree)."""
+    n = ctx.spec.num_leaves
+    if mask is None:
+        return [True] * n
+    if callable(mask):
+        if params is None:
+            raise ValueError("a mask function needs the parameters: call update(grads, state, params)")
+        mask = mask(ctx.spec.unflatten(params))
+    return [bool(k) for k in _tree.flatten_like(ctx.spec, mask, "mask", "the parameters")]
+
+
+def with_extra(ctx: UpdateContext, key: str, value: Any) -> UpdateContext:
+    """``ctx`` with one more entry in ``extra_args`` (how a transform hands per-update values to its kernel step)."""
+    return dataclasses.replace(ctx, extra_args={**ctx.extra_args, key: value})
+
+
+# --- scale_by_trust_ratio -----------------------------------------------------------------------------------------
+
+
+def scale_by_trust_ratio(
+    trust_coefficient: float = 1.0,
+    eps: float = 0.0,
+    *,
+    mask: MaskOrFn = None,
+    impl: str = "auto",
+) -> GradientTransformation:
+    """Scale each update tensor by its layer-wise trust ratio (the LARS / LAMB idea, as a building block).
+
+    Update rule, per parameter tensor ``p`` with incoming update ``u``::
+
+        ratio = trust_coefficient * ||p|| / (||u|| + eps)      (1 where ||p|| == 0 or ||u|| == 0)
+        u <- ratio * u
+
+    The guard keeps zero-initialised tensors (``||p|| == 0``) and zero updates from freezing or dividing by zero;
+    it is computed with ``torch.where`` for all tensors at once (no host sync). Norms are 2-norms over the whole
+    tensor (the complex 2-norm for complex tensors). Stateless.
+
+    Args:
+      trust_coefficient: the ``eta`` multiplying the ratio (>= 0).
+      eps: added to the update norm (>= 0).
+      mask: a tree of booleans shaped like the parameters, or a function ``params -> that tree``; leaves with
+        ``False`` pass through unscaled. ``None`` scales every leaf.
+      impl: kernel path, ``"auto" | "loop" | "foreach"``.
+
+    Example::
+
+        lamb_like = pureopt.chain(pureopt.scale_by_adam(eps=1e-6), pureopt.add_decayed_weights(0.01),
+                                  pureopt.scale_by_trust_ratio(), pureopt.scale_by_learning_rate(1e-3))
+
+    You, Gitman & Ginsburg, "Large Batch Training of Convolutional Networks", 2017; You et al., "Large Batch
+    Optimization for Deep Learning: Training BERT in 76 minutes", ICLR 2020.
+    """
+    check_nonneg(trust_coefficient, "trust_coefficient")
+    check_nonneg(eps, "epsilon")
+    check_impl(impl)
+
+    def update_leaves(
+        updates: LeafList, state: EmptyState, params: LeafList | None, ctx: UpdateContext
+    ) -> tuple[LeafList, EmptyState]:
+        if params is None:
+            raise ValueError("scale_by_trust_ratio needs the parameters: call update(updates, state, params)")
+        keep = leaf_mask(mask, ctx, params)
+        idx = [i for i in present(updates) if keep[i]]
+        scaled = trust_ratio_scale(
+            gather(params, idx), gather(updates, idx), trust_coefficient=trust_coefficient, eps=eps, impl=impl
+        )
+        return scatter(updates, idx, scaled), state
+
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+
+
+# --- LAMB ---------------------------------------------------------------------------------------------------------
+
+
+class LambState(NamedTuple):
+    """State of :func:`pureopt.optimizers.lamb.lamb`.
+
+    Attributes:
+      num_updates: number of updates so far (0-d int64 tensor), the argument of a learning-rate schedule.
+      step: per-parameter step counts (0-d float tensors; a parameter without gradient does not advance).
+      exp_avg: first moments.
+      exp_avg_sq: second moments.
+    """
+
+    num_updates: Tensor
+    step: Any
+    exp_avg: Any
+    exp_avg_sq: Any
+
+
+def lamb_transform(
+    lr: ScalarOrSchedule | None,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    impl: str,
+    state_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    """The LAMB step (see :mod:`pureopt.kernels.lamb`) as a transformation."""
+    check_impl(impl)
+    beta1, beta2 = float(betas[0]), float(betas[1])
+
+    def step(
+        params: list[Tensor] | None,
+        grads: list[Tensor],
+        s: dict[str, list[Tensor]],
+        num_updates: Tensor,
+        ctx: UpdateContext,
+    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+        res = lamb_kernel(
+            params,
+            grads,
+            s["exp_avg"],
+            s["exp_avg_sq"],
+            s["step"],
+            lr=None if lr is None else resolve(lr, num_updates),
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            impl=impl,
+            donate=ctx.donate,
+        )
+        return res.updates, {"step": res.step, "exp_avg": res.exp_avg, "exp_avg_sq": res.exp_avg_sq}
+
+    fields: dict[str, LeafInitFn | None] = {
+        "step": step_init,
+        "exp_avg": state_zeros(state_dtype),
+        "exp_avg_sq": state_zeros(state_dtype),
+    }
+    return kernel_transform(LambState, fields, step)
