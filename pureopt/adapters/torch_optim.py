@@ -369,8 +369,19 @@ class TorchOptimizer(torch.optim.Optimizer):
             return None
         return self._rebuild(g, kwargs, options)
 
-    @torch._dynamo.disable  # rare; the state checks below call optree functions dynamo cannot trace
     def _rebuild(
+        self, g: _Group, kwargs: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[GradientTransformation, Any, Any, Any]:
+        """:meth:`_rebuild_eager`, kept out of torch.compile graphs (it is rare, and its state checks call optree
+        functions dynamo cannot trace). torch._dynamo is only imported when compiling: importing it costs seconds."""
+        if torch.compiler.is_compiling():
+            import importlib
+
+            dynamo = importlib.import_module("torch._dynamo")
+            return dynamo.disable(self._rebuild_eager)(g, kwargs, options)
+        return self._rebuild_eager(g, kwargs, options)
+
+    def _rebuild_eager(
         self, g: _Group, kwargs: dict[str, Any], options: dict[str, Any]
     ) -> tuple[GradientTransformation, Any, Any, Any]:
         """A group's transformation rebuilt from new options, and its state carried over (nothing is changed)."""
