@@ -91,17 +91,25 @@ def make_tensors(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]
     return [torch.randn(s, generator=gen) for s in shapes]
 
 
-def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 10) -> float:
-    """Measured copy bandwidth in bytes/s (a copy reads and writes ``nbytes`` each)."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t)
-    return 2 * nbytes / statistics.median(times)
+def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 10) -> float:
+    """Achievable memory bandwidth in bytes/s: the best of a copy (2 streams), an add (3) and an in-place scale
+    (2) over ``nbytes``-sized float32 tensors, each the median of ``repeats`` runs with torch's default threads."""
+    a, b, c = torch.ones(nbytes // 4), torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+    kernels = {
+        "copy": (lambda: c.copy_(a), 2),
+        "add": (lambda: torch.add(a, b, out=c), 3),
+        "scale": (lambda: b.mul_(1.0), 2),
+    }
+    best = 0.0
+    for fn, streams in kernels.values():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        best = max(best, streams * nbytes / statistics.median(times))
+    return best
 
 
 def build_runners(algo: Algo, shapes: list[tuple[int, ...]]) -> dict[str, Callable[[], None]]:
@@ -201,9 +209,9 @@ def main() -> None:
     if args.quick:
         args.scale, args.rounds, args.warmup = 0.01, 3, 1
     algos = list(ALGOS) if args.algos == "all" else args.algos.split(",")
-    bandwidth = copy_bandwidth()
+    bandwidth = memory_bandwidth()
     info = machine()
-    print(f"# {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}, copy {bandwidth / 1e9:.1f} GB/s")
+    print(f"# {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}, memory {bandwidth / 1e9:.1f} GB/s")
     header = f"{'set':<11} {'algo':<13} {'impl':<16} {'ms':>9} {'x torch best':>13} {'of bw bound':>12}"
     print(header)
     print("-" * len(header))

@@ -85,17 +85,30 @@ def test_inplace_step_works_on_nn_parameters_and_mixed_dtypes():
 
 
 def test_auto_picks_fused_then_foreach_then_loop():
+    from pureopt.kernels.fused import fused_plan
+
     plain = [torch.zeros(3), torch.zeros(2)]
+    assert fused_plan(plain, plain) == [[0, 1]]
     assert choose_impl("auto", plain, fused_available=True) == "fused"
     assert choose_impl("auto", plain, fused_available=False) == "foreach"
-    assert choose_impl("auto", [torch.zeros(3, dtype=torch.complex64)], fused_available=True) == "foreach"
+    assert fused_plan(plain, [torch.zeros(3, dtype=torch.complex64)]) is None  # complex state: no fused kernel
     needs_grad = [torch.zeros(3, requires_grad=True)]
-    assert choose_impl("auto", needs_grad, fused_available=True) == "loop"
+    assert fused_plan(needs_grad, needs_grad) is None
+    assert choose_impl("auto", needs_grad) == "loop"
     with torch.no_grad():
-        assert choose_impl("auto", needs_grad, fused_available=False) == "foreach"
+        assert fused_plan(needs_grad, needs_grad) == [[0]]
+        assert choose_impl("auto", needs_grad) == "foreach"
+    assert fused_plan([torch.zeros(3).to_sparse()], plain[:1]) is None
+    mixed = [torch.zeros(3), torch.zeros(2, dtype=torch.float64), torch.zeros(1)]
+    assert sorted(fused_plan(mixed, mixed)) == [[0, 2], [1]]  # one kernel call per (device, dtype)
     seen = []
-    torch.func.vmap(lambda x: seen.append(choose_impl("auto", [x], fused_available=True)) or x)(torch.zeros(2, 3))
-    assert seen == ["loop"]
+
+    def probe(x):
+        seen.append((fused_plan([x], [x]), choose_impl("auto", [x])))
+        return x
+
+    torch.func.vmap(probe)(torch.zeros(2, 3))
+    assert seen == [(None, "loop")]
 
 
 def test_explicit_fused_on_complex_is_a_clear_error():

@@ -37,15 +37,16 @@ def _foreach_legal(tensors: Sequence[Tensor]) -> bool:
 def choose_impl(impl: str, tensors: Sequence[Tensor], *, fused_available: bool = False) -> str:
     """Resolve ``impl`` to ``"fused"``, ``"foreach"`` or ``"loop"`` for ``tensors``.
 
-    ``"auto"`` takes the fused path where legal (and ``fused_available``), else foreach where legal, else the
-    per-tensor loop. An explicit request that is not legal for these tensors raises a clear error.
+    ``"auto"`` takes the fused path when ``fused_available`` (the caller made a fused plan, see
+    :func:`pureopt.kernels.fused.fused_plan`, which checks legality), else foreach where legal, else the per-tensor
+    loop. An explicit request that is not legal for these tensors raises a clear error.
     """
     if impl == "loop" or not tensors:
         return "loop"
+    if fused_available and impl in ("auto", "fused"):
+        return "fused"  # the caller has a fused plan, which it only makes for tensors the fused kernel can take
     legal = _foreach_legal(tensors)
     if impl == "auto":
-        if legal and fused_available and all(t.is_floating_point() for t in tensors):
-            return "fused"
         return "foreach" if legal else "loop"
     if not legal:
         reason = (

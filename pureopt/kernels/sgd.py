@@ -83,13 +83,6 @@ def sgd(
         else:
             return _sgd_split_sparse(grads, lr=lr, maximize=maximize, impl=impl)
     apply = apply and donate and params is not None
-    if apply and any(g.is_sparse for g in grads):
-        res = sgd(params, grads, momentum_buffers, steps, lr=lr, momentum=momentum, dampening=dampening,
-                  weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, impl=impl,
-                  donate=donate)  # fmt: skip
-        assert res.updates is not None
-        add_inplace(params, res.updates)  # type: ignore[arg-type]
-        return res._replace(updates=None)
     plan = None
     if impl in ("auto", "fused") and (momentum == 0 or dampening == 0):
         ref = momentum_buffers if momentum_buffers is not None and momentum != 0 else grads
