@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from pureopt.base import ScalarOrSchedule
+from pureopt.kernels.select import mark_differentiating
 
 __all__ = ["resolve", "is_schedule", "check_lr", "check_nonneg", "check_beta", "check_betas"]
 
@@ -18,13 +20,19 @@ def is_schedule(value: Any) -> bool:
 
 def resolve(value: ScalarOrSchedule, count: Tensor) -> float | Tensor:
     """The value of a hyperparameter at step ``count``: a schedule is called, numbers and tensors pass through."""
-    if is_schedule(value):
-        return value(count)  # type: ignore[operator]
-    return value  # type: ignore[return-value]
+    out = value(count) if is_schedule(value) else value  # type: ignore[operator]
+    mark_differentiating(out)  # a tensor hyperparameter that requires grad: kernels keep to autograd-safe ops
+    return out  # type: ignore[return-value]
 
 
 def _value(x: float | Tensor) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
+    """The number to validate; NaN (every check passes) for a tensor whose value can't be read without breaking
+    a transform: one batched by ``torch.func.vmap`` or a symbolic one inside ``torch.compile``."""
+    if not isinstance(x, Tensor):
+        return float(x)
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return float("nan")
+    return float(x.item())
 
 
 def check_lr(lr: ScalarOrSchedule) -> None:
@@ -33,7 +41,8 @@ def check_lr(lr: ScalarOrSchedule) -> None:
         return
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= _value(lr):  # type: ignore[arg-type]
+    value = _value(lr)  # type: ignore[arg-type]
+    if value == value and not 0.0 <= value:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
@@ -41,13 +50,15 @@ def check_nonneg(value: ScalarOrSchedule, what: str) -> None:
     """``Invalid {what} value: {value}`` unless ``value >= 0`` (torch.optim's wording)."""
     if is_schedule(value):
         return
-    if not 0.0 <= _value(value):  # type: ignore[arg-type]
+    number = _value(value)  # type: ignore[arg-type]
+    if number == number and not 0.0 <= number:
         raise ValueError(f"Invalid {what} value: {value}")
 
 
 def check_beta(beta: float | Tensor, index: int) -> None:
     """``Invalid beta parameter at index i`` unless ``0 <= beta < 1``."""
-    if not 0.0 <= _value(beta) < 1.0:
+    number = _value(beta)
+    if number == number and not 0.0 <= number < 1.0:
         raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
 
 

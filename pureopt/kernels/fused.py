@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pureopt.kernels import select as _select
 from pureopt.kernels.select import functorch_active
 
 __all__ = ["FUSED_DEVICES", "fused_plan", "group_indices", "fused_lr", "zeros_like_all", "clone_all", "run_grouped"]
@@ -40,8 +41,10 @@ def fused_plan(inputs: Sequence[Tensor], state: Sequence[Tensor]) -> Plan | None
     fused kernels. The plan groups the indices by the state's (device, dtype), using torch's C++ grouping, so
     the per-step cost is a few checks per tensor rather than a Python loop over properties.
     """
-    if not state or functorch_active():
+    if not state or functorch_active() or _select._DIFFERENTIATING[0]:
         return None
+    if torch.compiler.is_compiling():
+        return None  # the fused ops have no fake-tensor/functionalization support: foreach traces (and fuses)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return None
     if not all(type(t) in _PLAIN and t.layout == torch.strided for t in inputs):

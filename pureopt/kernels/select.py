@@ -8,7 +8,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Impl", "IMPLS", "check_impl", "functorch_active", "choose_impl"]
+__all__ = [
+    "Impl",
+    "IMPLS",
+    "check_impl",
+    "functorch_active",
+    "choose_impl",
+    "differentiating",
+    "autograd_recording",
+    "mark_differentiating",
+]
 
 Impl = Literal["auto", "loop", "foreach", "fused"]
 IMPLS: tuple[str, ...] = ("auto", "loop", "foreach", "fused")
@@ -26,8 +35,42 @@ def functorch_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
 
+_DIFFERENTIATING = [False]
+"""Set (by :func:`differentiating`) while a transform steps tensors that autograd records: a parameter, a state
+tensor or a hyperparameter (e.g. a tensor ``lr``) requires grad. The kernels then keep to the per-tensor path,
+whose ops all have autograd formulas and never overwrite a tensor saved for backward."""
+_DEPTH = [0]
+
+
+class differentiating:
+    """Context manager: while active with ``flag``, kernel selection takes the per-tensor path."""
+
+    def __init__(self, flag: bool) -> None:
+        self.flag = flag
+
+    def __enter__(self) -> None:
+        self.previous = _DIFFERENTIATING[0]
+        _DIFFERENTIATING[0] = self.previous or self.flag
+        _DEPTH[0] += 1
+
+    def __exit__(self, *exc: object) -> None:
+        _DIFFERENTIATING[0] = self.previous
+        _DEPTH[0] -= 1
+
+
+def autograd_recording(tensors: Sequence[object]) -> bool:
+    """Whether autograd is recording and any of ``tensors`` (non-tensors ignored) requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def mark_differentiating(value: object) -> None:
+    """Note that a hyperparameter value takes part in autograd (called by ``hyperparams.resolve``)."""
+    if _DEPTH[0] and isinstance(value, Tensor) and value.requires_grad and torch.is_grad_enabled():
+        _DIFFERENTIATING[0] = True  # undone when the enclosing ``differentiating`` block exits
+
+
 def _foreach_legal(tensors: Sequence[Tensor]) -> bool:
-    if functorch_active():
+    if functorch_active() or _DIFFERENTIATING[0]:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # differentiating through the update: keep to ops with plain autograd formulas
@@ -52,6 +95,8 @@ def choose_impl(impl: str, tensors: Sequence[Tensor], *, fused_available: bool =
         reason = (
             "a torch.func transform is active"
             if functorch_active()
+            else "the update is being differentiated"
+            if _DIFFERENTIATING[0]
             else "the update is being differentiated or the tensors are not plain strided tensors"
         )
         raise RuntimeError(f"impl={impl!r} cannot run here because {reason}; use impl='auto' or impl='loop'")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from pureopt.base import GradientTransformation, LeafList, UpdateContext, leaf_transformation
+from pureopt.kernels.select import autograd_recording, differentiating
 from pureopt.tree import PyTreeSpec
 
 __all__ = [
@@ -130,9 +131,13 @@ def kernel_transform(
         full_lists = {name: ctx.state_leaves(getattr(state, name)) for name in kept}
         idx = present(updates)
         sub = {name: gather(values, idx) for name, values in full_lists.items()}
-        new_updates, new_sub = step(
-            gather(params, idx) if params is not None else None, gather(updates, idx), sub, state.num_updates, ctx
+        sub_params = gather(params, idx) if params is not None else None
+        sub_grads = gather(updates, idx)
+        diff = torch.is_grad_enabled() and autograd_recording(
+            [*(sub_params or []), *sub_grads, *(t for values in sub.values() for t in values)]
         )
+        with differentiating(diff):
+            new_updates, new_sub = step(sub_params, sub_grads, sub, state.num_updates, ctx)
         new_fields = {
             name: ctx.spec.unflatten(scatter(full_lists[name], idx, values)) for name, values in new_sub.items()
         }
