@@ -14,6 +14,7 @@ from typing import NamedTuple
 import optree
 import pytest
 import torch
+from _checks import assert_unchanged, snapshot
 from _parity import NONE_GRADS, grads_at, make_data, make_params, tolerances
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -37,20 +38,6 @@ from pureopt.transforms.block_rms import clip_by_block_rms
 from pureopt.transforms.centralize import centralize
 
 # --- helpers ---------------------------------------------------------------------------------------------------
-
-
-def snapshot(t):
-    return [None if x is None else x.clone() for x in tree.leaves(t)]
-
-
-def assert_unchanged(t, snap, what):
-    now = tree.leaves(t)
-    assert len(now) == len(snap), f"{what}: structure changed"
-    for a, b in zip(now, snap):
-        if b is None:
-            assert a is None, f"{what} was mutated"
-        else:
-            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{what} was mutated")
 
 
 def assert_trees_equal(a, b, **tol):

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from _checks import assert_unchanged, snapshot
 from _parity import make_params, run_parity
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -253,18 +254,6 @@ ALL_OPTIMIZERS = (
 )
 
 
-def _snapshot(tree):
-    return [None if t is None else t.clone() for t in pureopt.tree.leaves(tree)]
-
-
-def _assert_bitwise_unchanged(tree, snap, what):
-    for now, before in zip(pureopt.tree.leaves(tree), snap):
-        if before is None:
-            assert now is None
-        else:
-            assert torch.equal(now, before) or (now.isnan() == before.isnan()).all(), f"{what} was mutated"
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("tx", ALL_OPTIMIZERS)
 def test_update_never_mutates_inputs(tx, impl):
@@ -274,11 +263,11 @@ def test_update_never_mutates_inputs(tx, impl):
     for step in range(3):
         grads = {k: torch.randn_like(v) for k, v in params.items()}
         grads["b1"] = None if step == 1 else grads["b1"]
-        snaps = [_snapshot(params), _snapshot(grads), _snapshot(state)]
+        snaps = [snapshot(params), snapshot(grads), snapshot(state)]
         updates, new_state = tx.update(grads, state, params)
-        _assert_bitwise_unchanged(params, snaps[0], "params")
-        _assert_bitwise_unchanged(grads, snaps[1], "grads")
-        _assert_bitwise_unchanged(state, snaps[2], "state")
+        assert_unchanged(params, snaps[0], "params")
+        assert_unchanged(grads, snaps[1], "grads")
+        assert_unchanged(state, snaps[2], "state")
         params, state = pureopt.apply_updates(params, updates), new_state
 
 
@@ -290,11 +279,11 @@ def test_loop_path_never_mutates_inputs(name):
     state = tx.init(params)
     for _ in range(3):
         grads = {k: torch.randn_like(v) for k, v in params.items()}
-        snaps = [_snapshot(params), _snapshot(grads), _snapshot(state)]
+        snaps = [snapshot(params), snapshot(grads), snapshot(state)]
         updates, new_state = tx.update(grads, state, params)
-        _assert_bitwise_unchanged(params, snaps[0], "params")
-        _assert_bitwise_unchanged(grads, snaps[1], "grads")
-        _assert_bitwise_unchanged(state, snaps[2], "state")
+        assert_unchanged(params, snaps[0], "params")
+        assert_unchanged(grads, snaps[1], "grads")
+        assert_unchanged(state, snaps[2], "state")
         params, state = pureopt.apply_updates(params, updates), new_state
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from _checks import assert_unchanged, snapshot
 from _parity import NONE_GRADS, grads_at, loss_fn, make_data, make_params, tolerances
 
 import pureopt
@@ -778,18 +779,6 @@ ALL_IDS = [name for name, _ in ALL]
 ALL_FACTORIES = [f for _, f in ALL]
 
 
-def _snapshot(tree):
-    return [None if t is None else t.clone() for t in pureopt.tree.leaves(tree)]
-
-
-def _assert_bitwise_unchanged(tree, snap, what):
-    for now, before in zip(pureopt.tree.leaves(tree), snap):
-        if before is None:
-            assert now is None
-        else:
-            assert torch.equal(now, before), f"{what} was mutated"
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("factory", ALL_FACTORIES, ids=ALL_IDS)
 def test_update_never_mutates_inputs(factory, impl):
@@ -800,11 +789,11 @@ def test_update_never_mutates_inputs(factory, impl):
     for step in range(3):
         grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
         grads["b1"] = None if step == 1 else grads["b1"]
-        snaps = [_snapshot(params), _snapshot(grads), _snapshot(state)]
+        snaps = [snapshot(params), snapshot(grads), snapshot(state)]
         updates, new_state = tx.update(grads, state, params)
-        _assert_bitwise_unchanged(params, snaps[0], "params")
-        _assert_bitwise_unchanged(grads, snaps[1], "grads")
-        _assert_bitwise_unchanged(state, snaps[2], "state")
+        assert_unchanged(params, snaps[0], "params")
+        assert_unchanged(grads, snaps[1], "grads")
+        assert_unchanged(state, snaps[2], "state")
         assert updates["b1"] is not None or step == 1
         # no dtype leaks (a 0-d float32 tensor times a 0-d float64 scalar would be float64)
         for k, u in updates.items():
@@ -1048,10 +1037,10 @@ def test_update_without_params_is_a_clear_error(tx):
     params = make_params(torch.float32)
     grads = {k: torch.ones_like(v) for k, v in params.items()}
     state = tx.init(params)
-    snap = _snapshot(state)
+    snap = snapshot(state)
     with pytest.raises(ValueError, match="needs the parameters"):
         tx.update(grads, state)
-    _assert_bitwise_unchanged(state, snap, "state")
+    assert_unchanged(state, snap, "state")
 
 
 def test_mismatched_grads_tree_names_the_path():

@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from _checks import assert_unchanged, snapshot
 from _parity import make_params, run_parity, tolerances
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -503,28 +504,6 @@ def test_invalid_hyperparameters_use_torch_wording(name, kwargs):
         OURS[name](**kwargs)
 
 
-def _snapshot(tree):
-    return [None if t is None else t.clone() for t in pureopt.tree.leaves(tree)]
-
-
-def _same(a, b):
-    if a.is_sparse or b.is_sparse:
-        return (
-            a.is_sparse == b.is_sparse
-            and torch.equal(a._indices(), b._indices())
-            and torch.equal(a._values(), b._values())
-        )
-    return torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
-def _assert_bitwise_unchanged(tree, snap, what):
-    for now, before in zip(pureopt.tree.leaves(tree), snap, strict=True):
-        if before is None:
-            assert now is None
-        else:
-            assert _same(now, before), f"{what} was mutated"
-
-
 def _embedding_with_sparse_grad(rows: int = 5) -> torch.nn.Embedding:
     emb = torch.nn.Embedding(rows, 2, sparse=True)
     emb(torch.tensor([0, 3, 3])).sum().backward()
@@ -539,11 +518,11 @@ def test_sparse_gradients_rejected_with_torch_wording(name):
     tx = OURS[name]()
     params = {"emb": emb.weight.detach().clone(), "w": torch.ones(3)}
     state = tx.init(params)
-    snap = _snapshot(state)
+    snap = snapshot(state)
     grads = {"emb": emb.weight.grad, "w": torch.ones(3)}
     with pytest.raises(RuntimeError, match=f"^{re.escape(str(theirs.value))}$"):
         tx.update(grads, state, params)
-    _assert_bitwise_unchanged(state, snap, "state")
+    assert_unchanged(state, snap, "state")
 
 
 @pytest.mark.parametrize("name", ["adagrad", "sgd"])
@@ -568,11 +547,11 @@ def test_sparse_adam_rejects_dense_gradients_with_torch_wording():
     tx = sparse_adam()
     params = {"emb": torch.zeros(4, 2), "p": torch.zeros(3)}
     state = tx.init(params)
-    snap = _snapshot(state)
+    snap = snapshot(state)
     grads = {"emb": _embedding_with_sparse_grad(4).weight.grad, "p": torch.ones(3)}
     with pytest.raises(RuntimeError, match=f"^{re.escape(str(theirs.value))}$"):
         tx.update(grads, state, params)
-    _assert_bitwise_unchanged(state, snap, "state")
+    assert_unchanged(state, snap, "state")
 
 
 def test_sparse_adam_rejects_complex_parameters_and_foreach():
@@ -621,11 +600,11 @@ def test_update_never_mutates_inputs(name, flags, impl):
     for step in range(3):
         grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
         grads["b1"] = None if step == 1 else grads["b1"]
-        snaps = [_snapshot(params), _snapshot(grads), _snapshot(state)]
+        snaps = [snapshot(params), snapshot(grads), snapshot(state)]
         updates, new_state = tx.update(grads, state, params)
-        _assert_bitwise_unchanged(params, snaps[0], "params")
-        _assert_bitwise_unchanged(grads, snaps[1], "grads")
-        _assert_bitwise_unchanged(state, snaps[2], "state")
+        assert_unchanged(params, snaps[0], "params")
+        assert_unchanged(grads, snaps[1], "grads")
+        assert_unchanged(state, snaps[2], "state")
         params, state = pureopt.apply_updates(params, updates), new_state
 
 
@@ -644,11 +623,11 @@ def test_sparse_update_never_mutates_inputs(name, flags):
     state = tx.init(params)
     for step in range(4):
         grads = _sparse_grads(params, step)
-        snaps = [_snapshot(params), _snapshot(grads), _snapshot(state)]
+        snaps = [snapshot(params), snapshot(grads), snapshot(state)]
         updates, new_state = tx.update(grads, state, params)
-        _assert_bitwise_unchanged(params, snaps[0], "params")
-        _assert_bitwise_unchanged(grads, snaps[1], "grads")
-        _assert_bitwise_unchanged(state, snaps[2], "state")
+        assert_unchanged(params, snaps[0], "params")
+        assert_unchanged(grads, snaps[1], "grads")
+        assert_unchanged(state, snaps[2], "state")
         params, state = pureopt.apply_updates(params, updates), new_state
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from _checks import assert_unchanged, snapshot
 from _parity import grads_at, loss_fn, make_data, make_params, run_parity, tolerances
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -450,32 +451,17 @@ def test_other_bad_input_is_a_clear_error_before_anything_changes():
     for tx in (rmsprop(weight_decay=0.1), nadam(weight_decay=0.1), radam(weight_decay=0.1), adafactor()):
         state = tx.init(params)
         grads = {k: torch.ones_like(v) for k, v in params.items()}
-        snap = _snapshot(state)
+        snap = snapshot(state)
         with pytest.raises(ValueError, match="needs the parameters"):
             tx.update(grads, state)  # weight decay / relative step size need params
-        _assert_bitwise_unchanged(state, snap, "state")
+        assert_unchanged(state, snap, "state")
         bad = dict(grads, extra=torch.ones(1))
         with pytest.raises(ValueError, match="extra"):
             tx.update(bad, state, dict(params, extra=torch.ones(1)))
-        _assert_bitwise_unchanged(state, snap, "state")
+        assert_unchanged(state, snap, "state")
 
 
 # --- purity: update never mutates its inputs
-
-
-def _snapshot(tree):
-    return [None if t is None else t.clone() for t in ptree.leaves(tree)]
-
-
-def _assert_bitwise_unchanged(tree, snap, what):
-    now_leaves = ptree.leaves(tree)
-    assert len(now_leaves) == len(snap)
-    for now, before in zip(now_leaves, snap):
-        if before is None:
-            assert now is None
-        else:
-            same = torch.equal(now, before) or bool(((now == before) | (now.isnan() & before.isnan())).all())
-            assert same, f"{what} was mutated"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -488,11 +474,11 @@ def test_update_never_mutates_inputs(name, flags, impl):
     for step in range(3):
         grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
         grads["b1"] = None if step == 1 else grads["b1"]
-        snaps = [_snapshot(params), _snapshot(grads), _snapshot(state)]
+        snaps = [snapshot(params), snapshot(grads), snapshot(state)]
         updates, new_state = tx.update(grads, state, params)
-        _assert_bitwise_unchanged(params, snaps[0], "params")
-        _assert_bitwise_unchanged(grads, snaps[1], "grads")
-        _assert_bitwise_unchanged(state, snaps[2], "state")
+        assert_unchanged(params, snaps[0], "params")
+        assert_unchanged(grads, snaps[1], "grads")
+        assert_unchanged(state, snaps[2], "state")
         assert updates["b1"] is None or step != 1
         params, state = apply_updates(params, updates), new_state
 
