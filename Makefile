@@ -8,6 +8,7 @@ TORCH_PIN := torch==2.13.0
 XDIST ?= -n 2
 
 .PHONY: venv demo test lint unit bench docs clean
+DOCS_STAMP := $(VENV)/.docs-installed
 
 venv: $(STAMP)
 
@@ -29,11 +30,19 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest $(XDIST) -q
 
-test: lint unit
+test: lint unit docs
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+# The documentation site (docs/, mkdocs.yml; API reference from the docstrings); warnings are errors.
+docs: $(DOCS_STAMP)
+	$(PY) -m mkdocs build --strict -q
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/step.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist site *.egg-info

@@ -1,0 +1,33 @@
+"""The guide pages' Python snippets run (each page's blocks in order, in one namespace)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+PAGES = ["getting_started.md"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_snippets_run(page):
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
+    assert blocks, f"{page} has no python blocks"
+    torch.manual_seed(0)
+    namespace: dict = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"{page}[{i}]", "exec"), namespace)
+    if page == "getting_started.md":
+        # the pure loop lowered the loss of the least-squares problem below half of the way to its optimum
+        loss, params, x, y = (namespace[k] for k in ("loss", "params", "x", "y"))
+        design = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+        best = ((design @ torch.linalg.lstsq(design, y).solution - y) ** 2).mean()
+        torch.manual_seed(0)  # the first block's model was the first thing drawn after this seed
+        start = {k: v.detach() for k, v in torch.nn.Linear(10, 1).named_parameters()}
+        assert loss(params, x, y) - best < 0.5 * (loss(start, x, y) - best)
+        # the adapter stepped 20 times with StepLR(step_size=10, gamma=0.5)
+        assert namespace["scheduler"].get_last_lr() == [1e-3 * 0.25]
+        assert namespace["opt"].state_dict()["state"], "the adapter kept per-parameter state"
