@@ -36,9 +36,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import cast_like, scalar_dtype, scalars_for
+from pureopt.kernels.common import cast_like, map_scalars_n, scalar_dtype, scalars_for
 from pureopt.kernels.listops import ListOps, ops_for
-from pureopt.kernels.nadam import autograd_recording, stacked_scalars
+from pureopt.kernels.nadam import autograd_recording
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["AdafactorResult", "adafactor", "is_factored"]
@@ -157,7 +157,7 @@ def adafactor(
         ]
     else:
         param_rms = list(new_steps)  # unused
-    scalars = stacked_scalars(first, new_steps, param_rms)
+    scalars = map_scalars_n(first, new_steps, param_rms, outputs=1 if lr is None else 2, keep_dtype=True)
     weights = scalars[0]
 
     new_rows: list[Any] = list(row_vars)
@@ -201,11 +201,13 @@ def adafactor(
         for x, s in zip(u, new_steps)
     ]
     if lr is None:
-        (denoms,) = stacked_scalars(lambda r: (torch.clamp_min(r, 1.0),), u_rms)
+        (denoms,) = map_scalars_n(lambda r: (torch.clamp_min(r, 1.0),), u_rms, outputs=1, keep_dtype=True)
         updates = ops.div(u, scalars_for(denoms, u), inplace=tmp)
     else:
         alphas = scalars[1]
-        (coefs,) = stacked_scalars(lambda a, r: (-a / torch.clamp_min(r, 1.0),), alphas, u_rms)
+        (coefs,) = map_scalars_n(
+            lambda a, r: (-a / torch.clamp_min(r, 1.0),), alphas, u_rms, outputs=1, keep_dtype=True
+        )
         updates = ops.mul(u, scalars_for(coefs, u), inplace=tmp)
         if weight_decay != 0:
             decay = -lr * weight_decay

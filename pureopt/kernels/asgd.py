@@ -24,13 +24,12 @@ Polyak & Juditsky, "Acceleration of Stochastic Approximation by Averaging", SIAM
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like, over, scalar_dtype, scalars_for
+from pureopt.kernels.common import as_complex_like, as_real, cast_like, map_scalars_n, over, scalars_for
 from pureopt.kernels.listops import ops_for
 from pureopt.kernels.select import choose_impl
 
@@ -45,26 +44,6 @@ class ASGDResult(NamedTuple):
     eta: list[Tensor]
     mu: list[Tensor]
     ax: list[Tensor]
-
-
-def _stacked(
-    lists: Sequence[Sequence[Tensor]], fn: Callable[..., tuple[Tensor, ...]], n_out: int
-) -> list[list[Tensor]]:
-    """Evaluate ``fn`` on the stacked 0-d tensors of ``lists`` (float64), device by device; unbind the outputs.
-
-    ``fn`` receives one 1-d tensor per input list and returns ``n_out`` 1-d tensors (cast to their final dtype).
-    """
-    n = len(lists[0])
-    out: list[list[Tensor | None]] = [[None] * n for _ in range(n_out)]
-    devices = list(dict.fromkeys(t.device for t in lists[0]))
-    for dev in devices:
-        idx = [i for i, t in enumerate(lists[0]) if t.device == dev]
-        stacked = [torch.stack([lst[i] for i in idx]).to(device=dev, dtype=scalar_dtype(dev)) for lst in lists]
-        results = fn(*stacked)
-        for k, res in enumerate(results):
-            for i, v in zip(idx, torch.unbind(res)):
-                out[k][i] = v
-    return out  # type: ignore[return-value]
 
 
 def asgd(
@@ -129,7 +108,7 @@ def asgd(
         new_mu = over(1.0, torch.clamp(new_t - t0, min=1.0)).to(mu_dtype)
         return 1 - lambd * eta_used, -eta_used, 1 - mu, new_eta, new_mu
 
-    decay, neg_eta, one_minus_mu, new_etas, new_mus = _stacked([steps, etas, mus], scalars, 5)
+    decay, neg_eta, one_minus_mu, new_etas, new_mus = map_scalars_n(scalars, steps, etas, mus, outputs=5)
     decay, neg_eta, one_minus_mu = scalars_for(decay, rax), scalars_for(neg_eta, rax), scalars_for(one_minus_mu, rax)
     new_steps = ops.add_scalar(steps, 1, inplace=donate)
     # p_new = p * (1 - lambd * eta) - eta * g   (torch's op order)

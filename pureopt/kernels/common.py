@@ -10,6 +10,8 @@ from torch import Tensor
 __all__ = [
     "scalar_dtype",
     "per_tensor",
+    "map_scalars_n",
+    "cast_values",
     "over",
     "scalars_for",
     "as_real",
@@ -31,22 +33,9 @@ def per_tensor(steps: Sequence[Tensor], fn: Callable[[Tensor], Tensor]) -> list[
 
     The counts are stacked (one op), converted to float64 and mapped with ``fn``; the result is unbound
     into 0-d tensors. This avoids a host sync (no ``.item()``) and costs a few ops per group, not per tensor.
-    Counts on different devices are handled group by group.
+    Counts on different devices are handled group by group (see :func:`map_scalars_n`).
     """
-    if not steps:
-        return []
-    devices = {s.device for s in steps}
-    if len(devices) == 1:
-        dev = steps[0].device
-        stacked = torch.stack(list(steps)).to(scalar_dtype(dev))
-        return list(torch.unbind(fn(stacked)))
-    out: list[Tensor | None] = [None] * len(steps)
-    for dev in devices:
-        idx = [i for i, s in enumerate(steps) if s.device == dev]
-        vals = per_tensor([steps[i] for i in idx], fn)
-        for i, v in zip(idx, vals):
-            out[i] = v
-    return out  # type: ignore[return-value]
+    return map_scalars_n(lambda t: (fn(t),), steps, outputs=1)[0]
 
 
 def over(num: float | Tensor, den: Tensor) -> Tensor:
@@ -55,6 +44,67 @@ def over(num: float | Tensor, den: Tensor) -> Tensor:
     (torch evaluates ``number / tensor`` as ``number * reciprocal(tensor)``, which rounds twice.)
     """
     return (num if isinstance(num, Tensor) else torch.full_like(den, num)) / den
+
+
+def map_scalars_n(
+    fn: Callable[..., tuple[Tensor, ...]],
+    *columns: Sequence[Tensor],
+    outputs: int,
+    dtype: torch.dtype | None = None,
+    like: Sequence[Tensor] | None = None,
+    keep_dtype: bool = False,
+) -> list[list[Tensor]]:
+    """Evaluate ``fn`` on per-tensor 0-d values stacked into vectors; ``fn`` returns ``outputs`` vectors.
+
+    Each column holds one 0-d tensor per parameter tensor. The columns are stacked (a few ops per group, not per
+    tensor), converted to ``dtype`` (default: the scalar dtype, float64 where the device has it) and passed to
+    ``fn``; each output vector is unbound into 0-d tensors. Values on different devices are handled device by
+    device. With ``like`` (one tensor per position) each value is cast to its tensor's dtype, so that it never
+    promotes a 0-d tensor it multiplies (``fp32_0d * fp64_0d`` is float64). With ``keep_dtype`` the columns are
+    passed in their own dtype (for state kept as scalars, e.g. NAdam's ``mu_product``).
+    """
+    n = len(columns[0])
+    if n == 0:
+        return [[] for _ in range(outputs)]
+    devices = {c.device for c in columns[0]}
+    if len(devices) == 1:
+        dev = columns[0][0].device
+        stacked = [torch.stack([v.to(dev) for v in col]) for col in columns]
+        if not keep_dtype:
+            work = dtype or scalar_dtype(dev)
+            stacked = [s.to(work) for s in stacked]
+        results = fn(*stacked)
+        like_dtypes = {t.dtype for t in like} if like is not None else set()
+        if len(like_dtypes) == 1:  # one cast per output vector instead of one per value
+            target = like_dtypes.pop()
+            results = tuple(out.to(target) for out in results)
+        if like is None:
+            return [list(torch.unbind(out)) for out in results]
+        return [cast_values(list(torch.unbind(out)), like) for out in results]
+    result: list[list[Tensor]] | None = None
+    for dev in devices:
+        idx = [i for i, v in enumerate(columns[0]) if v.device == dev]
+        sub_like = [like[i] for i in idx] if like is not None else None
+        part = map_scalars_n(
+            fn,
+            *[[col[i] for i in idx] for col in columns],
+            outputs=outputs,
+            dtype=dtype,
+            like=sub_like,
+            keep_dtype=keep_dtype,
+        )
+        if result is None:
+            result = [[torch.empty(())] * n for _ in part]
+        for out, vals in zip(result, part):
+            for i, v in zip(idx, vals):
+                out[i] = v
+    assert result is not None
+    return result
+
+
+def cast_values(values: list[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """Each 0-d value in its partner's dtype (no op where it already is)."""
+    return [v if v.dtype == t.dtype else v.to(t.dtype) for v, t in zip(values, like)]
 
 
 def scalars_for(scalars: Sequence[Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like, scalar_dtype
+from pureopt.kernels.common import as_complex_like, as_real, cast_like, cast_values, map_scalars_n
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
 
@@ -62,63 +62,11 @@ def norms(ops: ListOps, xs: Sequence[Tensor]) -> list[Tensor]:
     return [torch.linalg.vector_norm(x) for x in xs]
 
 
-def map_scalars_n(
-    fn: Callable[..., tuple[Tensor, ...]],
-    *columns: Sequence[Tensor],
-    outputs: int,
-    dtype: torch.dtype | None = None,
-    like: Sequence[Tensor] | None = None,
-) -> list[list[Tensor]]:
-    """Evaluate ``fn`` on per-tensor 0-d values stacked into vectors; ``fn`` returns ``outputs`` vectors.
-
-    Each column holds one 0-d tensor per parameter tensor. The columns are stacked (a few ops per group, not per
-    tensor), converted to ``dtype`` (default: the scalar dtype, float64 where the device has it) and passed to
-    ``fn``; each output vector is unbound into 0-d tensors. Values on different devices are handled device by
-    device. With ``like`` (one tensor per position) each value is cast to its tensor's dtype, so that it never
-    promotes a 0-d tensor it multiplies (``fp32_0d * fp64_0d`` is float64).
-    """
-    n = len(columns[0])
-    if n == 0:
-        return [[] for _ in range(outputs)]
-    devices = {c.device for c in columns[0]}
-    if len(devices) == 1:
-        dev = columns[0][0].device
-        work = dtype or scalar_dtype(dev)
-        stacked = [torch.stack([v.to(dev) for v in col]).to(work) for col in columns]
-        results = fn(*stacked)
-        like_dtypes = {t.dtype for t in like} if like is not None else set()
-        if len(like_dtypes) == 1:  # one cast per output vector instead of one per value
-            target = like_dtypes.pop()
-            results = tuple(out.to(target) for out in results)
-        if like is None:
-            return [list(torch.unbind(out)) for out in results]
-        return [cast_values(list(torch.unbind(out)), like) for out in results]
-    result: list[list[Tensor]] | None = None
-    for dev in devices:
-        idx = [i for i, v in enumerate(columns[0]) if v.device == dev]
-        sub_like = [like[i] for i in idx] if like is not None else None
-        part = map_scalars_n(
-            fn, *[[col[i] for i in idx] for col in columns], outputs=outputs, dtype=dtype, like=sub_like
-        )
-        if result is None:
-            result = [[torch.empty(())] * n for _ in part]
-        for out, vals in zip(result, part):
-            for i, v in zip(idx, vals):
-                out[i] = v
-    assert result is not None
-    return result
-
-
 def map_scalars(
     fn: Callable[..., Tensor], *columns: Sequence[Tensor], like: Sequence[Tensor] | None = None
 ) -> list[Tensor]:
     """:func:`map_scalars_n` for a function with one output vector."""
     return map_scalars_n(lambda *vs: (fn(*vs),), *columns, outputs=1, like=like)[0]
-
-
-def cast_values(values: list[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
-    """Each 0-d value in its partner's dtype (no op where it already is)."""
-    return [v if v.dtype == t.dtype else v.to(t.dtype) for v, t in zip(values, like)]
 
 
 def scalar_for(value: float | Tensor, like: Sequence[Tensor]) -> float | list[Tensor]:

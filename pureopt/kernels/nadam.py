@@ -24,17 +24,18 @@ Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop 2016.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like, scalar_dtype, scalars_for
+from pureopt.kernels import select
+from pureopt.kernels.common import as_complex_like, as_real, cast_like, map_scalars_n, scalar_dtype, scalars_for
 from pureopt.kernels.listops import ops_for
 from pureopt.kernels.select import choose_impl
 
-__all__ = ["NAdamResult", "nadam", "stacked_scalars", "autograd_recording"]
+__all__ = ["NAdamResult", "nadam", "autograd_recording"]
 
 
 class NAdamResult(NamedTuple):
@@ -53,36 +54,7 @@ def autograd_recording(*lists: Sequence[Any] | None) -> bool:
     Kernels then avoid every in-place op, even on their own temporaries: an op like ``sqrt`` saves its output
     for the backward pass, and writing into it afterwards would break that.
     """
-    if not torch.is_grad_enabled():
-        return False
-    return any(t.requires_grad for ts in lists if ts is not None for t in ts if isinstance(t, Tensor))
-
-
-def stacked_scalars(fn: Callable[..., tuple[Tensor, ...]], *columns: Sequence[Tensor]) -> tuple[list[Tensor], ...]:
-    """Evaluate ``fn`` on per-tensor 0-d values stacked into vectors; returns one list of 0-d tensors per output.
-
-    ``columns`` are lists of 0-d tensors of equal length (one entry per parameter); ``fn`` receives one stacked
-    1-d tensor per column, in its own dtype, and returns a tuple of 1-d tensors of the same length. Values on
-    different devices are handled device by device. No host synchronisation happens.
-    """
-    n = len(columns[0])
-    if n == 0:
-        return ()
-    devices = {c.device for c in columns[0]}
-    if len(devices) == 1:
-        outs = fn(*(torch.stack(list(c)) for c in columns))
-        return tuple(list(torch.unbind(o)) for o in outs)
-    result: list[list[Tensor | None]] | None = None
-    for dev in devices:
-        idx = [i for i, c in enumerate(columns[0]) if c.device == dev]
-        part = stacked_scalars(fn, *([c[i] for i in idx] for c in columns))
-        if result is None:
-            result = [[None] * n for _ in part]
-        for out, vals in zip(result, part):
-            for i, v in zip(idx, vals):
-                out[i] = v
-    assert result is not None
-    return tuple(result)  # type: ignore[arg-type]
+    return select.autograd_recording([t for ts in lists if ts is not None for t in ts])
 
 
 def nadam(
@@ -139,7 +111,7 @@ def nadam(
         bias_correction2 = 1 - torch.pow(beta2, t)
         return new_prod, coef_g, coef_m, bias_correction2
 
-    new_prods, coef_g, coef_m, bc2 = stacked_scalars(scalars, new_steps, mu_products) or ([], [], [], [])
+    new_prods, coef_g, coef_m, bc2 = map_scalars_n(scalars, new_steps, mu_products, outputs=4, keep_dtype=True)
     coef_g, coef_m, bc2 = (scalars_for(x, g) for x in (coef_g, coef_m, bc2))
     m = ops.lerp(ms, g, 1 - beta1, inplace=donate)
     v = ops.addcmul(ops.mul(vs, beta2, inplace=donate), g, g, value=1 - beta2, inplace=tmp)

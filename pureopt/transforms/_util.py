@@ -22,6 +22,8 @@ __all__ = [
     "kernel_transform",
     "zeros",
     "full",
+    "copy_of",
+    "state_dtype_for",
     "step_init",
 ]
 
@@ -81,14 +83,32 @@ StepFn = Callable[
 With ``ctx.apply`` the step may add its updates to the parameters in place and return ``None`` updates."""
 
 
+_COMPLEX_OF = {torch.float16: torch.complex32, torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def state_dtype_for(p: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of a per-parameter state buffer: the parameter's, or ``state_dtype`` (its complex counterpart of
+    the same precision for a complex parameter)."""
+    if state_dtype is None:
+        return p.dtype
+    if p.is_complex() and not state_dtype.is_complex:
+        return _COMPLEX_OF.get(state_dtype, p.dtype)
+    return state_dtype
+
+
 def zeros(dtype: torch.dtype | None = None) -> LeafInitFn:
-    """A state initialiser: zeros like the parameter (in ``dtype`` if given)."""
-    return lambda p: torch.zeros_like(p, dtype=dtype)
+    """A state initialiser: zeros like the parameter, in ``dtype`` if given (see :func:`state_dtype_for`)."""
+    return lambda p: torch.zeros_like(p, dtype=state_dtype_for(p, dtype))
 
 
 def full(value: float, dtype: torch.dtype | None = None) -> LeafInitFn:
-    """A state initialiser: ``value`` everywhere, shaped like the parameter."""
-    return lambda p: torch.full_like(p, value, dtype=dtype)
+    """A state initialiser: ``value`` everywhere (real part for complex parameters), shaped like the parameter."""
+    return lambda p: torch.full_like(p, value, dtype=state_dtype_for(p, dtype))
+
+
+def copy_of(dtype: torch.dtype | None = None) -> LeafInitFn:
+    """A state initialiser: a copy of the parameter (never an alias), in ``dtype`` if given."""
+    return lambda p: p.to(dtype=state_dtype_for(p, dtype), copy=True)
 
 
 def step_init(p: Tensor) -> Tensor:

@@ -11,8 +11,7 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_betas, check_nonneg, resolve
 from pureopt.kernels.adabelief import adabelief as adabelief_kernel
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import kernel_transform, step_init
-from pureopt.transforms.trust_ratio import state_zeros
+from pureopt.transforms._util import kernel_transform, step_init, zeros
 
 __all__ = ["ScaleByBeliefState", "adabelief_transform", "scale_by_belief"]
 
@@ -79,9 +78,9 @@ def adabelief_transform(
 
     fields = {
         "step": step_init,
-        "exp_avg": state_zeros(state_dtype),
-        "exp_avg_var": state_zeros(state_dtype),
-        "max_exp_avg_var": state_zeros(state_dtype) if amsgrad else None,
+        "exp_avg": zeros(state_dtype),
+        "exp_avg_var": zeros(state_dtype),
+        "max_exp_avg_var": zeros(state_dtype) if amsgrad else None,
     }
     return kernel_transform(ScaleByBeliefState, fields, step)
 

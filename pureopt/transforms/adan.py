@@ -11,8 +11,7 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_beta, check_nonneg, resolve
 from pureopt.kernels.adan import adan as adan_kernel
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import LeafInitFn, kernel_transform, step_init
-from pureopt.transforms.trust_ratio import state_zeros
+from pureopt.transforms._util import LeafInitFn, kernel_transform, step_init, zeros
 
 __all__ = ["AdanState", "adan_transform", "check_betas3", "scale_by_adan"]
 
@@ -79,13 +78,13 @@ def adan_transform(
         )
         return res.updates, {k: v for k, v in res._asdict().items() if k != "updates"}
 
-    zeros = state_zeros(state_dtype)
+    zero_init = zeros(state_dtype)
     fields: dict[str, LeafInitFn | None] = {
         "step": step_init,
-        "exp_avg": zeros,
-        "exp_avg_diff": zeros,
-        "exp_avg_sq": zeros,
-        "pre_grad": zeros,
+        "exp_avg": zero_init,
+        "exp_avg_diff": zero_init,
+        "exp_avg_sq": zero_init,
+        "pre_grad": zero_init,
     }
     return kernel_transform(AdanState, fields, step)
 

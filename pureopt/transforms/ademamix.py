@@ -11,9 +11,8 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_nonneg, resolve
 from pureopt.kernels.ademamix import ademamix as ademamix_kernel
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import LeafInitFn, kernel_transform, step_init
+from pureopt.transforms._util import LeafInitFn, kernel_transform, step_init, zeros
 from pureopt.transforms.adan import check_betas3
-from pureopt.transforms.trust_ratio import state_zeros
 
 __all__ = ["AdEMAMixState", "ademamix_transform", "check_ademamix_args", "scale_by_ademamix"]
 
@@ -97,12 +96,12 @@ def ademamix_transform(
         )
         return res.updates, {k: v for k, v in res._asdict().items() if k != "updates"}
 
-    zeros = state_zeros(state_dtype)
+    zero_init = zeros(state_dtype)
     fields: dict[str, LeafInitFn | None] = {
         "step": step_init,
-        "exp_avg_fast": zeros,
-        "exp_avg_slow": zeros,
-        "exp_avg_sq": zeros,
+        "exp_avg_fast": zero_init,
+        "exp_avg_slow": zero_init,
+        "exp_avg_sq": zero_init,
     }
     return kernel_transform(AdEMAMixState, fields, step)
 

@@ -11,8 +11,8 @@ from pureopt.base import GradientTransformation, LeafList, LeafUpdate, ScalarOrS
 from pureopt.hyperparams import resolve
 from pureopt.kernels.lars import lars as lars_kernel
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import gather, kernel_transform, present
-from pureopt.transforms.trust_ratio import MaskOrFn, leaf_mask, state_zeros, with_extra
+from pureopt.transforms._util import gather, kernel_transform, present, zeros
+from pureopt.transforms.trust_ratio import MaskOrFn, leaf_mask, with_extra
 
 __all__ = ["LarsState", "lars_transform"]
 
@@ -75,7 +75,7 @@ def lars_transform(
         )
         return res.updates, {} if res.momentum_buffer is None else {"momentum_buffer": res.momentum_buffer}
 
-    fields = {"momentum_buffer": state_zeros(state_dtype) if momentum != 0 else None}
+    fields = {"momentum_buffer": zeros(state_dtype) if momentum != 0 else None}
     inner = kernel_transform(LarsState, fields, step)
     if mask is None:
         return inner

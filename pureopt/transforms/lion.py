@@ -11,8 +11,7 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_betas, resolve
 from pureopt.kernels.lion import lion as lion_kernel
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import kernel_transform
-from pureopt.transforms.trust_ratio import state_zeros
+from pureopt.transforms._util import kernel_transform, zeros
 
 __all__ = ["LionState", "lion_transform", "scale_by_lion"]
 
@@ -62,7 +61,7 @@ def lion_transform(
         )
         return res.updates, {"exp_avg": res.exp_avg}
 
-    return kernel_transform(LionState, {"exp_avg": state_zeros(state_dtype)}, step)
+    return kernel_transform(LionState, {"exp_avg": zeros(state_dtype)}, step)
 
 
 def scale_by_lion(

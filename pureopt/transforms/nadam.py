@@ -11,8 +11,7 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_betas, check_nonneg, resolve
 from pureopt.kernels.nadam import nadam as nadam_kernel
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import LeafInitFn, kernel_transform, step_dtype, step_init
-from pureopt.transforms.rmsprop import zeros_for
+from pureopt.transforms._util import LeafInitFn, kernel_transform, step_dtype, step_init, zeros
 
 __all__ = ["ScaleByNAdamState", "scale_by_nadam", "nadam_transform"]
 
@@ -88,8 +87,8 @@ def nadam_transform(
     fields: dict[str, LeafInitFn | None] = {
         "step": step_init,
         "mu_product": mu_product_init,
-        "exp_avg": zeros_for(state_dtype),
-        "exp_avg_sq": zeros_for(state_dtype),
+        "exp_avg": zeros(state_dtype),
+        "exp_avg_sq": zeros(state_dtype),
     }
     return kernel_transform(ScaleByNAdamState, fields, step)
 

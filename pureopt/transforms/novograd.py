@@ -11,8 +11,7 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_betas, check_nonneg, resolve
 from pureopt.kernels.novograd import novograd as novograd_kernel
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import kernel_transform, step_init
-from pureopt.transforms.trust_ratio import state_zeros
+from pureopt.transforms._util import kernel_transform, step_init, zeros
 
 __all__ = ["NovoGradState", "novograd_transform", "scale_by_novograd"]
 
@@ -76,7 +75,7 @@ def novograd_transform(
         )
         return res.updates, {"step": res.step, "exp_avg": res.exp_avg, "exp_avg_sq": res.exp_avg_sq}
 
-    fields = {"step": step_init, "exp_avg": state_zeros(state_dtype), "exp_avg_sq": _layer_scalar(state_dtype)}
+    fields = {"step": step_init, "exp_avg": zeros(state_dtype), "exp_avg_sq": _layer_scalar(state_dtype)}
     return kernel_transform(NovoGradState, fields, step)
 
 

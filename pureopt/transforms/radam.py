@@ -11,8 +11,7 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_betas, check_nonneg, resolve
 from pureopt.kernels.radam import radam as radam_kernel
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import LeafInitFn, kernel_transform, step_init
-from pureopt.transforms.rmsprop import zeros_for
+from pureopt.transforms._util import LeafInitFn, kernel_transform, step_init, zeros
 
 __all__ = ["ScaleByRAdamState", "scale_by_radam", "radam_transform"]
 
@@ -76,8 +75,8 @@ def radam_transform(
 
     fields: dict[str, LeafInitFn | None] = {
         "step": step_init,
-        "exp_avg": zeros_for(state_dtype),
-        "exp_avg_sq": zeros_for(state_dtype),
+        "exp_avg": zeros(state_dtype),
+        "exp_avg_sq": zeros(state_dtype),
     }
     return kernel_transform(ScaleByRAdamState, fields, step)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -12,25 +11,9 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_nonneg, resolve
 from pureopt.kernels.rmsprop import rmsprop as rmsprop_kernel
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import LeafInitFn, kernel_transform, step_init
+from pureopt.transforms._util import LeafInitFn, kernel_transform, step_init, zeros
 
-__all__ = ["ScaleByRmsState", "scale_by_rms", "rmsprop_transform", "state_dtype_for", "zeros_for"]
-
-_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128, torch.float16: torch.complex32}
-
-
-def state_dtype_for(p: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of a per-parameter state buffer: ``state_dtype`` (its complex counterpart for complex params)."""
-    if state_dtype is None:
-        return p.dtype
-    if p.is_complex() and not state_dtype.is_complex:
-        return _COMPLEX_OF.get(state_dtype, p.dtype)
-    return state_dtype
-
-
-def zeros_for(state_dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
-    """A state initialiser: zeros shaped like the parameter, in ``state_dtype`` (complex-aware)."""
-    return lambda p: torch.zeros_like(p, dtype=state_dtype_for(p, state_dtype))
+__all__ = ["ScaleByRmsState", "scale_by_rms", "rmsprop_transform"]
 
 
 class ScaleByRmsState(NamedTuple):
@@ -95,9 +78,9 @@ def rmsprop_transform(
 
     fields: dict[str, LeafInitFn | None] = {
         "step": step_init,
-        "square_avg": zeros_for(state_dtype),
-        "momentum_buffer": zeros_for(state_dtype) if momentum > 0 else None,
-        "grad_avg": zeros_for(state_dtype) if centered else None,
+        "square_avg": zeros(state_dtype),
+        "momentum_buffer": zeros(state_dtype) if momentum > 0 else None,
+        "grad_avg": zeros(state_dtype) if centered else None,
     }
     return kernel_transform(ScaleByRmsState, fields, step)
 

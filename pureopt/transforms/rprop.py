@@ -11,8 +11,7 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import is_schedule, resolve
 from pureopt.kernels.rprop import rprop as rprop_kernel
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import LeafInitFn, kernel_transform, step_init
-from pureopt.transforms.rmsprop import state_dtype_for, zeros_for
+from pureopt.transforms._util import LeafInitFn, kernel_transform, state_dtype_for, step_init, zeros
 
 __all__ = ["ScaleByRpropState", "scale_by_rprop", "rprop_transform", "check_etas", "check_step_sizes"]
 
@@ -103,7 +102,7 @@ def rprop_transform(
         )
         return res.updates, {k: v for k, v in res._asdict().items() if k != "updates"}
 
-    fields: dict[str, LeafInitFn | None] = {"step": step_init, "prev": zeros_for(state_dtype), "step_size": size_init}
+    fields: dict[str, LeafInitFn | None] = {"step": step_init, "prev": zeros(state_dtype), "step_size": size_init}
     return kernel_transform(ScaleByRpropState, fields, step)
 
 

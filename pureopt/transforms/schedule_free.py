@@ -33,8 +33,8 @@ from pureopt.hyperparams import resolve
 from pureopt.kernels.common import scalar_dtype
 from pureopt.kernels.schedule_free import ScheduleFreeScalars, schedule_free, schedule_free_scalars
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import kernel_transform, step_init
-from pureopt.transforms.trust_ratio import state_copy, state_zeros, with_extra
+from pureopt.transforms._util import copy_of, kernel_transform, step_init, zeros
+from pureopt.transforms.trust_ratio import with_extra
 
 __all__ = ["ScheduleFreeState", "schedule_free_eval_params", "schedule_free_transform"]
 
@@ -120,8 +120,8 @@ def schedule_free_transform(
 
     fields = {
         "step": step_init if adam else None,
-        "z": state_copy(state_dtype),
-        "exp_avg_sq": state_zeros(state_dtype) if adam else None,
+        "z": copy_of(state_dtype),
+        "exp_avg_sq": zeros(state_dtype) if adam else None,
     }
     inner = kernel_transform(make_state, fields, step)
     inner_update = as_leaf_update(inner)

@@ -11,8 +11,7 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import resolve
 from pureopt.kernels.select import check_impl
 from pureopt.kernels.sign_sgd import signum as signum_kernel
-from pureopt.transforms._util import kernel_transform
-from pureopt.transforms.trust_ratio import state_zeros
+from pureopt.transforms._util import kernel_transform, zeros
 
 __all__ = ["SignumState", "scale_by_sign", "scale_by_signum", "signum_transform"]
 
@@ -64,7 +63,7 @@ def signum_transform(
         )
         return res.updates, {} if res.momentum_buffer is None else {"momentum_buffer": res.momentum_buffer}
 
-    fields = {"momentum_buffer": state_zeros(state_dtype) if momentum != 0 else None}
+    fields = {"momentum_buffer": zeros(state_dtype) if momentum != 0 else None}
     return kernel_transform(SignumState, fields, step)
 
 

@@ -26,7 +26,7 @@ from pureopt.hyperparams import check_nonneg, resolve
 from pureopt.kernels.lamb import lamb as lamb_kernel
 from pureopt.kernels.lars import trust_ratio_scale
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import LeafInitFn, gather, kernel_transform, present, scatter, step_init
+from pureopt.transforms._util import LeafInitFn, gather, kernel_transform, present, scatter, step_init, zeros
 
 __all__ = [
     "LambState",
@@ -34,9 +34,6 @@ __all__ = [
     "lamb_transform",
     "leaf_mask",
     "scale_by_trust_ratio",
-    "state_copy",
-    "state_full",
-    "state_zeros",
     "with_extra",
 ]
 
@@ -45,29 +42,6 @@ MaskOrFn = Any | Callable[[Any], Any] | None
 
 
 # --- helpers shared with the other transforms of this family ------------------------------------------------------
-
-
-def _state_dtype_for(p: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
-    if state_dtype is None:
-        return p.dtype
-    if p.is_complex() and not state_dtype.is_complex:
-        return state_dtype.to_complex()  # the same precision for both parts of a complex parameter
-    return state_dtype
-
-
-def state_zeros(state_dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
-    """A state initialiser: zeros like the parameter, in ``state_dtype`` (its complex kind for complex params)."""
-    return lambda p: torch.zeros_like(p, dtype=_state_dtype_for(p, state_dtype))
-
-
-def state_full(value: float, state_dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
-    """A state initialiser: ``value`` everywhere (real part for complex parameters), in ``state_dtype``."""
-    return lambda p: torch.full_like(p, value, dtype=_state_dtype_for(p, state_dtype))
-
-
-def state_copy(state_dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
-    """A state initialiser: a copy of the parameter (never an alias), in ``state_dtype``."""
-    return lambda p: p.to(dtype=_state_dtype_for(p, state_dtype), copy=True)
 
 
 def leaf_mask(mask: MaskOrFn, ctx: UpdateContext, params: LeafList | None) -> list[bool]:
@@ -200,7 +174,7 @@ def lamb_transform(
 
     fields: dict[str, LeafInitFn | None] = {
         "step": step_init,
-        "exp_avg": state_zeros(state_dtype),
-        "exp_avg_sq": state_zeros(state_dtype),
+        "exp_avg": zeros(state_dtype),
+        "exp_avg_sq": zeros(state_dtype),
     }
     return kernel_transform(LambState, fields, step)

@@ -11,8 +11,7 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_betas, check_nonneg, resolve
 from pureopt.kernels.select import check_impl
 from pureopt.kernels.yogi import yogi as yogi_kernel
-from pureopt.transforms._util import kernel_transform, step_init
-from pureopt.transforms.trust_ratio import state_full, state_zeros
+from pureopt.transforms._util import full, kernel_transform, step_init, zeros
 
 __all__ = ["ScaleByYogiState", "scale_by_yogi", "yogi_transform"]
 
@@ -75,8 +74,8 @@ def yogi_transform(
 
     fields = {
         "step": step_init if bias_correction else None,
-        "exp_avg": state_zeros(state_dtype),
-        "exp_avg_sq": state_full(initial_accumulator_value, state_dtype),
+        "exp_avg": zeros(state_dtype),
+        "exp_avg_sq": full(initial_accumulator_value, state_dtype),
     }
     return kernel_transform(ScaleByYogiState, fields, step)
 
