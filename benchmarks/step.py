@@ -8,6 +8,9 @@ Implementations:
   pureopt-pure                               updates, state = tx.update(...); params = apply_updates(...)
   pureopt-donated                            state = pureopt.inplace_step(tx, grads, state, params)
                                              (what the stateful adapters run: buffers owned, updated in place)
+  pureopt-flat                               TorchOptimizer(params, tx, flat=True).step(), gradients already
+                                             views of its flat buffers (zero_grad(set_to_none=False))
+  pureopt-flat-gather                        the same with gradients in their own tensors (one gather copy)
 
 Reported per row: median ms, ratio to torch's fastest implementation of the same algorithm, and the fraction of
 the memory-bandwidth bound (bytes the algorithm must move per step / measured copy bandwidth).
@@ -147,6 +150,19 @@ def build_runners(algo: Algo, shapes: list[tuple[int, ...]]) -> dict[str, Callab
         own["state"] = pureopt.inplace_step(tx, own_grads, own["state"], own_params)
 
     runners["pureopt-donated"] = donated_step
+
+    # flat buffers: the adapter owns the parameters (views of one buffer) and, for "pureopt-flat", the gradients
+    for label, views in (("pureopt-flat", True), ("pureopt-flat-gather", False)):
+        ps = [p.requires_grad_(True) for p in make_tensors(shapes, seed=0)]
+        opt = pureopt.TorchOptimizer(ps, algo.build_pureopt("auto"), flat=True)
+        if views:
+            opt.zero_grad(set_to_none=False)
+            for p, g in zip(ps, grads_data):
+                p.grad.copy_(g)
+        else:
+            for p, g in zip(ps, grads_data):
+                p.grad = g.clone()
+        runners[label] = opt.step
     return runners
 
 

@@ -22,6 +22,7 @@ from pureopt.base import (
     apply_updates,
     identity,
     inplace_step,
+    is_elementwise,
     set_to_zero,
     stateless,
 )
@@ -36,6 +37,7 @@ from pureopt.combine import (
     partition,
     set_to_none,
 )
+from pureopt.flat import FlatLayout, flatten
 from pureopt.optimizers import (
     adabelief,
     adadelta,
@@ -148,7 +150,6 @@ from pureopt.wrappers import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__",
     "adabelief",
     "adadelta",
     "adafactor",
@@ -179,6 +180,8 @@ __all__ = [
     "ema_params",
     "EmaState",
     "EmptyState",
+    "FlatLayout",
+    "flatten",
     "freeze",
     "FunctionalOptimizer",
     "GradientTransformation",
@@ -186,6 +189,7 @@ __all__ = [
     "inject_hyperparams",
     "InjectHyperparamsState",
     "inplace_step",
+    "is_elementwise",
     "keep_params_nonnegative",
     "kernels",
     "lamb",
@@ -275,6 +279,7 @@ __all__ = [
     "TraceState",
     "tree",
     "Updates",
+    "__version__",
     "yogi",
     "zero_nans",
     "ZeroNansState",

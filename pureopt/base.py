@@ -42,6 +42,7 @@ __all__ = [
     "LeafInit",
     "LeafUpdate",
     "leaf_transformation",
+    "is_elementwise",
     "as_leaf_update",
     "identity",
     "stateless",
@@ -113,12 +114,25 @@ class UpdateContext:
       apply: the caller also allows the transformation to add its updates to the parameters in place (a
         fused kernel does it in the same pass). A transformation that did so returns ``None`` instead of the
         list of updates; one that did not returns its updates as usual and the caller adds them.
+      grad_scale: ``torch.amp.GradScaler``'s loss scale (0-d float32 tensor): the gradients are *scaled* by it
+        and the transformation must divide them by it. ``None``: the gradients are unscaled. torch's fused
+        kernels write the unscaled gradients back (the one exception to read-only gradients, as in torch.optim
+        with ``fused=True``, where ``p.grad`` is unscaled after ``scaler.step``).
+      found_inf: 0-d float32 flag, ``1.0`` when some gradient holds an inf/NaN: the whole step must then be a
+        no-op (parameters, per-parameter state and global counters unchanged), decided without a host sync
+        where possible. ``None``: no check.
+
+    ``grad_scale`` and ``found_inf`` are set only with ``donate=True``, by an adapter driven by GradScaler
+    (:func:`pureopt.adapters._amp.donated_step`), and only for transformations registered as handling them
+    (:func:`pureopt.kernels.fused.mark_amp_native`); any other transformation never sees them.
     """
 
     spec: PyTreeSpec
     extra_args: dict[str, Any] = field(default_factory=dict)
     donate: bool = False
     apply: bool = False
+    grad_scale: torch.Tensor | None = None
+    found_inf: torch.Tensor | None = None
 
     def but(self, **changes: Any) -> UpdateContext:
         """A copy with some fields changed."""
@@ -152,13 +166,15 @@ class LeafUpdate:
 
     ``updates`` is the list of update leaves (tensors or ``None``), ``params`` the list of parameter leaves or
     ``None``; the function returns ``(new_update_leaves, new_state)``.
+
+    ``elementwise`` declares that each element's update depends only on that element's gradient, parameter and
+    per-parameter state (plus global state and hyperparameters): then running the transformation on the
+    concatenation of several leaves gives the same numbers as running it on the leaves (see :func:`is_elementwise`).
     """
 
-    def __init__(
-        self,
-        update_leaves: LeafUpdateFn,
-    ) -> None:
+    def __init__(self, update_leaves: LeafUpdateFn, *, elementwise: bool = False) -> None:
         self.update_leaves = update_leaves
+        self.elementwise = elementwise
 
     def __call__(
         self, updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any
@@ -183,14 +199,30 @@ def flatten_params_like(spec: PyTreeSpec, updates: Updates, params: Params | Non
 def leaf_transformation(
     init_leaves: Callable[[list[Any], PyTreeSpec], OptState],
     update_leaves: LeafUpdateFn,
+    *,
+    elementwise: bool = False,
 ) -> GradientTransformation:
     """Build a :class:`GradientTransformation` from functions over flat leaves.
 
     Args:
       init_leaves: ``(param_leaves, spec) -> state``.
       update_leaves: ``(update_leaves, state, param_leaves_or_None, ctx) -> (new_update_leaves, new_state)``.
+      elementwise: whether the update is elementwise (see :class:`LeafUpdate`); ``False`` is always safe.
     """
-    return GradientTransformation(LeafInit(init_leaves), LeafUpdate(update_leaves))
+    return GradientTransformation(LeafInit(init_leaves), LeafUpdate(update_leaves, elementwise=elementwise))
+
+
+def is_elementwise(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` declares its update elementwise: each element of the update depends only on the same element
+    of the gradient, the parameter and the per-parameter state (and on global state and hyperparameters).
+
+    Such a transformation gives the same numbers on the concatenation of leaves as on the leaves themselves,
+    which is what the flat-buffer layout (:func:`pureopt.flatten`, ``flat=True`` in the adapters) relies on.
+    Per-parameter 0-d state (step counts) must then be the same for the concatenated leaves. Transformations
+    written as plain functions, and those with per-tensor math (norms, trust ratios, factored moments,
+    orthogonalisation, masks), are not elementwise.
+    """
+    return isinstance(tx.update, LeafUpdate) and tx.update.elementwise
 
 
 def as_leaf_update(
@@ -225,7 +257,7 @@ def identity() -> GradientTransformation:
         del params, ctx
         return updates, state
 
-    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, elementwise=True)
 
 
 def stateless(fn: Callable[[Updates, Params | None], Updates]) -> GradientTransformation:
@@ -261,7 +293,7 @@ def set_to_zero() -> GradientTransformation:
         del params, ctx
         return [None if u is None else torch.zeros_like(u) for u in updates], state
 
-    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, elementwise=True)
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

@@ -40,6 +40,7 @@ from pureopt.base import (
     OptState,
     UpdateContext,
     as_leaf_update,
+    is_elementwise,
     leaf_transformation,
     set_to_zero,
 )
@@ -133,7 +134,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(new_sub)
         return updates, tuple(new_states)
 
-    return leaf_transformation(init_leaves, update_leaves)
+    return leaf_transformation(init_leaves, update_leaves, elementwise=all(is_elementwise(t) for t in transforms))
 
 
 def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -180,7 +181,7 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
             )
         return updates, new_state
 
-    return leaf_transformation(init_leaves, update_leaves)
+    return leaf_transformation(init_leaves, update_leaves, elementwise=all(is_elementwise(t) for t in txs))
 
 
 def _check_keys(state: Any, expected: list[Any], who: str) -> None:
@@ -523,7 +524,7 @@ def set_to_none() -> GradientTransformation:
         del params, ctx
         return [None] * len(updates), state
 
-    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, elementwise=True)
 
 
 def freeze(mask: LabelTree, *, use_none: bool = False) -> GradientTransformation:

@@ -35,6 +35,7 @@ from pureopt.base import (
     Params,
     UpdateContext,
     as_leaf_update,
+    is_elementwise,
     leaf_transformation,
 )
 from pureopt.combine import inner_context, returned
@@ -194,7 +195,8 @@ def inject_hyperparams(
             if args:
                 raise TypeError("inject_hyperparams: pass hyperparameters by keyword for this factory")
             given = dict(kwargs)
-        factory(**given)  # validates the initial values with the factory's own checks and wording
+        # validates the initial values with the factory's own checks and wording
+        elementwise = is_elementwise(factory(**given))
 
         static = {}
         numeric: dict[str, Any] = {}
@@ -246,7 +248,7 @@ def inject_hyperparams(
             )
             return new_updates, InjectHyperparamsState(state.num_updates + 1, values, new_inner)
 
-        return leaf_transformation(init_leaves, update_leaves)
+        return leaf_transformation(init_leaves, update_leaves, elementwise=elementwise)
 
     wrapped.__name__ = f"inject_hyperparams({getattr(factory, '__name__', 'factory')})"
     wrapped.__doc__ = factory.__doc__
@@ -319,7 +321,7 @@ class MultiSteps:
         self.every_k = every_k
         self.acc_dtype = acc_dtype
         self._inner = as_leaf_update(opt)
-        self._tx = leaf_transformation(self._init_leaves, self._update_leaves)
+        self._tx = leaf_transformation(self._init_leaves, self._update_leaves, elementwise=is_elementwise(opt))
 
     @property
     def init(self) -> LeafInit:
@@ -458,7 +460,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         )
         return out, new_state
 
-    return leaf_transformation(init_leaves, update_leaves)
+    return leaf_transformation(init_leaves, update_leaves, elementwise=is_elementwise(inner))
 
 
 # --- lookahead -----------------------------------------------------------------------------------------------
@@ -553,7 +555,7 @@ def lookahead(fast_tx: GradientTransformation, sync_period: int, alpha: float) -
         )
         return out, new_state
 
-    return leaf_transformation(init_leaves, update_leaves)
+    return leaf_transformation(init_leaves, update_leaves, elementwise=is_elementwise(fast_tx))
 
 
 def _add(p: Tensor, u: Tensor) -> Tensor:
@@ -621,7 +623,7 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: torch.dtype | None
             out = [None if u is None else m for m, u in zip(new_moments, updates)]
         return out, EmaState(count, ctx.spec.unflatten(new_moments))
 
-    return leaf_transformation(init_leaves, update_leaves)
+    return leaf_transformation(init_leaves, update_leaves, elementwise=True)
 
 
 def _real_dtype(t: Tensor) -> torch.dtype:

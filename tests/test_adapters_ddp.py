@@ -115,6 +115,9 @@ HOOK_CONFIGS: list[tuple[str, dict[str, Any], str, str | None]] = [
     ("adamw-schedule", {}, "adamw-schedule", None),
     ("adamw-fp16-compress", {}, "adamw", "fp16"),
     ("adamw-no-sync-accumulation", {}, "adamw", None),  # 2 micro-batches per step, the first under ddp.no_sync()
+    # flat buffers laid out like the buckets (register_optimizer_hook(..., flat=True))
+    ("adamw-flat", {}, "adamw", None),
+    ("sgd-momentum-flat-bucket-view", {"gradient_as_bucket_view": True}, "sgd", None),
 ]
 
 
@@ -150,7 +153,7 @@ def _scenario_hooks(rank: int, world: int, out: Path) -> dict[str, Any]:
         model = make_net()
         ddp = DDP(model, bucket_cap_mb=0.001, **ddp_kwargs)  # ~1 KB buckets: several per model
         hook = default_hooks.fp16_compress_hook if hook_name == "fp16" else None
-        opt = register_optimizer_hook(ddp, pureopt_tx(kind), comm_hook=hook)
+        opt = register_optimizer_hook(ddp, pureopt_tx(kind), comm_hook=hook, flat="-flat" in name)
         twin = None
         if hook_name == "fp16":  # the same compressed gradients with torch.optim, in this process
             twin_model = make_net()
@@ -186,6 +189,8 @@ def _scenario_hooks(rank: int, world: int, out: Path) -> dict[str, Any]:
             "grads": [p.grad.clone() for p in model.parameters()],
             "state_dict": copy.deepcopy(opt.state_dict()),
             "num_buckets": len(ddp.reducer._get_zeros_like_grad_buckets()),
+            "flat_groups": opt.flat_groups(),
+            "flat_grad_copies": None if opt._flat is None else opt._flat.flat._grad_buffers is not None,
             "second_registration": second,
         }
     # bad input: a clear error and nothing registered (a valid registration still succeeds afterwards)
@@ -530,6 +535,17 @@ def test_optimizer_hook_equals_torch_optim_on_the_whole_batch(hooks_job: list[di
     assert sorted(sd["state"]) == list(range(6))
     if "step" in sd["state"][0]:
         assert all(float(entry["step"]) == STEPS for entry in sd["state"].values())
+
+
+def test_optimizer_hook_with_flat_buffers_follows_the_buckets(hooks_job: list[dict[str, Any]]) -> None:
+    """flat=True: one flat buffer per DDP bucket, stepped on the reduced bucket in place (no gradient copy); the
+    trajectories are checked against torch.optim by the test above."""
+    for name in ("adamw-flat", "sgd-momentum-flat-bucket-view"):
+        for rank in range(WORLD):
+            res = hooks_job[rank][name]
+            assert len(res["flat_groups"]) == res["num_buckets"] > 1
+            assert sorted(i for group in res["flat_groups"] for i in group) == list(range(6))
+            assert res["flat_grad_copies"] is False, "a bucket's gradients were copied instead of read in place"
 
 
 def test_optimizer_hook_leaves_the_reduced_gradients_in_grad(hooks_job: list[dict[str, Any]]) -> None:

@@ -346,12 +346,14 @@ def test_sparse_gradients_match_torch(torch_class, module, factory, kwargs):
 # --- GradScaler -------------------------------------------------------------------------------------------------
 
 
-def test_grad_scaler_unscales_and_skips_inf_steps_like_torch():
-    """torch.amp.GradScaler (CPU): grads are unscaled before step() and a step with inf gradients is skipped."""
+@pytest.mark.parametrize("flat", [False, True])
+def test_grad_scaler_unscales_and_skips_inf_steps_like_torch(flat):
+    """torch.amp.GradScaler (CPU) with torch's fused AdamW, which also supports AMP scaling: step() gets scaled
+    gradients with grad_scale/found_inf, unscales them in the kernel and skips a step with inf gradients."""
     sides = []
     for make in (
-        lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
-        lambda ps: TorchOptimizer(ps, pureopt.adamw, lr=0.01, weight_decay=0.1),
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, fused=True),
+        lambda ps: TorchOptimizer(ps, pureopt.adamw, lr=0.01, weight_decay=0.1, flat=flat),
     ):
         init = parity_params(torch.float32)
         params = {k: v.clone().requires_grad_(True) for k, v in init.items()}
@@ -364,7 +366,7 @@ def test_grad_scaler_unscales_and_skips_inf_steps_like_torch():
     for step in range(8):
         unscaled = []
         for params, opt, scaler, _ in sides:
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=not flat)  # flat: p.grad are views the kernel unscales in place
             loss = parity_loss(params, *data)
             expected = torch.autograd.grad(loss, list(params.values()), retain_graph=True)
             scaler.scale(loss).backward()
@@ -383,7 +385,7 @@ def test_grad_scaler_unscales_and_skips_inf_steps_like_torch():
             for g, p in zip(expected, mp.values()):
                 torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
     (_, _, t_scaler, t_calls), (mparams, m_opt, m_scaler, m_calls) = sides
-    assert len(m_calls) == len(t_calls) == 7
+    assert len(m_calls) == len(t_calls) == 8  # step() runs on the skipped step too, and changes nothing
     assert m_scaler.get_scale() == t_scaler.get_scale()
     assert float(m_opt.state[mparams["w2"]]["step"]) == 7.0
 

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import pureopt
+
+
+def pureopt_leaves(tree):
+    return [t for t in pureopt.tree.leaves(tree) if isinstance(t, torch.Tensor)]
+
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ["getting_started.md"]
+PAGES = ["getting_started.md", "flat.md"]
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -31,3 +38,10 @@ def test_page_snippets_run(page):
         # the adapter stepped 20 times with StepLR(step_size=10, gamma=0.5)
         assert namespace["scheduler"].get_last_lr() == [1e-3 * 0.25]
         assert namespace["opt"].state_dict()["state"], "the adapter kept per-parameter state"
+    if page == "flat.md":
+        # the flat AdamW stepped three times, one buffer for the model; flatten's state is one vector
+        opt, model = namespace["opt"], namespace["model"]
+        assert opt.state_dict()["state"][0]["step"].item() == 3
+        (buffer,) = opt._groups[0].flat.flat.buffers
+        assert all(p.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() for p in model.parameters())
+        assert {t.numel() for t in pureopt_leaves(namespace["state"]) if t.dim() == 1} == {2112}

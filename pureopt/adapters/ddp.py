@@ -137,6 +137,7 @@ class _OptimizerHook:
         self._backward = -2  # the backward pass whose end-of-backward callback is queued
         self._deferred: list[Tensor] = []
         self._handles: list[Any] = []
+        self._buckets: dict[int, list[int]] = {}  # bucket index -> its parameters' indices (flat layouts only)
 
     def track(self, params: list[Tensor]) -> None:
         for p in params:
@@ -153,6 +154,8 @@ class _OptimizerHook:
                 "shadowing a finished rank?); uneven inputs with Join are not supported by the optimizer hook"
             )
         params = list(bucket.parameters())
+        if self.optimizer.flat_groups() is not None:
+            self._buckets[bucket.index()] = [self.optimizer._position(p) for p in params]
         if self.track_unused:
             now = [self._used.get(id(p)) == backward for p in params]
             step_now = [p for p, used in zip(params, now) if used]
@@ -192,6 +195,20 @@ class _OptimizerHook:
         if deferred:
             self.optimizer.step_params(deferred, [p.grad for p in deferred])
         self.optimizer.end_step()
+        self._follow_buckets()
+
+    def _follow_buckets(self) -> None:
+        """With flat buffers: lay them out like DDP's buckets (DDP rebuilds its buckets after the first iteration),
+        so that each bucket's step reads its reduced gradients in place."""
+        current = self.optimizer.flat_groups()
+        if current is None or not self._buckets:
+            return
+        groups = [self._buckets[index] for index in sorted(self._buckets)]
+        listed = {i for group in groups for i in group}
+        if len(listed) != len(self.optimizer.params) or sum(map(len, groups)) != len(listed):
+            return  # not every parameter was in a bucket this time: keep the layout
+        if groups != current:
+            self.optimizer.regroup(groups)
 
 
 def register_optimizer_hook(
@@ -199,6 +216,8 @@ def register_optimizer_hook(
     tx: GradientTransformation,
     comm_hook: CommHook | None = None,
     comm_state: Any = None,
+    *,
+    flat: bool = False,
 ) -> FunctionalOptimizer:
     """Step ``tx`` inside DDP's backward pass: each gradient bucket is reduced, then its parameters are stepped.
 
@@ -218,6 +237,10 @@ def register_optimizer_hook(
         bucket, e.g. ``default_hooks.fp16_compress_hook`` or ``post_localSGD_hook``.
       comm_state: the hook's state (``PostLocalSGDState``, a process group, ...). With the default hook: the
         process group to average over (default: the DDP model's).
+      flat: keep the parameters and the state in flat buffers laid out like DDP's gradient buckets (see
+        ``FunctionalOptimizer(flat=True)``): after the first iterations (DDP settles its buckets after the first
+        one) a bucket's step is one kernel call on its reduced gradients in place, with no per-tensor cost.
+        Same numbers as ``flat=False``.
 
     Returns:
       The :class:`FunctionalOptimizer` that owns the optimizer state, over the parameters DDP reduces (those that
@@ -263,7 +286,7 @@ def register_optimizer_hook(
             )
         comm_hook, comm_state = default_hooks.allreduce_hook, group
     params = _reducer_params(ddp_model)
-    optimizer = FunctionalOptimizer(params, tx)
+    optimizer = FunctionalOptimizer(params, tx, flat=flat)
     track_unused = bool(
         getattr(ddp_model, "find_unused_parameters", False) or getattr(ddp_model, "static_graph", False)
     )

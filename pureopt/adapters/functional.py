@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from pureopt import tree as _tree
+from pureopt.adapters._flat import FlatParams, FlatState
 from pureopt.adapters._state import (
     FORMAT_VERSION,
     PUREOPT_KEY,
@@ -58,6 +59,10 @@ class FunctionalOptimizer:
     Args:
       params: the parameters (tensors), in a fixed order; they are updated in place.
       tx: the transformation, e.g. ``pureopt.adamw(lr=1e-3)``.
+      flat: lay the parameters and the state out in one flat buffer per (device, dtype) (the parameters become
+        views of it, ``p.data`` is re-pointed): a full ``step`` of an elementwise transformation is then one
+        kernel call per group, with one gather copy of the gradients. Same numbers as ``flat=False``; see
+        ``TorchOptimizer`` and docs/guides for when the per-parameter path is taken instead.
 
     **Partial steps and the update counter.** Per-parameter state (``step``, moments, ...) advances for exactly
     the parameters that get a gradient, whichever method is used: a parameter's trajectory does not depend on
@@ -88,11 +93,22 @@ class FunctionalOptimizer:
         opt.step_params(bucket_params, bucket_grads)           # a subset, one kernel call
     """
 
-    def __init__(self, params: Iterable[Tensor], tx: GradientTransformation, *, _allow_empty_param_list: bool = False):
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        tx: GradientTransformation,
+        *,
+        flat: bool = False,
+        _allow_empty_param_list: bool = False,
+    ):
         if not isinstance(tx, GradientTransformation):
             raise TypeError(f"tx must be a GradientTransformation, got a {type(tx).__name__}")
+        if not isinstance(flat, bool):
+            raise TypeError(f"flat must be a bool, got a {type(flat).__name__}")
         param_list = list(params)
         _check_params(param_list, _allow_empty_param_list)
+        if flat:
+            FlatParams.check(param_list)
         self.params: list[Tensor] = param_list
         self.param_group: dict[str, Any] = {"params": param_list}  # as torch's functional optimizers have
         self.tx = tx
@@ -102,6 +118,10 @@ class FunctionalOptimizer:
         with torch.no_grad():
             self._state = tx.init(tuple(param_list))
         self._layout = StateLayout(self._state, len(param_list))
+        self._flat: FlatState | None = None
+        if flat and param_list:
+            self._flat = FlatState(FlatParams(param_list), tx, self._state)
+            self._state = None
         self._lock = threading.RLock()
         self._step_start: dict[str, Tensor] | None = None  # global state at the start of the current partial step
         self._stepped: set[int] = set()
@@ -112,13 +132,20 @@ class FunctionalOptimizer:
     def opt_state(self) -> OptState:
         """The pure state (a tree over ``tuple(self.params)``). Its buffers are updated in place by later steps."""
         with self._lock:
+            return self._current()
+
+    def _current(self, checkpoint: bool = False) -> OptState:
+        """The per-parameter state (with ``flat=True``: views of the flat buffers; ``checkpoint``: no 0-d tensor
+        shared between parameters)."""
+        if self._flat is None:
             return self._state
+        return self._flat.checkpoint_state() if checkpoint else self._flat.per_param()
 
     @property
     def state(self) -> dict[Tensor, dict[str, Tensor]]:
         """Per-parameter state in torch's form ``{param: {"exp_avg": ..., ...}}`` (the live tensors)."""
         with self._lock:
-            per_param, _ = self._layout.export(self._state)
+            per_param, _ = self._layout.export(self._current(checkpoint=True))
         return {p: entry for p, entry in zip(self.params, per_param) if entry}
 
     # --- stepping ---------------------------------------------------------------------------------------------
@@ -150,11 +177,15 @@ class FunctionalOptimizer:
         with self._lock:
             touched = {i for i, _ in chosen}
             if self._step_start is None or not self._stepped.isdisjoint(touched):
-                _, globals_ = self._layout.export(self._state)  # a new optimizer step begins
+                _, globals_ = self._layout.export(self._current())  # a new optimizer step begins
                 self._step_start = {k: v.clone() for k, v in globals_.items()}
                 self._stepped = set()
-            start = self._layout.with_globals(self._state, {k: v.clone() for k, v in self._step_start.items()})
-            self._state = self._run(full, start)
+            start_globals = {k: v.clone() for k, v in self._step_start.items()}
+            if self._flat is not None:
+                self._flat.set_globals(start_globals)
+                self._flat.step(full)
+            else:
+                self._state = self._run(full, self._layout.with_globals(self._state, start_globals))
             self._stepped |= touched
 
     def step(self, gradients: Sequence[Tensor | None]) -> None:
@@ -169,7 +200,10 @@ class FunctionalOptimizer:
         with self._lock:
             self._step_start = None
             if any(g is not None for g in full):
-                self._state = self._run(full, self._state)
+                if self._flat is not None:
+                    self._flat.step(full)
+                else:
+                    self._state = self._run(full, self._state)
 
     def end_step(self) -> None:
         """End the current optimizer step made of ``step_param`` / ``step_params`` calls; the next call begins one."""
@@ -209,6 +243,26 @@ class FunctionalOptimizer:
                 add_inplace(self.params, updates)
         return new_state
 
+    def flat_groups(self) -> list[list[int]] | None:
+        """With ``flat=True``: the parameter indices of each flat buffer, in buffer order (else ``None``)."""
+        if self._flat is None:
+            return None
+        return [list(group.indices) for group in self._flat.flat.layout.groups]
+
+    def regroup(self, groups: Sequence[Sequence[int]]) -> None:
+        """With ``flat=True``: lay the parameters out again, one flat buffer per group of parameter indices, in the
+        given order (each index once; a group shares one device and dtype). Values and state are copied over.
+
+        ``register_optimizer_hook(..., flat=True)`` lays the buffers out like DDP's gradient buckets, so that a
+        bucket's reduced gradients are already the flat gradient of one buffer and its step copies nothing.
+        """
+        if self._flat is None:
+            raise ValueError("regroup needs a FunctionalOptimizer built with flat=True")
+        with self._lock:
+            state = self._flat.checkpoint_state()
+            flat_params = FlatParams(self.params, groups)  # checks the groups, then re-points the parameters
+            self._flat = FlatState(flat_params, self.tx, state)
+
     # --- checkpoints ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -220,7 +274,7 @@ class FunctionalOptimizer:
         types. The tensors are the live state's own; ``torch.save`` copies them.
         """
         with self._lock:
-            entries, globals_ = checkpoint_entries(self._layout, self._state)
+            entries, globals_ = checkpoint_entries(self._layout, self._current(checkpoint=True))
             return {
                 "state": entries,
                 "param_groups": [{"params": list(range(len(self.params)))}],
@@ -268,8 +322,10 @@ class FunctionalOptimizer:
                 raise ValueError(f"the checkpoint's {PUREOPT_KEY!r} section is malformed")
             globals_ = check_group_record(records[0], None, layout, "the checkpoint")
         new_state = load_entries(layout, fresh, entries, globals_, "the checkpoint", param_label=ids)
+        new_flat = None if self._flat is None else FlatState(self._flat.flat, self.tx, new_state)
         with self._lock:
-            self._state = new_state
+            self._state = None if new_flat is not None else new_state
+            self._flat = new_flat
             self._layout = layout
             self._step_start = None
             self._stepped = set()

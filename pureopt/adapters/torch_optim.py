@@ -22,7 +22,6 @@ import functools
 import inspect
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from numbers import Number
 from typing import Any
 
@@ -31,6 +30,8 @@ from torch import Tensor
 from torch.optim.optimizer import required
 
 from pureopt import tree as _tree
+from pureopt.adapters._amp import donated_step
+from pureopt.adapters._flat import FlatParams, FlatState
 from pureopt.adapters._state import (
     FORMAT_VERSION,
     PUREOPT_KEY,
@@ -41,7 +42,7 @@ from pureopt.adapters._state import (
     load_entries,
     migrate,
 )
-from pureopt.base import GradientTransformation, OptState, UpdateContext, add_inplace, as_leaf_update
+from pureopt.base import GradientTransformation, OptState, UpdateContext, as_leaf_update
 from pureopt.hyperparams import check_lr
 
 __all__ = ["TorchOptimizer", "TORCH_COUNTERPARTS"]
@@ -149,17 +150,47 @@ class _Factory:
         return kwargs
 
 
-@dataclass
 class _Group:
-    """A param group's transformation and pure state."""
+    """A param group's transformation and pure state (over flat buffers with ``flat=True``)."""
 
-    params: tuple[Tensor, ...]
-    tx: GradientTransformation
-    update: Any  # the leaf-level update function
-    state: OptState
-    layout: StateLayout
-    lr: Tensor | None  # the 0-d tensor the factory got as ``lr`` (None for a plain transformation)
-    built_with: dict[str, Any]  # the factory arguments other than lr the transformation was built from
+    def __init__(
+        self,
+        params: tuple[Tensor, ...],
+        tx: GradientTransformation,
+        state: OptState,
+        lr: Tensor | None,
+        built_with: dict[str, Any],
+    ) -> None:
+        self.params = params
+        self.tx = tx
+        self.update: Any = as_leaf_update(tx)  # the leaf-level update function
+        self._state = state
+        self.layout = StateLayout(state, len(params))
+        self.lr = lr  # the 0-d tensor the factory got as ``lr`` (None for a plain transformation)
+        self.built_with = built_with  # the factory arguments other than lr the transformation was built from
+        self.flat: FlatState | None = None
+
+    @property
+    def state(self) -> OptState:
+        """The per-parameter pure state (with ``flat=True``: views of the flat buffers)."""
+        return self.flat.per_param() if self.flat is not None else self._state
+
+    def checkpoint_state(self) -> OptState:
+        """The state to export: as :attr:`state`, with no 0-d tensor shared between parameters."""
+        return self.flat.checkpoint_state() if self.flat is not None else self._state
+
+    def set(self, tx: GradientTransformation, state: OptState, layout: StateLayout) -> None:
+        """Switch to ``tx`` with a per-parameter ``state`` (copied into the flat buffers with ``flat=True``)."""
+        self.tx, self.update, self.layout = tx, as_leaf_update(tx), layout
+        if self.flat is not None:
+            self.flat = FlatState(self.flat.flat, tx, state)
+        else:
+            self._state = state
+
+    def make_flat(self, flat: FlatParams) -> None:
+        """Move the state into flat buffers over ``flat`` (the group's parameters, already re-pointed)."""
+        self.flat = FlatState(flat, self.tx, self._state)
+        self._state = None
 
 
 def _lr_value(value: Any, where: str) -> float | Tensor:
@@ -220,7 +251,22 @@ class TorchOptimizer(torch.optim.Optimizer):
       tx_or_factory: a factory such as ``pureopt.adamw`` (each group's transformation is built from it with the
         group's hyperparameters) or a ready ``GradientTransformation`` (one group, no hyperparameters: its
         ``state_dict`` then carries the transformation's state fields by name).
+      flat: lay each group's parameters and state out in one flat buffer per (device, dtype) (see below).
       **hyperparams: the factory's arguments for all groups (a group dict overrides them), as for torch.optim.
+
+    **Flat buffers** (``flat=True``). Each param group's parameters are copied into one contiguous buffer per
+    (device, dtype) and re-pointed to views of it (``p.data``; the parameter objects stay the same), and the
+    state of an elementwise transformation (:func:`pureopt.base.is_elementwise`: SGD, Adam, AdamW, Adagrad,
+    Lion, ...) is kept in one buffer per kind per group. A step is then one kernel call per group instead of
+    one per tensor — the per-tensor cost is what keeps torch's fused optimizers far from the memory-bandwidth
+    bound on models with many small tensors. Gradients are gathered with one copy per group, or none when
+    ``p.grad`` are views of the group's gradient buffer: ``zero_grad(set_to_none=False)`` makes them so.
+    The numbers are exactly those of ``flat=False``: a step where some parameters of a group have no gradient,
+    or whose per-parameter step counts differ, runs per tensor on views of the flat buffers (the step after
+    which the counts agree again returns to the flat kernel, reading them once); a transformation that is not
+    elementwise (LAMB, LARS, Muon, Adafactor, chains with global-norm clipping, ...) always steps per tensor.
+    ``state_dict`` is torch's per-parameter format, so checkpoints move freely between ``flat=True``,
+    ``flat=False`` and torch.optim.
 
     Behaviour, as torch.optim:
 
@@ -246,8 +292,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         self,
         params: Iterable[Any],
         tx_or_factory: GradientTransformation | Callable[..., GradientTransformation],
+        *,
+        flat: bool = False,
         **hyperparams: Any,
     ) -> None:
+        if not isinstance(flat, bool):
+            raise TypeError(f"flat must be a bool, got a {type(flat).__name__}")
+        self._flat = flat
+        # torch.amp.GradScaler then leaves the gradients scaled and sets self.grad_scale / self.found_inf around
+        # step(): torch's fused kernels unscale and skip without a host sync (other transformations: donated_step)
+        self._step_supports_amp_scaling = True
         self._groups: list[_Group] = []
         self._view: defaultdict[Tensor, Any] = defaultdict(dict)
         self._view_stale = True
@@ -278,7 +332,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         if self._view_stale:
             self._view.clear()
             for g in self._groups:
-                per_param, _ = g.layout.export(g.state)
+                per_param, _ = g.layout.export(g.checkpoint_state())
                 for p, entry in zip(g.params, per_param):
                     if entry:
                         self._view[p] = entry
@@ -316,15 +370,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             built_with = copy.deepcopy({k: v for k, v in kwargs.items() if k != "lr"})
         with torch.no_grad():
             state = tx.init(tuple(params))
-        return _Group(
-            params=tuple(params),
-            tx=tx,
-            update=as_leaf_update(tx),
-            state=state,
-            layout=StateLayout(state, len(params)),
-            lr=lr,
-            built_with=built_with,
-        )
+        return _Group(tuple(params), tx, state, lr, built_with)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (torch's semantics); its transformation is built from its options first.
@@ -345,7 +391,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ValueError("some parameters appear in more than one parameter group")
         options = {**self.defaults, **{k: v for k, v in param_group.items() if k not in _RESERVED_KEYS}}
         group = self._build(params, options, f"param group {len(self.param_groups)}")
+        if self._flat:
+            FlatParams.check(params)
         super().add_param_group(param_group)
+        if self._flat:
+            group.make_flat(FlatParams(params))
         self._groups.append(group)
         self._view_stale = True
 
@@ -430,23 +480,37 @@ class TorchOptimizer(torch.optim.Optimizer):
         plans = [self._plan(i, group) for i, group in enumerate(self.param_groups)]
         for group, g, plan in zip(self.param_groups, self._groups, plans):
             if plan is not None:
-                g.tx, g.built_with, g.state, g.layout = plan
-                g.update = as_leaf_update(g.tx)
+                tx, g.built_with, state, layout = plan
+                g.set(tx, state, layout)
             grads = [p.grad for p in g.params]
             if all(x is None for x in grads):
                 continue
             if g.lr is not None:
                 lr = group["lr"]
                 g.lr.fill_(lr.reshape(()) if isinstance(lr, Tensor) else lr)
+            # set by torch.amp.GradScaler around step() (see _step_supports_amp_scaling)
+            grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+            if g.flat is not None:
+                g.flat.step(grads, {"grad_scale": grad_scale, "found_inf": found_inf})
+                continue
             # the structure is flattened here rather than cached: torch.compile traces optree's Python-level
             # flattening but cannot call methods of a PyTreeSpec built outside the traced region
-            ctx = UpdateContext(_tree.flatten(g.params)[1], donate=True, apply=True)
-            with torch.no_grad():
-                updates, g.state = g.update(grads, g.state, list(g.params), ctx)
-                if updates is not None:
-                    add_inplace(g.params, updates)
+            spec = _tree.flatten(g.params)[1]
+            ctx = UpdateContext(spec, donate=True, apply=True, grad_scale=grad_scale, found_inf=found_inf)
+            g._state = donated_step(g.update, grads, g._state, list(g.params), ctx)
         self._view_stale = True
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients (torch's semantics). With ``flat=True`` and ``set_to_none=False``, every ``p.grad``
+        becomes a zeroed view of the group's flat gradient buffer, so that backward accumulates straight into it
+        and the next step copies nothing."""
+        if not self._flat or set_to_none:
+            super().zero_grad(set_to_none)
+            return
+        for g in self._groups:
+            assert g.flat is not None
+            g.flat.flat.zero_grad_views()
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 
@@ -473,7 +537,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             packed = {k: v for k, v in group.items() if k != "params"}
             packed["params"] = ids
             packed_groups.append(packed)
-            entries, globals_ = checkpoint_entries(g.layout, g.state)
+            entries, globals_ = checkpoint_entries(g.layout, g.checkpoint_state())
             packed_state.update({ids[i]: entry for i, entry in entries.items()})
             records.append(group_record(self._kind, g.layout, globals_))
             start += len(g.params)
@@ -550,7 +614,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             if records is not None:
                 kind = self._factory.name if self._factory is not None else None
                 globals_ = check_group_record(records[gi], kind, g.layout, where)
-            g.state = load_entries(g.layout, g.state, entries[gi], globals_, where, param_label=list(saved["params"]))
+            g._state = load_entries(g.layout, g.state, entries[gi], globals_, where, param_label=list(saved["params"]))
+            current = self._groups[gi].flat
+            if current is not None:
+                g.make_flat(current.flat)  # new flat state buffers over the same flat parameters
             new_group = dict(options)
             new_group["params"] = group["params"]
             if "param_names" in saved:

@@ -62,6 +62,8 @@ def adagrad(
     impl: str = "auto",
     donate: bool = False,
     apply: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> AdagradResult:
     """One Adagrad step over tensor lists; returns the updates and the new state lists (see module docstring).
 
@@ -75,14 +77,28 @@ def adagrad(
       donate: the caller owns the state buffers: they are updated in place.
       apply: with ``donate`` and ``params``, also add the updates to the parameters and return ``updates=None``
         (dense gradients with a float ``lr`` run ``torch._fused_adagrad_`` on the parameters, as torch does).
+      grad_scale, found_inf: GradScaler's (see :class:`pureopt.base.UpdateContext`); passed to torch's fused
+        kernel when it runs on the parameters, else gradients are unscaled out of place and a set ``found_inf``
+        skips the step (host sync).
     """
     sparse = [i for i, g in enumerate(grads) if g.is_sparse]
+    amp = grad_scale is not None or found_inf is not None
     if apply and donate and params is not None:
         if not sparse and impl in ("auto", "fused") and not isinstance(lr, Tensor) and lr is not None:
             plan = _fused.fused_plan([*grads, *params], state_sums)
-            if plan is not None:
+            if plan is not None and (not amp or _fused.same_dtypes(params, state_sums)):
                 return _adagrad_fused(plan, params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps,
-                                      maximize, donate=True, apply=True)  # fmt: skip
+                                      maximize, donate=True, apply=True, grad_scale=grad_scale,
+                                      found_inf=found_inf)  # fmt: skip
+    if amp:  # not torch's own fused call: unscale out of place, skip on a host check
+        unscaled = _fused.amp_unscale(grads, grad_scale, found_inf)
+        if unscaled is None:
+            return AdagradResult(
+                _fused.skipped_updates(grads, apply and donate and params is not None), steps, state_sums
+            )
+        return adagrad(params, unscaled, state_sums, steps, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                       eps=eps, maximize=maximize, impl=impl, donate=donate, apply=apply)  # fmt: skip
+    if apply and donate and params is not None:
         res = adagrad(params, grads, state_sums, steps, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
                       maximize=maximize, impl=impl, donate=donate)  # fmt: skip
         add_inplace(params, res.updates)  # type: ignore[arg-type]
@@ -212,8 +228,12 @@ def _adagrad_fused(
     *,
     donate: bool,
     apply: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> AdagradResult:
-    """The dense step through ``torch._fused_adagrad_`` (see :mod:`pureopt.kernels.fused`)."""
+    """The dense step through ``torch._fused_adagrad_`` (see :mod:`pureopt.kernels.fused`).
+
+    ``grad_scale`` / ``found_inf`` only when every group runs torch's own call on the parameters."""
     new_steps = FOREACH.add_scalar(steps, 1, inplace=donate)
     sums = state_sums if donate else _fused.clone_all(state_sums)
     # lr=None (scale_by_adagrad): lr=-1 and no decay write +direction into the zero buffer
@@ -226,9 +246,12 @@ def _adagrad_fused(
         g = cast_like(take(grads, idx), s)
         p = take(params, idx) if params is not None else None
         if apply and p is not None and all(x.dtype == y.dtype for x, y in zip(p, s)):
+            amp = _fused.amp_kwargs(grad_scale, found_inf, s[0].device)
             torch._fused_adagrad_(p, g, s, st, lr=kernel_lr, lr_decay=kernel_decay, weight_decay=weight_decay,
-                                  eps=eps, maximize=maximize)  # fmt: skip
+                                  eps=eps, maximize=maximize, **amp)  # fmt: skip
+            _fused.undo_steps(st, amp["found_inf"])
             return None
+        assert grad_scale is None and found_inf is None
         if maximize:
             g = FOREACH.neg(g)
         if weight_decay != 0:

@@ -64,15 +64,25 @@ def adam(
     impl: str = "auto",
     donate: bool = False,
     apply: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> AdamResult:
     """One Adam step over tensor lists; returns the updates and the new state lists (see module docstring).
 
     ``donate``: the state lists (and gradients) may be overwritten. ``apply`` (with ``donate`` and ``params``):
-    add the updates to the parameters in place too and return ``updates=None``.
+    add the updates to the parameters in place too and return ``updates=None``. ``grad_scale`` / ``found_inf``:
+    GradScaler's (see :class:`pureopt.base.UpdateContext`); passed to torch's fused kernel when it runs on the
+    parameters, else gradients are unscaled out of place and a set ``found_inf`` skips the step (host sync).
     """
     apply = apply and donate and params is not None
     plan = _fused.fused_plan([*grads, *(params or [])], exp_avgs) if impl in ("auto", "fused") else None
     path = choose_impl(impl, grads, fused_available=plan is not None)
+    amp = grad_scale is not None or found_inf is not None
+    if amp and not (path == "fused" and apply and _fused.same_dtypes(params, exp_avgs)):  # not torch's own call
+        unscaled = _fused.amp_unscale(grads, grad_scale, found_inf)
+        if unscaled is None:  # skipped: nothing changes
+            return AdamResult(_fused.skipped_updates(grads, apply), steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        grads, grad_scale, found_inf = unscaled, None, None
     if path == "fused":
         assert plan is not None
         return _adam_fused(
@@ -93,6 +103,8 @@ def adam(
             maximize=maximize,
             donate=donate,
             apply=apply,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
         )
     ops = ops_for(path)
     like = grads
@@ -163,8 +175,12 @@ def _adam_fused(
     maximize: bool,
     donate: bool,
     apply: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> AdamResult:
-    """The same step through ``torch._fused_adam_`` / ``torch._fused_adamw_`` (see :mod:`pureopt.kernels.fused`)."""
+    """The same step through ``torch._fused_adam_`` / ``torch._fused_adamw_`` (see :mod:`pureopt.kernels.fused`).
+
+    ``grad_scale`` / ``found_inf`` only when every group runs torch's own call on the parameters."""
     new_steps = FOREACH.add_scalar(steps, 1, inplace=donate)
     m = exp_avgs if donate else _fused.clone_all(exp_avgs)
     v = exp_avg_sqs if donate else _fused.clone_all(exp_avg_sqs)
@@ -187,10 +203,13 @@ def _adam_fused(
         in_kernel = apply and p is not None and all(x.dtype == y.dtype for x, y in zip(p, mm))
         if in_kernel:  # torch's own call: parameters, moments and steps in one pass
             assert p is not None
+            amp = _fused.amp_kwargs(grad_scale, found_inf, device)
             fn = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
             fn(p, g, mm, vv, vm, st, lr=_fused.fused_lr(kernel_lr, device), beta1=beta1, beta2=beta2,
-               weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize)  # fmt: skip
+               weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize, **amp)  # fmt: skip
+            _fused.undo_steps(st, amp["found_inf"])
             return None
+        assert grad_scale is None and found_inf is None
         if maximize:
             g = FOREACH.neg(g)
         if weight_decay != 0 and not decoupled_weight_decay:

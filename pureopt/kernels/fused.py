@@ -8,20 +8,42 @@ torch's fused kernels work in place: they overwrite the parameters and the state
   buffer instead of the parameters. Every fused kernel computes ``param <- param - lr * direction`` without
   reading the parameter (once weight decay is folded into the gradient beforehand), so starting from zero the
   buffer ends up holding exactly the update ``-lr * direction``. Nothing passed in is modified.
+
+**GradScaler** (``UpdateContext.grad_scale`` / ``found_inf``, see :class:`pureopt.base.UpdateContext`): a
+transformation registered with :func:`mark_amp_native` receives them and passes them to torch's kernel when its
+donated step is torch's own call (:func:`amp_kwargs`; step counts are then put back with :func:`undo_steps` on a
+skipped step, as torch.optim does), with no host sync. On any other path it falls back to :func:`amp_unscale`.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from pureopt.base import GradientTransformation, LeafUpdate
 from pureopt.kernels import select as _select
 from pureopt.kernels.select import functorch_active
 
-__all__ = ["FUSED_DEVICES", "fused_plan", "group_indices", "fused_lr", "zeros_like_all", "clone_all", "run_grouped"]
+__all__ = [
+    "FUSED_DEVICES",
+    "fused_plan",
+    "group_indices",
+    "fused_lr",
+    "zeros_like_all",
+    "clone_all",
+    "run_grouped",
+    "mark_amp_native",
+    "is_amp_native",
+    "same_dtypes",
+    "amp_kwargs",
+    "undo_steps",
+    "amp_unscale",
+    "skipped_updates",
+]
 
 Plan = list[list[int]]
 """Indices of the tensors of each (device, dtype) group a fused kernel is called on."""
@@ -110,3 +132,80 @@ def run_grouped(
             for i, u in zip(idx, updates):
                 out[i] = u
     return None if applied_all else out  # type: ignore[return-value]
+
+
+# --- GradScaler: grad_scale / found_inf ---------------------------------------------------------------------------
+
+_AMP_NATIVE: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+
+
+def mark_amp_native(tx: GradientTransformation) -> GradientTransformation:
+    """Register ``tx`` as honouring ``UpdateContext.grad_scale`` / ``found_inf`` itself; returns ``tx``.
+
+    Only for a transformation whose kernel is the first thing to read the gradients and which honours both
+    fields on every path: in torch's fused kernel where its donated step is torch's own call, else through
+    :func:`amp_unscale`. What is registered is the leaf-level update function (``tx.update.update_leaves``), the
+    one the adapters call; a tree-level update cannot be registered. Nothing is registered while
+    ``torch.compile`` traces (a transformation built there, e.g. by ``inject_hyperparams``, takes the generic path).
+    """
+    if not isinstance(tx.update, LeafUpdate):
+        raise TypeError("only a leaf-level transformation (leaf_transformation) can handle grad_scale/found_inf")
+    if not torch.compiler.is_compiling():  # dynamo cannot trace adding a closure to a WeakSet
+        _AMP_NATIVE.add(tx.update.update_leaves)
+    return tx
+
+
+def is_amp_native(update_leaves: Callable[..., Any]) -> bool:
+    """Whether a leaf-level update function was registered with :func:`mark_amp_native`."""
+    return update_leaves in _AMP_NATIVE
+
+
+def same_dtypes(params: Sequence[Tensor] | None, state: Sequence[Tensor]) -> bool:
+    """Whether every parameter has its state's dtype: a fused kernel can then run on the parameters themselves."""
+    return params is not None and all(p.dtype == s.dtype for p, s in zip(params, state))
+
+
+def amp_kwargs(grad_scale: Tensor | None, found_inf: Tensor | None, device: torch.device) -> dict[str, Any]:
+    """The ``grad_scale`` / ``found_inf`` keyword arguments of a fused kernel on ``device``.
+
+    torch's kernels read both as float32 on the kernel's device (``found_inf`` must be exactly 1.0 to skip).
+    """
+    return {
+        "grad_scale": None if grad_scale is None else grad_scale.to(device, torch.float32),
+        "found_inf": None if found_inf is None else found_inf.to(device, torch.float32),
+    }
+
+
+def undo_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
+    """``steps -= found_inf`` in place: a fused kernel skipped on ``found_inf`` leaves the step counts as they
+    were before the caller's ``+1`` (torch.optim's ``_foreach_sub_``)."""
+    if found_inf is not None and steps:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+
+def amp_unscale(grads: Sequence[Any], grad_scale: Tensor | None, found_inf: Tensor | None) -> list[Any] | None:
+    """GradScaler's generic handling, for a step that does not run in one fused kernel.
+
+    Returns ``None`` when ``found_inf`` is nonzero (the step is to be skipped; a host sync, as in GradScaler's
+    own path for optimizers without fused kernels), else the gradients divided by ``grad_scale`` out of place
+    (the inputs are read only; ``None`` leaves stay ``None``; unchanged if ``grad_scale`` is ``None``).
+    """
+    if found_inf is not None and bool(found_inf != 0):
+        return None
+    if grad_scale is None:
+        return list(grads)
+    out = list(grads)
+    dense = [i for i, g in enumerate(grads) if g is not None and not g.is_sparse and g.device == grad_scale.device]
+    if dense:
+        for i, g in zip(dense, torch._foreach_div([grads[i] for i in dense], grad_scale)):
+            out[i] = g
+    for i, g in enumerate(grads):
+        if g is not None and (g.is_sparse or g.device != grad_scale.device):
+            out[i] = g / grad_scale.to(g.device)
+    return out
+
+
+def skipped_updates(grads: Sequence[Tensor], apply: bool) -> list[Tensor] | None:
+    """The updates of a step skipped by :func:`amp_unscale`: ``None`` (nothing to add) when the kernel would have
+    applied them itself, else zeros."""
+    return None if apply else [torch.zeros_like(g) for g in grads]

@@ -58,6 +58,8 @@ def sgd(
     impl: str = "auto",
     donate: bool = False,
     apply: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> SGDResult:
     """One SGD step over tensor lists; returns the updates and the new state lists.
 
@@ -70,6 +72,9 @@ def sgd(
       impl: ``"auto" | "loop" | "foreach"``.
       donate: the caller owns the state buffers (and gradients): they are updated in place.
       apply: with ``donate`` and ``params``, also add the updates to the parameters and return ``updates=None``.
+      grad_scale, found_inf: GradScaler's (see :class:`pureopt.base.UpdateContext`); passed to torch's fused
+        kernel when it runs on the parameters, else gradients are unscaled out of place and a set ``found_inf``
+        skips the step (host sync).
 
     The fused path (``torch._fused_sgd_``) is available when the first step needs no special case
     (``dampening == 0``: a zero buffer then reproduces torch's copy of the first gradient exactly).
@@ -81,13 +86,22 @@ def sgd(
             # torch keeps a sparse momentum buffer holding the same values as this dense one
             grads = [g.to_dense() if g.is_sparse else g for g in grads]
         else:
-            return _sgd_split_sparse(grads, lr=lr, maximize=maximize, impl=impl)
+            unscaled = _fused.amp_unscale(grads, grad_scale, found_inf)
+            if unscaled is None:  # skipped by GradScaler
+                return SGDResult(_fused.skipped_updates(grads, apply and donate and params is not None), None, None)
+            return _sgd_split_sparse(unscaled, lr=lr, maximize=maximize, impl=impl)
     apply = apply and donate and params is not None
     plan = None
+    ref = momentum_buffers if momentum_buffers is not None and momentum != 0 else grads
     if impl in ("auto", "fused") and (momentum == 0 or dampening == 0):
-        ref = momentum_buffers if momentum_buffers is not None and momentum != 0 else grads
         plan = _fused.fused_plan([*grads, *(params or [])], ref)
     path = choose_impl(impl, grads, fused_available=plan is not None)
+    amp = grad_scale is not None or found_inf is not None
+    if amp and not (path == "fused" and apply and _fused.same_dtypes(params, ref)):  # not torch's own call
+        unscaled = _fused.amp_unscale(grads, grad_scale, found_inf)
+        if unscaled is None:  # skipped: nothing changes (a field returned as None stays as it was)
+            return SGDResult(_fused.skipped_updates(grads, apply), None, None)
+        grads, grad_scale, found_inf = unscaled, None, None
     if path == "fused":
         assert plan is not None
         return _sgd_fused(
@@ -102,6 +116,8 @@ def sgd(
             maximize=maximize,
             donate=donate,
             apply=apply,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
         )
     ops = ops_for(path)
     if momentum_buffers is not None:  # state may be kept in another dtype (state_dtype=)
@@ -159,8 +175,13 @@ def _sgd_fused(
     maximize: bool,
     donate: bool,
     apply: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> SGDResult:
-    """The same step through ``torch._fused_sgd_`` (see :mod:`pureopt.kernels.fused`); ``dampening == 0``."""
+    """The same step through ``torch._fused_sgd_`` (see :mod:`pureopt.kernels.fused`); ``dampening == 0``.
+
+    ``grad_scale`` / ``found_inf`` only when every group runs torch's own call on the parameters. A skipped
+    first step leaves the zero momentum buffers as they are, so the next step is a proper first step."""
     bufs: list[Tensor] = []
     if momentum != 0:
         assert momentum_buffers is not None
@@ -181,8 +202,10 @@ def _sgd_fused(
         if apply and p is not None and all(x.dtype == y.dtype for x, y in zip(p, ref)):
             torch._fused_sgd_(p, g, b, weight_decay=weight_decay, momentum=momentum,
                               lr=_fused.fused_lr(kernel_lr, device), dampening=0.0, nesterov=nesterov,
-                              maximize=maximize, is_first_step=False)  # fmt: skip
+                              maximize=maximize, is_first_step=False,
+                              **_fused.amp_kwargs(grad_scale, found_inf, device))  # fmt: skip
             return None
+        assert grad_scale is None and found_inf is None
         if maximize:
             g = FOREACH.neg(g)
         if weight_decay != 0:

@@ -120,6 +120,8 @@ def kernel_transform(
     state_type: Callable[..., Any],
     fields: dict[str, LeafInitFn | None],
     step: StepFn,
+    *,
+    elementwise: bool = False,
 ) -> GradientTransformation:
     """An algorithm transform: per-parameter state fields plus a ``num_updates`` counter, stepped by a kernel.
 
@@ -131,6 +133,7 @@ def kernel_transform(
         when ``update`` was called without params), gradients, the kept state fields as lists, the
         ``num_updates`` counter and the update context, and returns the updates and the new state lists (a
         field it does not return stays as it was).
+      elementwise: the algorithm's math is elementwise (see :func:`pureopt.base.is_elementwise`).
 
     ``None`` gradients produce ``None`` updates and leave that parameter's state untouched.
     """
@@ -161,9 +164,12 @@ def kernel_transform(
         new_fields = {
             name: ctx.spec.unflatten(scatter(full_lists[name], idx, values)) for name, values in new_sub.items()
         }
-        new_state = state._replace(num_updates=state.num_updates + 1, **new_fields)
+        num_updates = state.num_updates + 1
+        if ctx.found_inf is not None:  # a step skipped by GradScaler does not count (no host sync)
+            num_updates = num_updates - ctx.found_inf.to(num_updates.device, torch.int64)
+        new_state = state._replace(num_updates=num_updates, **new_fields)
         if new_updates is None:  # applied to the parameters in place
             return None, new_state
         return scatter([None] * len(updates), idx, new_updates), new_state
 
-    return leaf_transformation(init_leaves, update_leaves)
+    return leaf_transformation(init_leaves, update_leaves, elementwise=elementwise)

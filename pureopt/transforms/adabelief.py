@@ -82,7 +82,7 @@ def adabelief_transform(
         "exp_avg_var": zeros(state_dtype),
         "max_exp_avg_var": zeros(state_dtype) if amsgrad else None,
     }
-    return kernel_transform(ScaleByBeliefState, fields, step)
+    return kernel_transform(ScaleByBeliefState, fields, step, elementwise=True)
 
 
 def scale_by_belief(

@@ -81,7 +81,7 @@ def adadelta_transform(
         "square_avg": zeros(state_dtype),
         "acc_delta": zeros(state_dtype),
     }
-    return kernel_transform(ScaleByAdadeltaState, fields, step)
+    return kernel_transform(ScaleByAdadeltaState, fields, step, elementwise=True)
 
 
 def scale_by_adadelta(

@@ -10,6 +10,7 @@ from torch import Tensor
 from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_nonneg, resolve
 from pureopt.kernels.adagrad import adagrad as adagrad_kernel
+from pureopt.kernels.fused import mark_amp_native
 from pureopt.kernels.select import check_impl
 from pureopt.transforms._util import LeafInitFn, kernel_transform, step_init
 
@@ -76,6 +77,8 @@ def adagrad_transform(
             impl=impl,
             donate=ctx.donate,
             apply=ctx.apply,
+            grad_scale=ctx.grad_scale,
+            found_inf=ctx.found_inf,
         )
         return res.updates, {"step": res.step, "sum": res.sum}
 
@@ -83,7 +86,7 @@ def adagrad_transform(
         "step": step_init,
         "sum": _accumulator_init(float(initial_accumulator_value), state_dtype),
     }
-    return kernel_transform(ScaleByAdagradState, fields, step)
+    return mark_amp_native(kernel_transform(ScaleByAdagradState, fields, step, elementwise=True))
 
 
 def scale_by_adagrad(

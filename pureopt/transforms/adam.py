@@ -10,6 +10,7 @@ from torch import Tensor
 from pureopt import kernels
 from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_betas, check_nonneg, resolve
+from pureopt.kernels.fused import mark_amp_native
 from pureopt.kernels.select import check_impl
 from pureopt.transforms._util import kernel_transform, step_init, zeros
 
@@ -76,6 +77,8 @@ def adam_transform(
             impl=impl,
             donate=ctx.donate,
             apply=ctx.apply,
+            grad_scale=ctx.grad_scale,
+            found_inf=ctx.found_inf,
         )
         return res.updates, {k: v for k, v in res._asdict().items() if k != "updates" and v is not None}
 
@@ -85,7 +88,7 @@ def adam_transform(
         "exp_avg_sq": zeros(state_dtype),
         "max_exp_avg_sq": zeros(state_dtype) if amsgrad else None,
     }
-    return kernel_transform(ScaleByAdamState, fields, step)
+    return mark_amp_native(kernel_transform(ScaleByAdamState, fields, step, elementwise=True))
 
 
 def scale_by_adam(

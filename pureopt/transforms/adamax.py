@@ -77,7 +77,7 @@ def adamax_transform(
         "exp_avg": zeros(state_dtype),
         "exp_inf": zeros(state_dtype),
     }
-    return kernel_transform(ScaleByAdamaxState, fields, step)
+    return kernel_transform(ScaleByAdamaxState, fields, step, elementwise=True)
 
 
 def scale_by_adamax(

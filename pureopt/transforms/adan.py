@@ -86,7 +86,7 @@ def adan_transform(
         "exp_avg_sq": zero_init,
         "pre_grad": zero_init,
     }
-    return kernel_transform(AdanState, fields, step)
+    return kernel_transform(AdanState, fields, step, elementwise=True)
 
 
 def check_betas3(betas: tuple[float, ...]) -> None:

@@ -103,7 +103,7 @@ def ademamix_transform(
         "exp_avg_slow": zero_init,
         "exp_avg_sq": zero_init,
     }
-    return kernel_transform(AdEMAMixState, fields, step)
+    return kernel_transform(AdEMAMixState, fields, step, elementwise=True)
 
 
 def scale_by_ademamix(

@@ -92,4 +92,4 @@ def asgd_transform(
         "mu": _mu_init,
         "ax": zeros(state_dtype),
     }
-    return kernel_transform(ASGDState, fields, step)
+    return kernel_transform(ASGDState, fields, step, elementwise=True)

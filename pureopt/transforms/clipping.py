@@ -74,4 +74,4 @@ def clip(max_delta: float) -> GradientTransformation:
         del params, ctx
         return [None if u is None else torch.clamp(u, -max_delta, max_delta) for u in updates], state
 
-    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, elementwise=True)

@@ -33,4 +33,4 @@ def keep_params_nonnegative() -> GradientTransformation:
             raise ValueError("keep_params_nonnegative needs the parameters: call update(updates, state, params)")
         return [None if u is None else project(u, p) for u, p in zip(updates, params)], state
 
-    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, elementwise=True)

@@ -61,7 +61,7 @@ def lion_transform(
         )
         return res.updates, {"exp_avg": res.exp_avg}
 
-    return kernel_transform(LionState, {"exp_avg": zeros(state_dtype)}, step)
+    return kernel_transform(LionState, {"exp_avg": zeros(state_dtype)}, step, elementwise=True)
 
 
 def scale_by_lion(

@@ -10,6 +10,7 @@ from torch import Tensor
 from pureopt import kernels
 from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import resolve
+from pureopt.kernels.fused import mark_amp_native
 from pureopt.kernels.select import check_impl
 from pureopt.transforms._util import kernel_transform, step_init, zeros
 
@@ -68,6 +69,8 @@ def sgd_transform(
             impl=impl,
             donate=ctx.donate,
             apply=ctx.apply,
+            grad_scale=ctx.grad_scale,
+            found_inf=ctx.found_inf,
         )
         return res.updates, {k: v for k, v in res._asdict().items() if k != "updates" and v is not None}
 
@@ -75,7 +78,7 @@ def sgd_transform(
         "momentum_buffer": zeros(state_dtype) if momentum != 0 else None,
         "step": step_init if momentum != 0 and dampening != 0 else None,
     }
-    return kernel_transform(TraceState, fields, step)
+    return mark_amp_native(kernel_transform(TraceState, fields, step, elementwise=True))
 
 
 def trace(

@@ -90,7 +90,7 @@ def nadam_transform(
         "exp_avg": zeros(state_dtype),
         "exp_avg_sq": zeros(state_dtype),
     }
-    return kernel_transform(ScaleByNAdamState, fields, step)
+    return kernel_transform(ScaleByNAdamState, fields, step, elementwise=True)
 
 
 def scale_by_nadam(

@@ -78,7 +78,7 @@ def radam_transform(
         "exp_avg": zeros(state_dtype),
         "exp_avg_sq": zeros(state_dtype),
     }
-    return kernel_transform(ScaleByRAdamState, fields, step)
+    return kernel_transform(ScaleByRAdamState, fields, step, elementwise=True)
 
 
 def scale_by_radam(

@@ -82,7 +82,7 @@ def rmsprop_transform(
         "momentum_buffer": zeros(state_dtype) if momentum > 0 else None,
         "grad_avg": zeros(state_dtype) if centered else None,
     }
-    return kernel_transform(ScaleByRmsState, fields, step)
+    return kernel_transform(ScaleByRmsState, fields, step, elementwise=True)
 
 
 def scale_by_rms(

@@ -103,7 +103,7 @@ def rprop_transform(
         return res.updates, {k: v for k, v in res._asdict().items() if k != "updates"}
 
     fields: dict[str, LeafInitFn | None] = {"step": step_init, "prev": zeros(state_dtype), "step_size": size_init}
-    return kernel_transform(ScaleByRpropState, fields, step)
+    return kernel_transform(ScaleByRpropState, fields, step, elementwise=True)
 
 
 def scale_by_rprop(

@@ -46,7 +46,7 @@ def scale(step_size: float | Tensor) -> GradientTransformation:
         del params, ctx
         return [None if u is None else u * step_size for u in updates], state
 
-    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, elementwise=True)
 
 
 def scale_by_schedule(step_size_fn: ScalarOrSchedule) -> GradientTransformation:
@@ -69,7 +69,7 @@ def scale_by_schedule(step_size_fn: ScalarOrSchedule) -> GradientTransformation:
         out = [None if u is None else u * _cast_factor(factor, u) for u in updates]
         return out, ScaleByScheduleState(state.num_updates + 1)
 
-    return leaf_transformation(init_leaves, update_leaves)
+    return leaf_transformation(init_leaves, update_leaves, elementwise=True)
 
 
 def _cast_factor(factor: float | Tensor, like: Tensor) -> float | Tensor:
@@ -106,5 +106,5 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
             factor = lr_tensor.reshape(()) * sign
             return [None if u is None else u * _cast_factor(factor, u) for u in updates], state
 
-        return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+        return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, elementwise=True)
     return scale(sign * float(learning_rate))  # type: ignore[arg-type]

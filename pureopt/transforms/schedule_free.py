@@ -123,7 +123,7 @@ def schedule_free_transform(
         "z": copy_of(state_dtype),
         "exp_avg_sq": zeros(state_dtype) if adam else None,
     }
-    inner = kernel_transform(make_state, fields, step)
+    inner = kernel_transform(make_state, fields, step, elementwise=True)
     inner_update = as_leaf_update(inner)
 
     def update_leaves(
@@ -143,7 +143,7 @@ def schedule_free_transform(
         new_updates, new_state = inner_update(updates, state, params, with_extra(ctx, _SCALARS, scalars))
         return new_updates, new_state._replace(weight_sum=scalars.weight_sum, lr_max=scalars.lr_max)
 
-    return GradientTransformation(inner.init, LeafUpdate(update_leaves))
+    return GradientTransformation(inner.init, LeafUpdate(update_leaves, elementwise=True))
 
 
 def _find_state(state: Any) -> ScheduleFreeState | None:

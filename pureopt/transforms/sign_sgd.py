@@ -64,7 +64,7 @@ def signum_transform(
         return res.updates, {} if res.momentum_buffer is None else {"momentum_buffer": res.momentum_buffer}
 
     fields = {"momentum_buffer": zeros(state_dtype) if momentum != 0 else None}
-    return kernel_transform(SignumState, fields, step)
+    return kernel_transform(SignumState, fields, step, elementwise=True)
 
 
 def scale_by_sign(*, impl: str = "auto") -> GradientTransformation:

@@ -48,4 +48,4 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: MaskOrFn = None) -> Gra
         ]
         return out, state
 
-    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, elementwise=mask is None)

@@ -77,7 +77,7 @@ def yogi_transform(
         "exp_avg": zeros(state_dtype),
         "exp_avg_sq": full(initial_accumulator_value, state_dtype),
     }
-    return kernel_transform(ScaleByYogiState, fields, step)
+    return kernel_transform(ScaleByYogiState, fields, step, elementwise=True)
 
 
 def scale_by_yogi(
