@@ -228,7 +228,7 @@ def main() -> None:
     bandwidth = memory_bandwidth()
     info = machine()
     print(f"# {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}, memory {bandwidth / 1e9:.1f} GB/s")
-    header = f"{'set':<11} {'algo':<13} {'impl':<16} {'ms':>9} {'x torch best':>13} {'of bw bound':>12}"
+    header = f"{'set':<11} {'algo':<13} {'impl':<20} {'ms':>9} {'x torch best':>13} {'of bw bound':>12}"
     print(header)
     print("-" * len(header))
     results = []
@@ -242,7 +242,7 @@ def main() -> None:
                 continue
             for row in rows:
                 print(
-                    f"{row['set']:<11} {row['algo']:<13} {row['impl']:<16} {row['median_ms']:9.2f} "
+                    f"{row['set']:<11} {row['algo']:<13} {row['impl']:<20} {row['median_ms']:9.2f} "
                     f"{row['ratio_to_torch_best']:13.2f} {row['bandwidth_fraction']:12.0%}"
                 )
             results.extend(rows)

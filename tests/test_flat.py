@@ -356,3 +356,34 @@ def test_flat_layout_groups_by_device_and_dtype():
     assert [v.shape for v in layout.views(vectors)] == [t.shape for t in tensors]
     assert layout.matches(tensors) is None
     assert "entry 1" in layout.matches([tensors[0], torch.ones(3), tensors[2]])
+
+
+def test_regroup_follows_given_groups_and_refuses_bad_ones():
+    params = make_params()
+    ref_params = clones(params)
+    opt = pureopt.FunctionalOptimizer(params, pureopt.adam(lr=0.01), flat=True)
+    ref = torch.optim.Adam(ref_params, lr=0.01, fused=True)
+    opt.step(grads_for(params, 0))
+    ptrs = [p.data_ptr() for p in params]
+    for bad, message in (
+        ([[0, 1], [3, 4]], "every tensor exactly once"),
+        ([[0, 1, 2], [3, 4]], "group 0 of a flat layout is empty or mixes devices or dtypes"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            opt.regroup(bad)
+        assert [p.data_ptr() for p in params] == ptrs
+    opt.regroup([[4, 0], [2], [3, 1]])  # the order within a buffer is the order given
+    assert opt.flat_groups() == [[4, 0], [2], [3, 1]]
+    assert params[0].data_ptr() == params[4].data_ptr() + params[4].numel() * params[4].element_size()
+    # a partial step covering whole buffers is a flat step on those buffers only
+    grads = grads_for(params, 1)
+    opt.step_params([params[i] for i in (4, 0, 2)], [grads[i] for i in (4, 0, 2)])
+    opt.step_params([params[i] for i in (3, 1)], [grads[i] for i in (3, 1)])
+    opt.end_step()
+    assert opt._flat is not None and opt._flat.uniform
+    for t in range(2):
+        for p, g in zip(ref_params, grads_for(ref_params, t)):
+            p.grad = g
+        ref.step()
+    assert_same(params, ref_params, "after regroup")
+    assert_same_state(opt.state_dict(), ref.state_dict())

@@ -336,15 +336,17 @@ class FlatState:
             return
         leaves = self.pp_layout.leaves(new_state)
         flat_leaves = self._flat_leaves()
+        kept = True  # every parameter-shaped leaf is still its view (the donated kernels work in place)
         for pos, (kind, fpos) in enumerate(self._kinds):
             if kind == _SLICE and leaves[pos] is not self._slices[pos]:
                 self._slices[pos].copy_(leaves[pos])
+                kept = False
             elif kind == _SCALAR:
                 self._scalars[pos] = leaves[pos]
             elif kind == _GLOBAL:
                 flat_leaves[fpos] = leaves[pos]
         self.flat_state = self.flat_spec_state.unflatten(flat_leaves)
-        self._pp_state = None
+        self._pp_state = new_state if kept else None
 
     def _split_scalars(self) -> None:
         """Give every parameter its own 0-d leaves (a step is about to advance only some of them)."""

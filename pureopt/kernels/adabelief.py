@@ -25,9 +25,20 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like
-from pureopt.kernels.lars import add_scaled, map_scalars_n, require_params
-from pureopt.kernels.listops import ops_for
+from pureopt.kernels.common import (
+    add_scaled,
+    addcdiv_update,
+    as_complex_like,
+    as_real,
+    can_apply,
+    cast_like,
+    elementwise,
+    map_scalars_n,
+    on_host,
+    scalar_for,
+)
+from pureopt.kernels.lars import require_params
+from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["AdaBeliefResult", "adabelief"]
@@ -36,7 +47,7 @@ __all__ = ["AdaBeliefResult", "adabelief"]
 class AdaBeliefResult(NamedTuple):
     """Updates and new state lists (named like the reference implementation's state keys)."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     step: list[Tensor]
     exp_avg: list[Tensor]
     exp_avg_var: list[Tensor]
@@ -61,46 +72,77 @@ def adabelief(
     maximize: bool,
     impl: str = "auto",
     donate: bool = False,
+    apply: bool = False,
 ) -> AdaBeliefResult:
-    """One AdaBelief step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    """One AdaBelief step over tensor lists; returns the updates and the new state lists (see module docstring).
+
+    ``donate``: the state lists may be overwritten. ``apply`` (with ``donate`` and ``params``): update the parameters
+    in place too (decoupled decay first, then ``p.addcdiv_(m, denom, value=-step_size)``) and return
+    ``updates=None``.
+    """
     path = choose_impl(impl, [*grads, *exp_avgs])
     ops = ops_for(path)
     m, s = as_real(exp_avgs), as_real(exp_avg_vars)
-    smax = as_real(max_exp_avg_vars) if max_exp_avg_vars is not None else None
+    smax = as_real(max_exp_avg_vars) if amsgrad and max_exp_avg_vars is not None else None
     g = cast_like(as_real(grads), m)  # state may be kept in another dtype (state_dtype=)
-    p = None
-    if weight_decay != 0 and (lr is not None or not decoupled_weight_decay):
-        p = cast_like(as_real(require_params(params, "weight_decay")), m)
-
-    owned = False
-    if maximize:
-        g, owned = ops.neg(g), True
-    if p is not None and not decoupled_weight_decay:
-        g = ops.add(g, p, alpha=weight_decay, inplace=owned)
+    uses_p = weight_decay != 0 and (lr is not None or not decoupled_weight_decay)
+    if uses_p:
+        require_params(params, "weight_decay")
+    rparams = cast_like(as_real(params), m) if params is not None else None
+    apply = can_apply(ops, apply and donate, params, rparams)
+    decoupled = uses_p and decoupled_weight_decay
     new_steps = ops.add_scalar(steps, 1, inplace=donate)
-    new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
-    residual = ops.sub(g, new_m)
-    new_s = ops.addcmul(ops.mul(s, beta2, inplace=donate), residual, residual, value=1 - beta2, inplace=True)
-    new_s = ops.add_scalar(new_s, eps, inplace=True)
-    new_smax = None
-    if amsgrad:
-        assert smax is not None
-        new_smax = ops.maximum(smax, new_s, inplace=donate)
     sign = -1.0 if lr is not None else 1.0
     step_lr = 1.0 if lr is None else lr
     step_size, bc2_sqrt = map_scalars_n(
         lambda t: (sign * step_lr / (1 - torch.pow(beta1, t)), torch.sqrt(1 - torch.pow(beta2, t))),
         new_steps,
         outputs=2,
-        like=new_m,
+        like=m,
+        host=on_host(apply, m),
     )
-    denom = ops.sqrt(new_smax if new_smax is not None else new_s)
-    denom = ops.add_scalar(ops.div(denom, bc2_sqrt, inplace=True), eps, inplace=True)
-    updates = ops.div_list(ops.mul(new_m, step_size), denom, inplace=True)
-    if p is not None and decoupled_weight_decay and lr is not None:
-        updates = add_scaled(ops, updates, p, -lr * weight_decay, inplace=True)
+
+    def body(
+        ops: ListOps,
+        p: list[Tensor] | None,
+        g: list[Tensor],
+        m: list[Tensor],
+        s: list[Tensor],
+        smax: list[Tensor] | None,
+        step_size: list[Tensor],
+        bc2_sqrt: list[Tensor],
+    ) -> tuple[list[Tensor] | None, ...]:
+        owned = False
+        if maximize:
+            g, owned = ops.neg(g), True
+        if uses_p and not decoupled_weight_decay:
+            g = ops.add(g, p, alpha=weight_decay, inplace=owned)  # type: ignore[arg-type]
+        new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
+        residual = ops.sub(g, new_m)
+        new_s = ops.addcmul(ops.mul(s, beta2, inplace=donate), residual, residual, value=1 - beta2, inplace=True)
+        new_s = ops.add_scalar(new_s, eps, inplace=True)
+        new_smax = None
+        if amsgrad:
+            assert smax is not None
+            new_smax = ops.maximum(smax, new_s, inplace=donate)
+        denom = ops.sqrt(new_smax if new_smax is not None else new_s)
+        denom = ops.add_scalar(ops.div(denom, bc2_sqrt, inplace=True), eps, inplace=True)
+        if apply:
+            assert p is not None
+            if decoupled:
+                ops.mul(p, scalar_for(1 - lr * weight_decay, p), inplace=True)  # type: ignore[operator]
+            addcdiv_update(ops, p, new_m, denom, step_size, owned=False)
+            return None, new_m, new_s, new_smax
+        updates = addcdiv_update(ops, None, new_m, denom, step_size, owned=False)
+        if decoupled and lr is not None:
+            updates = add_scaled(ops, updates, p, -lr * weight_decay, inplace=True)  # type: ignore[arg-type]
+        return updates, new_m, new_s, new_smax
+
+    columns = (rparams, g, m, s, smax, step_size, bc2_sqrt)
+    updates, new_m, new_s, new_smax = elementwise(body, ops, columns, writes=(None, 2, 3, 4), in_place=apply)
+    assert new_m is not None and new_s is not None
     return AdaBeliefResult(
-        as_complex_like(updates, grads),
+        None if updates is None else as_complex_like(updates, grads),
         new_steps,
         as_complex_like(new_m, grads),
         as_complex_like(new_s, grads),

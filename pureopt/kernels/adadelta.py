@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like
-from pureopt.kernels.listops import ops_for
+from pureopt.kernels.common import add_update, as_complex_like, as_real, can_apply, cast_like, elementwise
+from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["AdadeltaResult", "adadelta"]
@@ -33,7 +33,7 @@ __all__ = ["AdadeltaResult", "adadelta"]
 class AdadeltaResult(NamedTuple):
     """Updates and new state lists (named like torch.optim's state keys)."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     step: list[Tensor]
     square_avg: list[Tensor]
     acc_delta: list[Tensor]
@@ -53,8 +53,13 @@ def adadelta(
     maximize: bool,
     impl: str = "auto",
     donate: bool = False,
+    apply: bool = False,
 ) -> AdadeltaResult:
-    """One Adadelta step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    """One Adadelta step over tensor lists; returns the updates and the new state lists (see module docstring).
+
+    ``donate``: the state lists may be overwritten. ``apply`` (with ``donate`` and ``params``): add the updates to
+    the parameters in place too (torch's ``p.add_(delta, alpha=-lr)``) and return ``updates=None``.
+    """
     if any(g.is_sparse for g in grads):
         raise RuntimeError("Adadelta does not support sparse gradients")
     if weight_decay != 0 and params is None:
@@ -64,27 +69,41 @@ def adadelta(
     like = grads
     vs, us = as_real(square_avgs), as_real(acc_deltas)
     g = cast_like(as_real(grads), vs)  # state may be kept in another dtype (state_dtype=)
-    owned = False
-    if maximize:
-        g, owned = ops.neg(g), True
-    if weight_decay != 0:
-        rparams = cast_like(as_real(params), vs)  # type: ignore[arg-type]
-        g, owned = ops.add(g, rparams, alpha=weight_decay, inplace=owned), True
+    rparams = cast_like(as_real(params), vs) if params is not None else None
+    apply = can_apply(ops, apply and donate, params, rparams)
     new_steps = ops.add_scalar(steps, 1, inplace=donate)
-    new_vs = ops.addcmul(ops.mul(vs, rho, inplace=donate), g, g, value=1 - rho, inplace=True)
-    std = ops.sqrt(ops.add_scalar(new_vs, eps), inplace=True)
-    delta = ops.sqrt(ops.add_scalar(us, eps), inplace=True)
-    delta = ops.mul_list(ops.div_list(delta, std, inplace=True), g, inplace=True)
-    new_us = ops.addcmul(ops.mul(us, rho, inplace=donate), delta, delta, value=1 - rho, inplace=True)
-    if lr is None:
-        updates = delta
-    elif params is not None and not isinstance(lr, Tensor):
-        # p_new - p with p_new from torch's own op (p.add_(delta, alpha=-lr), a fused multiply-add), so that
-        # p + update reproduces torch's parameter bit for bit whenever the subtraction is exact
-        rparams = cast_like(as_real(params), vs)
-        updates = ops.sub(ops.add(rparams, delta, alpha=-lr), rparams, inplace=True)
-    else:
-        updates = ops.mul(delta, -lr, inplace=True)
+
+    def body(
+        ops: ListOps, p: list[Tensor] | None, g: list[Tensor], vs: list[Tensor], us: list[Tensor]
+    ) -> tuple[list[Tensor] | None, ...]:
+        owned = False
+        if maximize:
+            g, owned = ops.neg(g), True
+        if weight_decay != 0:
+            g, owned = ops.add(g, p, alpha=weight_decay, inplace=owned), True  # type: ignore[arg-type]
+        new_vs = ops.addcmul(ops.mul(vs, rho, inplace=donate), g, g, value=1 - rho, inplace=True)
+        std = ops.sqrt(ops.add_scalar(new_vs, eps), inplace=True)
+        delta = ops.sqrt(ops.add_scalar(us, eps), inplace=True)
+        delta = ops.mul_list(ops.div_list(delta, std, inplace=True), g, inplace=True)
+        new_us = ops.addcmul(ops.mul(us, rho, inplace=donate), delta, delta, value=1 - rho, inplace=True)
+        if apply:  # torch: p.add_(delta, alpha=-lr)
+            add_update(ops, p, delta, 1.0 if lr is None else -lr, owned=True)
+            return None, new_vs, new_us
+        if lr is None:
+            updates = delta
+        elif p is not None and not isinstance(lr, Tensor):
+            # p_new - p with p_new from torch's own op (p.add_(delta, alpha=-lr), a fused multiply-add), so that
+            # p + update reproduces torch's parameter bit for bit whenever the subtraction is exact
+            updates = ops.sub(ops.add(p, delta, alpha=-lr), p, inplace=True)
+        else:
+            updates = ops.mul(delta, -lr, inplace=True)
+        return updates, new_vs, new_us
+
+    updates, new_vs, new_us = elementwise(body, ops, (rparams, g, vs, us), writes=(None, 2, 3), in_place=apply)
+    assert new_vs is not None and new_us is not None
     return AdadeltaResult(
-        as_complex_like(updates, like), new_steps, as_complex_like(new_vs, like), as_complex_like(new_us, like)
+        None if updates is None else as_complex_like(updates, like),
+        new_steps,
+        as_complex_like(new_vs, like),
+        as_complex_like(new_us, like),
     )

@@ -33,9 +33,20 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like
-from pureopt.kernels.lars import add_scaled, map_scalars_n, require_params
-from pureopt.kernels.listops import ops_for
+from pureopt.kernels.common import (
+    add_scaled,
+    add_update,
+    as_complex_like,
+    as_real,
+    can_apply,
+    cast_like,
+    elementwise,
+    map_scalars_n,
+    on_host,
+    scalar_for,
+)
+from pureopt.kernels.lars import require_params
+from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["AdEMAMixResult", "ademamix", "alpha_schedule", "beta3_schedule"]
@@ -44,7 +55,7 @@ __all__ = ["AdEMAMixResult", "ademamix", "alpha_schedule", "beta3_schedule"]
 class AdEMAMixResult(NamedTuple):
     """Updates and new state lists (named like the reference implementation's state keys)."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     step: list[Tensor]
     exp_avg_fast: list[Tensor]
     exp_avg_slow: list[Tensor]
@@ -83,17 +94,22 @@ def ademamix(
     maximize: bool,
     impl: str = "auto",
     donate: bool = False,
+    apply: bool = False,
 ) -> AdEMAMixResult:
-    """One AdEMAMix step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    """One AdEMAMix step over tensor lists; returns the updates and the new state lists (see module docstring).
+
+    ``donate``: the state lists may be overwritten. ``apply`` (with ``donate`` and ``params``): update the parameters
+    in place too (``p.mul_(1 - lr * weight_decay).add_(direction, alpha=-lr)``) and return ``updates=None``.
+    """
     path = choose_impl(impl, [*grads, *exp_avg_fasts])
     ops = ops_for(path)
     m1, m2, v = as_real(exp_avg_fasts), as_real(exp_avg_slows), as_real(exp_avg_sqs)
     g = cast_like(as_real(grads), m1)  # state may be kept in another dtype (state_dtype=)
-    p = None
-    if weight_decay != 0 and lr is not None:
-        p = cast_like(as_real(require_params(params, "weight_decay")), m1)
-    if maximize:
-        g = ops.neg(g)
+    decay = weight_decay != 0 and lr is not None
+    if decay:
+        require_params(params, "weight_decay")
+    rparams = cast_like(as_real(params), m1) if params is not None else None
+    apply = can_apply(ops, apply and donate, params, rparams)
 
     def scalars(t: Tensor) -> tuple[Tensor, ...]:
         t = t + 1
@@ -105,28 +121,54 @@ def ademamix(
         return tuple(out)
 
     n_out = 2 + (alpha_warmup is not None) + (beta3_warmup is not None)
-    inv_bc1, bc2_sqrt, *scheduled = map_scalars_n(scalars, steps, outputs=n_out, like=m1)
+    inv_bc1, bc2_sqrt, *scheduled = map_scalars_n(scalars, steps, outputs=n_out, like=m1, host=on_host(apply, m1))
+    alpha_t = scheduled[0] if alpha_warmup is not None else None
+    beta3_weight = scheduled[-1] if beta3_warmup is not None else None
     new_steps = ops.add_scalar(steps, 1, inplace=donate)
-    new_m1 = ops.lerp(m1, g, 1 - beta1, inplace=donate)
-    if beta3_warmup is None:
-        new_m2 = ops.lerp(m2, g, 1 - beta3, inplace=donate)
-    else:
-        weight = scheduled[-1]
-        new_m2 = ops.add(m2, ops.mul(ops.sub(g, m2), weight, inplace=True), inplace=donate)
-    new_v = ops.addcmul(ops.mul(v, beta2, inplace=donate), g, g, value=1 - beta2, inplace=True)
 
-    slow_weight: float | list[Tensor] = alpha if alpha_warmup is None else scheduled[0]
-    denom = ops.add_scalar(ops.div(ops.sqrt(new_v), bc2_sqrt, inplace=True), eps, inplace=True)
-    numer = ops.add(ops.mul(new_m1, inv_bc1), ops.mul(new_m2, slow_weight), inplace=True)
-    direction = ops.div_list(numer, denom, inplace=True)
-    if lr is None:
-        updates = direction
-    else:
+    def body(
+        ops: ListOps,
+        p: list[Tensor] | None,
+        g: list[Tensor],
+        m1: list[Tensor],
+        m2: list[Tensor],
+        v: list[Tensor],
+        inv_bc1: list[Tensor],
+        bc2_sqrt: list[Tensor],
+        alpha_t: list[Tensor] | None,
+        beta3_weight: list[Tensor] | None,
+    ) -> tuple[list[Tensor] | None, ...]:
+        if maximize:
+            g = ops.neg(g)
+        new_m1 = ops.lerp(m1, g, 1 - beta1, inplace=donate)
+        if beta3_weight is None:
+            new_m2 = ops.lerp(m2, g, 1 - beta3, inplace=donate)
+        else:
+            new_m2 = ops.add(m2, ops.mul(ops.sub(g, m2), beta3_weight, inplace=True), inplace=donate)
+        new_v = ops.addcmul(ops.mul(v, beta2, inplace=donate), g, g, value=1 - beta2, inplace=True)
+
+        slow_weight: float | list[Tensor] = alpha if alpha_t is None else alpha_t
+        denom = ops.add_scalar(ops.div(ops.sqrt(new_v), bc2_sqrt, inplace=True), eps, inplace=True)
+        numer = ops.add(ops.mul(new_m1, inv_bc1), ops.mul(new_m2, slow_weight), inplace=True)
+        direction = ops.div_list(numer, denom, inplace=True)
+        if apply:
+            assert p is not None
+            if decay:
+                ops.mul(p, scalar_for(1 - lr * weight_decay, p), inplace=True)  # type: ignore[operator]
+            add_update(ops, p, direction, 1.0 if lr is None else -lr, owned=True)
+            return None, new_m1, new_m2, new_v
+        if lr is None:
+            return direction, new_m1, new_m2, new_v
         updates = ops.mul(direction, -lr, inplace=True)
-        if p is not None:
-            updates = add_scaled(ops, updates, p, -lr * weight_decay, inplace=True)
+        if decay:
+            updates = add_scaled(ops, updates, p, -lr * weight_decay, inplace=True)  # type: ignore[arg-type]
+        return updates, new_m1, new_m2, new_v
+
+    columns = (rparams, g, m1, m2, v, inv_bc1, bc2_sqrt, alpha_t, beta3_weight)
+    updates, new_m1, new_m2, new_v = elementwise(body, ops, columns, writes=(None, 2, 3, 4), in_place=apply)
+    assert new_m1 is not None and new_m2 is not None and new_v is not None
     return AdEMAMixResult(
-        as_complex_like(updates, grads),
+        None if updates is None else as_complex_like(updates, grads),
         new_steps,
         as_complex_like(new_m1, grads),
         as_complex_like(new_m2, grads),

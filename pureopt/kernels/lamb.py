@@ -26,9 +26,9 @@ from typing import NamedTuple
 from torch import Tensor
 
 from pureopt.kernels.adam import adam
-from pureopt.kernels.common import as_complex_like, as_real, cast_like
+from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
 from pureopt.kernels.lars import map_scalars, norms, require_params, trust_ratio
-from pureopt.kernels.listops import ops_for
+from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["LambResult", "lamb"]
@@ -37,7 +37,7 @@ __all__ = ["LambResult", "lamb"]
 class LambResult(NamedTuple):
     """Updates and new state lists (named like torch.optim's state keys)."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     step: list[Tensor]
     exp_avg: list[Tensor]
     exp_avg_sq: list[Tensor]
@@ -58,39 +58,61 @@ def lamb(
     maximize: bool,
     impl: str = "auto",
     donate: bool = False,
+    apply: bool = False,
 ) -> LambResult:
-    """One LAMB step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    """One LAMB step over tensor lists; returns the updates and the new state lists (see module docstring).
+
+    ``donate``: the state lists may be overwritten. ``apply`` (with ``donate``): add the updates to the parameters
+    in place too (``p += ratio * u`` in one rounding) and return ``updates=None``; on CPU the step then runs over
+    chunks of whole tensors (the trust ratio needs each tensor's norms), so that each chunk stays in cache.
+    """
     given = require_params(params, "lamb")
     path = choose_impl(impl, [*grads, *exp_avgs])  # before any work: an illegal explicit impl raises here
     ops = ops_for(path)
-    direction = adam(
-        None,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        None,
-        steps,
-        lr=None,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=0.0,
-        decoupled_weight_decay=False,
-        amsgrad=False,
-        maximize=maximize,
-        impl=path,
-        donate=donate,
-    )
-    assert direction.updates is not None
-    # fresh tensors owned by this kernel; in the state dtype (adam's 0-d results may come back promoted to float64)
-    u = cast_like(as_real(direction.updates), as_real(direction.exp_avg))
-    p = cast_like(as_real(given), u)
-    if weight_decay != 0:
-        u = ops.add(u, p, alpha=weight_decay, inplace=True)
+    apply = can_apply(ops, apply and donate, given, cast_like(as_real(given), as_real(exp_avgs)))
     sign = 1.0 if lr is None else -1.0
     step_lr = 1.0 if lr is None else lr
-    scales = map_scalars(
-        lambda pn, un: sign * step_lr * trust_ratio(pn, un, 1.0, 0.0), norms(ops, p), norms(ops, u), like=u
+
+    def body(
+        ops: ListOps, p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], steps: list[Tensor]
+    ) -> tuple[list[Tensor] | None, ...]:
+        direction = adam(
+            None,
+            g,
+            m,
+            v,
+            None,
+            steps,
+            lr=None,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=0.0,
+            decoupled_weight_decay=False,
+            amsgrad=False,
+            maximize=maximize,
+            impl=path,
+            donate=donate,
+        )
+        assert direction.updates is not None
+        # fresh tensors owned by this kernel; in the state dtype (adam's 0-d results may come back promoted)
+        u = cast_like(as_real(direction.updates), as_real(direction.exp_avg))
+        rp = cast_like(as_real(p), u)
+        if weight_decay != 0:
+            u = ops.add(u, rp, alpha=weight_decay, inplace=True)
+        scales = map_scalars(
+            lambda pn, un: sign * step_lr * trust_ratio(pn, un, 1.0, 0.0), norms(ops, rp), norms(ops, u), like=u
+        )
+        if apply:  # p + ratio * u with one rounding
+            ops.addcmul(rp, u, scales, inplace=True)
+            updates = None
+        else:
+            updates = as_complex_like(ops.mul(u, scales, inplace=True), g)
+        return updates, direction.step, direction.exp_avg, direction.exp_avg_sq
+
+    columns = (given, grads, exp_avgs, exp_avg_sqs, steps)
+    updates, new_steps, new_m, new_v = elementwise(
+        body, ops, columns, writes=(None, 4, 2, 3), in_place=apply, split=False
     )
-    updates = ops.mul(u, scales, inplace=True)
-    return LambResult(as_complex_like(updates, grads), direction.step, direction.exp_avg, direction.exp_avg_sq)
+    assert new_steps is not None and new_m is not None and new_v is not None
+    return LambResult(updates, new_steps, new_m, new_v)

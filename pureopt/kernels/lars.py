@@ -31,7 +31,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like, cast_values, map_scalars_n
+from pureopt.kernels.common import (
+    add_scaled,
+    as_complex_like,
+    as_real,
+    can_apply,
+    cast_like,
+    cast_values,
+    map_scalars_n,
+    scalar_for,
+)
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
 
@@ -67,29 +76,6 @@ def map_scalars(
 ) -> list[Tensor]:
     """:func:`map_scalars_n` for a function with one output vector."""
     return map_scalars_n(lambda *vs: (fn(*vs),), *columns, outputs=1, like=like)[0]
-
-
-def scalar_for(value: float | Tensor, like: Sequence[Tensor]) -> float | list[Tensor]:
-    """A hyperparameter ready to multiply ``like``: a number as it is, a 0-d tensor cast once per dtype in ``like``
-    (so that it never promotes a 0-d tensor), as a per-tensor list."""
-    if not isinstance(value, Tensor):
-        return value
-    casts: dict[torch.dtype, Tensor] = {}
-    out = []
-    for t in like:
-        if t.dtype not in casts:
-            casts[t.dtype] = value if value.dtype == t.dtype else value.to(t.dtype)
-        out.append(casts[t.dtype])
-    return out
-
-
-def add_scaled(
-    ops: ListOps, xs: list[Tensor], ys: Sequence[Tensor], coef: float | Tensor, inplace: bool = False
-) -> list[Tensor]:
-    """``x + coef * y`` where ``coef`` is a Python number or a 0-d tensor (kept from promoting the result)."""
-    if isinstance(coef, Tensor):
-        return ops.add(xs, ops.mul(list(ys), scalar_for(coef, xs)), inplace=inplace)
-    return ops.add(xs, ys, alpha=coef, inplace=inplace)
 
 
 def require_params(params: list[Tensor] | None, what: str) -> list[Tensor]:
@@ -134,7 +120,7 @@ def trust_ratio_scale(
 class LarsResult(NamedTuple):
     """Updates and new state lists (named like torch.optim's state keys); ``None`` for what is not kept."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     momentum_buffer: list[Tensor] | None
 
 
@@ -153,6 +139,7 @@ def lars(
     adapt: Sequence[bool] | None = None,
     impl: str = "auto",
     donate: bool = False,
+    apply: bool = False,
 ) -> LarsResult:
     """One LARS step over tensor lists (see module docstring).
 
@@ -163,6 +150,7 @@ def lars(
       adapt: per tensor, whether the layer-wise rate and weight decay apply (``None``: everywhere).
       impl: ``"auto" | "loop" | "foreach"``.
       donate: the caller owns the state buffers: they are updated in place.
+      apply: with ``donate``, subtract the step from the parameters in place too and return ``updates=None``.
     """
     path = choose_impl(impl, [*grads, *(momentum_buffers or [])])
     ops = ops_for(path)
@@ -172,6 +160,7 @@ def lars(
     bufs = as_real(momentum_buffers) if momentum_buffers is not None else None
     if bufs is not None:  # state may be kept in another dtype (state_dtype=)
         g, p = cast_like(g, bufs), cast_like(p, bufs)
+    apply = can_apply(ops, apply and donate, params, p)
     if maximize:
         g = ops.neg(g)
     n = len(g)
@@ -203,11 +192,12 @@ def lars(
         if nesterov:
             direction = ops.add(steps, new_bufs, alpha=momentum, inplace=True)
         else:
-            direction = ops.clone(new_bufs)
+            direction = new_bufs if apply else ops.clone(new_bufs)
     else:
         direction = steps
-    updates = ops.neg(direction, inplace=True)
-    return LarsResult(
-        as_complex_like(updates, like),
-        as_complex_like(new_bufs, like) if new_bufs is not None else None,
-    )
+    if apply:  # p - direction, into the parameters
+        ops.sub(p, direction, inplace=True)
+        updates = None
+    else:
+        updates = as_complex_like(ops.neg(direction, inplace=True), like)
+    return LarsResult(updates, as_complex_like(new_bufs, like) if new_bufs is not None else None)

@@ -11,18 +11,20 @@ buffers the caller owns: temporaries the kernel created, or donated state), othe
 Kernels must always use the returned lists (``FUNCTIONAL`` ignores ``inplace``; see :func:`ops_for`).
 
 A *scalar* argument may be a Python number, a 0-d tensor (shared by all tensors) or a list with one Python
-number or 0-d tensor per tensor.
+number or 0-d tensor per tensor (a list of numbers is what the applied CPU path passes: see
+:func:`pureopt.kernels.common.on_host`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ListOps", "Scalar", "LOOP", "FOREACH", "FUNCTIONAL", "ops_for"]
+__all__ = ["ListOps", "Scalar", "LOOP", "FOREACH", "FUNCTIONAL", "ops_for", "Scratch", "ScratchOps"]
 
 Scalar = float | Tensor | Sequence[float | Tensor]
 
@@ -33,8 +35,21 @@ def _per(s: Scalar, n: int) -> Sequence[float | Tensor]:
     return [s] * n  # type: ignore[list-item]
 
 
+def _values(value: float | Sequence[float], n: int) -> Sequence[float]:
+    return value if isinstance(value, (list, tuple)) else [value] * n  # type: ignore[list-item]
+
+
 def _is_list(s: Scalar) -> bool:
     return isinstance(s, (list, tuple))
+
+
+def _foreach_arg(s: Scalar) -> Any:
+    """``s`` as a ``torch._foreach_*`` scalar argument (a number, a 0-d tensor, a list of 0-d tensors or a list of
+    numbers), or ``None`` for a list mixing numbers and tensors (then the ops run tensor by tensor)."""
+    if not _is_list(s):
+        return s
+    kinds = {isinstance(v, Tensor) for v in s}  # type: ignore[union-attr]
+    return list(s) if len(kinds) <= 1 else None  # type: ignore[arg-type]
 
 
 class ListOps:
@@ -47,8 +62,8 @@ class ListOps:
     # --- binary with a scalar -------------------------------------------------------------------------------
     def mul(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
         """``x * s``."""
-        if self.foreach and not (_is_list(s) and not all(isinstance(v, Tensor) for v in s)):  # type: ignore[union-attr]
-            arg: Any = list(s) if _is_list(s) else s  # type: ignore[arg-type]
+        arg = _foreach_arg(s) if self.foreach else None
+        if arg is not None:
             if inplace and self.inplace_ok:
                 torch._foreach_mul_(xs, arg)
                 return xs
@@ -60,8 +75,8 @@ class ListOps:
 
     def div(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
         """``x / s``."""
-        if self.foreach and not (_is_list(s) and not all(isinstance(v, Tensor) for v in s)):  # type: ignore[union-attr]
-            arg: Any = list(s) if _is_list(s) else s  # type: ignore[arg-type]
+        arg = _foreach_arg(s) if self.foreach else None
+        if arg is not None:
             if inplace and self.inplace_ok:
                 torch._foreach_div_(xs, arg)
                 return xs
@@ -73,7 +88,7 @@ class ListOps:
 
     def add_scalar(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
         """``x + s``."""
-        if self.foreach and not _is_list(s):
+        if self.foreach and (not _is_list(s) or not any(isinstance(v, Tensor) for v in s)):  # type: ignore[union-attr]
             if inplace and self.inplace_ok:
                 torch._foreach_add_(xs, s)  # type: ignore[arg-type]
                 return xs
@@ -128,16 +143,20 @@ class ListOps:
             return [x.div_(y) for x, y in zip(xs, ys)]
         return [x / y for x, y in zip(xs, ys)]
 
-    def lerp(self, xs: list[Tensor], ys: Sequence[Tensor], weight: float, inplace: bool = False) -> list[Tensor]:
-        """``x + weight * (y - x)`` (``weight`` a Python number)."""
+    def lerp(
+        self, xs: list[Tensor], ys: Sequence[Tensor], weight: float | Sequence[Tensor], inplace: bool = False
+    ) -> list[Tensor]:
+        """``x + weight * (y - x)`` (``weight`` a Python number or one 0-d tensor per tensor)."""
+        w: Any = list(weight) if _is_list(weight) else weight  # type: ignore[arg-type]
         if self.foreach:
             if inplace and self.inplace_ok:
-                torch._foreach_lerp_(xs, list(ys), weight)
+                torch._foreach_lerp_(xs, list(ys), w)
                 return xs
-            return list(torch._foreach_lerp(xs, list(ys), weight))
+            return list(torch._foreach_lerp(xs, list(ys), w))
+        per = _per(weight, len(xs))
         if inplace and self.inplace_ok:
-            return [x.lerp_(y, weight) for x, y in zip(xs, ys)]
-        return [torch.lerp(x, y, weight) for x, y in zip(xs, ys)]
+            return [x.lerp_(y, v) for x, y, v in zip(xs, ys, per)]
+        return [torch.lerp(x, y, v) for x, y, v in zip(xs, ys, per)]
 
     def maximum(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
         """Elementwise maximum."""
@@ -156,36 +175,50 @@ class ListOps:
         xs: list[Tensor],
         ys: Sequence[Tensor],
         zs: Sequence[Tensor],
-        value: float = 1.0,
+        value: float | Sequence[float] = 1.0,
         inplace: bool = False,
     ) -> list[Tensor]:
-        """``x + value * y * z`` (``value`` a Python number)."""
+        """``x + value * y * z`` (``value`` a Python number, or one per tensor)."""
         if self.foreach:
+            v: Any = list(value) if _is_list(value) else value  # type: ignore[arg-type]
             if inplace and self.inplace_ok:
-                torch._foreach_addcmul_(xs, list(ys), list(zs), value=value)
+                if isinstance(v, list):
+                    torch._foreach_addcmul_(xs, list(ys), list(zs), v)
+                else:
+                    torch._foreach_addcmul_(xs, list(ys), list(zs), value=v)
                 return xs
-            return list(torch._foreach_addcmul(xs, list(ys), list(zs), value=value))
+            if isinstance(v, list):
+                return list(torch._foreach_addcmul(xs, list(ys), list(zs), v))
+            return list(torch._foreach_addcmul(xs, list(ys), list(zs), value=v))
+        per = _values(value, len(xs))
         if inplace and self.inplace_ok:
-            return [x.addcmul_(y, z, value=value) for x, y, z in zip(xs, ys, zs)]
-        return [torch.addcmul(x, y, z, value=value) for x, y, z in zip(xs, ys, zs)]
+            return [x.addcmul_(y, z, value=c) for x, y, z, c in zip(xs, ys, zs, per)]
+        return [torch.addcmul(x, y, z, value=c) for x, y, z, c in zip(xs, ys, zs, per)]
 
     def addcdiv(
         self,
         xs: list[Tensor],
         ys: Sequence[Tensor],
         zs: Sequence[Tensor],
-        value: float = 1.0,
+        value: float | Sequence[float] = 1.0,
         inplace: bool = False,
     ) -> list[Tensor]:
-        """``x + value * y / z`` (``value`` a Python number)."""
+        """``x + value * y / z`` (``value`` a Python number, or one per tensor)."""
         if self.foreach:
+            v: Any = list(value) if _is_list(value) else value  # type: ignore[arg-type]
             if inplace and self.inplace_ok:
-                torch._foreach_addcdiv_(xs, list(ys), list(zs), value=value)
+                if isinstance(v, list):
+                    torch._foreach_addcdiv_(xs, list(ys), list(zs), v)
+                else:
+                    torch._foreach_addcdiv_(xs, list(ys), list(zs), value=v)
                 return xs
-            return list(torch._foreach_addcdiv(xs, list(ys), list(zs), value=value))
+            if isinstance(v, list):
+                return list(torch._foreach_addcdiv(xs, list(ys), list(zs), v))
+            return list(torch._foreach_addcdiv(xs, list(ys), list(zs), value=v))
+        per = _values(value, len(xs))
         if inplace and self.inplace_ok:
-            return [x.addcdiv_(y, z, value=value) for x, y, z in zip(xs, ys, zs)]
-        return [torch.addcdiv(x, y, z, value=value) for x, y, z in zip(xs, ys, zs)]
+            return [x.addcdiv_(y, z, value=c) for x, y, z, c in zip(xs, ys, zs, per)]
+        return [torch.addcdiv(x, y, z, value=c) for x, y, z, c in zip(xs, ys, zs, per)]
 
     # --- unary ------------------------------------------------------------------------------------------------
     def neg(self, xs: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
@@ -232,6 +265,17 @@ class ListOps:
             return [x.sign_() for x in xs]
         return [torch.sign(x) for x in xs]
 
+    def reciprocal(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
+        """``1 / x`` (``torch.reciprocal``)."""
+        if self.foreach:
+            if inplace and self.inplace_ok:
+                torch._foreach_reciprocal_(xs)
+                return xs
+            return list(torch._foreach_reciprocal(xs))
+        if inplace and self.inplace_ok:
+            return [x.reciprocal_() for x in xs]
+        return [torch.reciprocal(x) for x in xs]
+
     def clone(self, xs: Sequence[Tensor]) -> list[Tensor]:
         """Copies that share no memory with ``xs``."""
         return [x.clone() for x in xs]
@@ -263,3 +307,177 @@ def ops_for(path: str) -> ListOps:
     if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
         return FUNCTIONAL
     return LOOP
+
+
+# --- temporaries from reused buffers (the chunked, applied CPU path) -------------------------------------------
+
+
+class Scratch:
+    """Memory for the temporaries of one chunk of a kernel at a time, carved from flat buffers that are kept (per
+    thread, device and dtype) and reused chunk after chunk and step after step.
+
+    Freshly allocated temporaries of a few MB are often handed back to the OS by glibc when freed (its trim and
+    mmap thresholds), so every chunk would page-fault its temporaries in again; these buffers stay mapped.
+    :meth:`take` hands out views; :meth:`reset` makes all of them free again (the caller must be done with them).
+    """
+
+    _local = threading.local()
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._used: dict[tuple[torch.device, torch.dtype], int] = {}
+        # the views handed out for a layout, by (offsets before, layout): chunks and steps repeat their layouts
+        self._views: dict[tuple[Any, ...], tuple[list[Tensor], dict[tuple[torch.device, torch.dtype], int]]] = {}
+        self.active = False
+
+    @classmethod
+    def acquire(cls) -> Scratch:
+        """This thread's scratch space (a fresh one if it is in use: a chunked kernel inside another)."""
+        mine: Scratch | None = getattr(cls._local, "scratch", None)
+        if mine is None:
+            mine = cls._local.scratch = cls()
+        return cls() if mine.active else mine
+
+    def take(self, like: Sequence[Tensor]) -> list[Tensor]:
+        """Uninitialised contiguous tensors shaped like ``like`` (same dtypes and devices), not overlapping each
+        other or anything taken since the last :meth:`reset`; 64-byte aligned."""
+        key = (tuple(self._used.items()), tuple((t.device, t.dtype, t.shape) for t in like))
+        hit = self._views.get(key)
+        if hit is not None:
+            self._used = dict(hit[1])
+            return hit[0]
+        out = []
+        for t in like:
+            dk = (t.device, t.dtype)
+            n = t.numel()
+            align = max(1, 64 // t.element_size())
+            start = -(-self._used.get(dk, 0) // align) * align
+            buf = self._buffers.get(dk)
+            if buf is None or buf.numel() < start + n:  # grow; views handed out keep the old buffer alive
+                size = max(start + n, 2 * buf.numel() if buf is not None else 0)
+                buf = self._buffers[dk] = torch.empty(size, dtype=t.dtype, device=t.device)
+                self._views.clear()
+            self._used[dk] = start + n
+            out.append(buf[start : start + n].view(t.shape))
+        if len(self._views) > 1024:  # layouts of many different models: start over
+            self._views.clear()
+        self._views[key] = (out, dict(self._used))
+        return out
+
+    def reset(self) -> None:
+        """Everything taken so far is free again."""
+        self._used = {}
+
+
+class ScratchOps(ListOps):
+    """A backend whose out-of-place results are written into :class:`Scratch` memory (``torch.<op>(..., out=)``,
+    tensor by tensor, which on CPU costs what a ``torch._foreach_*`` call does) instead of new tensors; in-place
+    ops are the base backend's. Used by :func:`pureopt.kernels.common.elementwise` on the chunked path."""
+
+    def __init__(self, base: ListOps, scratch: Scratch) -> None:
+        super().__init__(base.foreach, base.inplace_ok)
+        self.scratch = scratch
+
+    def mul(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().mul(xs, s, True)
+        return [torch.mul(x, v, out=o) for x, v, o in zip(xs, _per(s, len(xs)), self.scratch.take(xs))]
+
+    def div(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().div(xs, s, True)
+        return [torch.div(x, v, out=o) for x, v, o in zip(xs, _per(s, len(xs)), self.scratch.take(xs))]
+
+    def add_scalar(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().add_scalar(xs, s, True)
+        return [torch.add(x, v, out=o) for x, v, o in zip(xs, _per(s, len(xs)), self.scratch.take(xs))]
+
+    def add(self, xs: list[Tensor], ys: Sequence[Tensor], alpha: float = 1.0, inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().add(xs, ys, alpha, True)
+        return [torch.add(x, y, alpha=alpha, out=o) for x, y, o in zip(xs, ys, self.scratch.take(xs))]
+
+    def sub(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().sub(xs, ys, True)
+        return [torch.sub(x, y, out=o) for x, y, o in zip(xs, ys, self.scratch.take(xs))]
+
+    def mul_list(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().mul_list(xs, ys, True)
+        return [torch.mul(x, y, out=o) for x, y, o in zip(xs, ys, self.scratch.take(xs))]
+
+    def div_list(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().div_list(xs, ys, True)
+        return [torch.div(x, y, out=o) for x, y, o in zip(xs, ys, self.scratch.take(xs))]
+
+    def lerp(
+        self, xs: list[Tensor], ys: Sequence[Tensor], weight: float | Sequence[Tensor], inplace: bool = False
+    ) -> list[Tensor]:
+        if inplace:
+            return super().lerp(xs, ys, weight, True)
+        per = _per(weight, len(xs))
+        return [torch.lerp(x, y, w, out=o) for x, y, w, o in zip(xs, ys, per, self.scratch.take(xs))]
+
+    def maximum(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().maximum(xs, ys, True)
+        return [torch.maximum(x, y, out=o) for x, y, o in zip(xs, ys, self.scratch.take(xs))]
+
+    def addcmul(
+        self,
+        xs: list[Tensor],
+        ys: Sequence[Tensor],
+        zs: Sequence[Tensor],
+        value: float | Sequence[float] = 1.0,
+        inplace: bool = False,
+    ) -> list[Tensor]:
+        if inplace:
+            return super().addcmul(xs, ys, zs, value, True)
+        per = _values(value, len(xs))
+        outs = self.scratch.take(xs)
+        return [torch.addcmul(x, y, z, value=c, out=o) for x, y, z, c, o in zip(xs, ys, zs, per, outs)]
+
+    def addcdiv(
+        self,
+        xs: list[Tensor],
+        ys: Sequence[Tensor],
+        zs: Sequence[Tensor],
+        value: float | Sequence[float] = 1.0,
+        inplace: bool = False,
+    ) -> list[Tensor]:
+        if inplace:
+            return super().addcdiv(xs, ys, zs, value, True)
+        per = _values(value, len(xs))
+        outs = self.scratch.take(xs)
+        return [torch.addcdiv(x, y, z, value=c, out=o) for x, y, z, c, o in zip(xs, ys, zs, per, outs)]
+
+    def neg(self, xs: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().neg(xs, True)
+        return [torch.neg(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+
+    def sqrt(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().sqrt(xs, True)
+        return [torch.sqrt(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+
+    def abs(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().abs(xs, True)
+        return [torch.abs(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+
+    def sign(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().sign(xs, True)
+        return [torch.sign(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+
+    def reciprocal(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
+        if inplace:
+            return super().reciprocal(xs, True)
+        return [torch.reciprocal(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+
+    def clone(self, xs: Sequence[Tensor]) -> list[Tensor]:
+        return [o.copy_(x) for x, o in zip(xs, self.scratch.take(xs))]

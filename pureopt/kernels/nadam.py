@@ -31,8 +31,21 @@ import torch
 from torch import Tensor
 
 from pureopt.kernels import select
-from pureopt.kernels.common import as_complex_like, as_real, cast_like, map_scalars_n, scalar_dtype, scalars_for
-from pureopt.kernels.listops import ops_for
+from pureopt.kernels.common import (
+    add_scaled,
+    addcdiv_update,
+    as_complex_like,
+    as_real,
+    can_apply,
+    cast_like,
+    elementwise,
+    map_scalars_n,
+    on_host,
+    scalar_dtype,
+    scalar_for,
+    scalars_for,
+)
+from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["NAdamResult", "nadam", "autograd_recording"]
@@ -41,7 +54,7 @@ __all__ = ["NAdamResult", "nadam", "autograd_recording"]
 class NAdamResult(NamedTuple):
     """Updates and new state lists (named like torch.optim's state keys)."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     step: list[Tensor]
     mu_product: list[Tensor]
     exp_avg: list[Tensor]
@@ -75,8 +88,13 @@ def nadam(
     maximize: bool,
     impl: str = "auto",
     donate: bool = False,
+    apply: bool = False,
 ) -> NAdamResult:
-    """One NAdam step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    """One NAdam step over tensor lists; returns the updates and the new state lists (see module docstring).
+
+    ``donate``: the state lists may be overwritten. ``apply`` (with ``donate`` and ``params``): add the updates to
+    the parameters in place too (torch's ops: decay, then two ``addcdiv_``) and return ``updates=None``.
+    """
     path = choose_impl(impl, [*grads, *exp_avgs])
     ops = ops_for(path)
     # in place on the kernel's own temporaries, unless autograd records through the update
@@ -88,13 +106,8 @@ def nadam(
     ms, vs = as_real(exp_avgs), as_real(exp_avg_sqs)
     g = cast_like(as_real(grads), ms)  # state may be kept in another dtype (state_dtype=)
     rparams = cast_like(as_real(params), ms) if params is not None else None
-    owned = False
-    if maximize:
-        g = ops.neg(g)
-        owned = tmp
+    apply = can_apply(ops, apply and donate, params, rparams)
     new_steps = ops.add_scalar(steps, 1, inplace=donate)
-    if weight_decay != 0 and not decoupled_weight_decay:
-        g = ops.add(g, rparams, alpha=weight_decay, inplace=owned)  # type: ignore[arg-type]
 
     sign = -1.0 if lr is not None else 1.0
     step_lr = 1.0 if lr is None else lr
@@ -111,23 +124,52 @@ def nadam(
         bias_correction2 = 1 - torch.pow(beta2, t)
         return new_prod, coef_g, coef_m, bias_correction2
 
-    new_prods, coef_g, coef_m, bc2 = map_scalars_n(scalars, new_steps, mu_products, outputs=4, keep_dtype=True)
+    new_prods, coef_g, coef_m, bc2 = map_scalars_n(
+        scalars, new_steps, mu_products, outputs=4, keep_dtype=True, host=(1, 2, 3) if on_host(apply, ms) else ()
+    )
     coef_g, coef_m, bc2 = (scalars_for(x, g) for x in (coef_g, coef_m, bc2))
-    m = ops.lerp(ms, g, 1 - beta1, inplace=donate)
-    v = ops.addcmul(ops.mul(vs, beta2, inplace=donate), g, g, value=1 - beta2, inplace=tmp)
-    denom = ops.add_scalar(ops.sqrt(ops.div(v, bc2), inplace=tmp), eps, inplace=tmp)
-    # torch: p.addcdiv_(g, denom, value=coef_g); p.addcdiv_(m, denom, value=coef_m)
-    updates = ops.div_list(ops.mul(g, coef_g), denom, inplace=tmp)
-    updates = ops.add(updates, ops.div_list(ops.mul(m, coef_m), denom, inplace=tmp), inplace=tmp)
-    if weight_decay != 0 and decoupled_weight_decay and lr is not None:
-        decay = -lr * weight_decay
-        if isinstance(decay, Tensor):
-            decays = scalars_for([decay] * len(updates), updates)
-            updates = ops.add(updates, ops.mul(rparams, decays), inplace=tmp)  # type: ignore[arg-type]
-        else:
-            updates = ops.add(updates, rparams, alpha=decay, inplace=tmp)  # type: ignore[arg-type]
+    decoupled = weight_decay != 0 and decoupled_weight_decay and lr is not None
+
+    def body(
+        ops: ListOps,
+        p: list[Tensor] | None,
+        g: list[Tensor],
+        ms: list[Tensor],
+        vs: list[Tensor],
+        coef_g: list[Tensor],
+        coef_m: list[Tensor],
+        bc2: list[Tensor],
+    ) -> tuple[list[Tensor] | None, ...]:
+        owned = False
+        if maximize:
+            g = ops.neg(g)
+            owned = tmp
+        if weight_decay != 0 and not decoupled_weight_decay:
+            g = ops.add(g, p, alpha=weight_decay, inplace=owned)  # type: ignore[arg-type]
+            owned = tmp
+        m = ops.lerp(ms, g, 1 - beta1, inplace=donate)
+        v = ops.addcmul(ops.mul(vs, beta2, inplace=donate), g, g, value=1 - beta2, inplace=tmp)
+        denom = ops.add_scalar(ops.sqrt(ops.div(v, bc2), inplace=tmp), eps, inplace=tmp)
+        if apply:  # torch: p.mul_(1 - lr * wd); p.addcdiv_(g, denom, value=coef_g); p.addcdiv_(m, denom, ...)
+            assert p is not None
+            if decoupled:
+                ops.mul(p, scalar_for(1 - lr * weight_decay, p), inplace=True)  # type: ignore[operator]
+            addcdiv_update(ops, p, g, denom, coef_g, owned=owned)
+            addcdiv_update(ops, p, m, denom, coef_m, owned=False)
+            return None, m, v
+        updates = addcdiv_update(ops, None, g, denom, coef_g, owned=owned)
+        assert updates is not None
+        updates = ops.add(updates, ops.div_list(ops.mul(m, coef_m), denom, inplace=tmp), inplace=tmp)
+        if decoupled:
+            updates = add_scaled(ops, updates, p, -lr * weight_decay, inplace=tmp)  # type: ignore[arg-type, operator]
+        return updates, m, v
+
+    updates, m, v = elementwise(
+        body, ops, (rparams, g, ms, vs, coef_g, coef_m, bc2), writes=(None, 2, 3), in_place=apply
+    )
+    assert m is not None and v is not None
     return NAdamResult(
-        as_complex_like(updates, like),
+        None if updates is None else as_complex_like(updates, like),
         new_steps,
         new_prods,
         as_complex_like(m, like),

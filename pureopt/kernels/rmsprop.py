@@ -25,8 +25,16 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like
-from pureopt.kernels.listops import ops_for
+from pureopt.kernels.common import (
+    add_update,
+    addcdiv_update,
+    as_complex_like,
+    as_real,
+    can_apply,
+    cast_like,
+    elementwise,
+)
+from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.nadam import autograd_recording
 from pureopt.kernels.select import choose_impl
 
@@ -36,7 +44,7 @@ __all__ = ["RMSpropResult", "rmsprop"]
 class RMSpropResult(NamedTuple):
     """Updates and new state lists (named like torch.optim's state keys); ``None`` for what is not kept."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     step: list[Tensor]
     square_avg: list[Tensor]
     momentum_buffer: list[Tensor] | None
@@ -60,6 +68,7 @@ def rmsprop(
     maximize: bool,
     impl: str = "auto",
     donate: bool = False,
+    apply: bool = False,
 ) -> RMSpropResult:
     """One RMSprop step over tensor lists; returns the updates and the new state lists (see module docstring).
 
@@ -73,6 +82,8 @@ def rmsprop(
       lr: the learning rate; ``None`` returns the positive direction.
       impl: ``"auto" | "loop" | "foreach"``.
       donate: the caller owns the state buffers: they are updated in place.
+      apply: with ``donate`` and ``params``, add the updates to the parameters in place (torch's last op) and
+        return ``updates=None``.
     """
     path = choose_impl(impl, [*grads, *square_avgs])
     ops = ops_for(path)
@@ -84,37 +95,49 @@ def rmsprop(
     like = grads
     sq = as_real(square_avgs)
     g = cast_like(as_real(grads), sq)  # state may be kept in another dtype (state_dtype=)
-    owned = False
-    if maximize:
-        g = ops.neg(g)
-        owned = tmp
+    rparams = cast_like(as_real(params), sq) if params is not None else None
+    apply = can_apply(ops, apply and donate, params, rparams)
     new_steps = ops.add_scalar(steps, 1, inplace=donate)
-    if weight_decay != 0:
-        rparams = cast_like(as_real(params), sq)  # type: ignore[arg-type]
-        g = ops.add(g, rparams, alpha=weight_decay, inplace=owned)
-        owned = tmp
-    new_sq = ops.addcmul(ops.mul(sq, alpha, inplace=donate), g, g, value=1 - alpha, inplace=tmp)
-    new_ga = None
-    if centered:
-        assert grad_avgs is not None
-        new_ga = ops.lerp(as_real(grad_avgs), g, 1 - alpha, inplace=donate)
-        avg = ops.sqrt(ops.addcmul(new_sq, new_ga, new_ga, value=-1), inplace=tmp)
-    else:
-        avg = ops.sqrt(new_sq)
-    avg = ops.add_scalar(avg, eps, inplace=tmp)
-    new_bufs = None
-    if momentum > 0:
-        assert momentum_buffers is not None
-        bufs = ops.mul(as_real(momentum_buffers), momentum, inplace=donate)
-        new_bufs = ops.addcdiv(bufs, g, avg, inplace=tmp)
-        updates = ops.clone(new_bufs) if lr is None else ops.mul(new_bufs, -lr)
-    elif lr is None:
-        updates = ops.div_list(g, avg, inplace=owned)
-    else:
-        # torch: p.addcdiv_(g, avg, value=-lr), i.e. p + ((-lr) * g) / avg
-        updates = ops.div_list(ops.mul(g, -lr, inplace=owned), avg, inplace=tmp)
+    ga = as_real(grad_avgs) if centered and grad_avgs is not None else None
+    bufs = as_real(momentum_buffers) if momentum > 0 and momentum_buffers is not None else None
+    coef = 1.0 if lr is None else -lr
+
+    def body(ops: ListOps, p: list[Tensor] | None, g: list[Tensor], sq: list[Tensor], ga: list[Tensor] | None,
+             bufs: list[Tensor] | None) -> tuple[list[Tensor] | None, ...]:  # fmt: skip
+        owned = False
+        if maximize:
+            g = ops.neg(g)
+            owned = tmp
+        if weight_decay != 0:
+            g = ops.add(g, p, alpha=weight_decay, inplace=owned)  # type: ignore[arg-type]
+            owned = tmp
+        new_sq = ops.addcmul(ops.mul(sq, alpha, inplace=donate), g, g, value=1 - alpha, inplace=tmp)
+        new_ga = None
+        if centered:
+            assert ga is not None
+            new_ga = ops.lerp(ga, g, 1 - alpha, inplace=donate)
+            avg = ops.sqrt(ops.addcmul(new_sq, new_ga, new_ga, value=-1), inplace=tmp)
+        else:
+            avg = ops.sqrt(new_sq)
+        avg = ops.add_scalar(avg, eps, inplace=tmp)
+        target = p if apply else None
+        new_bufs = None
+        if momentum > 0:
+            assert bufs is not None
+            new_bufs = ops.addcdiv(ops.mul(bufs, momentum, inplace=donate), g, avg, inplace=tmp)
+            # torch: p.add_(buf, alpha=-lr)
+            updates = add_update(ops, target, new_bufs, coef, owned=False)
+        else:
+            # torch: p.addcdiv_(g, avg, value=-lr), i.e. p + ((-lr) * g) / avg
+            updates = addcdiv_update(ops, target, g, avg, coef, owned=owned)
+        return updates, new_sq, new_ga, new_bufs
+
+    updates, new_sq, new_ga, new_bufs = elementwise(
+        body, ops, (rparams, g, sq, ga, bufs), writes=(None, 2, 3, 4), in_place=apply
+    )
+    assert new_sq is not None
     return RMSpropResult(
-        as_complex_like(updates, like),
+        None if updates is None else as_complex_like(updates, like),
         new_steps,
         as_complex_like(new_sq, like),
         as_complex_like(new_bufs, like) if new_bufs is not None else None,

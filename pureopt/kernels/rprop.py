@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like
+from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.nadam import autograd_recording
 from pureopt.kernels.select import choose_impl, functorch_active
@@ -38,7 +38,7 @@ __all__ = ["RpropResult", "rprop", "clamp"]
 class RpropResult(NamedTuple):
     """Updates and new state lists (named like torch.optim's state keys)."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     step: list[Tensor]
     prev: list[Tensor]
     step_size: list[Tensor]
@@ -74,6 +74,8 @@ def rprop(
     negate: bool = True,
     impl: str = "auto",
     donate: bool = False,
+    params: list[Tensor] | None = None,
+    apply: bool = False,
 ) -> RpropResult:
     """One Rprop step over tensor lists; returns the updates and the new state lists (see module docstring).
 
@@ -88,6 +90,8 @@ def rprop(
       negate: return ``-sign(g) * s`` (a descent update) rather than ``sign(g) * s``.
       impl: ``"auto" | "loop" | "foreach"``.
       donate: the caller owns the state buffers: they are updated in place.
+      params, apply: with ``donate``, add the updates to ``params`` in place (torch's
+        ``p.addcmul_(sign(g), s, value=-1)``) and return ``updates=None``.
     """
     path = choose_impl(impl, [*grads, *prevs])
     ops = ops_for(path)
@@ -98,22 +102,52 @@ def rprop(
     prev = as_real(prevs)
     sizes = as_real(step_sizes)
     g = cast_like(as_real(grads), prev)  # state may be kept in another dtype (state_dtype=)
-    if maximize:
-        g = ops.neg(g)
-    owned_sizes = donate
-    if first_step_size is not None:
-        sizes = [torch.where(t == 0, first_step_size, s) for t, s in zip(steps, sizes)]
-        owned_sizes = tmp
+    rparams = cast_like(as_real(params), prev) if params is not None else None
+    apply = can_apply(ops, apply and donate, params, rparams)
+    fresh = [t == 0 for t in steps] if first_step_size is not None else None
     new_steps = ops.add_scalar(steps, 1, inplace=donate)
-    q = ops.sign(ops.mul_list(g, prev), inplace=tmp)
-    # q > 0 -> eta_plus, q < 0 -> eta_minus, q == 0 -> 1 (q + 1), NaN stays NaN as in torch
-    factors = [torch.where(x > 0, etaplus, torch.where(x < 0, etaminus, x + 1)) for x in q]
-    new_sizes = clamp(ops, ops.mul_list(sizes, factors, inplace=owned_sizes), step_size_min, step_size_max, tmp)
-    new_prev = [torch.where(x < 0, 0.0, gi) for x, gi in zip(q, g)]
-    direction = ops.mul_list(ops.sign(new_prev), new_sizes, inplace=tmp)
-    updates = ops.neg(direction, inplace=tmp) if negate else direction
+    own = tmp and ops.inplace_ok  # results may go straight into buffers with out=
+
+    def body(
+        ops: ListOps,
+        p: list[Tensor] | None,
+        g: list[Tensor],
+        prev: list[Tensor],
+        sizes: list[Tensor],
+        fresh: list[Tensor] | None,
+    ) -> tuple[list[Tensor] | None, ...]:
+        if maximize:
+            g = ops.neg(g)
+        owned_sizes = donate
+        if fresh is not None:
+            sizes = [torch.where(f, first_step_size, s) for f, s in zip(fresh, sizes)]  # type: ignore[arg-type]
+            owned_sizes = tmp
+        q = ops.sign(ops.mul_list(g, prev), inplace=tmp)
+        # q > 0 -> eta_plus, q < 0 -> eta_minus, q == 0 -> 1 (q + 1), NaN stays NaN as in torch
+        factors = [torch.where(x > 0, etaplus, torch.where(x < 0, etaminus, x + 1)) for x in q]
+        new_sizes = clamp(ops, ops.mul_list(sizes, factors, inplace=owned_sizes), step_size_min, step_size_max, tmp)
+        if donate and own:  # g with zeros after a sign change, written over prev (read above for the last time)
+            zeros: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # (out= takes no Python number)
+            for pv in prev:
+                if (pv.device, pv.dtype) not in zeros:
+                    zeros[pv.device, pv.dtype] = pv.new_zeros(())
+            new_prev = [torch.where(x < 0, zeros[pv.device, pv.dtype], gi, out=pv) for x, gi, pv in zip(q, g, prev)]
+        else:
+            new_prev = [torch.where(x < 0, 0.0, gi) for x, gi in zip(q, g)]
+        if apply:  # torch: p.addcmul_(sign(g), s, value=-1)
+            assert p is not None
+            ops.addcmul(p, ops.sign(new_prev), new_sizes, value=-1.0 if negate else 1.0, inplace=True)
+            return None, new_prev, new_sizes
+        direction = ops.mul_list(ops.sign(new_prev), new_sizes, inplace=tmp)
+        updates = ops.neg(direction, inplace=tmp) if negate else direction
+        return updates, new_prev, new_sizes
+
+    updates, new_prev, new_sizes = elementwise(
+        body, ops, (rparams, g, prev, sizes, fresh), writes=(None, 2, 3), in_place=apply
+    )
+    assert new_prev is not None and new_sizes is not None
     return RpropResult(
-        as_complex_like(updates, like),
+        None if updates is None else as_complex_like(updates, like),
         new_steps,
         as_complex_like(new_prev, like),
         as_complex_like(new_sizes, like),

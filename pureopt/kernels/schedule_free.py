@@ -36,9 +36,19 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like
-from pureopt.kernels.lars import add_scaled, map_scalars_n, require_params, scalar_for
-from pureopt.kernels.listops import ops_for
+from pureopt.kernels.common import (
+    add_scaled,
+    add_update,
+    as_complex_like,
+    as_real,
+    can_apply,
+    cast_like,
+    elementwise,
+    map_scalars_n,
+    scalar_for,
+)
+from pureopt.kernels.lars import require_params
+from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["ScheduleFreeResult", "ScheduleFreeScalars", "schedule_free", "schedule_free_scalars"]
@@ -87,7 +97,7 @@ def schedule_free_scalars(
 class ScheduleFreeResult(NamedTuple):
     """Updates (``y_{t+1} - y_t``) and new state lists; ``None`` for what SGD does not keep."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     step: list[Tensor] | None
     z: list[Tensor]
     exp_avg_sq: list[Tensor] | None
@@ -109,6 +119,7 @@ def schedule_free(
     maximize: bool,
     impl: str = "auto",
     donate: bool = False,
+    apply: bool = False,
 ) -> ScheduleFreeResult:
     """One schedule-free step (AdamW when ``exp_avg_sqs`` is given, else SGD) over tensor lists.
 
@@ -117,34 +128,60 @@ def schedule_free(
       grads: the gradients at ``y``.
       zs: the base sequence ``z``.
       exp_avg_sqs, steps: Adam's second moments and per-parameter step counts (``None`` for SGD).
-      lr, ckp1: the global scalars from :func:`schedule_free_scalars`.
+      lr, ckp1: the global scalars from :func:`schedule_free_scalars` (computed once per update, by the caller).
       beta: the interpolation ``y = (1 - beta) z + beta x`` (SGD's momentum, AdamW's beta1).
+      donate: the state lists may be overwritten.
+      apply: with ``donate``, update ``y`` in place too (the reference implementation's ops:
+        ``y.lerp_(z, ckp1); y.add_(d, alpha=lr * (beta * (1 - ckp1) - 1))``) and return ``updates=None``.
     """
     path = choose_impl(impl, [*grads, *zs])
     ops = ops_for(path)
     z = as_real(zs)
     y = cast_like(as_real(require_params(params, "schedule-free")), z)
     g = cast_like(as_real(grads), z)  # state may be kept in another dtype (state_dtype=)
-    owned = False
-    if maximize:
-        g, owned = ops.neg(g), True
-    new_steps = new_v = None
+    apply = can_apply(ops, apply and donate, params, y)
+    new_steps = v = bc2 = None
     if exp_avg_sqs is not None:
         assert steps is not None
         v = as_real(exp_avg_sqs)
         new_steps = ops.add_scalar(steps, 1, inplace=donate)
-        new_v = ops.addcmul(ops.mul(v, beta2, inplace=donate), g, g, value=1 - beta2, inplace=True)
         (bc2,) = map_scalars_n(lambda t: (1 - torch.pow(beta2, t),), new_steps, outputs=1, like=v)
-        denom = ops.add_scalar(ops.sqrt(ops.div(new_v, bc2), inplace=True), eps, inplace=True)
-        g, owned = ops.div_list(g, denom, inplace=owned), True
-    if weight_decay != 0:
-        g, owned = ops.add(g, y, alpha=weight_decay, inplace=owned), True
     coef = lr * (beta * (1 - ckp1) - 1)
-    updates = ops.mul(ops.sub(z, y), scalar_for(ckp1, z), inplace=True)
-    updates = add_scaled(ops, updates, g, coef, inplace=True)
-    new_z = add_scaled(ops, z, g, -lr, inplace=donate)
+
+    def body(
+        ops: ListOps,
+        y: list[Tensor],
+        g: list[Tensor],
+        z: list[Tensor],
+        v: list[Tensor] | None,
+        bc2: list[Tensor] | None,
+    ) -> tuple[list[Tensor] | None, ...]:
+        owned = False
+        if maximize:
+            g, owned = ops.neg(g), True
+        new_v = None
+        if v is not None:
+            assert bc2 is not None
+            new_v = ops.addcmul(ops.mul(v, beta2, inplace=donate), g, g, value=1 - beta2, inplace=True)
+            denom = ops.add_scalar(ops.sqrt(ops.div(new_v, bc2), inplace=True), eps, inplace=True)
+            g, owned = ops.div_list(g, denom, inplace=owned), True
+        if weight_decay != 0:
+            g, owned = ops.add(g, y, alpha=weight_decay, inplace=owned), True
+        if apply:
+            ops.lerp(y, z, scalar_for(ckp1, y), inplace=True)
+            add_update(ops, y, g, coef, owned=owned)
+            updates = None
+        else:
+            updates = ops.mul(ops.sub(z, y), scalar_for(ckp1, z), inplace=True)
+            updates = add_scaled(ops, updates, g, coef, inplace=True)
+        # z - lr * d with one rounding (the reference's z.sub_(d, alpha=lr))
+        new_z = ops.addcmul(z, g, scalar_for(-lr, z), inplace=donate)  # type: ignore[arg-type]
+        return updates, new_z, new_v
+
+    updates, new_z, new_v = elementwise(body, ops, (y, g, z, v, bc2), writes=(None, 2, 3), in_place=apply)
+    assert new_z is not None
     return ScheduleFreeResult(
-        as_complex_like(updates, grads),
+        None if updates is None else as_complex_like(updates, grads),
         new_steps,
         as_complex_like(new_z, grads),
         as_complex_like(new_v, grads) if new_v is not None else None,

@@ -18,14 +18,23 @@ Zaheer, Reddi, Sachan, Kale & Kumar, "Adaptive Methods for Nonconvex Optimizatio
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import as_complex_like, as_real, cast_like
-from pureopt.kernels.lars import map_scalars_n, require_params, scalar_for
-from pureopt.kernels.listops import ops_for
+from pureopt.kernels.common import (
+    addcdiv_update,
+    as_complex_like,
+    as_real,
+    can_apply,
+    cast_like,
+    elementwise,
+    map_scalars_n,
+    on_host,
+)
+from pureopt.kernels.lars import require_params
+from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["YogiResult", "yogi"]
@@ -34,7 +43,7 @@ __all__ = ["YogiResult", "yogi"]
 class YogiResult(NamedTuple):
     """Updates and new state lists; ``step`` is ``None`` without bias correction."""
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: already added to the parameters (apply=True)
     step: list[Tensor] | None
     exp_avg: list[Tensor]
     exp_avg_sq: list[Tensor]
@@ -56,26 +65,26 @@ def yogi(
     maximize: bool,
     impl: str = "auto",
     donate: bool = False,
+    apply: bool = False,
 ) -> YogiResult:
-    """One Yogi step over tensor lists; returns the updates and the new state lists (see module docstring)."""
+    """One Yogi step over tensor lists; returns the updates and the new state lists (see module docstring).
+
+    ``donate``: the state lists may be overwritten. ``apply`` (with ``donate`` and ``params``): add the updates to
+    the parameters in place too (``p.addcdiv_(m, denom, value=-step_size)``) and return ``updates=None``.
+    """
     path = choose_impl(impl, [*grads, *exp_avgs])
     ops = ops_for(path)
     m, v = as_real(exp_avgs), as_real(exp_avg_sqs)
     g = cast_like(as_real(grads), m)  # state may be kept in another dtype (state_dtype=)
-    owned = False
-    if maximize:
-        g, owned = ops.neg(g), True
     if weight_decay != 0:
-        p = cast_like(as_real(require_params(params, "weight_decay")), m)
-        g = ops.add(g, p, alpha=weight_decay, inplace=owned)
-    new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
-    g2 = ops.mul_list(g, g)
-    direction = ops.sign(ops.sub(v, g2), inplace=True)
-    new_v = ops.addcmul(v, direction, g2, value=-(1 - beta2), inplace=donate)
+        require_params(params, "weight_decay")
+    rparams = cast_like(as_real(params), m) if params is not None else None
+    apply = can_apply(ops, apply and donate, params, rparams)
     sign = -1.0 if lr is not None else 1.0
     step_lr = 1.0 if lr is None else lr
-    denom = ops.sqrt(new_v)
     new_steps = None
+    step_size: list[Any] | None = None
+    bc2_sqrt: list[Any] | None = None
     if bias_correction:
         assert steps is not None
         new_steps = ops.add_scalar(steps, 1, inplace=donate)
@@ -83,14 +92,43 @@ def yogi(
             lambda t: (sign * step_lr / (1 - torch.pow(beta1, t)), torch.sqrt(1 - torch.pow(beta2, t))),
             new_steps,
             outputs=2,
-            like=new_m,
+            like=m,
+            host=on_host(apply, m),
         )
-        denom = ops.add_scalar(ops.div(denom, bc2_sqrt, inplace=True), eps, inplace=True)
-        updates = ops.div_list(ops.mul(new_m, step_size), denom, inplace=True)
-    else:
+
+    def body(
+        ops: ListOps,
+        p: list[Tensor] | None,
+        g: list[Tensor],
+        m: list[Tensor],
+        v: list[Tensor],
+        step_size: list[Tensor] | None,
+        bc2_sqrt: list[Tensor] | None,
+    ) -> tuple[list[Tensor] | None, ...]:
+        owned = False
+        if maximize:
+            g, owned = ops.neg(g), True
+        if weight_decay != 0:
+            g = ops.add(g, p, alpha=weight_decay, inplace=owned)  # type: ignore[arg-type]
+        new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
+        g2 = ops.mul_list(g, g)
+        direction = ops.sign(ops.sub(v, g2), inplace=True)
+        new_v = ops.addcmul(v, direction, g2, value=-(1 - beta2), inplace=donate)
+        denom = ops.sqrt(new_v)
+        if bc2_sqrt is not None:
+            denom = ops.div(denom, bc2_sqrt, inplace=True)
         denom = ops.add_scalar(denom, eps, inplace=True)
-        scale = scalar_for(sign * step_lr, new_m)
-        updates = ops.div_list(ops.mul(new_m, scale), denom, inplace=True)
+        scale = step_size if step_size is not None else sign * step_lr
+        updates = addcdiv_update(ops, p if apply else None, new_m, denom, scale, owned=False)
+        return updates, new_m, new_v
+
+    updates, new_m, new_v = elementwise(
+        body, ops, (rparams, g, m, v, step_size, bc2_sqrt), writes=(None, 2, 3), in_place=apply
+    )
+    assert new_m is not None and new_v is not None
     return YogiResult(
-        as_complex_like(updates, grads), new_steps, as_complex_like(new_m, grads), as_complex_like(new_v, grads)
+        None if updates is None else as_complex_like(updates, grads),
+        new_steps,
+        as_complex_like(new_m, grads),
+        as_complex_like(new_v, grads),
     )

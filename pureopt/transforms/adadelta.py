@@ -59,7 +59,7 @@ def adadelta_transform(
         s: dict[str, list[Tensor]],
         num_updates: Tensor,
         ctx: UpdateContext,
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         res = adadelta_kernel(
             params,
             grads,
@@ -73,6 +73,7 @@ def adadelta_transform(
             maximize=maximize,
             impl=impl,
             donate=ctx.donate,
+            apply=ctx.apply,
         )
         return res.updates, {"step": res.step, "square_avg": res.square_avg, "acc_delta": res.acc_delta}
 

@@ -54,7 +54,7 @@ def adamax_transform(
         s: dict[str, list[Tensor]],
         num_updates: Tensor,
         ctx: UpdateContext,
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         res = adamax_kernel(
             params,
             grads,
@@ -69,6 +69,7 @@ def adamax_transform(
             maximize=maximize,
             impl=impl,
             donate=ctx.donate,
+            apply=ctx.apply,
         )
         return res.updates, {"step": res.step, "exp_avg": res.exp_avg, "exp_inf": res.exp_inf}
 

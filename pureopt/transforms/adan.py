@@ -56,7 +56,7 @@ def adan_transform(
         s: dict[str, list[Tensor]],
         num_updates: Tensor,
         ctx: UpdateContext,
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         res = adan_kernel(
             params,
             grads,
@@ -75,6 +75,7 @@ def adan_transform(
             maximize=maximize,
             impl=impl,
             donate=ctx.donate,
+            apply=ctx.apply,
         )
         return res.updates, {k: v for k, v in res._asdict().items() if k != "updates"}
 

@@ -73,7 +73,7 @@ def ademamix_transform(
         s: dict[str, list[Tensor]],
         num_updates: Tensor,
         ctx: UpdateContext,
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         res = ademamix_kernel(
             params,
             grads,
@@ -93,6 +93,7 @@ def ademamix_transform(
             maximize=maximize,
             impl=impl,
             donate=ctx.donate,
+            apply=ctx.apply,
         )
         return res.updates, {k: v for k, v in res._asdict().items() if k != "updates"}
 

@@ -67,7 +67,7 @@ def asgd_transform(
         s: dict[str, list[Tensor]],
         num_updates: Tensor,
         ctx: UpdateContext,
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         res = asgd_kernel(
             params,
             grads,
@@ -83,6 +83,7 @@ def asgd_transform(
             maximize=maximize,
             impl=impl,
             donate=ctx.donate,
+            apply=ctx.apply,
         )
         return res.updates, {"step": res.step, "eta": res.eta, "mu": res.mu, "ax": res.ax}
 

@@ -57,7 +57,7 @@ def lars_transform(
         s: dict[str, list[Tensor]],
         num_updates: Tensor,
         ctx: UpdateContext,
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         res = lars_kernel(
             params,
             grads,
@@ -72,6 +72,7 @@ def lars_transform(
             adapt=ctx.extra_args.get(_ADAPT),
             impl=impl,
             donate=ctx.donate,
+            apply=ctx.apply,
         )
         return res.updates, {} if res.momentum_buffer is None else {"momentum_buffer": res.momentum_buffer}
 

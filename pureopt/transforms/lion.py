@@ -46,7 +46,7 @@ def lion_transform(
         s: dict[str, list[Tensor]],
         num_updates: Tensor,
         ctx: UpdateContext,
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         res = lion_kernel(
             params,
             grads,
@@ -58,6 +58,7 @@ def lion_transform(
             maximize=maximize,
             impl=impl,
             donate=ctx.donate,
+            apply=ctx.apply,
         )
         return res.updates, {"exp_avg": res.exp_avg}
 

@@ -83,8 +83,7 @@ def rprop_transform(
         s: dict[str, list[Tensor]],
         num_updates: Tensor,
         ctx: UpdateContext,
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
-        del params
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         res = rprop_kernel(
             grads,
             s["prev"],
@@ -99,6 +98,8 @@ def rprop_transform(
             negate=negate,
             impl=impl,
             donate=ctx.donate,
+            params=params,
+            apply=ctx.apply,
         )
         return res.updates, {k: v for k, v in res._asdict().items() if k != "updates"}
 

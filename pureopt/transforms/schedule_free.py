@@ -98,7 +98,7 @@ def schedule_free_transform(
         s: dict[str, list[Tensor]],
         num_updates: Tensor,
         ctx: UpdateContext,
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         scalars: ScheduleFreeScalars = ctx.extra_args[_SCALARS]
         res = schedule_free(
             params,
@@ -115,6 +115,7 @@ def schedule_free_transform(
             maximize=maximize,
             impl=impl,
             donate=ctx.donate,
+            apply=ctx.apply,
         )
         return res.updates, {k: v for k, v in res._asdict().items() if k != "updates" and v is not None}
 
