@@ -16,13 +16,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-IMPL_ORDER = ["torch-loop", "torch-foreach", "torch-fused", "pureopt-pure", "pureopt-donated"]
+IMPL_ORDER = [
+    "torch-loop",
+    "torch-foreach",
+    "torch-fused",
+    "pureopt-pure",
+    "pureopt-donated",
+    "pureopt-flat-gather",
+    "pureopt-flat",
+]
 COLORS = {
     "torch-loop": "#bbbbbb",
     "torch-foreach": "#888888",
     "torch-fused": "#444444",
     "pureopt-pure": "#6baed6",
     "pureopt-donated": "#08519c",
+    "pureopt-flat-gather": "#74c476",
+    "pureopt-flat": "#006d2c",
 }
 
 
