@@ -18,7 +18,7 @@ number or 0-d tensor per tensor (a list of numbers is what the applied CPU path 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -378,6 +378,10 @@ class ScratchOps(ListOps):
         super().__init__(base.foreach, base.inplace_ok)
         self.scratch = scratch
 
+    def _unary(self, op: Callable[..., Tensor], xs: Sequence[Tensor]) -> list[Tensor]:
+        """``op(x)`` for each tensor, written into scratch memory."""
+        return [op(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+
     def mul(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
         if inplace:
             return super().mul(xs, s, True)
@@ -455,29 +459,19 @@ class ScratchOps(ListOps):
         return [torch.addcdiv(x, y, z, value=c, out=o) for x, y, z, c, o in zip(xs, ys, zs, per, outs)]
 
     def neg(self, xs: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().neg(xs, True)
-        return [torch.neg(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+        return super().neg(xs, True) if inplace else self._unary(torch.neg, xs)
 
     def sqrt(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().sqrt(xs, True)
-        return [torch.sqrt(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+        return super().sqrt(xs, True) if inplace else self._unary(torch.sqrt, xs)
 
     def abs(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().abs(xs, True)
-        return [torch.abs(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+        return super().abs(xs, True) if inplace else self._unary(torch.abs, xs)
 
     def sign(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().sign(xs, True)
-        return [torch.sign(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+        return super().sign(xs, True) if inplace else self._unary(torch.sign, xs)
 
     def reciprocal(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().reciprocal(xs, True)
-        return [torch.reciprocal(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+        return super().reciprocal(xs, True) if inplace else self._unary(torch.reciprocal, xs)
 
     def clone(self, xs: Sequence[Tensor]) -> list[Tensor]:
         return [o.copy_(x) for x, o in zip(xs, self.scratch.take(xs))]
