@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 from pathlib import Path
 
@@ -51,6 +52,48 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer_state: dict, step: i
     os.replace(tmp, path)
 
 
+def train(args: argparse.Namespace, rank: int, world: int) -> None:
+    """The training loop; DDP and the optimizer hook live only in here, so that they are torn down (their
+    gloo work and hook futures released) before ``main`` destroys the process group."""
+    model = make_model(args.seed)
+    start = 0
+    checkpoint = None
+    if args.resume is not None:
+        # every rank reads the checkpoint; DDP would broadcast rank 0's parameters anyway, but the optimizer
+        # state is each rank's own
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["model"])
+        start = int(checkpoint["step"])
+    ddp = DistributedDataParallel(model)
+    schedule = pureopt.schedules.warmup_cosine_decay(
+        init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup, decay_steps=args.decay_steps
+    )
+    optimizer = register_optimizer_hook(ddp, pureopt.adamw(lr=schedule, weight_decay=0.01))
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optim"])
+        if rank == 0:
+            print(f"resumed from {args.resume} at step {start}", flush=True)
+
+    for step in range(start, args.steps):
+        x, y = batch(args.seed, step, args.global_batch, rank, world)
+        ddp.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(ddp(x), y)
+        loss.backward()  # all-reduce + optimizer step, bucket by bucket; parameters are updated on return
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            if rank == 0:
+                lr = float(schedule(step))
+                print(f"step {done:5d}  loss {mean_loss.item() / world:.6f}  lr {lr:.2e}", flush=True)
+        if args.save_every and done % args.save_every == 0 and done != args.steps and rank == 0:
+            save_checkpoint(args.save, model, optimizer.state_dict(), done)
+    if rank == 0:
+        save_checkpoint(args.save, model, optimizer.state_dict(), max(start, args.steps))
+        print(f"saved model and optimizer state to {args.save} at step {max(start, args.steps)}", flush=True)
+    dist.barrier()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="train until this global step")
@@ -71,44 +114,9 @@ def main() -> None:
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
     try:
-        model = make_model(args.seed)
-        start = 0
-        checkpoint = None
-        if args.resume is not None:
-            # every rank reads the checkpoint; DDP would broadcast rank 0's parameters anyway, but the optimizer
-            # state is each rank's own
-            checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-            model.load_state_dict(checkpoint["model"])
-            start = int(checkpoint["step"])
-        ddp = DistributedDataParallel(model)
-        schedule = pureopt.schedules.warmup_cosine_decay(
-            init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup, decay_steps=args.decay_steps
-        )
-        optimizer = register_optimizer_hook(ddp, pureopt.adamw(lr=schedule, weight_decay=0.01))
-        if checkpoint is not None:
-            optimizer.load_state_dict(checkpoint["optim"])
-            if rank == 0:
-                print(f"resumed from {args.resume} at step {start}", flush=True)
-
-        for step in range(start, args.steps):
-            x, y = batch(args.seed, step, args.global_batch, rank, world)
-            ddp.zero_grad(set_to_none=True)
-            loss = nn.functional.mse_loss(ddp(x), y)
-            loss.backward()  # all-reduce + optimizer step, bucket by bucket; parameters are updated on return
-            done = step + 1
-            if done % args.log_every == 0 or done == args.steps:
-                mean_loss = loss.detach().clone()
-                dist.all_reduce(mean_loss)
-                if rank == 0:
-                    lr = float(schedule(step))
-                    print(f"step {done:5d}  loss {mean_loss.item() / world:.6f}  lr {lr:.2e}", flush=True)
-            if args.save_every and done % args.save_every == 0 and done != args.steps and rank == 0:
-                save_checkpoint(args.save, model, optimizer.state_dict(), done)
-        if rank == 0:
-            save_checkpoint(args.save, model, optimizer.state_dict(), max(start, args.steps))
-            print(f"saved model and optimizer state to {args.save} at step {max(start, args.steps)}", flush=True)
-        dist.barrier()
+        train(args, rank, world)
     finally:
+        gc.collect()  # DDP's reducer sits in reference cycles: free it (and its gloo work) while the group is alive
         dist.destroy_process_group()
 
 

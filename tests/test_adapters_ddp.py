@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import copy
 import datetime
+import gc
 import importlib.util
 import multiprocessing
 import os
@@ -401,6 +402,7 @@ def _rank_main(scenario: str, rank: int, port: int, out: str, args: tuple[str, .
         result = SCENARIOS[scenario](rank, WORLD, Path(out), *args)
         torch.save(result, Path(out) / f"{scenario}-{'-'.join(args)}-rank{rank}.pt")
     finally:
+        gc.collect()  # free DDP reducers (reference cycles) and their gloo work while the group is alive
         dist.destroy_process_group()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import io
 import socket
 import threading
@@ -464,6 +465,7 @@ def gloo_group():
     try:
         yield
     finally:
+        gc.collect()  # free DDP reducers (reference cycles) and their gloo work while the group is alive
         dist.destroy_process_group()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import importlib
 import io
 import socket
@@ -547,6 +548,7 @@ def gloo_group():
     try:
         yield
     finally:
+        gc.collect()  # free DDP reducers (reference cycles) and their gloo work while the group is alive
         dist.destroy_process_group()
 
 
