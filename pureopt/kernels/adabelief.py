@@ -36,6 +36,7 @@ from pureopt.kernels.common import (
     map_scalars_n,
     on_host,
     scalar_for,
+    torch_grad,
 )
 from pureopt.kernels.lars import require_params
 from pureopt.kernels.listops import ListOps, ops_for
@@ -112,11 +113,8 @@ def adabelief(
         step_size: list[Tensor],
         bc2_sqrt: list[Tensor],
     ) -> tuple[list[Tensor] | None, ...]:
-        owned = False
-        if maximize:
-            g, owned = ops.neg(g), True
-        if uses_p and not decoupled_weight_decay:
-            g = ops.add(g, p, alpha=weight_decay, inplace=owned)  # type: ignore[arg-type]
+        coupled = weight_decay if uses_p and not decoupled_weight_decay else 0.0
+        g, _ = torch_grad(ops, g, p, maximize=maximize, weight_decay=coupled)
         new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
         residual = ops.sub(g, new_m)
         new_s = ops.addcmul(ops.mul(s, beta2, inplace=donate), residual, residual, value=1 - beta2, inplace=True)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from pureopt.kernels.common import add_update, as_complex_like, as_real, can_apply, cast_like, elementwise
+from pureopt.kernels.common import add_update, as_complex_like, as_real, can_apply, cast_like, elementwise, torch_grad
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
 
@@ -76,11 +76,7 @@ def adadelta(
     def body(
         ops: ListOps, p: list[Tensor] | None, g: list[Tensor], vs: list[Tensor], us: list[Tensor]
     ) -> tuple[list[Tensor] | None, ...]:
-        owned = False
-        if maximize:
-            g, owned = ops.neg(g), True
-        if weight_decay != 0:
-            g, owned = ops.add(g, p, alpha=weight_decay, inplace=owned), True  # type: ignore[arg-type]
+        g, _ = torch_grad(ops, g, p, maximize=maximize, weight_decay=weight_decay)
         new_vs = ops.addcmul(ops.mul(vs, rho, inplace=donate), g, g, value=1 - rho, inplace=True)
         std = ops.sqrt(ops.add_scalar(new_vs, eps), inplace=True)
         delta = ops.sqrt(ops.add_scalar(us, eps), inplace=True)

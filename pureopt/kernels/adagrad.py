@@ -31,7 +31,7 @@ from torch import Tensor
 
 from pureopt.base import add_inplace
 from pureopt.kernels import fused as _fused
-from pureopt.kernels.common import as_complex_like, as_real, cast_like, over, per_tensor, scalars_for
+from pureopt.kernels.common import as_complex_like, as_real, cast_like, over, per_tensor, scalars_for, torch_grad
 from pureopt.kernels.listops import FOREACH, LOOP, ops_for
 from pureopt.kernels.select import choose_impl
 
@@ -168,12 +168,8 @@ def _adagrad_dense(
     like = grads
     sums = as_real(state_sums)
     g = cast_like(as_real(grads), sums)  # state may be kept in another dtype (state_dtype=)
-    owned = False
-    if maximize:
-        g, owned = ops.neg(g), True
-    if weight_decay != 0:
-        rparams = cast_like(as_real(params), sums)  # type: ignore[arg-type]
-        g, owned = ops.add(g, rparams, alpha=weight_decay, inplace=owned), True
+    rparams = cast_like(as_real(params), sums) if weight_decay != 0 else None  # type: ignore[arg-type]
+    g, owned = torch_grad(ops, g, rparams, maximize=maximize, weight_decay=weight_decay)
     new_steps = ops.add_scalar(steps, 1, inplace=donate)
     new_sums = ops.addcmul(sums, g, g, value=1.0, inplace=donate)
     std = ops.add_scalar(ops.sqrt(new_sums), eps, inplace=True)

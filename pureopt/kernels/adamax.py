@@ -34,6 +34,7 @@ from pureopt.kernels.common import (
     over,
     per_tensor,
     scalars_for,
+    torch_grad,
 )
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
@@ -98,11 +99,7 @@ def adamax(
         us: list[Tensor],
         step_size: list[Tensor],
     ) -> tuple[list[Tensor] | None, ...]:
-        owned = False
-        if maximize:
-            g, owned = ops.neg(g), True
-        if weight_decay != 0:
-            g, owned = ops.add(g, p, alpha=weight_decay, inplace=owned), True  # type: ignore[arg-type]
+        g, owned = torch_grad(ops, g, p, maximize=maximize, weight_decay=weight_decay)
         new_ms = ops.lerp(ms, g, 1 - beta1, inplace=donate)
         abs_eps = ops.add_scalar(ops.abs(g, inplace=owned), eps, inplace=True)
         new_us = ops.maximum(ops.mul(us, beta2, inplace=donate), abs_eps, inplace=True)

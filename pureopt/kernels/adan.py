@@ -39,6 +39,7 @@ from pureopt.kernels.common import (
     map_scalars_n,
     on_host,
     scalar_for,
+    torch_grad,
 )
 from pureopt.kernels.lars import require_params
 from pureopt.kernels.listops import ListOps, ops_for
@@ -118,9 +119,7 @@ def adan(
         diff_scale: list[Tensor],
         bc3_sqrt: list[Tensor],
     ) -> tuple[list[Tensor] | None, ...]:
-        owned = False
-        if maximize:
-            g, owned = ops.neg(g), True
+        g, owned = torch_grad(ops, g, None, maximize=maximize, weight_decay=0.0)
         diff = ops.mul(ops.sub(g, prev), seen, inplace=True)
         new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
         new_d = ops.lerp(d, diff, 1 - beta2, inplace=donate)

@@ -40,6 +40,7 @@ from pureopt.kernels.common import (
     on_host,
     over,
     scalars_for,
+    torch_grad,
 )
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
@@ -135,17 +136,13 @@ def asgd(
         neg_eta: list[Tensor],
         mu: list[Tensor],
     ) -> tuple[list[Tensor] | None, ...]:
-        owned = False
-        if maximize:
-            g, owned = ops.neg(g), True
-        if weight_decay != 0:
-            g = ops.add(g, p, alpha=weight_decay, inplace=owned)
+        g, owned = torch_grad(ops, g, p, maximize=maximize, weight_decay=weight_decay)
         # torch: p.mul_(1 - lambd * eta); p.add_(g, alpha=-eta) (one rounding; an addcmul by a 0-d -eta is the same)
         new_p = ops.mul(p, decay, inplace=apply)
         if host and len(set(neg_eta)) == 1:
             new_p = ops.add(new_p, g, alpha=neg_eta[0], inplace=True)  # type: ignore[arg-type]
         elif host:  # (different step counts: no foreach op takes one alpha per tensor)
-            new_p = ops.add(new_p, ops.mul(g, neg_eta, inplace=owned or weight_decay != 0), inplace=True)
+            new_p = ops.add(new_p, ops.mul(g, neg_eta, inplace=owned), inplace=True)
         else:
             new_p = ops.addcmul(new_p, g, neg_eta, inplace=True)
         # ax + mu * (p_new - ax): a lerp, exactly p_new while mu == 1 (torch then copies, as here on the CPU path)

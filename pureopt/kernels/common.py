@@ -20,6 +20,7 @@ __all__ = [
     "as_real",
     "as_complex_like",
     "cast_like",
+    "torch_grad",
     "StepScalars",
     "scalar_for",
     "add_scaled",
@@ -179,6 +180,30 @@ def as_real(tensors: Sequence[Tensor | None]) -> list[Tensor]:
 def as_complex_like(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
     """Undo :func:`as_real` for the positions where ``like`` is complex."""
     return [torch.view_as_complex(t) if ref.is_complex() else t for t, ref in zip(tensors, like)]
+
+
+def torch_grad(
+    ops: ListOps,
+    grads: list[Tensor],
+    params: Sequence[Tensor] | None,
+    *,
+    maximize: bool,
+    weight_decay: float,
+    own: bool = True,
+) -> tuple[list[Tensor], bool]:
+    """torch.optim's gradient preamble: ``g <- -g`` if ``maximize``, then ``g <- g + weight_decay * p`` (coupled
+    weight decay; pass ``weight_decay=0`` where the decay is decoupled or absent).
+
+    Returns the gradient and whether it is a temporary of the kernel's own that later ops may overwrite in place:
+    true once either op ran, unless ``own`` is false (autograd records through the update, so not even the kernel's
+    temporaries may be overwritten). The caller's ``grads`` are never written."""
+    owned = False
+    if maximize:
+        grads, owned = ops.neg(grads), own
+    if weight_decay != 0:
+        assert params is not None
+        grads, owned = ops.add(grads, params, alpha=weight_decay, inplace=owned), own
+    return grads, owned
 
 
 # --- the donated, applied path: the last op writes into the parameters; CPU lists run in cache-sized chunks ------

@@ -44,6 +44,7 @@ from pureopt.kernels.common import (
     scalar_dtype,
     scalar_for,
     scalars_for,
+    torch_grad,
 )
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
@@ -140,13 +141,8 @@ def nadam(
         coef_m: list[Tensor],
         bc2: list[Tensor],
     ) -> tuple[list[Tensor] | None, ...]:
-        owned = False
-        if maximize:
-            g = ops.neg(g)
-            owned = tmp
-        if weight_decay != 0 and not decoupled_weight_decay:
-            g = ops.add(g, p, alpha=weight_decay, inplace=owned)  # type: ignore[arg-type]
-            owned = tmp
+        coupled = 0.0 if decoupled_weight_decay else weight_decay
+        g, owned = torch_grad(ops, g, p, maximize=maximize, weight_decay=coupled, own=tmp)
         m = ops.lerp(ms, g, 1 - beta1, inplace=donate)
         v = ops.addcmul(ops.mul(vs, beta2, inplace=donate), g, g, value=1 - beta2, inplace=tmp)
         denom = ops.add_scalar(ops.sqrt(ops.div(v, bc2), inplace=tmp), eps, inplace=tmp)

@@ -42,6 +42,7 @@ from pureopt.kernels.common import (
     on_host,
     scalar_for,
     scalars_for,
+    torch_grad,
 )
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.nadam import autograd_recording
@@ -145,12 +146,8 @@ def radam(
         rect_step: list[float],
         plain_step: list[float],
     ) -> tuple[list[Tensor] | None, ...]:
-        owned = False
-        if maximize:
-            g = ops.neg(g)
-            owned = tmp
-        if weight_decay != 0 and not decoupled_weight_decay:
-            g = ops.add(g, p, alpha=weight_decay, inplace=owned)  # type: ignore[arg-type]
+        coupled = 0.0 if decoupled_weight_decay else weight_decay
+        g, _ = torch_grad(ops, g, p, maximize=maximize, weight_decay=coupled, own=tmp)
         m = ops.lerp(ms, g, 1 - beta1, inplace=donate)
         v = ops.addcmul(ops.mul(vs, beta2, inplace=donate), g, g, value=1 - beta2, inplace=tmp)
         if host:  # torch (foreach): p.mul_(1 - lr * wd); p.addcmul_(m, 1 / ((sqrt(v) + eps) / rect_step) + plain_step)

@@ -33,6 +33,7 @@ from pureopt.kernels.common import (
     can_apply,
     cast_like,
     elementwise,
+    torch_grad,
 )
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.nadam import autograd_recording
@@ -104,13 +105,7 @@ def rmsprop(
 
     def body(ops: ListOps, p: list[Tensor] | None, g: list[Tensor], sq: list[Tensor], ga: list[Tensor] | None,
              bufs: list[Tensor] | None) -> tuple[list[Tensor] | None, ...]:  # fmt: skip
-        owned = False
-        if maximize:
-            g = ops.neg(g)
-            owned = tmp
-        if weight_decay != 0:
-            g = ops.add(g, p, alpha=weight_decay, inplace=owned)  # type: ignore[arg-type]
-            owned = tmp
+        g, owned = torch_grad(ops, g, p, maximize=maximize, weight_decay=weight_decay, own=tmp)
         new_sq = ops.addcmul(ops.mul(sq, alpha, inplace=donate), g, g, value=1 - alpha, inplace=tmp)
         new_ga = None
         if centered:

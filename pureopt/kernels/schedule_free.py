@@ -46,6 +46,7 @@ from pureopt.kernels.common import (
     elementwise,
     map_scalars_n,
     scalar_for,
+    torch_grad,
 )
 from pureopt.kernels.lars import require_params
 from pureopt.kernels.listops import ListOps, ops_for
@@ -156,9 +157,7 @@ def schedule_free(
         v: list[Tensor] | None,
         bc2: list[Tensor] | None,
     ) -> tuple[list[Tensor] | None, ...]:
-        owned = False
-        if maximize:
-            g, owned = ops.neg(g), True
+        g, owned = torch_grad(ops, g, None, maximize=maximize, weight_decay=0.0)
         new_v = None
         if v is not None:
             assert bc2 is not None

@@ -32,6 +32,7 @@ from pureopt.kernels.common import (
     cast_like,
     elementwise,
     scalar_for,
+    torch_grad,
 )
 from pureopt.kernels.lars import require_params
 from pureopt.kernels.listops import ListOps, ops_for
@@ -90,11 +91,8 @@ def signum(
     def body(
         ops: ListOps, p: list[Tensor] | None, g: list[Tensor], bufs: list[Tensor] | None
     ) -> tuple[list[Tensor] | None, ...]:
-        owned = False
-        if maximize:
-            g, owned = ops.neg(g), True
-        if uses_p and not decoupled_weight_decay:
-            g, owned = ops.add(g, p, alpha=weight_decay, inplace=owned), True  # type: ignore[arg-type]
+        coupled = weight_decay if uses_p and not decoupled_weight_decay else 0.0
+        g, owned = torch_grad(ops, g, p, maximize=maximize, weight_decay=coupled)
         new_bufs = None
         if bufs is not None:
             new_bufs = ops.lerp(bufs, g, 1 - momentum, inplace=donate)

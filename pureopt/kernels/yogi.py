@@ -32,6 +32,7 @@ from pureopt.kernels.common import (
     elementwise,
     map_scalars_n,
     on_host,
+    torch_grad,
 )
 from pureopt.kernels.lars import require_params
 from pureopt.kernels.listops import ListOps, ops_for
@@ -105,11 +106,7 @@ def yogi(
         step_size: list[Tensor] | None,
         bc2_sqrt: list[Tensor] | None,
     ) -> tuple[list[Tensor] | None, ...]:
-        owned = False
-        if maximize:
-            g, owned = ops.neg(g), True
-        if weight_decay != 0:
-            g = ops.add(g, p, alpha=weight_decay, inplace=owned)  # type: ignore[arg-type]
+        g, _ = torch_grad(ops, g, p, maximize=maximize, weight_decay=weight_decay)
         new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
         g2 = ops.mul_list(g, g)
         direction = ops.sign(ops.sub(v, g2), inplace=True)
