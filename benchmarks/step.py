@@ -6,6 +6,8 @@ For each parameter set and algorithm, every implementation takes one step per ro
 Implementations:
   torch-loop / torch-foreach / torch-fused   torch.optim.<Algo>(foreach=False / foreach=True / fused=True)
   pureopt-pure                               updates, state = tx.update(...); params = apply_updates(...)
+  pureopt-step                               params, state = pureopt.step(tx, grads, state, params): as pure
+                                             (inputs untouched), on copies with the donated kernels
   pureopt-donated                            state = pureopt.inplace_step(tx, grads, state, params)
                                              (what the stateful adapters run: buffers owned, updated in place)
   pureopt-flat                               TorchOptimizer(params, tx, flat=True).step(), gradients already
@@ -141,6 +143,14 @@ def build_runners(algo: Algo, shapes: list[tuple[int, ...]]) -> dict[str, Callab
         pure["params"] = pureopt.apply_updates(pure["params"], updates)
 
     runners["pureopt-pure"] = pure_step
+
+    stepped = {"params": {str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))}}
+    stepped["state"] = tx.init(stepped["params"])
+
+    def pure_fast_step() -> None:
+        stepped["params"], stepped["state"] = pureopt.step(tx, pure_grads, stepped["state"], stepped["params"])
+
+    runners["pureopt-step"] = pure_fast_step
 
     own_params = {str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))}
     own_grads = {str(i): g.clone() for i, g in enumerate(grads_data)}

@@ -68,6 +68,7 @@ from pureopt.optimizers import (
     sparse_adam,
     yogi,
 )
+from pureopt.stepping import step
 from pureopt.transforms import (
     AdanState,
     AddNoiseState,
@@ -189,6 +190,7 @@ __all__ = [
     "inject_hyperparams",
     "InjectHyperparamsState",
     "inplace_step",
+    "step",
     "is_elementwise",
     "keep_params_nonnegative",
     "kernels",

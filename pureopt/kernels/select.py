@@ -17,6 +17,7 @@ __all__ = [
     "differentiating",
     "autograd_recording",
     "mark_differentiating",
+    "grad_hyperparameter_probe",
 ]
 
 Impl = Literal["auto", "loop", "foreach", "fused"]
@@ -65,8 +66,31 @@ def autograd_recording(tensors: Sequence[object]) -> bool:
 
 def mark_differentiating(value: object) -> None:
     """Note that a hyperparameter value takes part in autograd (called by ``hyperparams.resolve``)."""
-    if _DEPTH[0] and isinstance(value, Tensor) and value.requires_grad and torch.is_grad_enabled():
+    if not (isinstance(value, Tensor) and value.requires_grad):
+        return
+    if _PROBES:
+        _PROBES[-1].seen = True
+    if _DEPTH[0] and torch.is_grad_enabled():
         _DIFFERENTIATING[0] = True  # undone when the enclosing ``differentiating`` block exits
+
+
+class grad_hyperparameter_probe:
+    """Context manager: ``seen`` becomes true if a hyperparameter that requires grad is resolved inside it, even
+    with grad mode off (:func:`pureopt.step` runs its fast path under ``torch.no_grad()`` and redoes the step on
+    the differentiable path when the probe fires)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __enter__(self) -> grad_hyperparameter_probe:
+        _PROBES.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _PROBES.remove(self)
+
+
+_PROBES: list[grad_hyperparameter_probe] = []
 
 
 def _foreach_legal(tensors: Sequence[Tensor]) -> bool:
