@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from _checks import assert_unchanged, snapshot
 
 from pureopt.base import apply_updates
 from pureopt.combine import chain
@@ -23,7 +24,6 @@ from pureopt.optimizers.muon import muon
 from pureopt.transforms.muon import MuonState, orthogonalize, scale_by_muon
 from pureopt.transforms.scale import scale_by_learning_rate
 from pureopt.transforms.weight_decay import add_decayed_weights
-from pureopt.tree import flatten
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -370,10 +370,6 @@ def test_converges_on_a_least_squares_matrix_problem():
 # --- purity, state, errors ----------------------------------------------------------------------------------------
 
 
-def _snapshot(tree):
-    return [None if t is None else t.clone() for t in flatten(tree)[0]]
-
-
 @pytest.mark.parametrize("impl", ["loop", "foreach"])
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -386,11 +382,10 @@ def test_update_never_mutates_inputs(impl, nesterov, dtype):
         grads: dict[str, Any] = {k: torch.randn(v.shape, generator=gen).to(dtype) for k, v in params.items()}
         if step == 1:
             grads["w_mid"] = None
-        snaps = [_snapshot(params), _snapshot(grads), _snapshot(state)]
+        snaps = [snapshot(params), snapshot(grads), snapshot(state)]
         updates, new_state = tx.update(grads, state, params)
-        for tree, snap in zip((params, grads, state), snaps):
-            for now, before in zip(flatten(tree)[0], snap):
-                assert (now is None and before is None) or torch.equal(now, before)
+        for what, tree, snap in zip(("params", "grads", "state"), (params, grads, state), snaps):
+            assert_unchanged(tree, snap, what)
         if step == 1:
             assert updates["w_mid"] is None and new_state.momentum_buffer["w_mid"] is state.momentum_buffer["w_mid"]
         params, state = apply_updates(params, updates), new_state
