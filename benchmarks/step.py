@@ -74,6 +74,9 @@ ALGOS = {
     "adadelta": Algo("adadelta", "Adadelta", {"lr": 1.0}, "pureopt.optimizers.adadelta:adadelta", 2),
     "rprop": Algo("rprop", "Rprop", {"lr": 1e-2}, "pureopt.optimizers.rprop:rprop", 2),
     "asgd": Algo("asgd", "ASGD", {"lr": 1e-2}, "pureopt.optimizers.asgd:asgd", 1),
+    # not in torch.optim: pureopt's rows only (the flat rows against the per-tensor donated one)
+    "lamb": Algo("lamb", None, {"lr": 1e-3, "weight_decay": 0.01}, "pureopt.optimizers.lamb:lamb", 2),
+    "lars": Algo("lars", None, {"lr": 0.1, "momentum": 0.9}, "pureopt.optimizers.lars:lars", 1),
 }
 DEFAULT_ALGOS = ["sgd", "adam", "adamw", "adagrad"]
 

@@ -23,6 +23,7 @@ from pureopt.base import (
     identity,
     inplace_step,
     is_elementwise,
+    is_segmentwise,
     set_to_zero,
     stateless,
 )
@@ -192,6 +193,7 @@ __all__ = [
     "inplace_step",
     "step",
     "is_elementwise",
+    "is_segmentwise",
     "keep_params_nonnegative",
     "kernels",
     "lamb",

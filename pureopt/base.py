@@ -43,6 +43,7 @@ __all__ = [
     "LeafUpdate",
     "leaf_transformation",
     "is_elementwise",
+    "is_segmentwise",
     "as_leaf_update",
     "identity",
     "stateless",
@@ -121,6 +122,10 @@ class UpdateContext:
       found_inf: 0-d float32 flag, ``1.0`` when some gradient holds an inf/NaN: the whole step must then be a
         no-op (parameters, per-parameter state and global counters unchanged), decided without a host sync
         where possible. ``None``: no check.
+      segments: set when each leaf is a flat buffer holding several parameters one after the other (the
+        flat-buffer layout): ``segments[i]`` are the element counts of the parameters in leaf ``i``, in order.
+        A transformation with per-tensor math (norms, trust ratios) computes it per segment; only those that
+        declare it (:func:`is_segmentwise`) are run this way. ``None``: every leaf is one parameter.
 
     ``grad_scale`` and ``found_inf`` are set only with ``donate=True``, by an adapter driven by GradScaler
     (:func:`pureopt.adapters._amp.donated_step`), and only for transformations registered as handling them
@@ -133,6 +138,7 @@ class UpdateContext:
     apply: bool = False
     grad_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
+    segments: Sequence[Sequence[int]] | None = None
 
     def but(self, **changes: Any) -> UpdateContext:
         """A copy with some fields changed."""
@@ -170,11 +176,15 @@ class LeafUpdate:
     ``elementwise`` declares that each element's update depends only on that element's gradient, parameter and
     per-parameter state (plus global state and hyperparameters): then running the transformation on the
     concatenation of several leaves gives the same numbers as running it on the leaves (see :func:`is_elementwise`).
+    ``segmentwise`` declares the weaker property that is enough when the runner says where the parameters sit in
+    each leaf (``UpdateContext.segments``): the update is elementwise except for per-tensor reductions, which it
+    then computes per segment (see :func:`is_segmentwise`). Elementwise implies segmentwise.
     """
 
-    def __init__(self, update_leaves: LeafUpdateFn, *, elementwise: bool = False) -> None:
+    def __init__(self, update_leaves: LeafUpdateFn, *, elementwise: bool = False, segmentwise: bool = False) -> None:
         self.update_leaves = update_leaves
         self.elementwise = elementwise
+        self.segmentwise = segmentwise or elementwise
 
     def __call__(
         self, updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any
@@ -201,6 +211,7 @@ def leaf_transformation(
     update_leaves: LeafUpdateFn,
     *,
     elementwise: bool = False,
+    segmentwise: bool = False,
 ) -> GradientTransformation:
     """Build a :class:`GradientTransformation` from functions over flat leaves.
 
@@ -208,8 +219,10 @@ def leaf_transformation(
       init_leaves: ``(param_leaves, spec) -> state``.
       update_leaves: ``(update_leaves, state, param_leaves_or_None, ctx) -> (new_update_leaves, new_state)``.
       elementwise: whether the update is elementwise (see :class:`LeafUpdate`); ``False`` is always safe.
+      segmentwise: whether it honours ``ctx.segments`` (see :class:`LeafUpdate`); ``False`` is always safe.
     """
-    return GradientTransformation(LeafInit(init_leaves), LeafUpdate(update_leaves, elementwise=elementwise))
+    update = LeafUpdate(update_leaves, elementwise=elementwise, segmentwise=segmentwise)
+    return GradientTransformation(LeafInit(init_leaves), update)
 
 
 def is_elementwise(tx: GradientTransformation) -> bool:
@@ -223,6 +236,19 @@ def is_elementwise(tx: GradientTransformation) -> bool:
     orthogonalisation, masks), are not elementwise.
     """
     return isinstance(tx.update, LeafUpdate) and tx.update.elementwise
+
+
+def is_segmentwise(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` gives the same numbers on flat buffers as on the parameters when told the segments.
+
+    That is, its update is elementwise except for per-tensor reductions (LAMB's and LARS's trust ratios,
+    block-RMS clipping, global-norm clipping), which it computes per segment when ``UpdateContext.segments`` is
+    set. The flat-buffer layout (``flat=True`` in the adapters, :func:`pureopt.flatten`) runs such a
+    transformation on the flat buffers and passes the segments; every elementwise transformation is
+    segmentwise too. Transformations whose math needs a tensor's shape (Adafactor's factored moments, Muon's
+    orthogonalisation, row-wise clipping) or per-parameter masks are not.
+    """
+    return isinstance(tx.update, LeafUpdate) and tx.update.segmentwise
 
 
 def as_leaf_update(

@@ -41,6 +41,7 @@ from pureopt.base import (
     UpdateContext,
     as_leaf_update,
     is_elementwise,
+    is_segmentwise,
     leaf_transformation,
     set_to_zero,
 )
@@ -81,6 +82,8 @@ def inner_context(
     changes: dict[str, Any] = {}
     if spec is not None and spec is not ctx.spec:
         changes["spec"] = spec
+        if ctx.segments is not None:  # other leaves: the flat segments no longer describe them
+            changes["segments"] = None
     if not allow_apply and getattr(ctx, "apply", False):
         changes["apply"] = False
     if not allow_donate and ctx.donate:
@@ -134,7 +137,12 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(new_sub)
         return updates, tuple(new_states)
 
-    return leaf_transformation(init_leaves, update_leaves, elementwise=all(is_elementwise(t) for t in transforms))
+    return leaf_transformation(
+        init_leaves,
+        update_leaves,
+        elementwise=all(is_elementwise(t) for t in transforms),
+        segmentwise=all(is_segmentwise(t) for t in transforms),
+    )
 
 
 def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -181,7 +189,12 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
             )
         return updates, new_state
 
-    return leaf_transformation(init_leaves, update_leaves, elementwise=all(is_elementwise(t) for t in txs))
+    return leaf_transformation(
+        init_leaves,
+        update_leaves,
+        elementwise=all(is_elementwise(t) for t in txs),
+        segmentwise=all(is_segmentwise(t) for t in txs),
+    )
 
 
 def _check_keys(state: Any, expected: list[Any], who: str) -> None:

@@ -29,6 +29,7 @@ from pureopt.base import (
     UpdateContext,
     as_leaf_update,
     is_elementwise,
+    is_segmentwise,
     leaf_transformation,
 )
 from pureopt.tree import PyTreeSpec
@@ -139,7 +140,7 @@ class FlatLayout:
 
 
 def flatten(inner: GradientTransformation) -> GradientTransformation:
-    """Run an elementwise transformation on one vector per (device, dtype) group of the parameters.
+    """Run an elementwise (or segmentwise) transformation on one vector per (device, dtype) group of the parameters.
 
     ``init`` concatenates the parameters of each group into a vector and returns ``inner``'s state over the
     tuple of those vectors; ``update`` concatenates the gradients (and parameters) the same way, runs ``inner``
@@ -147,15 +148,17 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     instead of one per tensor, at the price of one gather copy of the gradients and parameters per step (the
     adapters' ``flat=True`` avoids even that by keeping the parameters in flat buffers).
 
-    Only elementwise transformations (:func:`pureopt.base.is_elementwise`) are accepted: for them the results are
-    exactly those of ``inner`` on the tensors. Per-tensor math (norms, trust ratios, factored moments,
-    orthogonalisation) would silently change, so it raises. Every parameter needs a gradient at every step (one
+    Only transformations that give the same numbers on the vectors are accepted: elementwise ones
+    (:func:`pureopt.base.is_elementwise`) and those that compute their per-tensor reductions per segment when
+    told where each parameter sits (:func:`pureopt.base.is_segmentwise`: LAMB, LARS, trust-ratio scaling,
+    global-norm and block-RMS clipping), which ``flatten`` does. Other per-tensor math (factored moments,
+    orthogonalisation, masks) would silently change, so it raises. Every parameter needs a gradient at every step (one
     step count is kept per group); a ``None`` gradient among others raises, all ``None`` is a no-op.
 
     Works under ``torch.func`` transforms (the concatenation is batched by ``vmap``).
 
     Args:
-      inner: an elementwise transformation, e.g. ``pureopt.adamw(1e-3)``.
+      inner: an elementwise or segmentwise transformation, e.g. ``pureopt.adamw(1e-3)``.
 
     Example::
 
@@ -168,11 +171,12 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"flatten: inner is a {type(inner).__name__}, not a GradientTransformation")
-    if not is_elementwise(inner):
+    if not is_segmentwise(inner):
         raise ValueError(
             "flatten needs an elementwise transformation (the update of each element depends only on that "
-            "element): this one is not, or does not say so (per-tensor math such as norms, trust ratios or "
-            "factored moments would change on a concatenated vector)"
+            "element) or one that computes its per-tensor reductions per segment: this one is neither, or does "
+            "not say so (per-tensor math such as factored moments or orthogonalisation would change on a "
+            "concatenated vector)"
         )
     inner_update = as_leaf_update(inner)
 
@@ -200,7 +204,8 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
         layout = FlatLayout([params[i] for i in idx] if params is not None else grads)
         flat_params = layout.gather([params[i] for i in idx]) if params is not None else None
         flat_spec = _tree.flatten(tuple(range(len(layout.groups))))[1]
-        inner_ctx = UpdateContext(flat_spec, ctx.extra_args, donate=ctx.donate, apply=False)
+        segments = [group.numels for group in layout.groups]
+        inner_ctx = UpdateContext(flat_spec, ctx.extra_args, donate=ctx.donate, apply=False, segments=segments)
         flat_updates, new_state = inner_update(layout.gather(grads), state, flat_params, inner_ctx)
         assert flat_updates is not None
         out: list[Any] = [None] * len(updates)
@@ -208,4 +213,4 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
             out[i] = view
         return out, new_state
 
-    return leaf_transformation(init_leaves, update_leaves, elementwise=True)
+    return leaf_transformation(init_leaves, update_leaves, elementwise=is_elementwise(inner))

@@ -36,6 +36,7 @@ from pureopt.base import (
     UpdateContext,
     as_leaf_update,
     is_elementwise,
+    is_segmentwise,
     leaf_transformation,
 )
 from pureopt.combine import inner_context, returned
@@ -196,7 +197,8 @@ def inject_hyperparams(
                 raise TypeError("inject_hyperparams: pass hyperparameters by keyword for this factory")
             given = dict(kwargs)
         # validates the initial values with the factory's own checks and wording
-        elementwise = is_elementwise(factory(**given))
+        built = factory(**given)
+        elementwise, segmentwise = is_elementwise(built), is_segmentwise(built)
 
         static = {}
         numeric: dict[str, Any] = {}
@@ -248,7 +250,7 @@ def inject_hyperparams(
             )
             return new_updates, InjectHyperparamsState(state.num_updates + 1, values, new_inner)
 
-        return leaf_transformation(init_leaves, update_leaves, elementwise=elementwise)
+        return leaf_transformation(init_leaves, update_leaves, elementwise=elementwise, segmentwise=segmentwise)
 
     wrapped.__name__ = f"inject_hyperparams({getattr(factory, '__name__', 'factory')})"
     wrapped.__doc__ = factory.__doc__
@@ -321,7 +323,9 @@ class MultiSteps:
         self.every_k = every_k
         self.acc_dtype = acc_dtype
         self._inner = as_leaf_update(opt)
-        self._tx = leaf_transformation(self._init_leaves, self._update_leaves, elementwise=is_elementwise(opt))
+        self._tx = leaf_transformation(
+            self._init_leaves, self._update_leaves, elementwise=is_elementwise(opt), segmentwise=is_segmentwise(opt)
+        )
 
     @property
     def init(self) -> LeafInit:
@@ -460,7 +464,9 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         )
         return out, new_state
 
-    return leaf_transformation(init_leaves, update_leaves, elementwise=is_elementwise(inner))
+    return leaf_transformation(
+        init_leaves, update_leaves, elementwise=is_elementwise(inner), segmentwise=is_segmentwise(inner)
+    )
 
 
 # --- lookahead -----------------------------------------------------------------------------------------------
@@ -555,7 +561,9 @@ def lookahead(fast_tx: GradientTransformation, sync_period: int, alpha: float) -
         )
         return out, new_state
 
-    return leaf_transformation(init_leaves, update_leaves, elementwise=is_elementwise(fast_tx))
+    return leaf_transformation(
+        init_leaves, update_leaves, elementwise=is_elementwise(fast_tx), segmentwise=is_segmentwise(fast_tx)
+    )
 
 
 def _add(p: Tensor, u: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from _checks import same_bits
 from _registry import OPTIMIZERS
 
 import pureopt
-from pureopt.base import is_elementwise
+from pureopt.base import is_elementwise, is_segmentwise
 from pureopt.flat import FlatLayout
 
 ALIGNED = [(4, 16), (64,), (2, 4, 8), (1, 64), (128,)]
@@ -96,7 +96,7 @@ def test_flat_matches_per_tensor_for_every_optimizer(opt_id, factory):
     group = flat._groups[0].flat
     assert group is not None
     tx = factory("auto")
-    assert group.flattened == is_elementwise(tx)
+    assert group.flattened == is_segmentwise(tx)
     if group.flattened:  # the step counts agree again after step 4: back on the flat kernel
         assert group.uniform
 
@@ -290,18 +290,24 @@ def test_functional_flat_checkpoint_roundtrip():
 # --- the flatten transformation ----------------------------------------------------------------------------------
 
 
-def test_flatten_matches_per_tensor_transformation():
-    params = {f"p{i}": p.detach() for i, p in enumerate(make_params())}
-    tx = pureopt.adamw(lr=0.01, weight_decay=0.1, impl="foreach")
-    flat_tx = pureopt.flatten(tx)
+def run_flatten_against_plain(tx, flat_tx, params, steps=5):
+    """``steps`` pure steps of ``tx`` and of ``flat_tx`` (its flatten) from ``params``: (params, flat params,
+    flat state)."""
     state, flat_state = tx.init(params), flat_tx.init(params)
     ps, flat_ps = dict(params), dict(params)
-    for t in range(5):
+    for t in range(steps):
         grads = dict(zip(params, grads_for(list(params.values()), t)))
         updates, state = tx.update(grads, state, ps)
         flat_updates, flat_state = flat_tx.update(grads, flat_state, flat_ps)
         ps = pureopt.apply_updates(ps, updates)
         flat_ps = pureopt.apply_updates(flat_ps, flat_updates)
+    return ps, flat_ps, flat_state
+
+
+def test_flatten_matches_per_tensor_transformation():
+    params = {f"p{i}": p.detach() for i, p in enumerate(make_params())}
+    tx = pureopt.adamw(lr=0.01, weight_decay=0.1, impl="foreach")
+    ps, flat_ps, flat_state = run_flatten_against_plain(tx, pureopt.flatten(tx), params)
     assert_same(list(flat_ps.values()), list(ps.values()), "flatten(adamw)")
     group_sizes = {
         (sum(p.numel() for p in params.values() if p.dtype == dtype),) for dtype in (torch.float32, torch.float64)
@@ -332,9 +338,11 @@ def test_flatten_under_vmap_matches_per_model_loop():
 
 def test_flatten_refuses_per_tensor_math_and_partial_gradients():
     with pytest.raises(ValueError, match="flatten needs an elementwise transformation"):
-        pureopt.flatten(pureopt.lamb(lr=0.01))
+        pureopt.flatten(pureopt.adafactor(lr=0.01))
     with pytest.raises(ValueError, match="flatten needs an elementwise transformation"):
-        pureopt.flatten(pureopt.chain(pureopt.clip_by_global_norm(1.0), pureopt.adam(1e-3)))
+        pureopt.flatten(pureopt.chain(pureopt.clip_by_global_norm(1.0), pureopt.muon(lr=0.02)))
+    with pytest.raises(ValueError, match="flatten needs an elementwise transformation"):
+        pureopt.flatten(pureopt.lars(lr=0.1, mask=lambda params: {k: True for k in params}))
     tx = pureopt.flatten(pureopt.adam(lr=0.1))
     params = {"a": torch.ones(2), "b": torch.ones(3)}
     state = tx.init(params)
@@ -387,3 +395,107 @@ def test_regroup_follows_given_groups_and_refuses_bad_ones():
         ref.step()
     assert_same(params, ref_params, "after regroup")
     assert_same_state(opt.state_dict(), ref.state_dict())
+
+
+# --- segmentwise transformations: per-tensor reductions computed per parameter on the flat buffers --------------
+
+SEGMENTWISE = {
+    "lamb": lambda: pureopt.lamb(lr=0.01, weight_decay=0.1),
+    "lars": lambda: pureopt.lars(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True),
+    "clip_by_global_norm+adam": lambda: pureopt.chain(pureopt.clip_by_global_norm(0.5), pureopt.adam(lr=0.01)),
+    "clip_by_block_rms+sgd": lambda: pureopt.chain(pureopt.clip_by_block_rms(0.1), pureopt.sgd(lr=0.1)),
+    "trust_ratio chain": lambda: pureopt.chain(
+        pureopt.scale_by_adam(),
+        pureopt.add_decayed_weights(0.01),
+        pureopt.scale_by_trust_ratio(),
+        pureopt.scale_by_learning_rate(0.01),
+    ),
+    "inject_hyperparams(lamb)": lambda: pureopt.inject_hyperparams(pureopt.lamb)(lr=0.01, weight_decay=0.1),
+}
+
+
+def test_which_transformations_are_segmentwise():
+    for name, make in SEGMENTWISE.items():
+        assert is_segmentwise(make()) and not is_elementwise(make()), name
+    assert is_segmentwise(pureopt.adam(lr=0.1))  # elementwise implies segmentwise
+    masked_lars = pureopt.lars(lr=0.1, mask=lambda params: {k: True for k in params})
+    for tx in (pureopt.adafactor(lr=0.01), pureopt.muon(lr=0.02), masked_lars, pureopt.novograd(lr=0.01)):
+        assert not is_segmentwise(tx)
+    assert not is_segmentwise(pureopt.scale_by_trust_ratio(mask=lambda params: {k: True for k in params}))
+    assert not is_segmentwise(pureopt.chain(pureopt.clip_by_global_norm(1.0), pureopt.adafactor(lr=0.01)))
+
+
+@pytest.mark.parametrize("name", list(SEGMENTWISE))
+def test_segmentwise_flat_adapter_is_bitwise_per_tensor(name):
+    """The adapter steps these on the flat buffers (one flat state) and gets the per-tensor adapter's bits; the
+    step counts diverge (a None gradient) and agree again on the way."""
+    params_flat = make_params()
+    params_ref = clones(params_flat)
+    flat = pureopt.TorchOptimizer(params_flat, SEGMENTWISE[name](), flat=True)
+    ref = pureopt.TorchOptimizer(params_ref, SEGMENTWISE[name]())
+    group = flat._groups[0].flat
+    assert group is not None and group.flattened
+    run(flat, params_flat, 7)
+    run(ref, params_ref, 7)
+    assert_same(params_flat, params_ref, name)
+    assert_same_state(flat.state_dict(), ref.state_dict())
+    assert group.uniform
+
+
+@pytest.mark.parametrize("name", list(SEGMENTWISE))
+def test_flatten_of_segmentwise_transformations_matches_per_tensor(name):
+    params = {f"p{i}": p.detach() for i, p in enumerate(make_params())}
+    ps, flat_ps, _ = run_flatten_against_plain(SEGMENTWISE[name](), pureopt.flatten(SEGMENTWISE[name]()), params)
+    assert_same(list(flat_ps.values()), list(ps.values()), name)
+
+
+def test_segmentwise_runs_flat_only_on_small_parameters():
+    """Above SEGMENTWISE_MAX_MEAN_BYTES per parameter a segmentwise (not elementwise) transformation keeps the
+    per-tensor step (its whole-buffer passes lose to the per-tensor step's cache locality there); an elementwise
+    one still runs flat. Both give the per-tensor numbers."""
+    from pureopt.adapters._flat import SEGMENTWISE_MAX_MEAN_BYTES
+
+    n = SEGMENTWISE_MAX_MEAN_BYTES // 4 + 64  # float32 elements: just above the limit
+    for make, flat_expected in ((lambda: pureopt.lamb(lr=0.01), False), (lambda: pureopt.adam(lr=0.01), True)):
+        params_flat = make_params(mixed=False, shapes=[(n,), (n,)])
+        params_ref = clones(params_flat)
+        flat = pureopt.TorchOptimizer(params_flat, make(), flat=True)
+        ref = pureopt.TorchOptimizer(params_ref, make())
+        group = flat._groups[0].flat
+        assert group is not None and group.flattened == flat_expected
+        run(flat, params_flat, 3)
+        run(ref, params_ref, 3)
+        assert_same(params_flat, params_ref, "big tensors")
+
+
+def test_segmentwise_flat_lamb_with_odd_sizes_is_close():
+    params_flat = make_params(shapes=ODD)
+    params_ref = clones(params_flat)
+    flat = pureopt.TorchOptimizer(params_flat, pureopt.lamb(lr=0.01, weight_decay=0.1), flat=True)
+    ref = pureopt.TorchOptimizer(params_ref, pureopt.lamb(lr=0.01, weight_decay=0.1))
+    run(flat, params_flat, 7)
+    run(ref, params_ref, 7)
+    assert_near(params_flat, params_ref, "lamb")
+
+
+def test_flatten_of_lamb_under_grad_is_differentiable():
+    """flatten(lamb) under torch.func.grad (the per-tensor kernels, segments joined by concatenation) against
+    the unflattened LAMB: same value and same gradient of the loss after one step."""
+    params = {"a": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(5, dtype=torch.float64)}
+    target = {k: torch.randn_like(v) for k, v in params.items()}
+
+    def after_step(tx):
+        def f(ps):
+            grads = {k: 2 * (v - target[k]) for k, v in ps.items()}
+            updates, _ = tx.update(grads, tx.init(ps), ps)
+            new = pureopt.apply_updates(ps, updates)
+            return sum(((new[k] - target[k]) ** 2).sum() for k in new)
+
+        return f
+
+    plain = after_step(pureopt.lamb(lr=0.1, weight_decay=0.1))
+    flat = after_step(pureopt.flatten(pureopt.lamb(lr=0.1, weight_decay=0.1)))
+    torch.testing.assert_close(flat(params), plain(params), rtol=1e-12, atol=1e-12)
+    g_plain, g_flat = torch.func.grad(plain)(params), torch.func.grad(flat)(params)
+    for k in params:
+        torch.testing.assert_close(g_flat[k], g_plain[k], rtol=1e-10, atol=1e-12)

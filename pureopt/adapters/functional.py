@@ -60,9 +60,9 @@ class FunctionalOptimizer:
       params: the parameters (tensors), in a fixed order; they are updated in place.
       tx: the transformation, e.g. ``pureopt.adamw(lr=1e-3)``.
       flat: lay the parameters and the state out in one flat buffer per (device, dtype) (the parameters become
-        views of it, ``p.data`` is re-pointed): a full ``step`` of an elementwise transformation is then one
-        kernel call per group, with one gather copy of the gradients. Same numbers as ``flat=False``; see
-        ``TorchOptimizer`` and docs/guides for when the per-parameter path is taken instead.
+        views of it, ``p.data`` is re-pointed): a full ``step`` of an elementwise (or segmentwise)
+        transformation is then one kernel call per group, with one gather copy of the gradients. Same numbers
+        as ``flat=False``; see ``TorchOptimizer`` and docs/flat.md for when the per-parameter path is taken.
 
     **Partial steps and the update counter.** Per-parameter state (``step``, moments, ...) advances for exactly
     the parameters that get a gradient, whichever method is used: a parameter's trajectory does not depend on

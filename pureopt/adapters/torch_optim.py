@@ -256,15 +256,16 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     **Flat buffers** (``flat=True``). Each param group's parameters are copied into one contiguous buffer per
     (device, dtype) and re-pointed to views of it (``p.data``; the parameter objects stay the same), and the
-    state of an elementwise transformation (:func:`pureopt.base.is_elementwise`: SGD, Adam, AdamW, Adagrad,
-    Lion, ...) is kept in one buffer per kind per group. A step is then one kernel call per group instead of
+    state of an elementwise transformation (SGD, Adam, AdamW, Adagrad, Lion, ...), or of a segmentwise one
+    (:func:`pureopt.base.is_segmentwise`: LAMB, LARS, chains with global-norm clipping, ...) on small
+    parameters, is kept in one buffer per kind per group. A step is then one kernel call per group instead of
     one per tensor — the per-tensor cost is what keeps torch's fused optimizers far from the memory-bandwidth
     bound on models with many small tensors. Gradients are gathered with one copy per group, or none when
     ``p.grad`` are views of the group's gradient buffer: ``zero_grad(set_to_none=False)`` makes them so.
     The numbers are exactly those of ``flat=False``: a step where some parameters of a group have no gradient,
     or whose per-parameter step counts differ, runs per tensor on views of the flat buffers (the step after
-    which the counts agree again returns to the flat kernel, reading them once); a transformation that is not
-    elementwise (LAMB, LARS, Muon, Adafactor, chains with global-norm clipping, ...) always steps per tensor.
+    which the counts agree again returns to the flat kernel, reading them once); a transformation that is
+    neither (Muon, Adafactor, NovoGrad, masks, ...) always steps per tensor.
     ``state_dict`` is torch's per-parameter format, so checkpoints move freely between ``flat=True``,
     ``flat=False`` and torch.optim.
 

@@ -21,6 +21,8 @@ __all__ = [
     "as_complex_like",
     "cast_like",
     "torch_grad",
+    "segment_views",
+    "join_segments",
     "StepScalars",
     "scalar_for",
     "add_scaled",
@@ -204,6 +206,36 @@ def torch_grad(
         assert params is not None
         grads, owned = ops.add(grads, params, alpha=weight_decay, inplace=owned), own
     return grads, owned
+
+
+def segment_views(tensors: Sequence[Tensor], segments: Sequence[Sequence[int]] | None) -> list[Tensor]:
+    """The parameters inside flat buffers, as views: tensor ``i`` cut along its first dimension into pieces of
+    ``segments[i]`` elements (``UpdateContext.segments``), all in one list. ``tensors`` themselves when
+    ``segments`` is ``None``. Per-tensor reductions (norms) over these views give the bits they give over the
+    parameters, and in-place ops on them write into the flat buffers."""
+    if segments is None:
+        return list(tensors)
+    return [view for t, sizes in zip(tensors, segments) for view in t.split(list(sizes))]
+
+
+def join_segments(
+    results: Sequence[Tensor],
+    views: Sequence[Tensor],
+    whole: Sequence[Tensor],
+    segments: Sequence[Sequence[int]] | None,
+) -> list[Tensor]:
+    """Per-segment ``results`` back as one tensor per flat buffer: ``whole`` itself where ``results`` are its
+    ``views`` (:func:`segment_views`) updated in place, else the concatenation of each buffer's results (an op
+    that could not run in place, e.g. while autograd records). ``results`` when ``segments`` is ``None``."""
+    if segments is None:
+        return list(results)
+    if len(results) == len(views) and all(r is v for r, v in zip(results, views)):
+        return list(whole)
+    out, k = [], 0
+    for sizes in segments:
+        out.append(torch.cat(list(results[k : k + len(sizes)])))
+        k += len(sizes)
+    return out
 
 
 # --- the donated, applied path: the last op writes into the parameters; CPU lists run in cache-sized chunks ------

@@ -21,12 +21,21 @@ Learning: Training BERT in 76 minutes", ICLR 2020.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from torch import Tensor
 
 from pureopt.kernels.adam import adam
-from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
+from pureopt.kernels.common import (
+    as_complex_like,
+    as_real,
+    can_apply,
+    cast_like,
+    elementwise,
+    join_segments,
+    segment_views,
+)
 from pureopt.kernels.lars import map_scalars, norms, require_params, trust_ratio
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
@@ -59,12 +68,15 @@ def lamb(
     impl: str = "auto",
     donate: bool = False,
     apply: bool = False,
+    segments: Sequence[Sequence[int]] | None = None,
 ) -> LambResult:
     """One LAMB step over tensor lists; returns the updates and the new state lists (see module docstring).
 
     ``donate``: the state lists may be overwritten. ``apply`` (with ``donate``): add the updates to the parameters
     in place too (``p += ratio * u`` in one rounding) and return ``updates=None``; on CPU the step then runs over
     chunks of whole tensors (the trust ratio needs each tensor's norms), so that each chunk stays in cache.
+    ``segments`` (``UpdateContext.segments``): the tensors are flat buffers of parameters of these sizes; the
+    trust ratios are then per segment.
     """
     given = require_params(params, "lamb")
     path = choose_impl(impl, [*grads, *exp_avgs])  # before any work: an illegal explicit impl raises here
@@ -74,7 +86,13 @@ def lamb(
     step_lr = 1.0 if lr is None else lr
 
     def body(
-        ops: ListOps, p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], steps: list[Tensor]
+        ops: ListOps,
+        p: list[Tensor],
+        g: list[Tensor],
+        m: list[Tensor],
+        v: list[Tensor],
+        steps: list[Tensor],
+        segs: list[Sequence[int]] | None,
     ) -> tuple[list[Tensor] | None, ...]:
         direction = adam(
             None,
@@ -100,17 +118,23 @@ def lamb(
         rp = cast_like(as_real(p), u)
         if weight_decay != 0:
             u = ops.add(u, rp, alpha=weight_decay, inplace=True)
+        rp_parts, u_parts = segment_views(rp, segs), segment_views(u, segs)  # per parameter
         scales = map_scalars(
-            lambda pn, un: sign * step_lr * trust_ratio(pn, un, 1.0, 0.0), norms(ops, rp), norms(ops, u), like=u
+            lambda pn, un: sign * step_lr * trust_ratio(pn, un, 1.0, 0.0),
+            norms(ops, rp_parts),
+            norms(ops, u_parts),
+            like=u_parts,
         )
-        if apply:  # p + ratio * u with one rounding
-            ops.addcmul(rp, u, scales, inplace=True)
+        if apply:  # p + ratio * u with one rounding (can_apply: in place, into the parameters)
+            ops.addcmul(rp_parts, u_parts, scales, inplace=True)
             updates = None
         else:
-            updates = as_complex_like(ops.mul(u, scales, inplace=True), g)
+            scaled = ops.mul(u_parts, scales, inplace=True)
+            updates = as_complex_like(join_segments(scaled, u_parts, u, segs), g)
         return updates, direction.step, direction.exp_avg, direction.exp_avg_sq
 
-    columns = (given, grads, exp_avgs, exp_avg_sqs, steps)
+    # the segments ride along as a column: chunks of whole tensors keep each tensor's segments with it
+    columns = (given, grads, exp_avgs, exp_avg_sqs, steps, None if segments is None else list(segments))
     updates, new_steps, new_m, new_v = elementwise(
         body, ops, columns, writes=(None, 4, 2, 3), in_place=apply, split=False
     )

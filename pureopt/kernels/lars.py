@@ -38,8 +38,10 @@ from pureopt.kernels.common import (
     can_apply,
     cast_like,
     cast_values,
+    join_segments,
     map_scalars_n,
     scalar_for,
+    segment_views,
 )
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
@@ -102,16 +104,27 @@ def trust_ratio_scale(
     trust_coefficient: float,
     eps: float,
     impl: str = "auto",
+    segments: Sequence[Sequence[int]] | None = None,
 ) -> list[Tensor]:
-    """Scale each update by its layer-wise trust ratio (see module docstring); returns new tensors."""
+    """Scale each update by its layer-wise trust ratio (see module docstring); returns new tensors.
+
+    ``segments`` (``UpdateContext.segments``): the tensors are flat buffers of parameters of these sizes; the
+    ratios are then per segment."""
     path = choose_impl(impl, updates)
     ops = ops_for(path)
     u = as_real(updates)
     p = cast_like(as_real(params), u)
+    if segments is not None:
+        u = ops.clone(u)  # scaled in place, segment by segment
+    u_parts, p_parts = segment_views(u, segments), segment_views(p, segments)
     ratios = map_scalars(
-        lambda pn, un: trust_ratio(pn, un, trust_coefficient, eps), norms(ops, p), norms(ops, u), like=u
+        lambda pn, un: trust_ratio(pn, un, trust_coefficient, eps),
+        norms(ops, p_parts),
+        norms(ops, u_parts),
+        like=u_parts,
     )
-    return as_complex_like(ops.mul(u, ratios), updates)
+    scaled = ops.mul(u_parts, ratios, inplace=segments is not None)
+    return as_complex_like(join_segments(scaled, u_parts, u, segments), updates)
 
 
 # --- LARS ---------------------------------------------------------------------------------------------------------
@@ -140,6 +153,7 @@ def lars(
     impl: str = "auto",
     donate: bool = False,
     apply: bool = False,
+    segments: Sequence[Sequence[int]] | None = None,
 ) -> LarsResult:
     """One LARS step over tensor lists (see module docstring).
 
@@ -151,6 +165,8 @@ def lars(
       impl: ``"auto" | "loop" | "foreach"``.
       donate: the caller owns the state buffers: they are updated in place.
       apply: with ``donate``, subtract the step from the parameters in place too and return ``updates=None``.
+      segments: ``UpdateContext.segments``: the tensors are flat buffers of parameters of these sizes, and the
+        layer-wise rates are per segment (with ``adapt=None`` only).
     """
     path = choose_impl(impl, [*grads, *(momentum_buffers or [])])
     ops = ops_for(path)
@@ -168,8 +184,11 @@ def lars(
     on = [i for i in range(n) if keep[i]]
     off = [i for i in range(n) if not keep[i]]
     steps: list[Tensor] = [g[0]] * n if n else []
+    if segments is not None and adapt is not None:
+        raise ValueError("lars: segments (flat buffers) and a per-tensor adapt mask cannot be combined")
     if on:
         g_on, p_on = [g[i] for i in on], [p[i] for i in on]
+        segs_on = None if segments is None else [segments[i] for i in on]
 
         def rate(w_norm: Tensor, g_norm: Tensor) -> Tensor:
             ok = (w_norm > 0) & (g_norm > 0)
@@ -177,9 +196,14 @@ def lars(
             local = torch.where(ok, trust_coefficient * w_norm / denom, torch.ones_like(w_norm))
             return local * lr
 
-        scales = map_scalars(rate, norms(ops, p_on), norms(ops, g_on), like=g_on)
+        g_parts = segment_views(g_on, segs_on)
+        scales = map_scalars(rate, norms(ops, segment_views(p_on, segs_on)), norms(ops, g_parts), like=g_parts)
         d_on = ops.add(g_on, p_on, alpha=weight_decay) if weight_decay != 0 else g_on
-        for i, s in zip(on, ops.mul(d_on, scales, inplace=weight_decay != 0)):
+        fresh = weight_decay != 0
+        if segs_on is not None and not fresh:  # scaled in place, segment by segment
+            d_on, fresh = ops.clone(g_on), True
+        d_parts = segment_views(d_on, segs_on)
+        for i, s in zip(on, join_segments(ops.mul(d_parts, scales, inplace=fresh), d_parts, d_on, segs_on)):
             steps[i] = s
     if off:
         g_off = [g[i] for i in off]

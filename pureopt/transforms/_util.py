@@ -122,6 +122,7 @@ def kernel_transform(
     step: StepFn,
     *,
     elementwise: bool = False,
+    segmentwise: bool = False,
 ) -> GradientTransformation:
     """An algorithm transform: per-parameter state fields plus a ``num_updates`` counter, stepped by a kernel.
 
@@ -134,6 +135,8 @@ def kernel_transform(
         ``num_updates`` counter and the update context, and returns the updates and the new state lists (a
         field it does not return stays as it was).
       elementwise: the algorithm's math is elementwise (see :func:`pureopt.base.is_elementwise`).
+      segmentwise: the step honours ``ctx.segments`` (see :func:`pureopt.base.is_segmentwise`); the context it
+        receives then holds the segments of the leaves it is given (those with a gradient).
 
     ``None`` gradients produce ``None`` updates and leave that parameter's state untouched.
     """
@@ -159,8 +162,9 @@ def kernel_transform(
         diff = torch.is_grad_enabled() and autograd_recording(
             [*(sub_params or []), *sub_grads, *(t for values in sub.values() for t in values)]
         )
+        step_ctx = ctx if ctx.segments is None else ctx.but(segments=gather(list(ctx.segments), idx))
         with differentiating(diff):
-            new_updates, new_sub = step(sub_params, sub_grads, sub, state.num_updates, ctx)
+            new_updates, new_sub = step(sub_params, sub_grads, sub, state.num_updates, step_ctx)
         new_fields = {
             name: ctx.spec.unflatten(scatter(full_lists[name], idx, values)) for name, values in new_sub.items()
         }
@@ -172,4 +176,4 @@ def kernel_transform(
             return None, new_state
         return scatter([None] * len(updates), idx, new_updates), new_state
 
-    return leaf_transformation(init_leaves, update_leaves, elementwise=elementwise)
+    return leaf_transformation(init_leaves, update_leaves, elementwise=elementwise, segmentwise=segmentwise)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from pureopt.base import EmptyState, GradientTransformation, LeafList, UpdateContext, leaf_transformation
+from pureopt.kernels.common import join_segments, segment_views
 
 __all__ = ["clip_by_block_rms", "block_rms"]
 
@@ -24,7 +25,8 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
         u <- u * threshold / max(threshold, rms(u))
 
     A tensor whose RMS is at most ``threshold`` is returned unchanged (bitwise: the factor is exactly 1);
-    empty tensors and ``None`` pass through. The factor is a tensor: no host sync.
+    empty tensors and ``None`` pass through. The factor is a tensor: no host sync. On flat buffers
+    (``UpdateContext.segments``) each parameter in the buffer is its own block.
 
     Args:
       threshold: the largest allowed RMS of a tensor (> 0).
@@ -45,7 +47,16 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
     def update_leaves(
         updates: LeafList, state: EmptyState, params: LeafList | None, ctx: UpdateContext
     ) -> tuple[LeafList, EmptyState]:
-        del params, ctx
-        return [None if u is None else clip_one(u) for u in updates], state
+        del params
+        if ctx.segments is None:
+            return [None if u is None else clip_one(u) for u in updates], state
+        out: LeafList = []
+        for u, sizes in zip(updates, ctx.segments):
+            if u is None:
+                out.append(None)
+                continue
+            views = segment_views([u], [sizes])
+            out.extend(join_segments([clip_one(v) for v in views], views, [u], [sizes]))
+        return out, state
 
-    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, segmentwise=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pureopt.base import EmptyState, GradientTransformation, LeafList, UpdateContext, leaf_transformation
+from pureopt.kernels.common import segment_views
 from pureopt.kernels.select import choose_impl
 
 __all__ = ["clip_by_global_norm", "clip", "global_norm"]
@@ -30,7 +31,8 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0, eps: float = 1e
         total = ||(u_1, ..., u_n)||_norm_type
         u_i <- u_i * min(1, max_norm / (total + eps))
 
-    Computed without a host sync (the factor is a tensor, clamped at 1). ``None`` updates are ignored.
+    Computed without a host sync (the factor is a tensor, clamped at 1). ``None`` updates are ignored. On flat
+    buffers (``UpdateContext.segments``) the norms are taken per parameter, as on the parameters themselves.
 
     Args:
       max_norm: the largest allowed global norm (> 0).
@@ -47,15 +49,16 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0, eps: float = 1e
     def update_leaves(
         updates: LeafList, state: EmptyState, params: LeafList | None, ctx: UpdateContext
     ) -> tuple[LeafList, EmptyState]:
-        del params, ctx
-        present = [u for u in updates if u is not None]
-        if not present:
+        del params
+        idx = [i for i, u in enumerate(updates) if u is not None]
+        if not idx:
             return updates, state
-        total = global_norm(present, norm_type)
+        segments = None if ctx.segments is None else [ctx.segments[i] for i in idx]
+        total = global_norm(segment_views([updates[i] for i in idx], segments), norm_type)
         factor = torch.clamp(max_norm / (total + eps), max=1.0)
         return [None if u is None else u * factor.to(u.device, u.dtype) for u in updates], state
 
-    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, segmentwise=True)
 
 
 def clip(max_delta: float) -> GradientTransformation:

@@ -73,11 +73,12 @@ def lars_transform(
             impl=impl,
             donate=ctx.donate,
             apply=ctx.apply,
+            segments=ctx.segments,
         )
         return res.updates, {} if res.momentum_buffer is None else {"momentum_buffer": res.momentum_buffer}
 
     fields = {"momentum_buffer": zeros(state_dtype) if momentum != 0 else None}
-    inner = kernel_transform(LarsState, fields, step)
+    inner = kernel_transform(LarsState, fields, step, segmentwise=mask is None)
     if mask is None:
         return inner
     inner_update = as_leaf_update(inner)

@@ -108,12 +108,19 @@ def scale_by_trust_ratio(
             raise ValueError("scale_by_trust_ratio needs the parameters: call update(updates, state, params)")
         keep = leaf_mask(mask, ctx, params)
         idx = [i for i in present(updates) if keep[i]]
+        segments = None if ctx.segments is None else gather(list(ctx.segments), idx)
         scaled = trust_ratio_scale(
-            gather(params, idx), gather(updates, idx), trust_coefficient=trust_coefficient, eps=eps, impl=impl
+            gather(params, idx),
+            gather(updates, idx),
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            impl=impl,
+            segments=segments,
         )
         return scatter(updates, idx, scaled), state
 
-    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)
+    # with a mask the choice is per parameter, which flat buffers cannot express
+    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, segmentwise=mask is None)
 
 
 # --- LAMB ---------------------------------------------------------------------------------------------------------
@@ -170,6 +177,7 @@ def lamb_transform(
             impl=impl,
             donate=ctx.donate,
             apply=ctx.apply,
+            segments=ctx.segments,
         )
         return res.updates, {"step": res.step, "exp_avg": res.exp_avg, "exp_avg_sq": res.exp_avg_sq}
 
@@ -178,4 +186,4 @@ def lamb_transform(
         "exp_avg": zeros(state_dtype),
         "exp_avg_sq": zeros(state_dtype),
     }
-    return kernel_transform(LambState, fields, step)
+    return kernel_transform(LambState, fields, step, segmentwise=True)
