@@ -351,7 +351,9 @@ def _add_leaves(params: Sequence[Any], updates: Sequence[Any]) -> list[Any]:
     return out
 
 
-def inplace_step(tx: GradientTransformation, grads: Updates, state: OptState, params: Params) -> OptState:
+def inplace_step(
+    tx: GradientTransformation, grads: Updates, state: OptState, params: Params, **extra_args: Any
+) -> OptState:
     """One optimizer step that *donates* its buffers: ``params`` are updated in place, the state is reused.
 
     Equivalent to ``updates, state = tx.update(grads, state, params); params += updates`` but allowed to
@@ -365,6 +367,7 @@ def inplace_step(tx: GradientTransformation, grads: Updates, state: OptState, pa
       grads: gradients shaped like ``params`` (``None`` leaves are skipped); read only.
       state: the current state; its buffers are overwritten.
       params: the parameters, updated in place (under ``torch.no_grad()``).
+      **extra_args: passed on as ``update``'s (e.g. L-BFGS's ``value_fn``).
 
     Returns:
       The new state.
@@ -376,7 +379,7 @@ def inplace_step(tx: GradientTransformation, grads: Updates, state: OptState, pa
     leaves, spec = _tree.flatten(grads)
     param_leaves = flatten_params_like(spec, grads, params)
     assert param_leaves is not None
-    ctx = UpdateContext(spec, donate=True, apply=True)
+    ctx = UpdateContext(spec, extra_args, donate=True, apply=True)
     with torch.no_grad():
         updates, new_state = as_leaf_update(tx)(leaves, state, param_leaves, ctx)
         if updates is not None:

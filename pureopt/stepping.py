@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -12,12 +14,14 @@ from pureopt.kernels.select import functorch_active, grad_hyperparameter_probe
 __all__ = ["step"]
 
 
-def step(tx: GradientTransformation, grads: Updates, state: OptState, params: Params) -> tuple[Params, OptState]:
+def step(
+    tx: GradientTransformation, grads: Updates, state: OptState, params: Params, **extra_args: Any
+) -> tuple[Params, OptState]:
     """One optimizer step as a pure function: returns ``(new_params, new_state)``; nothing passed in is modified.
 
     It is::
 
-        updates, new_state = tx.update(grads, state, params)
+        updates, new_state = tx.update(grads, state, params, **extra_args)
         new_params = pureopt.apply_updates(params, updates)
 
     computed the fast way when nothing traces the step: outside ``torch.func`` transforms and ``torch.compile``,
@@ -35,6 +39,8 @@ def step(tx: GradientTransformation, grads: Updates, state: OptState, params: Pa
       grads: gradients shaped like ``params``; a ``None`` leaf leaves that parameter (and its state) as it is.
       state: the current state (``tx.init(params)`` on the first step).
       params: the current parameters.
+      **extra_args: passed on to ``update`` (e.g. L-BFGS's ``value_fn``, which then sees the new parameters'
+        tensors while the step runs: it must be a function of the parameters it is given).
 
     Returns:
       The new parameters (new tensors, same dtypes) and the new state.
@@ -47,19 +53,19 @@ def step(tx: GradientTransformation, grads: Updates, state: OptState, params: Pa
             params, state = pureopt.step(tx, grads, state, params)
     """
     if _traced(grads, state, params):
-        return _reference_step(tx, grads, state, params)
+        return _reference_step(tx, grads, state, params, extra_args)
     new_params, new_state = _tree.tree_clone(params), _tree.tree_clone(state)
     with grad_hyperparameter_probe() as probe:
-        new_state = inplace_step(tx, grads, new_state, new_params)
+        new_state = inplace_step(tx, grads, new_state, new_params, **extra_args)
     if probe.seen and torch.is_grad_enabled():  # a hyperparameter takes part in autograd: redo it differentiably
-        return _reference_step(tx, grads, state, params)
+        return _reference_step(tx, grads, state, params, extra_args)
     return new_params, new_state
 
 
 def _reference_step(
-    tx: GradientTransformation, grads: Updates, state: OptState, params: Params
+    tx: GradientTransformation, grads: Updates, state: OptState, params: Params, extra_args: dict[str, Any]
 ) -> tuple[Params, OptState]:
-    updates, new_state = tx.update(grads, state, params)
+    updates, new_state = tx.update(grads, state, params, **extra_args)
     return apply_updates(params, updates), new_state
 
 

@@ -219,3 +219,23 @@ def test_step_with_a_bad_tree_raises_and_changes_nothing():
         pureopt.step(tx, grads, state, params)
     assert_unchanged(state, before[0], "state")
     assert_unchanged(params, before[1], "params")
+
+
+def test_step_passes_extra_arguments_to_update():
+    """L-BFGS takes ``value_fn`` through ``update``'s extra arguments; with a strong-Wolfe line search it solves a
+    2-d quadratic in a few steps: the closed form is ``A^-1 b``."""
+    a = torch.tensor([[3.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    b = torch.tensor([1.0, -2.0], dtype=torch.float64)
+
+    def value_fn(ps):
+        w = ps["w"]
+        return 0.5 * w @ a @ w - b @ w, {"w": a @ w - b}
+
+    tx = pureopt.lbfgs(lr=1, line_search_fn="strong_wolfe", tolerance_grad=1e-14, tolerance_change=1e-16)
+    params = {"w": torch.zeros(2, dtype=torch.float64)}
+    state = tx.init(params)
+    for _ in range(3):
+        _, grads = value_fn(params)
+        params, state = pureopt.step(tx, grads, state, params, value_fn=value_fn)
+    # to the accuracy of the line search's interpolation
+    torch.testing.assert_close(params["w"], torch.linalg.solve(a, b), rtol=1e-6, atol=1e-8)
