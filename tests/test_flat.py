@@ -499,3 +499,25 @@ def test_flatten_of_lamb_under_grad_is_differentiable():
     g_plain, g_flat = torch.func.grad(plain)(params), torch.func.grad(flat)(params)
     for k in params:
         torch.testing.assert_close(g_flat[k], g_plain[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars", "clip_by_global_norm+adam"])
+def test_segmentwise_flat_on_a_buffer_big_enough_for_the_chunked_path(name):
+    """320 small parameters (1.3 MB of float32): the flat step takes the chunked, scratch-memory kernel path
+    (chunks above common.SCRATCH_MIN_BYTES); still the per-tensor adapter's bits."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(1024,)] * 300 + [(64, 64)] * 20
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    params_flat = [p.clone().requires_grad_() for p in start]
+    params_ref = [p.clone().requires_grad_() for p in start]
+    flat = pureopt.TorchOptimizer(params_flat, SEGMENTWISE[name](), flat=True)
+    ref = pureopt.TorchOptimizer(params_ref, SEGMENTWISE[name]())
+    group = flat._groups[0].flat
+    assert group is not None and group.flattened
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for a, b, g in zip(params_flat, params_ref, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        flat.step()
+        ref.step()
+    assert_same(params_flat, params_ref, name)
