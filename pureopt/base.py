@@ -140,6 +140,10 @@ class UpdateContext:
     found_inf: torch.Tensor | None = None
     segments: Sequence[Sequence[int]] | None = None
 
+    def segments_of(self, indices: Sequence[int]) -> list[Sequence[int]] | None:
+        """The segments of the leaves at ``indices`` (``None`` when the leaves are not flat buffers)."""
+        return None if self.segments is None else [self.segments[i] for i in indices]
+
     def but(self, **changes: Any) -> UpdateContext:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)

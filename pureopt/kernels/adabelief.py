@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from pureopt.kernels.common import (
+    adam_bias_corrections,
     add_scaled,
     addcdiv_update,
     as_complex_like,
@@ -33,7 +33,7 @@ from pureopt.kernels.common import (
     can_apply,
     cast_like,
     elementwise,
-    map_scalars_n,
+    ema_of_squares,
     on_host,
     scalar_for,
     torch_grad,
@@ -93,15 +93,7 @@ def adabelief(
     apply = can_apply(ops, apply and donate, params, rparams)
     decoupled = uses_p and decoupled_weight_decay
     new_steps = ops.add_scalar(steps, 1, inplace=donate)
-    sign = -1.0 if lr is not None else 1.0
-    step_lr = 1.0 if lr is None else lr
-    step_size, bc2_sqrt = map_scalars_n(
-        lambda t: (sign * step_lr / (1 - torch.pow(beta1, t)), torch.sqrt(1 - torch.pow(beta2, t))),
-        new_steps,
-        outputs=2,
-        like=m,
-        host=on_host(apply, m),
-    )
+    step_size, bc2_sqrt = adam_bias_corrections(new_steps, lr, beta1, beta2, like=m, host=on_host(apply, m))
 
     def body(
         ops: ListOps,
@@ -117,7 +109,7 @@ def adabelief(
         g, _ = torch_grad(ops, g, p, maximize=maximize, weight_decay=coupled)
         new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
         residual = ops.sub(g, new_m)
-        new_s = ops.addcmul(ops.mul(s, beta2, inplace=donate), residual, residual, value=1 - beta2, inplace=True)
+        new_s = ema_of_squares(ops, s, residual, beta2, donate=donate)
         new_s = ops.add_scalar(new_s, eps, inplace=True)
         new_smax = None
         if amsgrad:

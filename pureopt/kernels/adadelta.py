@@ -23,7 +23,16 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from pureopt.kernels.common import add_update, as_complex_like, as_real, can_apply, cast_like, elementwise, torch_grad
+from pureopt.kernels.common import (
+    add_update,
+    as_complex_like,
+    as_real,
+    can_apply,
+    cast_like,
+    elementwise,
+    ema_of_squares,
+    torch_grad,
+)
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import choose_impl
 
@@ -77,11 +86,11 @@ def adadelta(
         ops: ListOps, p: list[Tensor] | None, g: list[Tensor], vs: list[Tensor], us: list[Tensor]
     ) -> tuple[list[Tensor] | None, ...]:
         g, _ = torch_grad(ops, g, p, maximize=maximize, weight_decay=weight_decay)
-        new_vs = ops.addcmul(ops.mul(vs, rho, inplace=donate), g, g, value=1 - rho, inplace=True)
+        new_vs = ema_of_squares(ops, vs, g, rho, donate=donate)
         std = ops.sqrt(ops.add_scalar(new_vs, eps), inplace=True)
         delta = ops.sqrt(ops.add_scalar(us, eps), inplace=True)
         delta = ops.mul_list(ops.div_list(delta, std, inplace=True), g, inplace=True)
-        new_us = ops.addcmul(ops.mul(us, rho, inplace=donate), delta, delta, value=1 - rho, inplace=True)
+        new_us = ema_of_squares(ops, us, delta, rho, donate=donate)
         if apply:  # torch: p.add_(delta, alpha=-lr)
             add_update(ops, p, delta, 1.0 if lr is None else -lr, owned=True)
             return None, new_vs, new_us

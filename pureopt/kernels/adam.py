@@ -28,7 +28,7 @@ from torch import Tensor
 
 from pureopt.base import add_inplace
 from pureopt.kernels import fused as _fused
-from pureopt.kernels.common import as_complex_like, as_real, cast_like, over, per_tensor, scalars_for
+from pureopt.kernels.common import as_complex_like, as_real, cast_like, ema_of_squares, over, per_tensor, scalars_for
 from pureopt.kernels.listops import FOREACH, ops_for
 from pureopt.kernels.select import choose_impl
 
@@ -124,7 +124,7 @@ def adam(
         g = ops.add(g, rparams, alpha=weight_decay, inplace=maximize)  # type: ignore[arg-type]
     new_steps = ops.add_scalar(steps, 1, inplace=donate)
     m = ops.lerp(exp_avgs, g, 1 - beta1, inplace=donate)
-    v = ops.addcmul(ops.mul(exp_avg_sqs, beta2, inplace=donate), g, g, value=1 - beta2, inplace=True)
+    v = ema_of_squares(ops, exp_avg_sqs, g, beta2, donate=donate)
     vmax = None
     if amsgrad:
         assert max_exp_avg_sqs is not None

@@ -36,6 +36,7 @@ from pureopt.kernels.common import (
     can_apply,
     cast_like,
     elementwise,
+    ema_of_squares,
     map_scalars_n,
     on_host,
     scalar_for,
@@ -124,7 +125,7 @@ def adan(
         new_m = ops.lerp(m, g, 1 - beta1, inplace=donate)
         new_d = ops.lerp(d, diff, 1 - beta2, inplace=donate)
         nesterov_g = ops.add(ops.mul(diff, beta2, inplace=True), g, inplace=True)  # g + beta2 * diff
-        new_n = ops.addcmul(ops.mul(n, beta3, inplace=donate), nesterov_g, nesterov_g, value=1 - beta3, inplace=True)
+        new_n = ema_of_squares(ops, n, nesterov_g, beta3, donate=donate)
         new_prev = ops.copy_(prev, g) if donate else (g if owned else ops.clone(g))
 
         denom = ops.add_scalar(ops.div(ops.sqrt(new_n), bc3_sqrt, inplace=True), eps, inplace=True)

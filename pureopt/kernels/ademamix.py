@@ -41,6 +41,7 @@ from pureopt.kernels.common import (
     can_apply,
     cast_like,
     elementwise,
+    ema_of_squares,
     map_scalars_n,
     on_host,
     scalar_for,
@@ -145,7 +146,7 @@ def ademamix(
             new_m2 = ops.lerp(m2, g, 1 - beta3, inplace=donate)
         else:
             new_m2 = ops.add(m2, ops.mul(ops.sub(g, m2), beta3_weight, inplace=True), inplace=donate)
-        new_v = ops.addcmul(ops.mul(v, beta2, inplace=donate), g, g, value=1 - beta2, inplace=True)
+        new_v = ema_of_squares(ops, v, g, beta2, donate=donate)
 
         slow_weight: float | list[Tensor] = alpha if alpha_t is None else alpha_t
         denom = ops.add_scalar(ops.div(ops.sqrt(new_v), bc2_sqrt, inplace=True), eps, inplace=True)

@@ -21,6 +21,8 @@ __all__ = [
     "as_complex_like",
     "cast_like",
     "torch_grad",
+    "adam_bias_corrections",
+    "ema_of_squares",
     "segment_views",
     "join_segments",
     "StepScalars",
@@ -206,6 +208,41 @@ def torch_grad(
         assert params is not None
         grads, owned = ops.add(grads, params, alpha=weight_decay, inplace=owned), own
     return grads, owned
+
+
+def adam_bias_corrections(
+    steps: Sequence[Tensor],
+    lr: float | Tensor | None,
+    beta1: float,
+    beta2: float,
+    *,
+    like: Sequence[Tensor],
+    host: bool,
+) -> tuple[list[Any], list[Any]]:
+    """Adam-style per-tensor scalars at the (already advanced) step counts: the signed step size
+    ``-lr / (1 - beta1**t)`` (``+1 / (1 - beta1**t)`` when ``lr`` is ``None``: the positive direction) and
+    ``sqrt(1 - beta2**t)``, through :func:`map_scalars_n` (``like``, ``host`` as there)."""
+    sign = -1.0 if lr is not None else 1.0
+    step_lr = 1.0 if lr is None else lr
+    step_size, bc2_sqrt = map_scalars_n(
+        lambda t: (sign * step_lr / (1 - torch.pow(beta1, t)), torch.sqrt(1 - torch.pow(beta2, t))),
+        steps,
+        outputs=2,
+        like=like,
+        host=host,
+    )
+    return step_size, bc2_sqrt
+
+
+def ema_of_squares(
+    ops: ListOps, avgs: list[Tensor], xs: Sequence[Tensor], decay: float, *, donate: bool, own: bool = True
+) -> list[Tensor]:
+    """torch.optim's running average of squares, ``avg.mul_(decay).addcmul_(x, x, value=1 - decay)``: Adam's
+    ``exp_avg_sq``, RMSprop's ``square_avg``, Adadelta's ``square_avg`` / ``acc_delta``, ...
+
+    ``avgs`` are overwritten only with ``donate``; ``own=False`` (autograd records through the update) keeps the
+    second op out of place too."""
+    return ops.addcmul(ops.mul(avgs, decay, inplace=donate), xs, xs, value=1 - decay, inplace=own)
 
 
 def segment_views(tensors: Sequence[Tensor], segments: Sequence[Sequence[int]] | None) -> list[Tensor]:

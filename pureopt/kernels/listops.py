@@ -221,60 +221,40 @@ class ListOps:
         return [torch.addcdiv(x, y, z, value=c) for x, y, z, c in zip(xs, ys, zs, per)]
 
     # --- unary ------------------------------------------------------------------------------------------------
+    def _map_unary(self, name: str, xs: Sequence[Tensor], inplace: bool) -> list[Tensor]:
+        """``torch.<name>`` of each tensor: one ``torch._foreach_<name>`` call on the foreach backend, the
+        in-place variant when ``inplace`` is asked for and allowed."""
+        xs = xs if isinstance(xs, list) else list(xs)
+        in_place = inplace and self.inplace_ok
+        if self.foreach:
+            if in_place:
+                getattr(torch, f"_foreach_{name}_")(xs)
+                return xs
+            return list(getattr(torch, f"_foreach_{name}")(xs))
+        if in_place:
+            return [getattr(x, f"{name}_")() for x in xs]
+        fn = getattr(torch, name)
+        return [fn(x) for x in xs]
+
     def neg(self, xs: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
         """``-x``."""
-        if self.foreach:
-            if inplace and self.inplace_ok:
-                torch._foreach_neg_(list(xs))
-                return list(xs)
-            return list(torch._foreach_neg(list(xs)))
-        if inplace and self.inplace_ok:
-            return [x.neg_() for x in xs]
-        return [torch.neg(x) for x in xs]
+        return self._map_unary("neg", xs, inplace)
 
     def sqrt(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
         """``sqrt(x)``."""
-        if self.foreach:
-            if inplace and self.inplace_ok:
-                torch._foreach_sqrt_(xs)
-                return xs
-            return list(torch._foreach_sqrt(xs))
-        if inplace and self.inplace_ok:
-            return [x.sqrt_() for x in xs]
-        return [torch.sqrt(x) for x in xs]
+        return self._map_unary("sqrt", xs, inplace)
 
     def abs(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
         """``|x|``."""
-        if self.foreach:
-            if inplace and self.inplace_ok:
-                torch._foreach_abs_(xs)
-                return xs
-            return list(torch._foreach_abs(xs))
-        if inplace and self.inplace_ok:
-            return [x.abs_() for x in xs]
-        return [torch.abs(x) for x in xs]
+        return self._map_unary("abs", xs, inplace)
 
     def sign(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
         """``sign(x)``."""
-        if self.foreach:
-            if inplace and self.inplace_ok:
-                torch._foreach_sign_(xs)
-                return xs
-            return list(torch._foreach_sign(xs))
-        if inplace and self.inplace_ok:
-            return [x.sign_() for x in xs]
-        return [torch.sign(x) for x in xs]
+        return self._map_unary("sign", xs, inplace)
 
     def reciprocal(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
         """``1 / x`` (``torch.reciprocal``)."""
-        if self.foreach:
-            if inplace and self.inplace_ok:
-                torch._foreach_reciprocal_(xs)
-                return xs
-            return list(torch._foreach_reciprocal(xs))
-        if inplace and self.inplace_ok:
-            return [x.reciprocal_() for x in xs]
-        return [torch.reciprocal(x) for x in xs]
+        return self._map_unary("reciprocal", xs, inplace)
 
     def clone(self, xs: Sequence[Tensor]) -> list[Tensor]:
         """Copies that share no memory with ``xs``."""
@@ -378,57 +358,53 @@ class ScratchOps(ListOps):
         super().__init__(base.foreach, base.inplace_ok)
         self.scratch = scratch
 
+    def _into(
+        self, op: Callable[..., Tensor], xs: Sequence[Tensor], *args: Sequence[Any], **kwargs: Sequence[Any]
+    ) -> list[Tensor]:
+        """``op(xs[i], *(a[i] for a in args), out=scratch_i, **{k: v[i]})`` for each tensor: ``args`` and the
+        keyword values hold one entry per tensor."""
+        outs = self.scratch.take(xs)
+        return [
+            op(x, *(a[i] for a in args), out=o, **{k: v[i] for k, v in kwargs.items()})
+            for i, (x, o) in enumerate(zip(xs, outs))
+        ]
+
     def _unary(self, op: Callable[..., Tensor], xs: Sequence[Tensor]) -> list[Tensor]:
         """``op(x)`` for each tensor, written into scratch memory."""
-        return [op(x, out=o) for x, o in zip(xs, self.scratch.take(xs))]
+        return self._into(op, xs)
 
     def mul(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().mul(xs, s, True)
-        return [torch.mul(x, v, out=o) for x, v, o in zip(xs, _per(s, len(xs)), self.scratch.take(xs))]
+        return super().mul(xs, s, True) if inplace else self._into(torch.mul, xs, _per(s, len(xs)))
 
     def div(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().div(xs, s, True)
-        return [torch.div(x, v, out=o) for x, v, o in zip(xs, _per(s, len(xs)), self.scratch.take(xs))]
+        return super().div(xs, s, True) if inplace else self._into(torch.div, xs, _per(s, len(xs)))
 
     def add_scalar(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().add_scalar(xs, s, True)
-        return [torch.add(x, v, out=o) for x, v, o in zip(xs, _per(s, len(xs)), self.scratch.take(xs))]
+        return super().add_scalar(xs, s, True) if inplace else self._into(torch.add, xs, _per(s, len(xs)))
 
     def add(self, xs: list[Tensor], ys: Sequence[Tensor], alpha: float = 1.0, inplace: bool = False) -> list[Tensor]:
         if inplace:
             return super().add(xs, ys, alpha, True)
-        return [torch.add(x, y, alpha=alpha, out=o) for x, y, o in zip(xs, ys, self.scratch.take(xs))]
+        return self._into(torch.add, xs, ys, alpha=[alpha] * len(xs))
 
     def sub(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().sub(xs, ys, True)
-        return [torch.sub(x, y, out=o) for x, y, o in zip(xs, ys, self.scratch.take(xs))]
+        return super().sub(xs, ys, True) if inplace else self._into(torch.sub, xs, ys)
 
     def mul_list(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().mul_list(xs, ys, True)
-        return [torch.mul(x, y, out=o) for x, y, o in zip(xs, ys, self.scratch.take(xs))]
+        return super().mul_list(xs, ys, True) if inplace else self._into(torch.mul, xs, ys)
 
     def div_list(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().div_list(xs, ys, True)
-        return [torch.div(x, y, out=o) for x, y, o in zip(xs, ys, self.scratch.take(xs))]
+        return super().div_list(xs, ys, True) if inplace else self._into(torch.div, xs, ys)
 
     def lerp(
         self, xs: list[Tensor], ys: Sequence[Tensor], weight: float | Sequence[Tensor], inplace: bool = False
     ) -> list[Tensor]:
         if inplace:
             return super().lerp(xs, ys, weight, True)
-        per = _per(weight, len(xs))
-        return [torch.lerp(x, y, w, out=o) for x, y, w, o in zip(xs, ys, per, self.scratch.take(xs))]
+        return self._into(torch.lerp, xs, ys, _per(weight, len(xs)))
 
     def maximum(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
-        if inplace:
-            return super().maximum(xs, ys, True)
-        return [torch.maximum(x, y, out=o) for x, y, o in zip(xs, ys, self.scratch.take(xs))]
+        return super().maximum(xs, ys, True) if inplace else self._into(torch.maximum, xs, ys)
 
     def addcmul(
         self,
@@ -440,9 +416,7 @@ class ScratchOps(ListOps):
     ) -> list[Tensor]:
         if inplace:
             return super().addcmul(xs, ys, zs, value, True)
-        per = _values(value, len(xs))
-        outs = self.scratch.take(xs)
-        return [torch.addcmul(x, y, z, value=c, out=o) for x, y, z, c, o in zip(xs, ys, zs, per, outs)]
+        return self._into(torch.addcmul, xs, ys, zs, value=_values(value, len(xs)))
 
     def addcdiv(
         self,
@@ -454,9 +428,7 @@ class ScratchOps(ListOps):
     ) -> list[Tensor]:
         if inplace:
             return super().addcdiv(xs, ys, zs, value, True)
-        per = _values(value, len(xs))
-        outs = self.scratch.take(xs)
-        return [torch.addcdiv(x, y, z, value=c, out=o) for x, y, z, c, o in zip(xs, ys, zs, per, outs)]
+        return self._into(torch.addcdiv, xs, ys, zs, value=_values(value, len(xs)))
 
     def neg(self, xs: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
         return super().neg(xs, True) if inplace else self._unary(torch.neg, xs)

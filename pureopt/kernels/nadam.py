@@ -39,6 +39,7 @@ from pureopt.kernels.common import (
     can_apply,
     cast_like,
     elementwise,
+    ema_of_squares,
     map_scalars_n,
     on_host,
     scalar_dtype,
@@ -144,7 +145,7 @@ def nadam(
         coupled = 0.0 if decoupled_weight_decay else weight_decay
         g, owned = torch_grad(ops, g, p, maximize=maximize, weight_decay=coupled, own=tmp)
         m = ops.lerp(ms, g, 1 - beta1, inplace=donate)
-        v = ops.addcmul(ops.mul(vs, beta2, inplace=donate), g, g, value=1 - beta2, inplace=tmp)
+        v = ema_of_squares(ops, vs, g, beta2, donate=donate, own=tmp)
         denom = ops.add_scalar(ops.sqrt(ops.div(v, bc2), inplace=tmp), eps, inplace=tmp)
         if apply:  # torch: p.mul_(1 - lr * wd); p.addcdiv_(g, denom, value=coef_g); p.addcdiv_(m, denom, ...)
             assert p is not None

@@ -38,6 +38,7 @@ from pureopt.kernels.common import (
     can_apply,
     cast_like,
     elementwise,
+    ema_of_squares,
     map_scalars_n,
     on_host,
     scalar_for,
@@ -149,7 +150,7 @@ def radam(
         coupled = 0.0 if decoupled_weight_decay else weight_decay
         g, _ = torch_grad(ops, g, p, maximize=maximize, weight_decay=coupled, own=tmp)
         m = ops.lerp(ms, g, 1 - beta1, inplace=donate)
-        v = ops.addcmul(ops.mul(vs, beta2, inplace=donate), g, g, value=1 - beta2, inplace=tmp)
+        v = ema_of_squares(ops, vs, g, beta2, donate=donate, own=tmp)
         if host:  # torch (foreach): p.mul_(1 - lr * wd); p.addcmul_(m, 1 / ((sqrt(v) + eps) / rect_step) + plain_step)
             assert p is not None
             factor = ops.add_scalar(ops.sqrt(v), eps, inplace=True)

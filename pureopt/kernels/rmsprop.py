@@ -33,6 +33,7 @@ from pureopt.kernels.common import (
     can_apply,
     cast_like,
     elementwise,
+    ema_of_squares,
     torch_grad,
 )
 from pureopt.kernels.listops import ListOps, ops_for
@@ -106,7 +107,7 @@ def rmsprop(
     def body(ops: ListOps, p: list[Tensor] | None, g: list[Tensor], sq: list[Tensor], ga: list[Tensor] | None,
              bufs: list[Tensor] | None) -> tuple[list[Tensor] | None, ...]:  # fmt: skip
         g, owned = torch_grad(ops, g, p, maximize=maximize, weight_decay=weight_decay, own=tmp)
-        new_sq = ops.addcmul(ops.mul(sq, alpha, inplace=donate), g, g, value=1 - alpha, inplace=tmp)
+        new_sq = ema_of_squares(ops, sq, g, alpha, donate=donate, own=tmp)
         new_ga = None
         if centered:
             assert ga is not None

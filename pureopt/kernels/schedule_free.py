@@ -44,6 +44,7 @@ from pureopt.kernels.common import (
     can_apply,
     cast_like,
     elementwise,
+    ema_of_squares,
     map_scalars_n,
     scalar_for,
     torch_grad,
@@ -161,7 +162,7 @@ def schedule_free(
         new_v = None
         if v is not None:
             assert bc2 is not None
-            new_v = ops.addcmul(ops.mul(v, beta2, inplace=donate), g, g, value=1 - beta2, inplace=True)
+            new_v = ema_of_squares(ops, v, g, beta2, donate=donate)
             denom = ops.add_scalar(ops.sqrt(ops.div(new_v, bc2), inplace=True), eps, inplace=True)
             g, owned = ops.div_list(g, denom, inplace=owned), True
         if weight_decay != 0:

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor
 
 from pureopt.kernels.common import (
+    adam_bias_corrections,
     addcdiv_update,
     as_complex_like,
     as_real,
     can_apply,
     cast_like,
     elementwise,
-    map_scalars_n,
     on_host,
     torch_grad,
 )
@@ -89,13 +88,7 @@ def yogi(
     if bias_correction:
         assert steps is not None
         new_steps = ops.add_scalar(steps, 1, inplace=donate)
-        step_size, bc2_sqrt = map_scalars_n(
-            lambda t: (sign * step_lr / (1 - torch.pow(beta1, t)), torch.sqrt(1 - torch.pow(beta2, t))),
-            new_steps,
-            outputs=2,
-            like=m,
-            host=on_host(apply, m),
-        )
+        step_size, bc2_sqrt = adam_bias_corrections(new_steps, lr, beta1, beta2, like=m, host=on_host(apply, m))
 
     def body(
         ops: ListOps,

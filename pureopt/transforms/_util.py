@@ -162,7 +162,7 @@ def kernel_transform(
         diff = torch.is_grad_enabled() and autograd_recording(
             [*(sub_params or []), *sub_grads, *(t for values in sub.values() for t in values)]
         )
-        step_ctx = ctx if ctx.segments is None else ctx.but(segments=gather(list(ctx.segments), idx))
+        step_ctx = ctx if ctx.segments is None else ctx.but(segments=ctx.segments_of(idx))
         with differentiating(diff):
             new_updates, new_sub = step(sub_params, sub_grads, sub, state.num_updates, step_ctx)
         new_fields = {

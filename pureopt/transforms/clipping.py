@@ -53,8 +53,7 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0, eps: float = 1e
         idx = [i for i, u in enumerate(updates) if u is not None]
         if not idx:
             return updates, state
-        segments = None if ctx.segments is None else [ctx.segments[i] for i in idx]
-        total = global_norm(segment_views([updates[i] for i in idx], segments), norm_type)
+        total = global_norm(segment_views([updates[i] for i in idx], ctx.segments_of(idx)), norm_type)
         factor = torch.clamp(max_norm / (total + eps), max=1.0)
         return [None if u is None else u * factor.to(u.device, u.dtype) for u in updates], state
 

@@ -108,14 +108,13 @@ def scale_by_trust_ratio(
             raise ValueError("scale_by_trust_ratio needs the parameters: call update(updates, state, params)")
         keep = leaf_mask(mask, ctx, params)
         idx = [i for i in present(updates) if keep[i]]
-        segments = None if ctx.segments is None else gather(list(ctx.segments), idx)
         scaled = trust_ratio_scale(
             gather(params, idx),
             gather(updates, idx),
             trust_coefficient=trust_coefficient,
             eps=eps,
             impl=impl,
-            segments=segments,
+            segments=ctx.segments_of(idx),
         )
         return scatter(updates, idx, scaled), state
 
