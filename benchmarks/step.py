@@ -13,6 +13,12 @@ Implementations:
   pureopt-flat                               TorchOptimizer(params, tx, flat=True).step(), gradients already
                                              views of its flat buffers (zero_grad(set_to_none=False))
   pureopt-flat-gather                        the same with gradients in their own tensors (one gather copy)
+  pureopt-graph / torch-fused-graph          (--device cuda) the donated step / torch's fused step captured once
+                                             in a torch.cuda.CUDAGraph and replayed (lr a device tensor)
+
+On CUDA (``--device cuda``) each timing is CUDA events around ``--inner`` back-to-back steps of one
+implementation (so launch-bound steps are timed as they run in a training loop, without a host sync per step),
+and the bandwidth is a device-to-device copy.
 
 Reported per row: median ms, ratio to torch's fastest implementation of the same algorithm, and the fraction of
 the memory-bandwidth bound (bytes the algorithm must move per step / measured copy bandwidth).
@@ -20,6 +26,7 @@ the memory-bandwidth bound (bytes the algorithm must move per step / measured co
     python benchmarks/step.py                      # all sets, SGD-momentum / Adam / AdamW / Adagrad
     python benchmarks/step.py --quick              # small sizes, a few rounds: a smoke run
     python benchmarks/step.py --algos all --json benchmarks/results/latest.json
+    python benchmarks/step.py --device cuda --json benchmarks/results/latest-cuda.json
 """
 
 from __future__ import annotations
@@ -94,14 +101,40 @@ def param_shapes(name: str, scale: float = 1.0) -> list[tuple[int, ...]]:
     raise ValueError(f"unknown parameter set {name!r}")
 
 
+DEVICE = torch.device("cpu")
+
+
 def make_tensors(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen) for s in shapes]
+    return [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_bandwidth(nbytes: int = 2 * 2**30, repeats: int = 20) -> float:
+    """Measured HBM bandwidth in bytes/s: a device-to-device copy of ``nbytes`` (read + written), CUDA events."""
+    a, c = torch.ones(nbytes // 4, device=DEVICE), torch.empty(nbytes // 4, device=DEVICE)
+    c.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        c.copy_(a)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / repeats
+    del a, c
+    torch.cuda.empty_cache()
+    return 2 * nbytes / seconds
 
 
 def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 10) -> float:
     """Achievable memory bandwidth in bytes/s: the best of a copy (2 streams), an add (3) and an in-place scale
     (2) over ``nbytes``-sized float32 tensors, each the median of ``repeats`` runs with torch's default threads."""
+    if DEVICE.type == "cuda":
+        return cuda_bandwidth()
     a, b, c = torch.ones(nbytes // 4), torch.ones(nbytes // 4), torch.empty(nbytes // 4)
     kernels = {
         "copy": (lambda: c.copy_(a), 2),
@@ -176,10 +209,77 @@ def build_runners(algo: Algo, shapes: list[tuple[int, ...]]) -> dict[str, Callab
             for p, g in zip(ps, grads_data):
                 p.grad = g.clone()
         runners[label] = opt.step
+    if DEVICE.type == "cuda":
+        runners.update(graph_runners(algo, shapes, grads_data))
     return runners
 
 
-def bench(algo: Algo, set_name: str, scale: float, rounds: int, warmup: int, bandwidth: float) -> list[dict[str, Any]]:
+def _capture(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` warmed up on a side stream, captured in a CUDA graph; returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def graph_runners(algo: Algo, shapes: list[tuple[int, ...]], grads_data: list[torch.Tensor]) -> dict[str, Any]:
+    """The CUDA-graph rows: pureopt's donated step and (where torch has one) torch's fused step, lr a device
+    tensor so that a scheduler could change it between replays."""
+    runners: dict[str, Callable[[], None]] = {}
+    module, fn = algo.factory.split(":")
+    lr = torch.tensor(float(algo.kwargs["lr"]), device=DEVICE)
+    tx = getattr(importlib.import_module(module), fn)(impl="auto", **{**algo.kwargs, "lr": lr})
+    params = {str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))}
+    grads = {str(i): g.clone() for i, g in enumerate(grads_data)}
+    holder = {"state": tx.init(params)}
+
+    def donated() -> None:
+        new = pureopt.inplace_step(tx, grads, holder["state"], params)
+        for old, fresh in zip(pureopt.tree.leaves(holder["state"]), pureopt.tree.leaves(new)):
+            if isinstance(old, torch.Tensor) and fresh is not old:
+                old.copy_(fresh)
+
+    try:
+        runners["pureopt-graph"] = _capture(donated)
+    except Exception as exc:  # report, keep the other rows
+        print(f"  pureopt-graph {algo.name}: capture failed: {type(exc).__name__}: {exc}")
+    if algo.torch_cls is not None and algo.fused:
+        ps = [p.requires_grad_(True) for p in make_tensors(shapes, seed=0)]
+        for p, g in zip(ps, grads_data):
+            p.grad = g.clone()
+        t_lr = torch.tensor(float(algo.kwargs["lr"]), device=DEVICE)
+        opt = getattr(torch.optim, algo.torch_cls)(ps, **{**algo.kwargs, "lr": t_lr}, fused=True)
+        try:
+            runners["torch-fused-graph"] = _capture(opt.step)
+        except Exception as exc:
+            print(f"  torch-fused-graph {algo.name}: capture failed: {type(exc).__name__}: {exc}")
+    return runners
+
+
+def time_once(fn: Callable[[], None], inner: int) -> float:
+    """Seconds per call of ``fn``: one call on the CPU; on CUDA, events around ``inner`` calls."""
+    if DEVICE.type != "cuda":
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / inner
+
+
+def bench(
+    algo: Algo, set_name: str, scale: float, rounds: int, warmup: int, bandwidth: float, inner: int = 1
+) -> list[dict[str, Any]]:
     shapes = param_shapes(set_name, scale)
     n_params = sum(math.prod(s) for s in shapes)
     runners = build_runners(algo, shapes)
@@ -189,15 +289,16 @@ def bench(algo: Algo, set_name: str, scale: float, rounds: int, warmup: int, ban
         order = list(runners)
         rng.shuffle(order)
         for label in order:
-            t = time.perf_counter()
-            runners[label]()
-            elapsed = time.perf_counter() - t
+            elapsed = time_once(runners[label], inner)
             if r >= warmup:
                 times[label].append(elapsed)
     medians = {k: statistics.median(v) for k, v in times.items()}
     torch_best = min((v for k, v in medians.items() if k.startswith("torch")), default=float("nan"))
     bound = algo.bytes_per_param(4) * n_params / bandwidth
     rows = []
+    del runners
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
     for label, t in medians.items():
         rows.append(
             {
@@ -222,6 +323,7 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
     }
 
 
@@ -234,13 +336,20 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply tensor sizes (smoke runs)")
     parser.add_argument("--quick", action="store_true", help="--scale 0.01 --rounds 3 --warmup 1")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--inner", type=int, default=10, help="(cuda) steps per timed measurement")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.quick:
         args.scale, args.rounds, args.warmup = 0.01, 3, 1
     algos = list(ALGOS) if args.algos == "all" else args.algos.split(",")
     bandwidth = memory_bandwidth()
     info = machine()
-    print(f"# {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}, memory {bandwidth / 1e9:.1f} GB/s")
+    print(
+        f"# {info['processor']}, {info['cpus']} CPUs, {info['device']}, torch {info['torch']}, "
+        f"memory {bandwidth / 1e9:.1f} GB/s"
+    )
     header = f"{'set':<11} {'algo':<13} {'impl':<20} {'ms':>9} {'x torch best':>13} {'of bw bound':>12}"
     print(header)
     print("-" * len(header))
@@ -249,7 +358,8 @@ def main() -> None:
         for key in algos:
             algo = ALGOS[key]
             try:
-                rows = bench(algo, set_name, args.scale, args.rounds, args.warmup, bandwidth)
+                inner = args.inner if DEVICE.type == "cuda" else 1
+                rows = bench(algo, set_name, args.scale, args.rounds, args.warmup, bandwidth, inner)
             except (ImportError, AttributeError) as exc:  # an algorithm this checkout does not have yet
                 print(f"{set_name:<11} {algo.name:<13} skipped: {exc}")
                 continue

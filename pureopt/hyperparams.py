@@ -10,7 +10,7 @@ from torch import Tensor
 from pureopt.base import ScalarOrSchedule
 from pureopt.kernels.select import mark_differentiating
 
-__all__ = ["resolve", "is_schedule", "check_lr", "check_nonneg", "check_beta", "check_betas"]
+__all__ = ["resolve", "is_schedule", "number", "check_lr", "check_nonneg", "check_beta", "check_betas"]
 
 
 def is_schedule(value: Any) -> bool:
@@ -25,12 +25,15 @@ def resolve(value: ScalarOrSchedule, count: Tensor) -> float | Tensor:
     return out  # type: ignore[return-value]
 
 
-def _value(x: float | Tensor) -> float:
+def number(x: float | Tensor) -> float:
     """The number to validate; NaN (every check passes) for a tensor whose value can't be read without breaking
-    a transform: one batched by ``torch.func.vmap`` or a symbolic one inside ``torch.compile``."""
+    a transform or a device stream: one batched by ``torch.func.vmap``, a symbolic one inside ``torch.compile``,
+    a ``meta`` tensor (no value), or a CUDA tensor while a CUDA graph is being captured (a read would sync)."""
     if not isinstance(x, Tensor):
         return float(x)
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return float("nan")
+    if x.device.type == "meta" or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return float("nan")
     return float(x.item())
 
@@ -41,7 +44,7 @@ def check_lr(lr: ScalarOrSchedule) -> None:
         return
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
-    value = _value(lr)  # type: ignore[arg-type]
+    value = number(lr)  # type: ignore[arg-type]
     if value == value and not 0.0 <= value:
         raise ValueError(f"Invalid learning rate: {lr}")
 
@@ -50,15 +53,15 @@ def check_nonneg(value: ScalarOrSchedule, what: str) -> None:
     """``Invalid {what} value: {value}`` unless ``value >= 0`` (torch.optim's wording)."""
     if is_schedule(value):
         return
-    number = _value(value)  # type: ignore[arg-type]
-    if number == number and not 0.0 <= number:
+    x = number(value)  # type: ignore[arg-type]
+    if x == x and not 0.0 <= x:
         raise ValueError(f"Invalid {what} value: {value}")
 
 
 def check_beta(beta: float | Tensor, index: int) -> None:
     """``Invalid beta parameter at index i`` unless ``0 <= beta < 1``."""
-    number = _value(beta)
-    if number == number and not 0.0 <= number < 1.0:
+    x = number(beta)
+    if x == x and not 0.0 <= x < 1.0:
         raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
 
 

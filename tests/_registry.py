@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import pureopt
 
@@ -71,6 +72,45 @@ def _others() -> list[tuple[str, Factory]]:
 
 
 OPTIMIZERS: list[tuple[str, Factory]] = [*_sgd_grid(), *_adam_grid(), *_others()]
+
+
+def _clipped_adamw(**kw: Any) -> pureopt.GradientTransformation:
+    return pureopt.chain(pureopt.clip_by_global_norm(1.0), pureopt.adamw(**kw))
+
+
+# (id, public factory, keyword arguments with ``lr``): one configuration per algorithm plus a chain, for the tests
+# that build each optimizer themselves (e.g. with a tensor ``lr`` on a device: tests/test_cuda.py)
+CONFIGS: list[tuple[str, Callable[..., pureopt.GradientTransformation], dict[str, Any]]] = [
+    ("sgd", pureopt.sgd, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    ("sgd-dampening", pureopt.sgd, dict(lr=0.05, momentum=0.9, dampening=0.1)),
+    ("adam", pureopt.adam, dict(lr=0.01, weight_decay=0.1)),
+    ("adam-amsgrad", pureopt.adam, dict(lr=0.01, amsgrad=True)),
+    ("adamw", pureopt.adamw, dict(lr=0.01, weight_decay=0.1)),
+    ("adagrad", pureopt.adagrad, dict(lr=0.05, lr_decay=0.01)),
+    ("adadelta", pureopt.adadelta, dict(lr=1.0)),
+    ("adamax", pureopt.adamax, dict(lr=0.01)),
+    ("asgd", pureopt.asgd, dict(lr=0.01, t0=3.0)),
+    ("nadam", pureopt.nadam, dict(lr=0.01)),
+    ("radam", pureopt.radam, dict(lr=0.01)),
+    ("rmsprop", pureopt.rmsprop, dict(lr=0.01, momentum=0.9, centered=True)),
+    ("rprop", pureopt.rprop, dict(lr=0.01)),
+    ("adafactor", pureopt.adafactor, dict(lr=0.01)),
+    ("lion", pureopt.lion, dict(lr=1e-3, weight_decay=0.1)),
+    ("lamb", pureopt.lamb, dict(lr=0.01, weight_decay=0.1)),
+    ("lars", pureopt.lars, dict(lr=0.1, momentum=0.9, weight_decay=1e-4)),
+    ("adabelief", pureopt.adabelief, dict(lr=0.01)),
+    ("yogi", pureopt.yogi, dict(lr=0.01)),
+    ("novograd", pureopt.novograd, dict(lr=0.01, weight_decay=0.1)),
+    ("signum", pureopt.signum, dict(lr=0.01, momentum=0.9)),
+    ("adan", pureopt.adan, dict(lr=0.01, weight_decay=0.02)),
+    ("schedule_free_adamw", pureopt.schedule_free_adamw, dict(lr=0.01, warmup_steps=2)),
+    ("ademamix", pureopt.ademamix, dict(lr=0.01)),
+    (
+        "chain-clip-adamw",
+        _clipped_adamw,
+        {"lr": 0.01},
+    ),
+]
 
 
 def fused_available(opt_id: str) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from _device import TEST_DEVICE, activate
 
 # The suite runs with pytest-xdist on small machines (CI: 2 cores, 2 workers): one intra-op thread per worker
 # avoids oversubscription, which makes small tensor ops tens of times slower.
@@ -17,6 +19,18 @@ except ImportError:  # pragma: no cover - hypothesis is a test dependency
 else:
     import os
 
-    _hypothesis_settings.register_profile("deterministic", derandomize=True, print_blob=True)
+    # on another device the first call of each kernel is slow (module loading): no per-example deadline there
+    _deadline = {} if TEST_DEVICE.type == "cpu" else {"deadline": None}
+    _hypothesis_settings.register_profile("deterministic", derandomize=True, print_blob=True, **_deadline)
     _hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
     _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
+
+
+# PUREOPT_TEST_DEVICE=cuda runs the suite with CUDA as the default device of tensor factories (tests/_device.py).
+activate()
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device this run of the suite tests on (``PUREOPT_TEST_DEVICE``, default CPU)."""
+    return TEST_DEVICE

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from pureopt.base import GradientTransformation, ScalarOrSchedule
-from pureopt.hyperparams import is_schedule
+from pureopt.hyperparams import is_schedule, number
 from pureopt.transforms.adafactor import adafactor_transform, check_adafactor_args
 
 __all__ = ["adafactor"]
@@ -62,8 +62,8 @@ def adafactor(
     if not is_schedule(lr):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        value = float(lr.item()) if isinstance(lr, Tensor) else float(lr)  # type: ignore[arg-type]
-        if not 0.0 <= value:
+        value = number(lr)  # type: ignore[arg-type]
+        if value == value and not 0.0 <= value:
             raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
         if isinstance(lr, Tensor):
             lr = lr.reshape(())

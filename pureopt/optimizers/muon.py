@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from pureopt.base import GradientTransformation, ScalarOrSchedule
-from pureopt.hyperparams import is_schedule
+from pureopt.hyperparams import is_schedule, number
 from pureopt.kernels.muon import DEFAULT_EPS, DEFAULT_NS_COEFFICIENTS, DEFAULT_NS_STEPS
 from pureopt.transforms.muon import check_muon_args, muon_transform
 
@@ -19,8 +19,8 @@ def _check_muon_lr(lr: ScalarOrSchedule) -> ScalarOrSchedule:
         return lr
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
-    value = float(lr.item()) if isinstance(lr, Tensor) else float(lr)  # type: ignore[arg-type]
-    if not 0.0 <= value:
+    value = number(lr)  # type: ignore[arg-type]
+    if value == value and not 0.0 <= value:
         raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
     return lr.reshape(()) if isinstance(lr, Tensor) else lr
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from pureopt.base import GradientTransformation, ScalarOrSchedule
-from pureopt.hyperparams import check_betas, is_schedule
+from pureopt.hyperparams import check_betas, is_schedule, number
 from pureopt.kernels.select import check_impl
 from pureopt.optimizers._common import Betas
 from pureopt.transforms.sparse_adam import sparse_adam_transform
@@ -15,7 +15,8 @@ __all__ = ["sparse_adam"]
 
 
 def _positive(value: float | Tensor) -> bool:
-    return 0.0 < (float(value.item()) if isinstance(value, Tensor) else float(value))
+    number_ = number(value)
+    return number_ != number_ or 0.0 < number_
 
 
 def sparse_adam(
