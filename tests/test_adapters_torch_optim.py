@@ -348,13 +348,18 @@ def test_sparse_gradients_match_torch(torch_class, module, factory, kwargs):
 
 
 @pytest.mark.parametrize("flat", [False, True])
-def test_grad_scaler_unscales_and_skips_inf_steps_like_torch(flat):
-    """torch.amp.GradScaler (CPU) with torch's fused AdamW, which also supports AMP scaling: step() gets scaled
-    gradients with grad_scale/found_inf, unscales them in the kernel and skips a step with inf gradients."""
+@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused"])
+def test_grad_scaler_unscales_and_skips_inf_steps_like_torch(flat, fused):
+    """torch.amp.GradScaler (CPU) against torch's AdamW doing the same. With ``impl="fused"`` (torch:
+    ``fused=True``) the optimizer supports AMP scaling: step() gets scaled gradients with grad_scale/found_inf,
+    unscales them in the kernel and runs on the skipped step too; otherwise GradScaler unscales the gradients
+    before step() and does not call it on a step with inf gradients."""
     sides = []
     for make in (
-        lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, fused=True),
-        lambda ps: TorchOptimizer(ps, pureopt.adamw, lr=0.01, weight_decay=0.1, flat=flat),
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, fused=fused or None, foreach=False),
+        lambda ps: TorchOptimizer(
+            ps, pureopt.adamw, lr=0.01, weight_decay=0.1, flat=flat, impl="fused" if fused else "auto"
+        ),
     ):
         init = parity_params(torch.float32)
         params = {k: v.clone().requires_grad_(True) for k, v in init.items()}
@@ -363,6 +368,7 @@ def test_grad_scaler_unscales_and_skips_inf_steps_like_torch(flat):
         opt.register_step_post_hook(lambda o, args, kwargs, calls=calls: calls.append(1))
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
         sides.append((params, opt, scaler, calls))
+    assert sides[1][1]._step_supports_amp_scaling is fused
     data = parity_data(torch.float32)
     for step in range(8):
         unscaled = []
@@ -386,7 +392,7 @@ def test_grad_scaler_unscales_and_skips_inf_steps_like_torch(flat):
             for g, p in zip(expected, mp.values()):
                 torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
     (_, _, t_scaler, t_calls), (mparams, m_opt, m_scaler, m_calls) = sides
-    assert len(m_calls) == len(t_calls) == 8  # step() runs on the skipped step too, and changes nothing
+    assert len(m_calls) == len(t_calls) == (8 if fused else 7)  # fused: step() runs on the skipped step too
     assert m_scaler.get_scale() == t_scaler.get_scale()
     assert float(m_opt.state[mparams["w2"]]["step"]) == 7.0
 

@@ -23,6 +23,9 @@ from pureopt.kernels.fused import is_amp_native, mark_amp_native
 from tests._checks import assert_unchanged, same_bits, snapshot
 from tests._parity import find_state_field, loss_fn, make_data, make_params
 
+# every comparison here is bitwise against another computation (torch's fused kernels): rerun under AVX2 too
+pytestmark = pytest.mark.bitwise
+
 SCALE = 2.0**12
 STEPS = 10
 SKIP = (2, 5, 6)  # steps whose (scaled) gradients hold an inf/NaN: found_inf = 1

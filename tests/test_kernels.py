@@ -48,6 +48,7 @@ def test_donated_step_equals_pure_update(factory, impl):
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("impl", ["loop", "foreach", "fused"])
 def test_donated_step_matches_torch_fused_adamw_bitwise(impl):
     """The donated fused path is torch's own kernel call: identical bits to torch.optim.AdamW(fused=True)."""
@@ -203,6 +204,7 @@ def test_fused_adagrad_matches_torch(kwargs, dtype):
     )
 
 
+@pytest.mark.bitwise
 def test_donated_adagrad_is_torch_fused_adagrad_bitwise():
     params = make_params(torch.float32)
     data = make_data(torch.float32)

@@ -234,6 +234,7 @@ def assert_state_equal(mine: Any, theirs: dict[str, Any], where: str) -> None:
 # --- the kernel: bit for bit ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.id)
 def test_kernel_matches_torch_bitwise(cfg, dtype):
@@ -261,6 +262,7 @@ def test_kernel_matches_torch_bitwise(cfg, dtype):
     assert float(problem.loss(dict(zip(names, params)))) < float(problem.loss(init))
 
 
+@pytest.mark.bitwise
 def test_kernel_with_donated_memory_matches_torch_and_writes_in_place():
     problem = PROBLEMS["rosen10"]
     cfg = Config("rosen10", {"line_search_fn": "strong_wolfe", "history_size": 3})
@@ -291,6 +293,7 @@ def test_kernel_with_donated_memory_matches_torch_and_writes_in_place():
 REPLAY_TOL = {torch.float64: {"rtol": 1e-14, "atol": 1e-15}, torch.float32: {"rtol": 1e-6, "atol": 1e-7}}
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.id)
 def test_update_is_torchs_step_from_the_same_state(cfg, dtype):
@@ -435,6 +438,7 @@ def test_state_after_init():
     assert lbfgs(state_dtype=torch.float64).init(params).d.dtype == torch.float64
 
 
+@pytest.mark.bitwise
 def test_none_gradient_counts_as_zeros_like_torch():
     """A parameter the loss does not use: torch leaves its .grad None and treats it as zeros; so do we."""
 

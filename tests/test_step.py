@@ -73,6 +73,7 @@ TORCH_FUSED = [
 ]
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("make_tx,make_torch", [c[1:] for c in TORCH_FUSED], ids=[c[0] for c in TORCH_FUSED])
 def test_step_is_torch_fused_bitwise(make_tx, make_torch):
     """Outside transforms the step is torch's own fused call on copies: the same bits as torch.optim(fused=True),

@@ -200,6 +200,7 @@ def test_inject_validates_with_torch_wording_before_anything_runs():
 # --- MultiSteps ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("k", [1, 3])
 def test_multisteps_adam_equals_torch_adam_on_the_mean_gradient(k):
     dtype = F64
@@ -316,6 +317,7 @@ def test_apply_if_finite_validation():
 # --- lookahead ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("sync_period,alpha", [(1, 0.5), (5, 0.5), (3, 0.8)])
 def test_lookahead_matches_the_rule_around_torch_adam(sync_period, alpha):
     ref = Stepper(lambda p: torch.optim.Adam(p, lr=0.02), F64)

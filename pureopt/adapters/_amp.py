@@ -16,6 +16,11 @@ the update:
   the step, as GradScaler does itself for optimizers without fused kernels.
 
 A skipped step changes nothing: parameters, per-parameter state and ``num_updates`` stay as they were.
+
+``TorchOptimizer`` advertises ``_step_supports_amp_scaling`` only when every group runs torch's fused kernel by
+request (``impl="fused"`` with an amp-native transformation), as torch's ``fused=True`` optimizers do; otherwise
+GradScaler unscales the gradients itself and this module only sees unscaled ones. The other adapters (and tests)
+that set ``grad_scale`` / ``found_inf`` themselves get the handling above for any transformation.
 """
 
 from __future__ import annotations

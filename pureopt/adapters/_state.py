@@ -19,7 +19,7 @@ structure across updates, so the layout stays valid for the optimizer's lifetime
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Number
 from typing import Any
@@ -32,8 +32,11 @@ from pureopt.combine import MaskedNode
 
 __all__ = [
     "StateLayout",
+    "as_state_tensor",
     "load_entries",
+    "load_entries_with_extras",
     "migrate",
+    "migrate_entries",
     "checkpoint_entries",
     "group_record",
     "check_group_record",
@@ -169,10 +172,12 @@ def _dtype_kind(dtype: torch.dtype) -> str:
     return "i"
 
 
-def _as_tensor(value: Any, like: Tensor, what: str) -> Tensor:
-    """``value`` as a tensor compatible with ``like`` (same shape, same kind of dtype), or a ValueError."""
+def as_state_tensor(value: Any, like: Tensor, what: str) -> Tensor:
+    """``value`` as a tensor compatible with ``like`` (same shape, same kind of dtype, dense), or a ValueError
+    naming ``what``. A Python number is taken for a 0-d ``like`` (old checkpoints keep step counts so)."""
     if isinstance(value, Number) and not isinstance(value, bool) and like.dim() == 0:
-        value = torch.tensor(value)  # old checkpoints keep step counts as Python numbers
+        # old checkpoints, and torch.optim.SparseAdam's, keep step counts as Python numbers (ints): a count
+        value = torch.tensor(value, dtype=like.dtype if isinstance(value, int) else None)
     if not isinstance(value, Tensor):
         raise ValueError(f"{what} should be a tensor, got a {type(value).__name__}")
     if tuple(value.shape) != tuple(like.shape):
@@ -198,19 +203,37 @@ def load_entries(
     where: str,
     param_label: Sequence[Any] | None = None,
 ) -> Any:
-    """A state shaped like ``fresh`` (a newly initialised state, which is written to) holding the given values.
+    """:func:`load_entries_with_extras` where every key must be one the optimizer keeps; returns the state."""
+    state, _ = load_entries_with_extras(layout, fresh, entries, globals_, where, param_label)
+    return state
+
+
+def load_entries_with_extras(
+    layout: StateLayout,
+    fresh: Any,
+    entries: Mapping[int, Mapping[str, Any]],
+    globals_: Mapping[str, Any] | None,
+    where: str,
+    param_label: Sequence[Any] | None = None,
+    extra_key: Callable[[int, Any], bool] | None = None,
+) -> tuple[Any, dict[int, dict[Any, Any]]]:
+    """A state shaped like ``fresh`` (a newly initialised state, which is written to) holding the given values,
+    and the entries' other keys (a client's own, by parameter index).
 
     Args:
       layout: ``StateLayout(fresh, n)``.
       fresh: a state from ``tx.init``; its tensors are overwritten with the loaded values (cast to their dtype
         and device) and it is returned. The caller must own it.
       entries: per-parameter values by parameter index (0..n-1) in torch's ``{key: tensor}`` form. A missing
-        parameter keeps its initial state (torch saves no state for parameters that were never stepped).
+        parameter keeps its initial state (torch saves no state for parameters that were never stepped), and so
+        does one whose entry has none of the optimizer's keys (only a client's).
       globals_: the global tensors by path, or ``None`` for a checkpoint written by torch.optim (which has
         none): the ``num_updates`` counters are then set to the largest per-parameter ``step`` (0 without one),
         and any other global state is an error.
       where: names the group in error messages (e.g. ``"param group 0"``).
       param_label: the checkpoint's id of each parameter, for error messages (defaults to the index).
+      extra_key: ``(index, key) -> bool``: whether a key the optimizer does not keep is a client's entry (kept
+        and returned) rather than a sign of another optimizer (an error). ``None``: every such key is an error.
 
     Everything is checked before anything is written; a mismatch raises a ValueError naming the parameter and
     key. Nothing but ``fresh`` is modified.
@@ -218,22 +241,30 @@ def load_entries(
     labels = list(param_label) if param_label is not None else list(range(layout.num_params))
     leaves = layout.leaves(fresh)
     writes: list[tuple[int, Tensor]] = []
+    extras: dict[int, dict[Any, Any]] = {}
+    pure_entries: dict[int, Mapping[str, Any]] = {}
     for i, entry in entries.items():
         if not 0 <= i < layout.num_params:
             raise ValueError(f"{where}: state for parameter {labels[i] if i < len(labels) else i} out of range")
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where}: the state of parameter {labels[i]} is a {type(entry).__name__}, not a dict")
         expected = layout.param_keys[i]
-        given = {k: v for k, v in entry.items() if v is not None}
-        unknown = sorted(str(k) for k in given if k not in expected)
+        given = {k: v for k, v in entry.items() if v is not None and k in expected}
+        others = {k: v for k, v in entry.items() if k not in expected}
+        unknown = sorted(str(k) for k, v in others.items() if v is not None and not (extra_key and extra_key(i, k)))
         if unknown:
             raise ValueError(
                 f"{where}: the state of parameter {labels[i]} has {', '.join(repr(k) for k in unknown)}, which this "
                 f"optimizer does not keep (it keeps {', '.join(repr(k) for k in expected) or 'nothing'}): the "
                 "checkpoint was saved by a different optimizer or with different options"
             )
+        if others and extra_key is not None:
+            extras[i] = dict(others)
+        if not given:
+            continue
+        pure_entries[i] = given
         missing = [k for k in expected if k not in given]
-        if missing == [STEP_KEY] and given:
+        if missing == [STEP_KEY]:
             # torch.optim.SGD keeps no step count; a parameter with a momentum buffer has taken a step, which is
             # all pureopt's SGD uses its step count for (telling the first, undampened step apart)
             writes.append((expected[STEP_KEY], torch.ones(())))
@@ -245,9 +276,9 @@ def load_entries(
             )
         for key, value in given.items():
             pos = expected[key]
-            writes.append((pos, _as_tensor(value, leaves[pos], f"{where}: state[{labels[i]}][{key!r}]")))
+            writes.append((pos, as_state_tensor(value, leaves[pos], f"{where}: state[{labels[i]}][{key!r}]")))
     if globals_ is None:
-        steps = [e[STEP_KEY] for e in entries.values() if isinstance(e, Mapping) and e.get(STEP_KEY) is not None]
+        steps = [e[STEP_KEY] for e in pure_entries.values() if e.get(STEP_KEY) is not None]
         for key, pos in layout.global_keys.items():
             if key.split(".")[-1] != "num_updates":
                 raise ValueError(
@@ -266,9 +297,9 @@ def load_entries(
                 "by a different optimizer or with different options"
             )
         for key, pos in layout.global_keys.items():
-            writes.append((pos, _as_tensor(globals_[key], leaves[pos], f"{where}: global state {key!r}")))
+            writes.append((pos, as_state_tensor(globals_[key], leaves[pos], f"{where}: global state {key!r}")))
     _write(leaves, writes)  # all checked: only now is anything written (into the fresh buffers)
-    return layout.spec.unflatten(leaves)
+    return layout.spec.unflatten(leaves), extras
 
 
 def migrate(old_layout: StateLayout, old_state: Any, new_layout: StateLayout, fresh: Any) -> Any:
@@ -279,6 +310,13 @@ def migrate(old_layout: StateLayout, old_state: Any, new_layout: StateLayout, fr
     (e.g. ``max_exp_avg_sq`` starts at zero when ``amsgrad`` is switched on). ``old_state`` is not modified.
     """
     old_params, old_globals = old_layout.export(old_state)
+    return migrate_entries(old_params, old_globals, new_layout, fresh)
+
+
+def migrate_entries(
+    old_params: Sequence[Mapping[str, Tensor]], old_globals: Mapping[str, Tensor], new_layout: StateLayout, fresh: Any
+) -> Any:
+    """:func:`migrate` from exported values: each parameter's ``{torch_key: tensor}`` and the globals by path."""
     leaves = new_layout.leaves(fresh)
     writes: list[tuple[int, Tensor]] = []
     for i, keys in enumerate(new_layout.param_keys):
@@ -286,7 +324,7 @@ def migrate(old_layout: StateLayout, old_state: Any, new_layout: StateLayout, fr
             writes.append((pos, old_params[i].get(key)))  # type: ignore[arg-type]
     for key, pos in new_layout.global_keys.items():
         writes.append((pos, old_globals.get(key)))  # type: ignore[arg-type]
-    _write(leaves, [(pos, v) for pos, v in writes if v is not None and _compatible(v, leaves[pos])])
+    _write(leaves, [(pos, v) for pos, v in writes if isinstance(v, Tensor) and _compatible(v, leaves[pos])])
     return new_layout.spec.unflatten(leaves)
 
 

@@ -13,6 +13,11 @@ given to the factory as a 0-d tensor that ``step`` refills from ``param_groups[i
 transformation at the next ``step``, keeping its state. Steps are donated (``UpdateContext(donate=True,
 apply=True)``): parameters and state are updated in place, with torch's fused kernels where they apply. The
 gradients (``p.grad``) are only read.
+
+``opt.state`` is live (:mod:`pureopt.adapters._live`): its tensors are the pure state's, writes to them reach the
+pure state (checked first), and keys a client adds are kept and saved. Under ``torch.compile`` the learning rates
+are refilled by one opaque custom op (``pureopt::refill_lrs``) that reads ``param_groups`` when the graph runs, so
+that a changed lr neither recompiles nor is lost (see :func:`_refill_lrs_op`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections import defaultdict
+import itertools
+import pickle
+import warnings
+import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Number
 from typing import Any
@@ -32,18 +41,21 @@ from torch.optim.optimizer import required
 from pureopt import tree as _tree
 from pureopt.adapters._amp import donated_step
 from pureopt.adapters._flat import FlatParams, FlatState
+from pureopt.adapters._live import LiveState, ParamState
 from pureopt.adapters._state import (
     FORMAT_VERSION,
     PUREOPT_KEY,
     StateLayout,
+    as_state_tensor,
     check_group_record,
     checkpoint_entries,
     group_record,
-    load_entries,
-    migrate,
+    load_entries_with_extras,
+    migrate_entries,
 )
-from pureopt.base import GradientTransformation, OptState, UpdateContext, as_leaf_update
+from pureopt.base import GradientTransformation, OptState, UpdateContext, add_inplace, as_leaf_update
 from pureopt.hyperparams import check_lr
+from pureopt.kernels.fused import is_amp_native
 
 __all__ = ["TorchOptimizer", "TORCH_COUNTERPARTS"]
 
@@ -92,6 +104,60 @@ def _torch_defaults(class_name: str) -> dict[str, Any] | None:
         return None
 
 
+@functools.cache
+def _torch_filled_options(class_name: str) -> dict[str, Any]:
+    """The options ``torch.optim.<class_name>.__setstate__`` fills in when a saved param group lacks them.
+
+    These are the options torch added after the class first shipped (``maximize``, ``foreach``, ``capturable``,
+    ``differentiable``, ``fused``, ``decoupled_weight_decay``, ...): torch loads an older checkpoint without them
+    by giving them these values. Found by asking torch: each option is removed from a group in turn and the
+    class's ``__setstate__`` is run on it.
+    """
+    cls = getattr(torch.optim, class_name, None)
+    defaults = _torch_defaults(class_name)
+    if cls is None or defaults is None:
+        return {}
+    filled: dict[str, Any] = {}
+    for key in defaults:
+        try:
+            probe = cls([torch.zeros(1, 1, requires_grad=True)])
+            group = {k: v for k, v in probe.param_groups[0].items() if k != key}
+            probe.__setstate__({"defaults": probe.defaults, "state": probe.state, "param_groups": [group]})
+        except Exception:  # __setstate__ needs the option: not one torch fills in
+            continue
+        if key in probe.param_groups[0]:
+            filled[key] = probe.param_groups[0][key]
+    return filled
+
+
+# options a torch class's step reads with a default (``group.get(key, default)``) instead of filling them in
+# ``__setstate__``: a checkpoint without them loads and steps in torch with that default
+_TORCH_READ_WITH_DEFAULT: dict[str, dict[str, Any]] = {"SparseAdam": {"maximize": False}}
+
+# torch state keys of torch.optim's classes: a torch checkpoint's per-parameter key among these that this optimizer
+# does not keep means the checkpoint is from another optimizer; any other key is a client's entry, kept as such
+_TORCH_STATE_KEYS = frozenset(
+    {
+        "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum",
+        "exp_inf", "eta", "mu", "ax", "prev", "step_size", "mu_product", "grad_avg", "row_var", "col_var",
+        "variance", "func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad",
+        "prev_loss", "al",
+    }
+)  # fmt: skip
+
+
+def _check_betas_kinds(torch_class: str | None, options: Mapping[str, Any], where: str) -> None:
+    """torch.optim.Adam/AdamW refuse betas that mix floats and tensors (torch's wording)."""
+    betas = options.get("betas")
+    if torch_class not in ("Adam", "AdamW") or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        return
+    if not (
+        (isinstance(betas[0], float) and isinstance(betas[1], float))
+        or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+    ):
+        raise ValueError("betas must be either both floats or both Tensors")
+
+
 def _same(a: Any, b: Any) -> bool:
     """Whether two hyperparameter values are equal (tensors by value, tuples and lists alike)."""
     if a is b:
@@ -135,15 +201,23 @@ class _Factory:
     def accepts(self, key: str) -> bool:
         return key in self.defaults or (self.accepts_any and key not in _RESERVED_KEYS and key not in self.implied)
 
-    def kwargs(self, group: Mapping[str, Any], where: str) -> dict[str, Any]:
-        """The factory's keyword arguments from a group's options (``lr`` included, as given); checks fixed options."""
+    def kwargs(self, group: Mapping[str, Any], where: str, read_lr: bool = True) -> dict[str, Any]:
+        """The factory's keyword arguments from a group's options (``lr`` included, as given); checks fixed options.
+
+        ``read_lr=False`` leaves ``group["lr"]`` unread (``None`` in its place): inside a compiled step, reading the
+        float would make dynamo guard on its value.
+        """
         for key, value in self.implied.items():
             if key in group and not _same(group[key], value):
                 raise ValueError(
                     f"{where}: {self.name} is torch.optim.{self.torch_class} with {key}={value!r}, "
                     f"but the group has {key}={group[key]!r}"
                 )
-        kwargs = {k: v for k, v in group.items() if self.accepts(k) and k not in _RESERVED_KEYS}
+        kwargs = {
+            k: group[k] if read_lr or k != "lr" else None
+            for k in group.keys()
+            if self.accepts(k) and k not in _RESERVED_KEYS
+        }
         for key, default in self.defaults.items():
             if default is required and kwargs.get(key, required) is required:
                 raise ValueError(f"parameter group didn't specify a value of required optimization parameter {key}")
@@ -151,24 +225,36 @@ class _Factory:
 
 
 class _Group:
-    """A param group's transformation and pure state (over flat buffers with ``flat=True``)."""
+    """A param group's transformation and pure state (over flat buffers with ``flat=True``).
+
+    ``params`` are the group's distinct parameters (the pure state is over them); ``listed`` is the group's list as
+    torch keeps it, where a parameter may appear more than once (torch warns, and its per-parameter loop then steps
+    such a parameter once per listing, sharing its state: :meth:`passes` reproduces that).
+    """
 
     def __init__(
         self,
-        params: tuple[Tensor, ...],
+        listed: Sequence[Tensor],
         tx: GradientTransformation,
         state: OptState,
         lr: Tensor | None,
         built_with: dict[str, Any],
     ) -> None:
-        self.params = params
+        self.listed = tuple(listed)
+        self.params = _distinct(listed)
+        counts = Counter(id(p) for p in listed)
+        self.multiplicity = [counts[id(p)] for p in self.params]
         self.tx = tx
         self.update: Any = as_leaf_update(tx)  # the leaf-level update function
         self._state = state
-        self.layout = StateLayout(state, len(params))
+        self.layout = StateLayout(state, len(self.params))
         self.lr = lr  # the 0-d tensor the factory got as ``lr`` (None for a plain transformation)
         self.built_with = built_with  # the factory arguments other than lr the transformation was built from
         self.flat: FlatState | None = None
+        self._export_of: Any = None  # the state object :meth:`entries` was computed from
+        self._export: list[dict[str, Tensor]] = []
+        self.views: list[ParamState] = []  # each parameter's entry of TorchOptimizer.state
+        self.needs_closure = "LBFGSState" in self.layout.types  # re-evaluates the objective inside its update
 
     @property
     def state(self) -> OptState:
@@ -178,6 +264,14 @@ class _Group:
     def checkpoint_state(self) -> OptState:
         """The state to export: as :attr:`state`, with no 0-d tensor shared between parameters."""
         return self.flat.checkpoint_state() if self.flat is not None else self._state
+
+    def entries(self) -> list[dict[str, Tensor]]:
+        """Each parameter's ``{torch_key: tensor}`` of the current state (cached until the state changes)."""
+        state = self.checkpoint_state()
+        if state is not self._export_of:
+            self._export = self.layout.export(state)[0]
+            self._export_of = state
+        return self._export
 
     def set(self, tx: GradientTransformation, state: OptState, layout: StateLayout) -> None:
         """Switch to ``tx`` with a per-parameter ``state`` (copied into the flat buffers with ``flat=True``)."""
@@ -191,6 +285,51 @@ class _Group:
         """Move the state into flat buffers over ``flat`` (the group's parameters, already re-pointed)."""
         self.flat = FlatState(flat, self.tx, self._state)
         self._state = None
+
+    def write(self, index: int, values: Mapping[str, Tensor]) -> None:
+        """Put checked values into parameter ``index``'s state (``{torch_key: tensor}``, shapes and dtypes as the
+        current leaves'). Without ``flat`` the tensors become the state's leaves; with ``flat``, parameter-shaped
+        values are copied into the flat buffers and anything else rebuilds the flat state around them."""
+        keys = self.layout.param_keys[index]
+        if self.flat is None:
+            leaves = self.layout.leaves(self._state)
+            for key, value in values.items():
+                leaves[keys[key]] = value
+            self._state = self.layout.spec.unflatten(leaves)
+            return
+        current = self.layout.leaves(self.flat.per_param())
+        rebuild = {}
+        with torch.no_grad():
+            for key, value in values.items():
+                leaf = current[keys[key]]
+                if leaf.dim() > 0 and leaf._is_view():  # a view of a flat buffer: write through it
+                    leaf.copy_(value)
+                else:
+                    rebuild[key] = value
+        if rebuild:
+            leaves = self.layout.leaves(self.flat.checkpoint_state())
+            for key, value in rebuild.items():
+                leaves[keys[key]] = value
+            self.flat = FlatState(self.flat.flat, self.tx, self.layout.spec.unflatten(leaves))
+
+    def passes(self) -> list[list[Tensor | None]]:
+        """The gradients of each pass of a step: one pass, or one per listing of the most-listed parameter."""
+        grads = [p.grad for p in self.params]
+        rounds = max(self.multiplicity, default=1)
+        if rounds == 1:
+            return [grads]
+        return [[g if m > r else None for g, m in zip(grads, self.multiplicity)] for r in range(rounds)]
+
+
+def _distinct(tensors: Iterable[Tensor]) -> tuple[Tensor, ...]:
+    """``tensors`` without repeats, in first-seen order."""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return tuple(out)
 
 
 def _lr_value(value: Any, where: str) -> float | Tensor:
@@ -220,8 +359,13 @@ def _lr_tensor(value: float | Tensor, params: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def _extract_params(param_group: Mapping[str, Any]) -> list[Tensor]:
-    """The tensors of a param group as ``add_param_group`` will store them (torch's rules and wording)."""
+def _extract_params(param_group: dict[str, Any]) -> list[Tensor]:
+    """The tensors of a param group as ``add_param_group`` will store them (torch's rules and wording).
+
+    As torch does, ``param_group["params"]`` is replaced by a list first, so that an iterator (``model.parameters()``,
+    ``named_parameters()``) is consumed once, here, and torch's own ``add_param_group`` sees the same parameters.
+    A parameter listed twice is allowed (torch warns when the group is added).
+    """
     params = param_group["params"]
     if isinstance(params, Tensor):
         items: list[Any] = [params]
@@ -232,15 +376,55 @@ def _extract_params(param_group: Mapping[str, Any]) -> list[Tensor]:
         )
     else:
         items = list(params)
+    param_group["params"] = items
     tensors = [item[1] if isinstance(item, tuple) else item for item in items]
     for t in tensors:
         if not isinstance(t, Tensor):
             raise TypeError("optimizer can only optimize Tensors, but one of the params is " + torch.typename(t))
         if not (t.is_leaf or t.retains_grad):
             raise ValueError("can't optimize a non-leaf Tensor")
-    if len({id(t) for t in tensors}) != len(tensors):
-        raise ValueError("a parameter group lists the same parameter twice")
     return tensors
+
+
+# --- torch.compile: the learning rates, refilled when the graph runs --------------------------------------------
+
+_LIVE_OPTIMIZERS: weakref.WeakValueDictionary[int, TorchOptimizer] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("pureopt::refill_lrs", mutates_args=("lrs",))
+def _refill_lrs_op(lrs: list[Tensor], key: int) -> None:
+    """Fill each group's lr tensor from ``param_groups[i]["lr"]`` of the optimizer registered under ``key``.
+
+    Why an opaque op: inside a compiled ``step``, reading the Python float makes dynamo guard on its value (one
+    recompile per lr change), and writing it into the group's 0-d float64 CPU lr tensor is lost altogether:
+    dynamo gives such a tensor an ``item()`` symbol (it is how it represents unspecialized Python floats), the
+    float-tensorify pass then fails on that symbol, specializes it and restarts the analysis, and the restarted
+    graph treats the tensor's value as that constant — the in-place refill disappears and the first lr is applied
+    for ever (SGD ended 12% off after 6 steps, AdamW 43%). Read here, at run time, the float never enters the
+    graph; ``mutates_args`` orders the write before every read of the lr tensors.
+    """
+    owner = _LIVE_OPTIMIZERS.get(key)
+    if owner is None:
+        raise RuntimeError("pureopt::refill_lrs: the TorchOptimizer this graph was compiled for is gone")
+    values = owner._lr_values()
+    if len(values) != len(lrs):
+        raise RuntimeError("pureopt::refill_lrs: the optimizer's param groups changed since the graph was compiled")
+    with torch.no_grad():
+        for target, value in zip(lrs, values):
+            _fill_lr(target, value)
+
+
+@_refill_lrs_op.register_fake
+def _refill_lrs_fake(lrs: list[Tensor], key: int) -> None:
+    del lrs, key
+
+
+def _fill_lr(target: Tensor, value: float | Tensor) -> None:
+    if isinstance(value, Tensor):
+        target.copy_(value.detach().reshape(()))
+    else:
+        target.fill_(value)
 
 
 class TorchOptimizer(torch.optim.Optimizer):
@@ -271,16 +455,30 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     Behaviour, as torch.optim:
 
-    * parameters whose ``.grad`` is ``None`` are skipped (state untouched); ``p.grad`` is never written;
-    * ``param_groups[i]["lr"]`` is read at every step (lr schedulers work); changing another hyperparameter of a
-      group rebuilds its transformation at the next step, keeping its state (a field the new options need and
-      the old did not, e.g. ``max_exp_avg_sq`` when ``amsgrad`` is switched on, starts at its initial value);
-    * ``state[p]`` holds each parameter's state under torch's key names (the live tensors; unlike torch.optim,
-      whose state is created at a parameter's first step, it holds the initial state from the start);
-    * ``state_dict()`` is torch's format; per-parameter entries exist for parameters that took a step. What torch
-      has no place for (the ``num_updates`` counters, the factory's name) is kept under ``"pureopt"``, which
-      torch.optim ignores. ``load_state_dict`` takes checkpoints of this class and of the torch.optim
-      counterpart (``TORCH_COUNTERPARTS``), checks everything first and changes nothing when it fails.
+    * ``params`` and a group's ``"params"`` may be any iterable (lists, generators, ``named_parameters()``); a
+      parameter listed twice in a group warns as torch does and is stepped once per listing (torch's loop);
+    * parameters whose ``.grad`` is ``None`` are skipped (state untouched); ``p.grad`` is never written (except
+      by torch's fused kernels unscaling it under GradScaler with ``impl="fused"``, as torch's ``fused=True``);
+    * ``param_groups[i]["lr"]`` is read at every step (lr schedulers work, under ``torch.compile`` too, without
+      recompiling); changing another hyperparameter of a group rebuilds its transformation at the next step,
+      keeping its state (a field the new options need and the old did not, e.g. ``max_exp_avg_sq`` when
+      ``amsgrad`` is switched on, starts at its initial value, or at the tensor a client put under that key);
+    * ``step(closure)`` calls the closure once, as torch does, and L-BFGS (``pureopt.lbfgs``) calls it again for
+      each re-evaluation, as ``torch.optim.LBFGS``; it returns the first loss;
+    * ``state[p]`` holds each parameter's state under torch's key names: the live tensors (unlike torch.optim,
+      whose state is created at a parameter's first step, it holds the initial state from the start). Assigning
+      a tensor to one of those keys writes it into the optimizer's state (same shape and kind of dtype, else a
+      ValueError); other keys are the client's and are kept, saved and loaded as in torch;
+    * ``state_dict()`` is torch's format; per-parameter entries exist for parameters that took a step (or carry
+      a client's keys). What torch has no place for (the ``num_updates`` counters, the factory's name) is kept
+      under ``"pureopt"``, which torch.optim ignores. ``load_state_dict`` takes checkpoints of this class and of
+      the torch.optim counterpart (``TORCH_COUNTERPARTS``), older ones without options torch added later
+      included (they get torch's values for them), checks everything first and changes nothing when it fails;
+    * ``copy.deepcopy`` gives an independent optimizer over deep-copied parameters; ``pickle`` stores the factory
+      by reference (a hand-built transformation made of closures cannot be pickled: a TypeError says so);
+    * ``_step_supports_amp_scaling`` is True only where every group runs torch's fused kernel by request
+      (``impl="fused"`` with SGD, Adam, AdamW or Adagrad), as only torch's ``fused=True`` optimizers advertise
+      it; otherwise ``torch.amp.GradScaler`` unscales the gradients before ``step``.
 
     Example::
 
@@ -300,12 +498,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         if not isinstance(flat, bool):
             raise TypeError(f"flat must be a bool, got a {type(flat).__name__}")
         self._flat = flat
-        # torch.amp.GradScaler then leaves the gradients scaled and sets self.grad_scale / self.found_inf around
-        # step(): torch's fused kernels unscale and skip without a host sync (other transformations: donated_step)
-        self._step_supports_amp_scaling = True
         self._groups: list[_Group] = []
-        self._view: defaultdict[Tensor, Any] = defaultdict(dict)
-        self._view_stale = True
+        self._live: LiveState = LiveState(self)
+        self._hyperparams = dict(hyperparams)
+        self._key = next(_KEYS)
+        _LIVE_OPTIMIZERS[self._key] = self
         self._factory: _Factory | None
         self._tx: GradientTransformation | None
         if isinstance(tx_or_factory, GradientTransformation):
@@ -321,48 +518,116 @@ class TorchOptimizer(torch.optim.Optimizer):
             if unknown:
                 raise TypeError(f"{self._factory.name} has no hyperparameter {unknown[0]!r}")
             defaults = {**self._factory.defaults, **self._factory.implied, **hyperparams}
+            self._check_defaults(defaults)
         else:
             raise TypeError(f"expected a GradientTransformation or a factory, got a {type(tx_or_factory).__name__}")
         super().__init__(params, defaults)
 
-    # --- torch's state view -----------------------------------------------------------------------------------
+    def _check_defaults(self, defaults: Mapping[str, Any]) -> None:
+        """Validate the hyperparameters before the parameters are looked at, as torch.optim's classes do (a bad
+        ``lr`` is a ValueError even when ``params`` is bad too). Skipped while a required one is missing."""
+        assert self._factory is not None
+        if any(v is required for v in defaults.values()):
+            return
+        kwargs = self._factory.kwargs(defaults, "the optimizer's defaults")
+        _check_betas_kinds(self._factory.torch_class, kwargs, "the optimizer's defaults")
+        if "lr" in kwargs:
+            value = _lr_value(kwargs["lr"], "the optimizer's defaults")
+            check_lr(kwargs["lr"])  # the value as given: torch words its error so
+            kwargs["lr"] = _lr_tensor(value, ())
+        self._factory.fn(**kwargs)
+
+    # --- param groups and torch's state view ----------------------------------------------------------------
 
     @property
-    def state(self) -> defaultdict[Tensor, Any]:
-        """Each parameter's state under torch's key names (the live tensors of the pure states)."""
-        if self._view_stale:
-            self._view.clear()
-            for g in self._groups:
-                per_param, _ = g.layout.export(g.checkpoint_state())
-                for p, entry in zip(g.params, per_param):
-                    if entry:
-                        self._view[p] = entry
-            self._view_stale = False
-        return self._view
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The param groups (torch's list of option dicts)."""
+        return self._param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        # kept under another name so that step() can read it without ``self.param_groups``: under torch.compile,
+        # dynamo treats that attribute of an optimizer specially and guards on every value of every group, the
+        # learning rates included (a recompile when one changes)
+        self._param_groups = value
+
+    @property
+    def state(self) -> LiveState:
+        """Each parameter's state under torch's key names (the live tensors of the pure states) and the keys
+        clients added (see :mod:`pureopt.adapters._live`)."""
+        live = self._live
+        if live.stale:
+            live.sync()
+        return live
 
     @state.setter
-    def state(self, value: defaultdict[Tensor, Any]) -> None:
-        self._view = value  # torch.optim.Optimizer.__init__ assigns an empty dict; the view is rebuilt on read
-        self._view_stale = True
+    def state(self, value: Mapping[Any, Any]) -> None:
+        # torch.optim.Optimizer.__init__ assigns an empty defaultdict; any other mapping is written entry by entry
+        if value is self._live:
+            return
+        self._live.assign_all(list(value.items()))
+
+    def _live_sync(self) -> None:
+        """Refresh every parameter's pure keys in :attr:`state` with the current state's tensors."""
+        for g in self._groups:
+            for ps, entry in zip(g.views, g.entries()):
+                ps.set_pure(entry)
+
+    def _live_write(self, ps: ParamState, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Check and write a client's values for ``ps``'s pure keys; returns the live tensors now under them."""
+        g = self._groups[ps.group]
+        where = f"opt.state[p] of param_groups[{ps.group}]"
+        current = g.entries()[ps.index]
+        checked: dict[str, Tensor] = {}
+        for key, value in values.items():
+            like = current[key]
+            if value is like:
+                continue
+            tensor = as_state_tensor(value, like, f"{where}[{key!r}]")
+            if tensor.dtype != like.dtype or tensor.device != like.device or tensor.stride() != like.stride():
+                tensor = torch.empty_like(like).copy_(tensor.detach())
+            checked[key] = tensor
+        if checked:
+            g.write(ps.index, checked)
+            self._live.stale = True
+        now = g.entries()[ps.index]
+        return {key: now[key] for key in values}
 
     @property
     def opt_states(self) -> list[OptState]:
         """The pure state of each param group (buffers are updated in place by later steps)."""
         return [g.state for g in self._groups]
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether ``torch.amp.GradScaler`` should hand this optimizer scaled gradients (``grad_scale`` /
+        ``found_inf`` set around ``step``), as for torch's ``fused=True`` optimizers: only when every group runs
+        torch's fused kernel by request (``impl="fused"``, an algorithm registered amp-native: SGD, Adam/AdamW,
+        Adagrad). Anything else gets unscaled gradients from GradScaler (which then skips inf steps itself), so
+        that gradient clipping and hooks between ``backward`` and ``step`` see true gradients, as with torch's
+        default optimizers."""
+        if self._factory is None or not self._groups:
+            return False
+        return all(
+            group.get("impl") == "fused" and is_amp_native(g.update)
+            for group, g in zip(self.param_groups, self._groups)
+        )
+
     # --- groups -----------------------------------------------------------------------------------------------
 
-    def _build(self, params: Sequence[Tensor], options: Mapping[str, Any], where: str) -> _Group:
+    def _build(self, listed: Sequence[Tensor], options: Mapping[str, Any], where: str) -> _Group:
         """A group's transformation and initial state (nothing is registered)."""
+        params = _distinct(listed)
         if self._factory is None:
             assert self._tx is not None
             tx, lr, built_with = self._tx, None, {}
         else:
             kwargs = self._factory.kwargs(options, where)
+            _check_betas_kinds(self._factory.torch_class, kwargs, where)
             lr = None
             if "lr" in kwargs:
                 value = _lr_value(kwargs["lr"], where)
-                check_lr(value)
+                check_lr(kwargs["lr"])
                 lr = _lr_tensor(value, params)
                 kwargs["lr"] = lr
             tx = self._factory.fn(**kwargs)
@@ -370,14 +635,15 @@ class TorchOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{self._factory.name} returned a {type(tx).__name__}, not a GradientTransformation")
             built_with = copy.deepcopy({k: v for k, v in kwargs.items() if k != "lr"})
         with torch.no_grad():
-            state = tx.init(tuple(params))
-        return _Group(tuple(params), tx, state, lr, built_with)
+            state = tx.init(params)
+        return _Group(listed, tx, state, lr, built_with)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (torch's semantics); its transformation is built from its options first.
 
-        A group that cannot be built (bad hyperparameters, a parameter already in another group, ...) raises and
-        nothing is added.
+        ``param_group["params"]`` may be any iterable (it is replaced by a list, as torch does). A group that
+        cannot be built (bad hyperparameters, a parameter already in another group, ...) raises and nothing is
+        added.
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
@@ -386,19 +652,25 @@ class TorchOptimizer(torch.optim.Optimizer):
                 "a TorchOptimizer built from a ready transformation has one param group; build it from a factory "
                 "(e.g. TorchOptimizer(params, pureopt.adamw, lr=...)) to use several"
             )
-        params = _extract_params(param_group)
+        listed = _extract_params(param_group)
         existing = {id(p) for group in self.param_groups for p in group["params"]}
-        if any(id(p) in existing for p in params):
+        if any(id(p) in existing for p in listed):
             raise ValueError("some parameters appear in more than one parameter group")
         options = {**self.defaults, **{k: v for k, v in param_group.items() if k not in _RESERVED_KEYS}}
-        group = self._build(params, options, f"param group {len(self.param_groups)}")
+        group = self._build(listed, options, f"param group {len(self.param_groups)}")
         if self._flat:
-            FlatParams.check(params)
-        super().add_param_group(param_group)
+            if len(group.params) != len(listed):
+                raise ValueError("flat=True: a param group lists the same parameter more than once")
+            if group.needs_closure:
+                raise ValueError("flat=True does not apply to L-BFGS, which works on one flat vector already")
+            FlatParams.check(listed)
+        super().add_param_group(param_group)  # torch's checks and warnings; stores the group
         if self._flat:
-            group.make_flat(FlatParams(params))
+            group.make_flat(FlatParams(group.params))
+        index = len(self._groups)
+        group.views = [self._live.register(p, index, i) for i, p in enumerate(group.params)]
         self._groups.append(group)
-        self._view_stale = True
+        self._live.stale = True
 
     def _plan(self, index: int, group: Mapping[str, Any]) -> tuple[GradientTransformation, Any, Any, Any] | None:
         """The rebuild a group needs before stepping (``(tx, built_with, state, layout)``), or None.
@@ -408,16 +680,18 @@ class TorchOptimizer(torch.optim.Optimizer):
         g = self._groups[index]
         where = f"param_groups[{index}]"
         current = group["params"]
-        if len(current) != len(g.params) or any(a is not b for a, b in zip(current, g.params)):
+        if len(current) != len(g.listed) or any(a is not b for a, b in zip(current, g.listed)):
             raise ValueError(f"{where}['params'] was changed; add parameters with add_param_group instead")
         if self._factory is None:
             return None
-        kwargs = self._factory.kwargs(group, where)
-        if "lr" in kwargs:
+        compiling = torch.compiler.is_compiling()  # then lr is read (and checked) by pureopt::refill_lrs
+        kwargs = self._factory.kwargs(group, where, read_lr=not compiling)
+        if "lr" in kwargs and not compiling:
             _lr_value(kwargs["lr"], where)
         options = {k: v for k, v in kwargs.items() if k != "lr"}
         if options.keys() == g.built_with.keys() and all(_same(options[k], g.built_with[k]) for k in options):
             return None
+        _check_betas_kinds(self._factory.torch_class, options, where)
         return self._rebuild(g, kwargs, options)
 
     def _rebuild(
@@ -435,7 +709,11 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _rebuild_eager(
         self, g: _Group, kwargs: dict[str, Any], options: dict[str, Any]
     ) -> tuple[GradientTransformation, Any, Any, Any]:
-        """A group's transformation rebuilt from new options, and its state carried over (nothing is changed)."""
+        """A group's transformation rebuilt from new options, and its state carried over (nothing is changed).
+
+        A field the new state keeps and the old did not takes the tensor a client put under its key in
+        ``opt.state[p]`` (torch's optimizers would use it), if one is there and fits; else its initial value.
+        """
         assert self._factory is not None
         if "lr" in kwargs:
             assert g.lr is not None
@@ -447,7 +725,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             fresh = tx.init(g.params)
         layout = StateLayout(fresh, len(g.params))
-        return tx, built_with, migrate(g.layout, g.state, layout, fresh), layout
+        per_param, globals_ = g.layout.export(g.checkpoint_state())
+        for i, ps in enumerate(g.views):  # clients' tensors under keys only the new state keeps
+            for key, value in ps.extras().items():
+                if isinstance(value, Tensor) and key in layout.param_keys[i] and key not in per_param[i]:
+                    per_param[i] = {**per_param[i], key: value}
+        return tx, built_with, migrate_entries(per_param, globals_, layout, fresh), layout
 
     @staticmethod
     def _same_layout(tx: GradientTransformation, g: _Group) -> bool:
@@ -469,37 +752,65 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     # --- stepping ---------------------------------------------------------------------------------------------
 
+    def _lr_values(self) -> list[float | Tensor]:
+        """Each lr-taking group's ``param_groups[i]["lr"]``, checked (torch's wording)."""
+        values: list[float | Tensor] = []
+        for i, (group, g) in enumerate(zip(self.param_groups, self._groups)):
+            if g.lr is not None:
+                values.append(_lr_value(group["lr"], f"param_groups[{i}]"))
+        return values
+
+    def _refill_lrs(self) -> None:
+        """Copy ``param_groups[i]["lr"]`` into the lr tensors the groups' transformations read."""
+        lrs = [g.lr for g in self._groups if g.lr is not None]
+        if not lrs:
+            return
+        if torch.compiler.is_compiling():
+            torch.ops.pureopt.refill_lrs(lrs, self._key)
+            return
+        with torch.no_grad():
+            for target, value in zip(lrs, self._lr_values()):
+                _fill_lr(target, value)
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimization step over every group; ``closure`` (re-evaluates the loss) is called first.
 
-        Returns the closure's loss (``None`` without a closure).
+        L-BFGS also calls the closure at every re-evaluation of its step (as ``torch.optim.LBFGS``); other
+        algorithms call it once. Returns the closure's first loss (``None`` without a closure).
         """
+        if closure is None and any(g.needs_closure for g in self._groups):
+            raise ValueError(
+                "L-BFGS re-evaluates the objective during its step: call step(closure), with a closure that clears "
+                "the gradients, computes the loss, calls backward() and returns the loss (as for torch.optim.LBFGS)"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._plan(i, group) for i, group in enumerate(self.param_groups)]
-        for group, g, plan in zip(self.param_groups, self._groups, plans):
+        plans = [self._plan(i, group) for i, group in enumerate(self._param_groups)]
+        for g, plan in zip(self._groups, plans):
             if plan is not None:
                 tx, g.built_with, state, layout = plan
                 g.set(tx, state, layout)
-            grads = [p.grad for p in g.params]
-            if all(x is None for x in grads):
-                continue
-            if g.lr is not None:
-                lr = group["lr"]
-                g.lr.fill_(lr.reshape(()) if isinstance(lr, Tensor) else lr)
-            # set by torch.amp.GradScaler around step() (see _step_supports_amp_scaling)
-            grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-            if g.flat is not None:
-                g.flat.step(grads, {"grad_scale": grad_scale, "found_inf": found_inf})
-                continue
-            # the structure is flattened here rather than cached: torch.compile traces optree's Python-level
-            # flattening but cannot call methods of a PyTreeSpec built outside the traced region
-            spec = _tree.flatten(g.params)[1]
-            ctx = UpdateContext(spec, donate=True, apply=True, grad_scale=grad_scale, found_inf=found_inf)
-            g._state = donated_step(g.update, grads, g._state, list(g.params), ctx)
-        self._view_stale = True
+        self._refill_lrs()
+        # set by torch.amp.GradScaler around step() (see _step_supports_amp_scaling)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for g in self._groups:
+            for grads in g.passes():
+                if all(x is None for x in grads):
+                    continue
+                if g.flat is not None:
+                    g.flat.step(grads, {"grad_scale": grad_scale, "found_inf": found_inf})
+                    continue
+                # the structure is flattened here rather than cached: torch.compile traces optree's Python-level
+                # flattening but cannot call methods of a PyTreeSpec built outside the traced region
+                spec = _tree.flatten(g.params)[1]
+                ctx = UpdateContext(spec, donate=True, apply=True, grad_scale=grad_scale, found_inf=found_inf)
+                if g.needs_closure and closure is not None:
+                    g._state = _closure_step(g, grads, ctx.but(extra_args=_closure_args(g, closure, loss)))
+                else:
+                    g._state = donated_step(g.update, grads, g._state, list(g.params), ctx)
+        self._live.stale = True
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -520,28 +831,43 @@ class TorchOptimizer(torch.optim.Optimizer):
         return self._factory.name if self._factory is not None else "transform"
 
     def state_dict(self) -> dict[str, Any]:
-        """The state in torch.optim's format (``{"state": {id: {key: tensor}}, "param_groups": [...]}``).
+        """The state in torch.optim's format (``{"state": {id: {key: value}}, "param_groups": [...]}``).
 
-        Per-parameter entries use torch's key names and exist for parameters that took a step; the ``"pureopt"``
-        entry keeps the global state (``num_updates`` counters), the factory's name and the state's record
-        types. The tensors are the live state's own (``torch.save`` copies them). State-dict hooks run as in
-        torch.optim.
+        Per-parameter entries use torch's key names and exist for parameters that took a step, plus the entries
+        clients added to ``opt.state[p]`` (any value, as torch saves them); state clients keep under other keys
+        is saved under those keys, as torch does. Parameter ids are torch's: a parameter listed twice in a group
+        has one id. The ``"pureopt"`` entry keeps the global state (``num_updates`` counters), the factory's
+        name, the state's record types and which keys are the clients'. The tensors are the live state's own
+        (``torch.save`` copies them). State-dict hooks run as in torch.optim.
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        packed_state: dict[int, dict[str, Tensor]] = {}
+        self.state  # noqa: B018 - refreshes the live view
+        packed_state: dict[Any, dict[str, Any]] = {}
         packed_groups: list[dict[str, Any]] = []
         records: list[dict[str, Any]] = []
         start = 0
         for group, g in zip(self.param_groups, self._groups):
-            ids = list(range(start, start + len(g.params)))
+            # torch's numbering: positions in the list, a parameter listed twice gets its last position's
+            id_of = {id(p): start + k for k, p in enumerate(g.listed)}
+            ids = [id_of[id(p)] for p in g.params]
             packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = ids
+            packed["params"] = [id_of[id(p)] for p in g.listed]
             packed_groups.append(packed)
             entries, globals_ = checkpoint_entries(g.layout, g.checkpoint_state())
-            packed_state.update({ids[i]: entry for i, entry in entries.items()})
-            records.append(group_record(self._kind, g.layout, globals_))
-            start += len(g.params)
+            extras: dict[str, list[str]] = {}
+            for i, ps in enumerate(g.views):
+                own = ps.extras()
+                if own:
+                    entries[i] = {**entries.get(i, {}), **own}
+                    extras[str(i)] = [str(k) for k in own]
+            packed_state.update({ids[i]: entries[i] for i in sorted(entries)})
+            record = group_record(self._kind, g.layout, globals_)
+            if extras:
+                record["extras"] = extras
+            records.append(record)
+            start += len(g.listed)
+        packed_state.update(self._live.others())
         state_dict: dict[str, Any] = {
             "state": packed_state,
             "param_groups": packed_groups,
@@ -560,8 +886,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         is matched to parameters by position. Before anything changes, every group is rebuilt from its saved
         options and the state is checked: number of groups and parameters, the optimizer kind (the saved state
         keys, the ``"pureopt"`` record, and for torch checkpoints the torch class's options), shapes and kinds
-        of dtype. On any mismatch a ValueError is raised and the optimizer is left exactly as it was. Loaded
-        values are copied into new buffers on the parameters' devices. Load hooks run as in torch.optim.
+        of dtype. A saved group without an option torch added later (``maximize``, ``foreach``, ...) gets
+        torch's value for it. Entries a client had added to ``opt.state[p]`` are loaded back there (tensors cast
+        as torch does), and state under keys that are not parameter ids is kept as is. On any mismatch a
+        ValueError is raised and the optimizer is left exactly as it was. Loaded values are copied into new
+        buffers on the parameters' devices. Load hooks run as in torch.optim.
         """
         state_dict = dict(state_dict)  # shallow copy, as torch
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -589,33 +918,49 @@ class TorchOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"the checkpoint's {PUREOPT_KEY!r} section is malformed")
         owner: dict[Any, tuple[int, int]] = {}
         for gi, saved in enumerate(saved_groups):
-            for li, pid in enumerate(saved["params"]):
-                if pid in owner:
-                    raise ValueError(f"loaded state dict lists parameter id {pid!r} in more than one place")
-                owner[pid] = (gi, li)
-        stray = [k for k in saved_state if k not in owner]
+            g = self._groups[gi]
+            index_of = {id(p): i for i, p in enumerate(g.params)}
+            for pid, p in zip(saved["params"], g.listed):
+                place = (gi, index_of[id(p)])
+                if owner.setdefault(pid, place) != place:
+                    raise ValueError(f"loaded state dict lists parameter id {pid!r} for two different parameters")
+        stray = [k for k in saved_state if k not in owner and isinstance(k, int)]
         if stray:
             raise ValueError(f"loaded state dict has state for parameter id {stray[0]!r}, which no group lists")
+        others = {k: v for k, v in saved_state.items() if k not in owner}
         entries: list[dict[int, Any]] = [{} for _ in saved_groups]
         for pid, entry in saved_state.items():
-            gi, li = owner[pid]
-            entries[gi][li] = entry
+            if pid in owner:
+                gi, li = owner[pid]
+                entries[gi][li] = entry
 
         new_groups: list[dict[str, Any]] = []
         new_runtime: list[_Group] = []
+        new_extras: list[list[dict[str, Any]]] = []
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"param group {gi}"
             options = self._loaded_options(saved, group, where)
             try:
-                g = self._build(group["params"], options, f"{where} of the checkpoint")
+                g = self._build(self._groups[gi].listed, options, f"{where} of the checkpoint")
             except (TypeError, ValueError) as e:  # the factory rejects the saved options
                 message = str(e) if str(e).startswith(where) else f"{where} of the checkpoint: {e}"
                 raise ValueError(message) from e
             globals_ = None
+            declared = None
             if records is not None:
                 kind = self._factory.name if self._factory is not None else None
                 globals_ = check_group_record(records[gi], kind, g.layout, where)
-            g._state = load_entries(g.layout, g.state, entries[gi], globals_, where, param_label=list(saved["params"]))
+                declared = _declared_extras(records[gi], where)
+            ids_of = _first_ids(saved["params"], g.listed, g.params)
+            g._state, extras = load_entries_with_extras(
+                g.layout,
+                g.state,
+                entries[gi],
+                globals_,
+                where,
+                param_label=ids_of,
+                extra_key=_extra_key_rule(declared, g.layout),
+            )
             current = self._groups[gi].flat
             if current is not None:
                 g.make_flat(current.flat)  # new flat state buffers over the same flat parameters
@@ -627,10 +972,28 @@ class TorchOptimizer(torch.optim.Optimizer):
                 new_group["param_names"] = group["param_names"]
             new_groups.append(new_group)
             new_runtime.append(g)
+            new_extras.append(
+                [
+                    {
+                        k: torch.optim.Optimizer._process_value_according_to_param_policy(p, v, ids_of[i], [], k)
+                        if isinstance(v, Tensor)
+                        else copy.deepcopy(v)
+                        for k, v in extras.get(i, {}).items()
+                    }
+                    for i, p in enumerate(g.params)
+                ]
+            )
         # everything checked and built: commit
         self.param_groups = new_groups
+        for gi, (old, g) in enumerate(zip(self._groups, new_runtime)):
+            g.views = old.views
+            for ps, extras_ in zip(g.views, new_extras[gi]):
+                ps.set_extras(extras_)
         self._groups = new_runtime
-        self._view_stale = True
+        self._live.clear_others()
+        for key, value in others.items():
+            self._live[key] = value
+        self._live.stale = True
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -638,17 +1001,24 @@ class TorchOptimizer(torch.optim.Optimizer):
         """A group's options after loading ``saved`` over ``group``: torch's rule (saved options win), checked.
 
         A hyperparameter of the factory that the checkpoint lacks (pureopt's own, such as ``impl``, in a torch
-        checkpoint) keeps its current value, unless it is one of the torch counterpart's options: then the
-        checkpoint is from another optimizer. Other options only the current group has are dropped, as in torch.
+        checkpoint) keeps its current value, unless it is one of the torch counterpart's options: then it gets
+        the value torch's ``__setstate__`` gives it when torch added it later (``maximize``, ``foreach``,
+        ``decoupled_weight_decay``, ...), and otherwise the checkpoint is from another optimizer. Other options
+        only the current group has are dropped, as in torch.
         """
         options = {k: copy.deepcopy(v) for k, v in saved.items() if k not in _RESERVED_KEYS}
         if self._factory is None:
             return options
         factory = self._factory
+        filled = _torch_filled_options(factory.torch_class) if factory.torch_class is not None else {}
+        filled = {**_TORCH_READ_WITH_DEFAULT.get(factory.torch_class or "", {}), **filled}
         for key, value in group.items():
             if key in _RESERVED_KEYS or key in options:
                 continue
             if factory.torch_keys is not None and key in factory.torch_keys:
+                if key in filled:
+                    options[key] = copy.deepcopy(filled[key])
+                    continue
                 raise ValueError(
                     f"{where} of the checkpoint has no {key!r}, an option of torch.optim.{factory.torch_class}: "
                     f"it was saved by a different optimizer than {factory.name}"
@@ -660,11 +1030,129 @@ class TorchOptimizer(torch.optim.Optimizer):
                 options[key] = value
         return options
 
+    # --- copies -----------------------------------------------------------------------------------------------
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Everything a copy is rebuilt from (see :meth:`__setstate__`)."""
+        self.state  # noqa: B018 - refreshes the live view
+        return {
+            "tx_or_factory": self._tx if self._factory is None else self._factory.fn,
+            "flat": self._flat,
+            "hyperparams": self._hyperparams,
+            "param_groups": [dict(group) for group in self.param_groups],
+            "states": [g.checkpoint_state() for g in self._groups],
+            "extras": [[ps.extras() for ps in g.views] for g in self._groups],
+            "others": self._live.others(),
+        }
+
     def __getstate__(self) -> dict[str, Any]:
-        raise TypeError(
-            "a TorchOptimizer cannot be pickled or deep-copied (its transformations hold closures over its "
-            "buffers); save and load its state_dict() instead"
-        )
+        """What ``pickle`` stores: the factory (by reference) or the transformation, the param groups, the pure
+        states and the clients' entries. A transformation or factory that pickle cannot store (closures of a
+        hand-built transformation, a lambda) is a TypeError saying so."""
+        what = self._tx if self._factory is None else self._factory.fn
+        try:
+            pickle.dumps(what)
+        except Exception as e:
+            kind = "transformation" if self._factory is None else f"factory {self._factory.name!r}"
+            raise TypeError(
+                f"cannot pickle this TorchOptimizer: pickle stores functions by reference, and its {kind} cannot be "
+                f"stored so ({type(e).__name__}: {e}). Build it from a module-level factory "
+                "(TorchOptimizer(params, pureopt.adamw, lr=...)), or save its state_dict() instead"
+            ) from None
+        return self._snapshot()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild from :meth:`__getstate__`'s dict: the groups' transformations are built again from the factory,
+        the pure states and clients' entries are put back. Hooks are not kept (as with torch.optim)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a group listing a parameter twice warned when it was first built
+            TorchOptimizer.__init__(
+                self,
+                [dict(group) for group in state["param_groups"]],
+                state["tx_or_factory"],
+                flat=state["flat"],
+                **state["hyperparams"],
+            )
+        for g, saved, extras in zip(self._groups, state["states"], state["extras"]):
+            g.layout.leaves(saved)  # same structure as a fresh state (raises otherwise)
+            g.set(g.tx, saved, g.layout)
+            for ps, own in zip(g.views, extras):
+                ps.set_extras(own)
+        for key, value in state["others"].items():
+            self._live[key] = value
+        self._live.stale = True
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TorchOptimizer:
+        """An independent optimizer over deep copies of the parameters, with a copy of the state (torch's
+        optimizers deep-copy the same way). A hand-built transformation is shared: it holds no state."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self._snapshot(), memo))
+        return new
 
     def __repr__(self) -> str:
         return super().__repr__().replace(type(self).__name__ + " (", f"{type(self).__name__}[{self._kind}] (", 1)
+
+
+# --- helpers for load_state_dict and step(closure) ---------------------------------------------------------------
+
+
+def _first_ids(saved_ids: Sequence[Any], listed: Sequence[Tensor], params: Sequence[Tensor]) -> list[Any]:
+    """The checkpoint's id of each distinct parameter (its first listing)."""
+    first: dict[int, Any] = {}
+    for pid, p in zip(saved_ids, listed):
+        first.setdefault(id(p), pid)
+    return [first[id(p)] for p in params]
+
+
+def _declared_extras(record: Mapping[str, Any], where: str) -> dict[int, frozenset[str]]:
+    """The clients' keys a pureopt checkpoint declares, by local parameter index."""
+    raw = record.get("extras", {})
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: the checkpoint's {PUREOPT_KEY!r} section is malformed")
+    return {int(i): frozenset(keys) for i, keys in raw.items()}
+
+
+def _extra_key_rule(declared: Mapping[int, frozenset[str]] | None, layout: StateLayout) -> Callable[[int, Any], bool]:
+    """Whether a key of a loaded per-parameter entry that this optimizer does not keep is a client's entry.
+
+    A pureopt checkpoint says which keys are its clients'; for a torch checkpoint, any key that is not one of
+    torch.optim's own state keys (nor a dotted path ending in one) is.
+    """
+    del layout
+    if declared is not None:
+        return lambda i, key: str(key) in declared.get(i, frozenset())
+    return lambda i, key: not (isinstance(key, str) and key.split(".")[-1] in _TORCH_STATE_KEYS)
+
+
+def _closure_args(g: _Group, closure: Callable[[], Any], loss: Any) -> dict[str, Any]:
+    """``update``'s keyword arguments for a step with a closure: the first loss and a ``value_fn`` that evaluates
+    the objective at trial parameters through the closure (L-BFGS's re-evaluations; other algorithms ignore it).
+    """
+    params = g.params
+
+    def value_fn(trial: Any) -> tuple[Any, tuple[Tensor | None, ...]]:
+        with torch.no_grad():
+            for p, t in zip(params, _tree.leaves(trial)):
+                if t is not p:
+                    p.copy_(t)
+        with torch.enable_grad():
+            value = closure()
+        return value, tuple(p.grad for p in params)
+
+    return {"value_fn": value_fn, "loss": loss}
+
+
+def _closure_step(g: _Group, grads: list[Tensor | None], ctx: UpdateContext) -> OptState:
+    """A donated step whose update evaluates the closure at other points (L-BFGS): the update works on copies of
+    the parameters (its ``value_fn`` moves the real ones to each trial point), then the parameters are set to
+    the copies plus the updates."""
+    params = list(g.params)
+    with torch.no_grad():
+        start = [p.detach().clone() for p in params]
+        updates, new_state = g.update(grads, g._state, start, ctx.but(apply=False))
+        for p, s in zip(params, start):
+            p.copy_(s)
+        if updates is not None:
+            add_inplace(params, updates)
+    return new_state

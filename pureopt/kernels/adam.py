@@ -75,7 +75,10 @@ def adam(
     parameters, else gradients are unscaled out of place and a set ``found_inf`` skips the step (host sync).
     """
     apply = apply and donate and params is not None
-    plan = _fused.fused_plan([*grads, *(params or [])], exp_avgs) if impl in ("auto", "fused") else None
+    plan = None
+    if impl in ("auto", "fused"):
+        more = [exp_avg_sqs, *([max_exp_avg_sqs] if amsgrad and max_exp_avg_sqs is not None else [])]
+        plan = _fused.fused_plan([*grads, *(params or [])], exp_avgs, *more, impl=impl)
     path = choose_impl(impl, grads, fused_available=plan is not None)
     amp = grad_scale is not None or found_inf is not None
     if amp and not (path == "fused" and apply and _fused.same_dtypes(params, exp_avgs)):  # not torch's own call

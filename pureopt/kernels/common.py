@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from pureopt.kernels.listops import LOOP, ListOps, Scratch, ScratchOps
+from pureopt.kernels.materialize import materialize_when_compiling
 
 __all__ = [
     "scalar_dtype",
@@ -98,7 +99,7 @@ def map_scalars_n(
         if not keep_dtype:
             work = dtype or scalar_dtype(dev)
             stacked = [s.to(work) for s in stacked]
-        results = fn(*stacked)
+        results = materialize_when_compiling(tuple(fn(*stacked)))  # once per step, not per vector (compiled)
         numbers = {k: results[k].tolist() for k in on_host_idx}
         like_dtypes = {t.dtype for t in like} if like is not None else set()
         if len(like_dtypes) == 1:  # one cast per output vector instead of one per value

@@ -31,6 +31,7 @@ from pureopt.kernels.select import functorch_active
 __all__ = [
     "FUSED_DEVICES",
     "fused_plan",
+    "layout_problem",
     "group_indices",
     "fused_lr",
     "zeros_like_all",
@@ -52,32 +53,141 @@ FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_CONTIGUOUS = Tensor.is_contiguous
 
 
-def fused_plan(inputs: Sequence[Tensor], state: Sequence[Tensor]) -> Plan | None:
+def fused_plan(
+    inputs: Sequence[Tensor],
+    state: Sequence[Tensor],
+    *more_state: Sequence[Tensor],
+    impl: str = "auto",
+) -> Plan | None:
     """How to run a fused kernel over these tensors, or ``None`` if torch's fused kernels can't take them.
 
-    Legal when no torch.func transform is active, nothing is being differentiated, the ``inputs`` (gradients and
-    parameters, which come from the caller) are plain strided tensors, and the ``state`` tensors (created by
-    pureopt, one per gradient, in the dtype the kernel computes in) are real floating point on a device with
-    fused kernels. The plan groups the indices by the state's (device, dtype), using torch's C++ grouping, so
-    the per-step cost is a few checks per tensor rather than a Python loop over properties.
+    ``inputs`` are the gradients, followed by the parameters where the kernel reads them (``[*grads, *params]``);
+    ``state`` and each of ``more_state`` hold one state tensor per gradient (``state`` in the dtype the kernel
+    computes in). Legal when no torch.func transform is active, nothing is being differentiated, the inputs are
+    plain strided tensors, the state is real floating point on a device with fused kernels, and every tensor has
+    a memory layout the kernels handle (:func:`layout_problem`). With ``impl="fused"`` a refusal for a reason in
+    the tensors themselves raises a RuntimeError that names it; otherwise (and for the reasons in the context:
+    transforms, differentiation, compiling) the result is ``None`` and :func:`pureopt.kernels.select.choose_impl`
+    takes another path or raises.
+
+    The plan groups the indices by the state's (device, dtype), using torch's C++ grouping. The per-step cost is
+    a few attribute checks per tensor: the common case (everything contiguous) is one pass; only a step with a
+    non-contiguous tensor pays for the full layout analysis.
     """
     if not state or functorch_active() or _select._DIFFERENTIATING[0]:
         return None
     if torch.compiler.is_compiling():
         return None  # the fused ops have no fake-tensor/functionalization support: foreach traces (and fuses)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        _refuse(impl, "autograd records the update (a gradient or parameter requires grad and grad mode is on)")
         return None
-    if not all(type(t) in _PLAIN and t.layout == torch.strided for t in inputs):
-        return None
+    plain = all(type(t) in _PLAIN and t.layout == torch.strided for t in inputs)
+    contiguous = _CONTIGUOUS
+    if not (
+        plain
+        and all(map(contiguous, inputs))
+        and all(map(contiguous, state))
+        and all(all(map(contiguous, s)) for s in more_state)
+    ):
+        problem = layout_problem(inputs, [state, *more_state])
+        if problem is not None:
+            _refuse(impl, problem)
+            return None
     groups = torch._C._group_tensors_by_device_and_dtype([list(state)], True)
     plan: Plan = []
     for (device, dtype), (_, indices) in groups.items():
         if not dtype.is_floating_point or device.type not in FUSED_DEVICES:
+            i = indices[0]
+            kind = "complex" if dtype.is_complex else str(dtype)
+            where = f"on {device.type}" if dtype.is_floating_point else f"of dtype {kind}"
+            _refuse(
+                impl, f"the state of tensor {i} is {where} (torch's fused kernels take real floating point tensors "
+                f"on {', '.join(FUSED_DEVICES)})"
+            )  # fmt: skip
             return None
         plan.append(list(indices))
     return plan
+
+
+def _refuse(impl: str, problem: str) -> None:
+    """With an explicit ``impl="fused"``, raise a RuntimeError naming ``problem``; otherwise nothing."""
+    if impl == "fused":
+        raise RuntimeError(
+            f"impl='fused' is not available for these tensors: {problem}; use impl='auto' (which then takes the "
+            "foreach or per-tensor path), 'foreach' or 'loop'"
+        )
+
+
+def _roles(inputs: Sequence[Tensor], n: int) -> list[tuple[str, Sequence[Tensor]]]:
+    """``inputs`` (``[*grads]`` or ``[*grads, *params]``) cut into named lists of ``n`` tensors."""
+    names = ("gradient", "parameter")
+    return [(names[min(k, 1)], inputs[k * n : (k + 1) * n]) for k in range(len(inputs) // n)]
+
+
+def layout_problem(inputs: Sequence[Tensor], states: Sequence[Sequence[Tensor]]) -> str | None:
+    """Why torch's fused kernels would compute wrong numbers (or fail) on these tensors; ``None`` if they can take
+    them.
+
+    torch's fused kernels walk each tensor's memory from its first element as one dense vector, pairing the
+    ``k``-th element in memory of the parameter with the ``k``-th of its gradient and state (the CPU kernels do
+    not look at strides; the multi-tensor CUDA kernels assume one layout too). So every tensor must be a plain strided
+    tensor that is non-overlapping and dense (contiguous, or a permutation of it such as channels_last; any
+    storage offset), and the tensors of one parameter must share its shape and strides. Refused, e.g.: a strided
+    view with gaps (strides ``(10, 2)``), an expanded gradient (stride 0), a channels_last parameter with a
+    contiguous gradient or state. ``inputs`` is ``[*grads]`` or ``[*grads, *params]``; each of ``states`` has one
+    tensor per gradient. The message names the tensor (its index in the step) and what is wrong with it.
+    """
+    n = len(states[0]) if states else len(inputs)
+    if n == 0:
+        return None
+    lists = [*_roles(inputs, n), *(("state", s) for s in states)]
+    for role, tensors in lists:
+        for i, t in enumerate(tensors):
+            if type(t) not in _PLAIN:
+                return f"the {role} of tensor {i} is a {type(t).__name__}, not a plain torch.Tensor"
+            if t.layout != torch.strided:
+                return f"the {role} of tensor {i} has layout {t.layout}, not torch.strided"
+            if not _dense(t):
+                return (
+                    f"the {role} of tensor {i} is not dense in memory (shape {tuple(t.shape)}, strides "
+                    f"{t.stride()}: a view with gaps, overlapping or expanded elements)"
+                )
+    _, first = lists[0]
+    for i in range(n):
+        ref = first[i]
+        for role, tensors in lists[1:]:
+            t = tensors[i]
+            if t.shape != ref.shape:
+                return f"the {role} of tensor {i} has shape {tuple(t.shape)} but its gradient {tuple(ref.shape)}"
+            if not _same_strides(t, ref):
+                return (
+                    f"the {role} of tensor {i} has strides {t.stride()} but its gradient {ref.stride()} (the same "
+                    "memory layout, e.g. both contiguous or both channels_last, is needed)"
+                )
+    return None
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill a block of memory exactly once (non-overlapping and dense), in any order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted((s for s in zip(t.shape, t.stride()) if s[0] != 1), key=lambda s: s[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_strides(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape lay their elements out in the same memory order (strides of size-1
+    dimensions do not matter)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    return all(x == y for size, x, y in zip(a.shape, a.stride(), b.stride()) if size != 1)
 
 
 def group_indices(keys: Sequence[Any]) -> dict[Any, list[int]]:

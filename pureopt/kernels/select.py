@@ -14,6 +14,7 @@ __all__ = [
     "check_impl",
     "functorch_active",
     "choose_impl",
+    "foreach_problem",
     "differentiating",
     "autograd_recording",
     "mark_differentiating",
@@ -101,12 +102,35 @@ def _foreach_legal(tensors: Sequence[Tensor]) -> bool:
     return all(type(t) in _PLAIN_TYPES and t.layout == torch.strided for t in tensors)
 
 
+def foreach_problem(tensors: Sequence[Tensor]) -> str | None:
+    """Why the ``_foreach_*`` path cannot run on ``tensors`` (``None`` if it can), for error messages.
+
+    torch's foreach ops take any strided memory layout (they fall back to per-tensor kernels where their fast path
+    needs one layout), so only the context (transforms, autograd) and the tensor types matter.
+    """
+    if functorch_active():
+        return "a torch.func transform is active"
+    if _DIFFERENTIATING[0]:
+        return "the update is being differentiated (a parameter, state or hyperparameter requires grad)"
+    for i, t in enumerate(tensors):
+        if type(t) not in _PLAIN_TYPES:
+            return f"tensor {i} is a {type(t).__name__}, not a plain torch.Tensor"
+        if t.layout != torch.strided:
+            return f"tensor {i} has layout {t.layout}, not torch.strided"
+    if torch.is_grad_enabled():
+        for i, t in enumerate(tensors):
+            if t.requires_grad:
+                return f"autograd records the update (tensor {i} requires grad and grad mode is on)"
+    return None
+
+
 def choose_impl(impl: str, tensors: Sequence[Tensor], *, fused_available: bool = False) -> str:
     """Resolve ``impl`` to ``"fused"``, ``"foreach"`` or ``"loop"`` for ``tensors``.
 
     ``"auto"`` takes the fused path when ``fused_available`` (the caller made a fused plan, see
-    :func:`pureopt.kernels.fused.fused_plan`, which checks legality), else foreach where legal, else the per-tensor
-    loop. An explicit request that is not legal for these tensors raises a clear error.
+    :func:`pureopt.kernels.fused.fused_plan`, which checks legality, memory layouts included), else foreach where
+    legal, else the per-tensor loop. An explicit request that is not legal for these tensors raises a clear error
+    that names the reason.
     """
     if impl == "loop" or not tensors:
         return "loop"
@@ -116,13 +140,7 @@ def choose_impl(impl: str, tensors: Sequence[Tensor], *, fused_available: bool =
     if impl == "auto":
         return "foreach" if legal else "loop"
     if not legal:
-        reason = (
-            "a torch.func transform is active"
-            if functorch_active()
-            else "the update is being differentiated"
-            if _DIFFERENTIATING[0]
-            else "the update is being differentiated or the tensors are not plain strided tensors"
-        )
+        reason = foreach_problem(tensors) or "these tensors cannot take it"
         raise RuntimeError(f"impl={impl!r} cannot run here because {reason}; use impl='auto' or impl='loop'")
     if impl == "fused" and not fused_available:
         raise RuntimeError("impl='fused' is not available for this algorithm and these tensors")

@@ -94,7 +94,7 @@ def sgd(
     plan = None
     ref = momentum_buffers if momentum_buffers is not None and momentum != 0 else grads
     if impl in ("auto", "fused") and (momentum == 0 or dampening == 0):
-        plan = _fused.fused_plan([*grads, *(params or [])], ref)
+        plan = _fused.fused_plan([*grads, *(params or [])], ref, impl=impl)
     path = choose_impl(impl, grads, fused_available=plan is not None)
     amp = grad_scale is not None or found_inf is not None
     if amp and not (path == "fused" and apply and _fused.same_dtypes(params, ref)):  # not torch's own call
