@@ -17,21 +17,15 @@ gradients (``p.grad``) are only read.
 ``opt.state`` is live (:mod:`pureopt.adapters._live`): its tensors are the pure state's, writes to them reach the
 pure state (checked first), and keys a client adds are kept and saved. Under ``torch.compile`` the learning rates
 are refilled by one opaque custom op (``pureopt::refill_lrs``) that reads ``param_groups`` when the graph runs, so
-that a changed lr neither recompiles nor is lost (see :func:`_refill_lrs_op`).
+that a changed lr neither recompiles nor is lost (see :mod:`pureopt.adapters._lr`).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
-import itertools
 import pickle
 import warnings
-import weakref
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from numbers import Number
 from typing import Any
 
 import torch
@@ -40,8 +34,19 @@ from torch.optim.optimizer import required
 
 from pureopt import tree as _tree
 from pureopt.adapters._amp import donated_step
-from pureopt.adapters._flat import FlatParams, FlatState
+from pureopt.adapters._factory import (
+    _RESERVED_KEYS,
+    _TORCH_READ_WITH_DEFAULT,
+    TORCH_COUNTERPARTS,
+    _check_betas_kinds,
+    _Factory,
+    _same,
+    _torch_filled_options,
+)
+from pureopt.adapters._flat import FlatParams
+from pureopt.adapters._groups import _distinct, _extract_params, _Group
 from pureopt.adapters._live import LiveState, ParamState
+from pureopt.adapters._lr import _KEYS, _LIVE_OPTIMIZERS, _fill_lr, _lr_tensor, _lr_value
 from pureopt.adapters._state import (
     FORMAT_VERSION,
     PUREOPT_KEY,
@@ -53,378 +58,11 @@ from pureopt.adapters._state import (
     load_entries_with_extras,
     migrate_entries,
 )
-from pureopt.base import GradientTransformation, OptState, UpdateContext, add_inplace, as_leaf_update
+from pureopt.base import GradientTransformation, OptState, UpdateContext, add_inplace
 from pureopt.hyperparams import check_lr
 from pureopt.kernels.fused import is_amp_native
 
 __all__ = ["TorchOptimizer", "TORCH_COUNTERPARTS"]
-
-TORCH_COUNTERPARTS: dict[str, str] = {
-    "pureopt.optimizers.sgd.sgd": "SGD",
-    "pureopt.optimizers.adam.adam": "Adam",
-    "pureopt.optimizers.adam.adamw": "AdamW",
-    "pureopt.optimizers.adagrad.adagrad": "Adagrad",
-    "pureopt.optimizers.adadelta.adadelta": "Adadelta",
-    "pureopt.optimizers.adafactor.adafactor": "Adafactor",
-    "pureopt.optimizers.adamax.adamax": "Adamax",
-    "pureopt.optimizers.asgd.asgd": "ASGD",
-    "pureopt.optimizers.nadam.nadam": "NAdam",
-    "pureopt.optimizers.radam.radam": "RAdam",
-    "pureopt.optimizers.rmsprop.rmsprop": "RMSprop",
-    "pureopt.optimizers.rprop.rprop": "Rprop",
-    "pureopt.optimizers.muon.muon": "Muon",
-    "pureopt.optimizers.sparse_adam.sparse_adam": "SparseAdam",
-}
-"""pureopt factory (``module.name``) -> the torch.optim class whose checkpoints it reads and writes.
-
-Used to check torch checkpoints (a hyperparameter of the torch class missing from a saved group means the
-checkpoint is from another optimizer) and to add the torch class's fixed options to the param groups (AdamW's
-``decoupled_weight_decay=True``), so that torch.optim loads pureopt's checkpoints with the right algorithm."""
-
-# torch.optim's implementation switches: they do not change the numbers, so they are neither passed to the factory
-# nor required to match
-_TORCH_IMPL_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable"})
-_RESERVED_KEYS = frozenset({"params", "param_names"})
-
-
-def _qualname(factory: Callable[..., Any]) -> str:
-    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__name__', type(factory).__name__)}"
-
-
-@functools.cache
-def _torch_defaults(class_name: str) -> dict[str, Any] | None:
-    """The default param-group options of ``torch.optim.<class_name>`` (None if it cannot be built here)."""
-    cls = getattr(torch.optim, class_name, None)
-    if cls is None:
-        return None
-    try:
-        dummy = torch.zeros(1, 1, requires_grad=True)
-        return dict(cls([dummy]).defaults)
-    except Exception:  # a torch without this class's defaults, or one that needs other arguments
-        return None
-
-
-@functools.cache
-def _torch_filled_options(class_name: str) -> dict[str, Any]:
-    """The options ``torch.optim.<class_name>.__setstate__`` fills in when a saved param group lacks them.
-
-    These are the options torch added after the class first shipped (``maximize``, ``foreach``, ``capturable``,
-    ``differentiable``, ``fused``, ``decoupled_weight_decay``, ...): torch loads an older checkpoint without them
-    by giving them these values. Found by asking torch: each option is removed from a group in turn and the
-    class's ``__setstate__`` is run on it.
-    """
-    cls = getattr(torch.optim, class_name, None)
-    defaults = _torch_defaults(class_name)
-    if cls is None or defaults is None:
-        return {}
-    filled: dict[str, Any] = {}
-    for key in defaults:
-        try:
-            probe = cls([torch.zeros(1, 1, requires_grad=True)])
-            group = {k: v for k, v in probe.param_groups[0].items() if k != key}
-            probe.__setstate__({"defaults": probe.defaults, "state": probe.state, "param_groups": [group]})
-        except Exception:  # __setstate__ needs the option: not one torch fills in
-            continue
-        if key in probe.param_groups[0]:
-            filled[key] = probe.param_groups[0][key]
-    return filled
-
-
-# options a torch class's step reads with a default (``group.get(key, default)``) instead of filling them in
-# ``__setstate__``: a checkpoint without them loads and steps in torch with that default
-_TORCH_READ_WITH_DEFAULT: dict[str, dict[str, Any]] = {"SparseAdam": {"maximize": False}}
-
-# torch state keys of torch.optim's classes: a torch checkpoint's per-parameter key among these that this optimizer
-# does not keep means the checkpoint is from another optimizer; any other key is a client's entry, kept as such
-_TORCH_STATE_KEYS = frozenset(
-    {
-        "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum",
-        "exp_inf", "eta", "mu", "ax", "prev", "step_size", "mu_product", "grad_avg", "row_var", "col_var",
-        "variance", "func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad",
-        "prev_loss", "al",
-    }
-)  # fmt: skip
-
-
-def _check_betas_kinds(torch_class: str | None, options: Mapping[str, Any], where: str) -> None:
-    """torch.optim.Adam/AdamW refuse betas that mix floats and tensors (torch's wording)."""
-    betas = options.get("betas")
-    if torch_class not in ("Adam", "AdamW") or not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        return
-    if not (
-        (isinstance(betas[0], float) and isinstance(betas[1], float))
-        or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
-    ):
-        raise ValueError("betas must be either both floats or both Tensors")
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Whether two hyperparameter values are equal (tensors by value, tuples and lists alike)."""
-    if a is b:
-        return True
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
-            return False
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu()))
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
-
-
-class _Factory:
-    """What TorchOptimizer knows about the transformation factory: its hyperparameters and torch counterpart."""
-
-    def __init__(self, factory: Callable[..., GradientTransformation]) -> None:
-        self.fn = factory
-        self.name: str = getattr(factory, "__name__", type(factory).__name__)
-        try:
-            signature = inspect.signature(factory)
-        except (TypeError, ValueError):
-            raise TypeError(f"cannot read the hyperparameters of {self.name}: pass a transformation instead") from None
-        self.accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
-        self.defaults: dict[str, Any] = {}
-        for name, p in signature.parameters.items():
-            if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-                continue
-            self.defaults[name] = required if p.default is inspect.Parameter.empty else p.default
-        self.torch_class = TORCH_COUNTERPARTS.get(_qualname(factory))
-        torch_defaults = _torch_defaults(self.torch_class) if self.torch_class is not None else None
-        self.torch_keys: frozenset[str] | None = None
-        self.implied: dict[str, Any] = {}
-        if torch_defaults is not None:
-            self.torch_keys = frozenset(k for k in torch_defaults if k not in _TORCH_IMPL_KEYS)
-            self.implied = {k: v for k, v in torch_defaults.items() if k in self.torch_keys and k not in self.defaults}
-
-    def accepts(self, key: str) -> bool:
-        return key in self.defaults or (self.accepts_any and key not in _RESERVED_KEYS and key not in self.implied)
-
-    def kwargs(self, group: Mapping[str, Any], where: str, read_lr: bool = True) -> dict[str, Any]:
-        """The factory's keyword arguments from a group's options (``lr`` included, as given); checks fixed options.
-
-        ``read_lr=False`` leaves ``group["lr"]`` unread (``None`` in its place): inside a compiled step, reading the
-        float would make dynamo guard on its value.
-        """
-        for key, value in self.implied.items():
-            if key in group and not _same(group[key], value):
-                raise ValueError(
-                    f"{where}: {self.name} is torch.optim.{self.torch_class} with {key}={value!r}, "
-                    f"but the group has {key}={group[key]!r}"
-                )
-        kwargs = {
-            k: group[k] if read_lr or k != "lr" else None
-            for k in group.keys()
-            if self.accepts(k) and k not in _RESERVED_KEYS
-        }
-        for key, default in self.defaults.items():
-            if default is required and kwargs.get(key, required) is required:
-                raise ValueError(f"parameter group didn't specify a value of required optimization parameter {key}")
-        return kwargs
-
-
-class _Group:
-    """A param group's transformation and pure state (over flat buffers with ``flat=True``).
-
-    ``params`` are the group's distinct parameters (the pure state is over them); ``listed`` is the group's list as
-    torch keeps it, where a parameter may appear more than once (torch warns, and its per-parameter loop then steps
-    such a parameter once per listing, sharing its state: :meth:`passes` reproduces that).
-    """
-
-    def __init__(
-        self,
-        listed: Sequence[Tensor],
-        tx: GradientTransformation,
-        state: OptState,
-        lr: Tensor | None,
-        built_with: dict[str, Any],
-    ) -> None:
-        self.listed = tuple(listed)
-        self.params = _distinct(listed)
-        counts = Counter(id(p) for p in listed)
-        self.multiplicity = [counts[id(p)] for p in self.params]
-        self.tx = tx
-        self.update: Any = as_leaf_update(tx)  # the leaf-level update function
-        self._state = state
-        self.layout = StateLayout(state, len(self.params))
-        self.lr = lr  # the 0-d tensor the factory got as ``lr`` (None for a plain transformation)
-        self.built_with = built_with  # the factory arguments other than lr the transformation was built from
-        self.flat: FlatState | None = None
-        self._export_of: Any = None  # the state object :meth:`entries` was computed from
-        self._export: list[dict[str, Tensor]] = []
-        self.views: list[ParamState] = []  # each parameter's entry of TorchOptimizer.state
-        self.needs_closure = "LBFGSState" in self.layout.types  # re-evaluates the objective inside its update
-
-    @property
-    def state(self) -> OptState:
-        """The per-parameter pure state (with ``flat=True``: views of the flat buffers)."""
-        return self.flat.per_param() if self.flat is not None else self._state
-
-    def checkpoint_state(self) -> OptState:
-        """The state to export: as :attr:`state`, with no 0-d tensor shared between parameters."""
-        return self.flat.checkpoint_state() if self.flat is not None else self._state
-
-    def entries(self) -> list[dict[str, Tensor]]:
-        """Each parameter's ``{torch_key: tensor}`` of the current state (cached until the state changes)."""
-        state = self.checkpoint_state()
-        if state is not self._export_of:
-            self._export = self.layout.export(state)[0]
-            self._export_of = state
-        return self._export
-
-    def set(self, tx: GradientTransformation, state: OptState, layout: StateLayout) -> None:
-        """Switch to ``tx`` with a per-parameter ``state`` (copied into the flat buffers with ``flat=True``)."""
-        self.tx, self.update, self.layout = tx, as_leaf_update(tx), layout
-        if self.flat is not None:
-            self.flat = FlatState(self.flat.flat, tx, state)
-        else:
-            self._state = state
-
-    def make_flat(self, flat: FlatParams) -> None:
-        """Move the state into flat buffers over ``flat`` (the group's parameters, already re-pointed)."""
-        self.flat = FlatState(flat, self.tx, self._state)
-        self._state = None
-
-    def write(self, index: int, values: Mapping[str, Tensor]) -> None:
-        """Put checked values into parameter ``index``'s state (``{torch_key: tensor}``, shapes and dtypes as the
-        current leaves'). Without ``flat`` the tensors become the state's leaves; with ``flat``, parameter-shaped
-        values are copied into the flat buffers and anything else rebuilds the flat state around them."""
-        keys = self.layout.param_keys[index]
-        if self.flat is None:
-            leaves = self.layout.leaves(self._state)
-            for key, value in values.items():
-                leaves[keys[key]] = value
-            self._state = self.layout.spec.unflatten(leaves)
-            return
-        current = self.layout.leaves(self.flat.per_param())
-        rebuild = {}
-        with torch.no_grad():
-            for key, value in values.items():
-                leaf = current[keys[key]]
-                if leaf.dim() > 0 and leaf._is_view():  # a view of a flat buffer: write through it
-                    leaf.copy_(value)
-                else:
-                    rebuild[key] = value
-        if rebuild:
-            leaves = self.layout.leaves(self.flat.checkpoint_state())
-            for key, value in rebuild.items():
-                leaves[keys[key]] = value
-            self.flat = FlatState(self.flat.flat, self.tx, self.layout.spec.unflatten(leaves))
-
-    def passes(self) -> list[list[Tensor | None]]:
-        """The gradients of each pass of a step: one pass, or one per listing of the most-listed parameter."""
-        grads = [p.grad for p in self.params]
-        rounds = max(self.multiplicity, default=1)
-        if rounds == 1:
-            return [grads]
-        return [[g if m > r else None for g, m in zip(grads, self.multiplicity)] for r in range(rounds)]
-
-
-def _distinct(tensors: Iterable[Tensor]) -> tuple[Tensor, ...]:
-    """``tensors`` without repeats, in first-seen order."""
-    seen: set[int] = set()
-    out = []
-    for t in tensors:
-        if id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return tuple(out)
-
-
-def _lr_value(value: Any, where: str) -> float | Tensor:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        return value
-    if isinstance(value, Number) and not isinstance(value, bool):
-        return float(value)  # type: ignore[arg-type]
-    raise TypeError(
-        f"{where}: lr must be a number or a 1-element tensor, got a {type(value).__name__} "
-        "(use torch.optim.lr_scheduler to schedule it)"
-    )
-
-
-def _lr_tensor(value: float | Tensor, params: Sequence[Tensor]) -> Tensor:
-    """The 0-d tensor a group's transformation reads its learning rate from, on the parameters' device.
-
-    float64 on CPU (a Python float's precision: torch's CPU fused kernels then give the same bits as with a float
-    lr); float32 elsewhere, the only dtype torch's CUDA fused kernels read a tensor lr in.
-    """
-    device = params[0].device if params else torch.device("cpu")
-    dtype = torch.float64 if device.type == "cpu" else torch.float32
-    out = torch.zeros((), dtype=dtype, device=device)
-    with torch.no_grad():
-        out.fill_(value.reshape(()) if isinstance(value, Tensor) else value)
-    return out
-
-
-def _extract_params(param_group: dict[str, Any]) -> list[Tensor]:
-    """The tensors of a param group as ``add_param_group`` will store them (torch's rules and wording).
-
-    As torch does, ``param_group["params"]`` is replaced by a list first, so that an iterator (``model.parameters()``,
-    ``named_parameters()``) is consumed once, here, and torch's own ``add_param_group`` sees the same parameters.
-    A parameter listed twice is allowed (torch warns when the group is added).
-    """
-    params = param_group["params"]
-    if isinstance(params, Tensor):
-        items: list[Any] = [params]
-    elif isinstance(params, set):
-        raise TypeError(
-            "optimizer parameters need to be organized in ordered collections, but "
-            "the ordering of tensors in sets will change between runs. Please use a list instead."
-        )
-    else:
-        items = list(params)
-    param_group["params"] = items
-    tensors = [item[1] if isinstance(item, tuple) else item for item in items]
-    for t in tensors:
-        if not isinstance(t, Tensor):
-            raise TypeError("optimizer can only optimize Tensors, but one of the params is " + torch.typename(t))
-        if not (t.is_leaf or t.retains_grad):
-            raise ValueError("can't optimize a non-leaf Tensor")
-    return tensors
-
-
-# --- torch.compile: the learning rates, refilled when the graph runs --------------------------------------------
-
-_LIVE_OPTIMIZERS: weakref.WeakValueDictionary[int, TorchOptimizer] = weakref.WeakValueDictionary()
-_KEYS = itertools.count()
-
-
-@torch.library.custom_op("pureopt::refill_lrs", mutates_args=("lrs",))
-def _refill_lrs_op(lrs: list[Tensor], key: int) -> None:
-    """Fill each group's lr tensor from ``param_groups[i]["lr"]`` of the optimizer registered under ``key``.
-
-    Why an opaque op: inside a compiled ``step``, reading the Python float makes dynamo guard on its value (one
-    recompile per lr change), and writing it into the group's 0-d float64 CPU lr tensor is lost altogether:
-    dynamo gives such a tensor an ``item()`` symbol (it is how it represents unspecialized Python floats), the
-    float-tensorify pass then fails on that symbol, specializes it and restarts the analysis, and the restarted
-    graph treats the tensor's value as that constant — the in-place refill disappears and the first lr is applied
-    for ever (SGD ended 12% off after 6 steps, AdamW 43%). Read here, at run time, the float never enters the
-    graph; ``mutates_args`` orders the write before every read of the lr tensors.
-    """
-    owner = _LIVE_OPTIMIZERS.get(key)
-    if owner is None:
-        raise RuntimeError("pureopt::refill_lrs: the TorchOptimizer this graph was compiled for is gone")
-    values = owner._lr_values()
-    if len(values) != len(lrs):
-        raise RuntimeError("pureopt::refill_lrs: the optimizer's param groups changed since the graph was compiled")
-    with torch.no_grad():
-        for target, value in zip(lrs, values):
-            _fill_lr(target, value)
-
-
-@_refill_lrs_op.register_fake
-def _refill_lrs_fake(lrs: list[Tensor], key: int) -> None:
-    del lrs, key
-
-
-def _fill_lr(target: Tensor, value: float | Tensor) -> None:
-    if isinstance(value, Tensor):
-        target.copy_(value.detach().reshape(()))
-    else:
-        target.fill_(value)
 
 
 class TorchOptimizer(torch.optim.Optimizer):
@@ -1111,6 +749,18 @@ def _declared_extras(record: Mapping[str, Any], where: str) -> dict[int, frozens
     if not isinstance(raw, Mapping):
         raise ValueError(f"{where}: the checkpoint's {PUREOPT_KEY!r} section is malformed")
     return {int(i): frozenset(keys) for i, keys in raw.items()}
+
+
+# torch state keys of torch.optim's classes: a torch checkpoint's per-parameter key among these that this optimizer
+# does not keep means the checkpoint is from another optimizer; any other key is a client's entry, kept as such
+_TORCH_STATE_KEYS = frozenset(
+    {
+        "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum",
+        "exp_inf", "eta", "mu", "ax", "prev", "step_size", "mu_product", "grad_avg", "row_var", "col_var",
+        "variance", "func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad",
+        "prev_loss", "al",
+    }
+)  # fmt: skip
 
 
 def _extra_key_rule(declared: Mapping[int, frozenset[str]] | None, layout: StateLayout) -> Callable[[int, Any], bool]:
