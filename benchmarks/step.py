@@ -15,6 +15,11 @@ Implementations:
   pureopt-flat-gather                        the same with gradients in their own tensors (one gather copy)
   pureopt-graph / torch-fused-graph          (--device cuda) the donated step / torch's fused step captured once
                                              in a torch.cuda.CUDAGraph and replayed (lr a device tensor)
+  pureopt-compiled                           (--compiled) pureopt-pure under torch.compile(fullgraph=True) (inductor),
+                                             lr a 0-d tensor; the first call's time is reported as compile_s
+  pureopt-compiled-flat                      (--compiled) the same for pureopt.flatten(tx): one vector per group
+  torch-compiled                             (--compiled with torch-compiled in --compiled-rows) torch.optim's
+                                             foreach step under torch.compile, lr a tensor (torch's recipe)
 
 On CUDA (``--device cuda``) each timing is CUDA events around ``--inner`` back-to-back steps of one
 implementation (so launch-bound steps are timed as they run in a training loop, without a host sync per step),
@@ -27,6 +32,7 @@ the memory-bandwidth bound (bytes the algorithm must move per step / measured co
     python benchmarks/step.py --quick              # small sizes, a few rounds: a smoke run
     python benchmarks/step.py --algos all --json benchmarks/results/latest.json
     python benchmarks/step.py --device cuda --json benchmarks/results/latest-cuda.json
+    python benchmarks/step.py --compiled --sets small,medium --algos adamw --json benchmarks/results/compiled.json
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ import math
 import os
 import platform
 import random
+import signal
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,13 +97,17 @@ DEFAULT_ALGOS = ["sgd", "adam", "adamw", "adagrad"]
 
 
 def param_shapes(name: str, scale: float = 1.0) -> list[tuple[int, ...]]:
-    """The parameter sets: few large tensors, a GPT-like model, many small tensors."""
+    """The parameter sets: few large tensors, a GPT-like model (and a small one), many small tensors."""
     if name == "large":  # 10 tensors, 10M params
         return [(int(1_000_000 * scale),)] * 10
     if name == "medium":  # 196 tensors, ~10M params, shaped like a 16-layer transformer
         d = max(8, int(224 * math.sqrt(scale)))
         layer = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
         return [(1000, d), (256, d)] + layer * 16 + [(d,), (d,)]
+    if name == "small":  # 100 tensors, ~1M params, shaped like an 8-layer transformer
+        d = max(8, int(96 * math.sqrt(scale)))
+        layer = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+        return [(512, d), (128, d)] + layer * 8 + [(d,), (d,)]
     if name == "many-small":  # 2000 tensors of 1k params
         return [(int(1000 * scale),)] * 2000
     raise ValueError(f"unknown parameter set {name!r}")
@@ -214,6 +226,106 @@ def build_runners(algo: Algo, shapes: list[tuple[int, ...]]) -> dict[str, Callab
     return runners
 
 
+COMPILED_ROWS = ("pureopt-compiled", "pureopt-compiled-flat", "torch-compiled")
+
+
+class CompileTimeout(Exception):
+    """A first call (the cold compile) ran past ``--compile-timeout``."""
+
+
+def cold_call(fn: Callable[[], None], timeout: float) -> float:
+    """Seconds taken by the first call of ``fn`` (a compile), in a fresh inductor cache directory so that nothing
+    compiled before is reused; raises :class:`CompileTimeout` after ``timeout`` seconds (SIGALRM; CPU runs only)."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pureopt-bench-inductor-")
+
+    def expire(signum: int, frame: Any) -> None:
+        raise CompileTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def compiled_runners(
+    algo: Algo, shapes: list[tuple[int, ...]], grads_data: list[torch.Tensor], wanted: list[str], timeout: float
+) -> tuple[dict[str, Callable[[], None]], dict[str, float], dict[str, str]]:
+    """The ``--compiled`` rows, each already past its first call: (runners, compile seconds, failures)."""
+    runners: dict[str, Callable[[], None]] = {}
+    compile_s: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    module, fn = algo.factory.split(":")
+    factory = getattr(importlib.import_module(module), fn)
+
+    def pure_compiled(flat: bool) -> Callable[[], None]:
+        lr = torch.tensor(float(algo.kwargs["lr"]), dtype=torch.float64, device=DEVICE)
+        tx = factory(impl="auto", **{**algo.kwargs, "lr": lr})
+        if flat:
+            tx = pureopt.flatten(tx)
+        params = {str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))}
+        grads = {str(i): g.clone() for i, g in enumerate(grads_data)}
+        holder = {"params": params, "state": tx.init(params)}
+
+        @torch.compile(fullgraph=True)
+        def compiled(grads: Any, state: Any, params: Any) -> Any:
+            updates, state = tx.update(grads, state, params)
+            return pureopt.apply_updates(params, updates), state
+
+        def run() -> None:
+            holder["params"], holder["state"] = compiled(grads, holder["state"], holder["params"])
+
+        return run
+
+    def torch_compiled() -> Callable[[], None]:
+        # torch's recipe (tutorials: "Compiling the optimizer"): lr a tensor so that a scheduler does not recompile;
+        # torch.optim refuses a tensor lr with foreach=True unless capturable=True (its device check is skipped
+        # while compiling, so this also runs on the CPU)
+        ps = [p.requires_grad_(True) for p in make_tensors(shapes, seed=0)]
+        for p, g in zip(ps, grads_data):
+            p.grad = g.clone()
+        lr = torch.tensor(float(algo.kwargs["lr"]), device=DEVICE)
+        cls = getattr(torch.optim, str(algo.torch_cls))
+        opt = cls(ps, **{**algo.kwargs, "lr": lr}, foreach=True, capturable=True)
+
+        @torch.compile(fullgraph=False)
+        def run() -> None:
+            opt.step()
+
+        return run
+
+    makers: dict[str, Callable[[], Callable[[], None]]] = {
+        "pureopt-compiled": lambda: pure_compiled(False),
+        "pureopt-compiled-flat": lambda: pure_compiled(True),
+    }
+    if algo.torch_cls is not None:
+        makers["torch-compiled"] = torch_compiled
+    for label in wanted:
+        if label not in makers:
+            continue
+        run = makers[label]()
+        try:
+            compile_s[label] = cold_call(run, timeout)
+            runners[label] = run
+        except Exception as exc:  # report, keep the other rows
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, CompileTimeout):  # inductor wraps what it raises
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                failed[label] = f"did not finish in {timeout:.0f} s"
+            else:
+                failed[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            torch._dynamo.reset()
+        print(f"  {label} {algo.name}: first call (compile) " + (f"{compile_s[label]:.1f} s" if label in compile_s
+              else failed[label]), flush=True)  # fmt: skip
+    return runners, compile_s, failed
+
+
 def _capture(step: Callable[[], None]) -> Callable[[], None]:
     """``step`` warmed up on a side stream, captured in a CUDA graph; returns the graph's replay."""
     side = torch.cuda.Stream()
@@ -278,11 +390,26 @@ def time_once(fn: Callable[[], None], inner: int) -> float:
 
 
 def bench(
-    algo: Algo, set_name: str, scale: float, rounds: int, warmup: int, bandwidth: float, inner: int = 1
+    algo: Algo,
+    set_name: str,
+    scale: float,
+    rounds: int,
+    warmup: int,
+    bandwidth: float,
+    inner: int = 1,
+    compiled: list[str] | None = None,
+    compile_timeout: float = 240.0,
 ) -> list[dict[str, Any]]:
     shapes = param_shapes(set_name, scale)
     n_params = sum(math.prod(s) for s in shapes)
     runners = build_runners(algo, shapes)
+    compile_s: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    if compiled:
+        extra, compile_s, failed = compiled_runners(
+            algo, shapes, make_tensors(shapes, seed=1), compiled, compile_timeout
+        )
+        runners.update(extra)
     times: dict[str, list[float]] = {k: [] for k in runners}
     rng = random.Random(0)
     for r in range(warmup + rounds):
@@ -293,6 +420,7 @@ def bench(
             if r >= warmup:
                 times[label].append(elapsed)
     medians = {k: statistics.median(v) for k, v in times.items()}
+    quartiles = {k: statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3 for k, v in times.items()}
     torch_best = min((v for k, v in medians.items() if k.startswith("torch")), default=float("nan"))
     bound = algo.bytes_per_param(4) * n_params / bandwidth
     rows = []
@@ -310,6 +438,25 @@ def bench(
                 "median_ms": t * 1e3,
                 "ratio_to_torch_best": t / torch_best,
                 "bandwidth_fraction": bound / t,
+                "p25_ms": quartiles[label][0] * 1e3,
+                "p75_ms": quartiles[label][2] * 1e3,
+            }
+        )
+        if label in compile_s:
+            rows[-1]["compile_s"] = compile_s[label]
+    for label, why in failed.items():
+        rows.append(
+            {
+                "set": set_name,
+                "tensors": len(shapes),
+                "params": n_params,
+                "algo": algo.name,
+                "impl": label,
+                "median_ms": None,
+                "ratio_to_torch_best": None,
+                "bandwidth_fraction": None,
+                "compile_s": None,
+                "error": why,
             }
         )
     return rows
@@ -329,7 +476,7 @@ def machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", default="large,medium,many-small")
+    parser.add_argument("--sets", default="large,medium,many-small", help="also: small")
     parser.add_argument("--algos", default=",".join(DEFAULT_ALGOS), help="comma list, or 'all'")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -338,7 +485,27 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--inner", type=int, default=10, help="(cuda) steps per timed measurement")
+    parser.add_argument("--compiled", action="store_true", help="add the torch.compile rows (inductor)")
+    parser.add_argument(
+        "--compiled-rows",
+        default="pureopt-compiled,pureopt-compiled-flat",
+        help=f"with --compiled: comma list of {', '.join(COMPILED_ROWS)}",
+    )
+    parser.add_argument("--compile-timeout", type=float, default=240.0, help="seconds allowed for one cold compile")
+    parser.add_argument(
+        "--no-materialize",
+        action="store_true",
+        help="the compiled step as before issue 17's fix: per-tensor scalars not passed through pureopt::materialize",
+    )
     args = parser.parse_args()
+    if args.no_materialize:
+        import pureopt.kernels.common as common
+
+        common.materialize_when_compiling = lambda values: values  # type: ignore[assignment]
+    compiled = [r for r in args.compiled_rows.split(",") if r] if args.compiled else None
+    for r in compiled or ():
+        if r not in COMPILED_ROWS:
+            parser.error(f"unknown compiled row {r!r}")
     global DEVICE
     DEVICE = torch.device(args.device)
     if args.quick:
@@ -359,14 +526,21 @@ def main() -> None:
             algo = ALGOS[key]
             try:
                 inner = args.inner if DEVICE.type == "cuda" else 1
-                rows = bench(algo, set_name, args.scale, args.rounds, args.warmup, bandwidth, inner)
+                rows = bench(
+                    algo, set_name, args.scale, args.rounds, args.warmup, bandwidth, inner, compiled,
+                    args.compile_timeout,
+                )  # fmt: skip
             except (ImportError, AttributeError) as exc:  # an algorithm this checkout does not have yet
                 print(f"{set_name:<11} {algo.name:<13} skipped: {exc}")
                 continue
             for row in rows:
+                if "error" in row:
+                    print(f"{row['set']:<11} {row['algo']:<13} {row['impl']:<20} {row['error']}")
+                    continue
                 print(
                     f"{row['set']:<11} {row['algo']:<13} {row['impl']:<20} {row['median_ms']:9.2f} "
                     f"{row['ratio_to_torch_best']:13.2f} {row['bandwidth_fraction']:12.0%}"
+                    + (f"  (compile {row['compile_s']:.1f} s)" if row.get("compile_s") is not None else "")
                 )
             results.extend(rows)
     if args.json:

@@ -26,6 +26,11 @@ torch reads ``step``, ``||p||`` and ``||U||`` back to the host with ``.item()``;
 reductions are per tensor on every path (as in torch's foreach implementation); the elementwise work runs
 through ``ListOps``.
 
+DTensor parameters (FSDP2): the factors are DTensors placed like the parameter except along the dimension they
+reduce (:func:`pureopt.kernels.dtensor.zeros_reduced`: a factor over a sharded dimension is replicated), the
+reductions are DTensor ops (exact across shards: a row mean over a sharded dimension is a sum over the size), and
+the norms come back as plain 0-d tensors (one all-reduce each) to be stacked with the step counts.
+
 Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018.
 """
 
@@ -37,6 +42,7 @@ import torch
 from torch import Tensor
 
 from pureopt.kernels.common import cast_like, map_scalars_n, scalar_dtype, scalars_for
+from pureopt.kernels.dtensor import as_plain_scalar, is_dtensor, like_placed
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.nadam import autograd_recording
 from pureopt.kernels.select import choose_impl
@@ -152,7 +158,7 @@ def adafactor(
 
     if rparams is not None and lr is not None:
         param_rms = [
-            torch.linalg.vector_norm(p).to(scalar_dtype(s.device)) / (max(p.numel(), 1) ** 0.5)
+            as_plain_scalar(torch.linalg.vector_norm(p)).to(scalar_dtype(s.device)) / (max(p.numel(), 1) ** 0.5)
             for p, s in zip(rparams, new_steps)
         ]
     else:
@@ -173,13 +179,18 @@ def adafactor(
             # mean(g * g) over a dim, formed as torch forms it: ||g||^2 / size
             row_mean = torch.linalg.vector_norm(gi, 2, dim=-1, keepdim=True).square().div(gi.size(-1))
             col_mean = torch.linalg.vector_norm(gi, 2, dim=-2, keepdim=True).square().div(gi.size(-2))
+            if sharded := is_dtensor(gi):  # placed as the factors are (reductions over sharded dims are exact)
+                row_mean, col_mean = like_placed(row_mean, row_vars[i]), like_placed(col_mean, col_vars[i])
             if donate:
                 row, col = row_vars[i].lerp_(row_mean, w), col_vars[i].lerp_(col_mean, w)
             else:
                 row, col = torch.lerp(row_vars[i], row_mean, w), torch.lerp(col_vars[i], col_mean, w)
+                row, col = like_placed(row, row_vars[i]), like_placed(col, col_vars[i])
             new_rows[i], new_cols[i] = row, col
             est = row @ col
-            estimates.append(est / row.mean(dim=-2, keepdim=True).clamp_min(e1))
+            # a DTensor's mean over a sharded dimension as a sum (exact for uneven shards) over the size
+            row_avg = row.sum(dim=-2, keepdim=True) / row.size(-2) if sharded else row.mean(dim=-2, keepdim=True)
+            estimates.append(est / row_avg.clamp_min(e1))
         else:
             sq = gi * gi
             var = variances[i].lerp_(sq, w) if donate else torch.lerp(variances[i], sq, w)
@@ -197,7 +208,7 @@ def adafactor(
     u = ops.mul_list(_rsqrt(ops, clamped, inplace=tmp), g, inplace=tmp)
 
     u_rms = [
-        torch.linalg.vector_norm(x).to(scalar_dtype(s.device)) / ((max(x.numel(), 1) ** 0.5) * d)
+        as_plain_scalar(torch.linalg.vector_norm(x)).to(scalar_dtype(s.device)) / ((max(x.numel(), 1) ** 0.5) * d)
         for x, s in zip(u, new_steps)
     ]
     if lr is None:
@@ -216,4 +227,6 @@ def adafactor(
                 updates = ops.add(updates, ops.mul(rparams, decays), inplace=tmp)  # type: ignore[arg-type]
             else:
                 updates = ops.add(updates, rparams, alpha=decay, inplace=tmp)  # type: ignore[arg-type]
+    if any(map(is_dtensor, grads)):  # DTensor ops may place an update otherwise (a product with a replicated factor)
+        updates = [like_placed(u, g0) for u, g0 in zip(updates, grads)]
     return AdafactorResult(updates, new_steps, new_rows, new_cols, new_vars)

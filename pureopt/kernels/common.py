@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pureopt.kernels.dtensor import is_dtensor
 from pureopt.kernels.listops import LOOP, ListOps, Scratch, ScratchOps
 from pureopt.kernels.materialize import materialize_when_compiling
 
@@ -399,7 +400,7 @@ def elementwise(
         return tuple(body(ops, *columns))
     ref = next(c for c in columns if c is not None)
     scratch: Scratch | None = None
-    if not all(t.device.type == "cpu" for t in ref):
+    if not all(t.device.type == "cpu" for t in ref) or any(map(is_dtensor, ref)):  # DTensors are not sliced
         parts: Iterator[tuple[list[Any], int]] = iter([(list(columns), 0)])
     else:
         parts = _chunks(columns, CHUNK_BYTES * chunk_scale, split)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from pureopt.base import GradientTransformation, LeafUpdate
 from pureopt.kernels import select as _select
-from pureopt.kernels.select import functorch_active
+from pureopt.kernels.select import _dtensor_note, functorch_active
 
 __all__ = [
     "FUSED_DEVICES",
@@ -147,7 +147,7 @@ def layout_problem(inputs: Sequence[Tensor], states: Sequence[Sequence[Tensor]])
     for role, tensors in lists:
         for i, t in enumerate(tensors):
             if type(t) not in _PLAIN:
-                return f"the {role} of tensor {i} is a {type(t).__name__}, not a plain torch.Tensor"
+                return f"the {role} of tensor {i} is a {type(t).__name__}, not a plain torch.Tensor{_dtensor_note(t)}"
             if t.layout != torch.strided:
                 return f"the {role} of tensor {i} has layout {t.layout}, not torch.strided"
             if not _dense(t):

@@ -114,7 +114,7 @@ def foreach_problem(tensors: Sequence[Tensor]) -> str | None:
         return "the update is being differentiated (a parameter, state or hyperparameter requires grad)"
     for i, t in enumerate(tensors):
         if type(t) not in _PLAIN_TYPES:
-            return f"tensor {i} is a {type(t).__name__}, not a plain torch.Tensor"
+            return f"tensor {i} is a {type(t).__name__}, not a plain torch.Tensor{_dtensor_note(t)}"
         if t.layout != torch.strided:
             return f"tensor {i} has layout {t.layout}, not torch.strided"
     if torch.is_grad_enabled():
@@ -122,6 +122,17 @@ def foreach_problem(tensors: Sequence[Tensor]) -> str | None:
             if t.requires_grad:
                 return f"autograd records the update (tensor {i} requires grad and grad mode is on)"
     return None
+
+
+def _dtensor_note(t: object) -> str:
+    """For a DTensor, when the fast kernels do run on DTensors (an explanation appended to a refusal)."""
+    if type(t).__name__ != "DTensor":
+        return ""
+    return (
+        " (torch's foreach/fused kernels run on DTensors through their local shards, for elementwise algorithms "
+        "only, and only where each parameter, its gradient and its state are placed alike on one device mesh, "
+        "none of them Partial: see pureopt.kernels.dtensor)"
+    )
 
 
 def choose_impl(impl: str, tensors: Sequence[Tensor], *, fused_available: bool = False) -> str:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from pureopt.base import GradientTransformation, LeafList, UpdateContext, leaf_transformation
+from pureopt.kernels.dtensor import run_on_local_shards
 from pureopt.kernels.select import autograd_recording, differentiating
 from pureopt.tree import PyTreeSpec
 
@@ -116,6 +117,10 @@ def step_init(p: Tensor) -> Tensor:
     return torch.zeros((), dtype=step_dtype(), device=p.device)
 
 
+def _call(step: StepFn, *args: Any) -> Any:
+    return step(*args)
+
+
 def kernel_transform(
     state_type: Callable[..., Any],
     fields: dict[str, LeafInitFn | None],
@@ -164,7 +169,8 @@ def kernel_transform(
         )
         step_ctx = ctx if ctx.segments is None else ctx.but(segments=ctx.segments_of(idx))
         with differentiating(diff):
-            new_updates, new_sub = step(sub_params, sub_grads, sub, state.num_updates, step_ctx)
+            run = run_on_local_shards if elementwise else _call  # DTensors: elementwise math on the local shards
+            new_updates, new_sub = run(step, sub_params, sub_grads, sub, state.num_updates, step_ctx)
         new_fields = {
             name: ctx.spec.unflatten(scatter(full_lists[name], idx, values)) for name, values in new_sub.items()
         }

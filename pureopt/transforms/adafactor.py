@@ -11,6 +11,7 @@ from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import resolve
 from pureopt.kernels.adafactor import adafactor as adafactor_kernel
 from pureopt.kernels.adafactor import is_factored
+from pureopt.kernels.dtensor import zeros_reduced
 from pureopt.kernels.select import check_impl
 from pureopt.transforms._util import LeafInitFn, kernel_transform, step_init
 
@@ -81,13 +82,13 @@ def adafactor_transform(
         p = _real(p)
         if not is_factored(p):
             return ()
-        return torch.zeros((*p.shape[:-1], 1), dtype=state_dtype or p.dtype, device=p.device)
+        return zeros_reduced(p, -1, state_dtype or p.dtype)  # a DTensor for a DTensor parameter
 
     def col_init(p: Tensor) -> Any:
         p = _real(p)
         if not is_factored(p):
             return ()
-        return torch.zeros((*p.shape[:-2], 1, p.shape[-1]), dtype=state_dtype or p.dtype, device=p.device)
+        return zeros_reduced(p, -2, state_dtype or p.dtype)
 
     def var_init(p: Tensor) -> Any:
         p = _real(p)

@@ -1,0 +1,200 @@
+"""Elementwise kernels on the local shards of ``DTensor`` parameters (FSDP2's ``fully_shard``, HSDP, TP).
+
+Under FSDP2 every parameter, gradient and state tensor of a sharded parameter is a ``DTensor``. torch's
+foreach/fused kernels and pureopt's listops would run on them through DTensor's dispatcher (a sharding
+propagation per op and per tensor), and pureopt's kernels mix them with plain 0-d tensors (step counts, per-tensor
+scalars), which DTensor refuses for most ops. An *elementwise* algorithm (see :func:`pureopt.base.is_elementwise`:
+each element of the update and of the new state depends only on the same element of the gradient, parameter and
+state) computes the same numbers on any subset of the elements, so it can run on each rank's local shard:
+
+* :func:`run_on_local_shards` replaces, for the kernel call, every DTensor by its local tensor (the DTensor's own
+  storage, so in-place writes of a donated step land in the DTensor), where every tensor of a parameter (its
+  gradient, the parameter, its non-scalar state) is a DTensor on the same device mesh with the same placements and
+  shape, none of them ``Partial``; 0-d state (step counts) stays plain, as in torch.optim. The kernel then picks
+  fused / foreach / loop on plain tensors as usual.
+* Results are wrapped back: a state tensor the kernel overwrote in place is the caller's DTensor itself; a new one
+  (the pure path) becomes a DTensor placed like the state it replaces, so DCP saves it sharded like its parameter;
+  updates are placed like their gradient.
+
+Nothing converts while a ``torch.func`` transform is active, while autograd records the update, or while
+``torch.compile`` traces (those keep the DTensor path), nor when any parameter's tensors disagree on placement: the
+step then runs on the DTensors themselves, where DTensor's own rules apply. Reductions over a parameter (norms,
+trust ratios) are not elementwise and never take this path: DTensor reduces them across shards.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pureopt.kernels import select as _select
+
+__all__ = [
+    "dtensor_type",
+    "is_dtensor",
+    "run_on_local_shards",
+    "local_shard_problem",
+    "reduced_placements",
+    "zeros_reduced",
+    "as_plain_scalar",
+    "like_placed",
+]
+
+
+def dtensor_type() -> Any:
+    """``torch.distributed.tensor.DTensor`` if it has been imported (no DTensor can exist before), else ``None``."""
+    mod = sys.modules.get("torch.distributed.tensor._api")
+    return None if mod is None else mod.DTensor
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``DTensor``."""
+    cls = dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def _same_placement(a: Any, b: Any) -> bool:
+    """Whether two DTensors are laid out alike: the same mesh, placements and global shape."""
+    return (
+        (a.device_mesh is b.device_mesh or a.device_mesh == b.device_mesh)
+        and (a.placements is b.placements or a.placements == b.placements)
+        and a.shape == b.shape
+    )
+
+
+def local_shard_problem(
+    dtensor: Any, params: Sequence[Any] | None, grads: Sequence[Any], state: Mapping[str, Sequence[Any]]
+) -> str | None:
+    """Why these tensors cannot run on their local shards (``None`` if they can); see the module docstring."""
+    if _select.functorch_active():
+        return "a torch.func transform is active"
+    if _select._DIFFERENTIATING[0]:
+        return "the update is being differentiated"
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing"
+    for i, g in enumerate(grads):
+        sharded = isinstance(g, dtensor)
+        if sharded and any(p.is_partial() for p in g.placements):
+            return f"the gradient of tensor {i} has a Partial placement ({g.placements})"
+        others = [("parameter", params[i])] if params is not None else []
+        others += [(name, values[i]) for name, values in state.items()]
+        for role, t in others:
+            if not isinstance(t, Tensor):
+                continue
+            if isinstance(t, dtensor):
+                if not sharded:
+                    return f"the {role} of tensor {i} is a DTensor but its gradient a plain tensor"
+                if not _same_placement(t, g):
+                    return (
+                        f"the {role} of tensor {i} is placed as {t.placements} on {t.device_mesh} with shape "
+                        f"{tuple(t.shape)}, its gradient as {g.placements} on {g.device_mesh} with shape "
+                        f"{tuple(g.shape)}"
+                    )
+            elif sharded and t.dim() != 0:
+                return (
+                    f"the {role} of tensor {i} is a plain tensor of shape {tuple(t.shape)} but its gradient a DTensor"
+                )
+    return None
+
+
+def _local(t: Any, dtensor: Any) -> Any:
+    return t._local_tensor if isinstance(t, dtensor) else t
+
+
+def _wrap(local: Any, ref: Any, dtensor: Any) -> Any:
+    """``local`` as a DTensor placed like ``ref`` (``ref`` itself where ``local`` is its own local tensor)."""
+    if local is None or not isinstance(ref, dtensor) or isinstance(local, dtensor):
+        return local
+    if local is ref._local_tensor:
+        return ref
+    ref_local = ref._local_tensor
+    if local.stride() == ref_local.stride() or local.numel() == 0:
+        stride = ref.stride()
+    else:  # a new contiguous tensor for a non-contiguous reference: contiguous global strides
+        stride = torch.empty(ref.shape, device="meta").stride()
+    return dtensor.from_local(local, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape, stride=stride)
+
+
+StepResult = tuple[list[Tensor] | None, dict[str, list[Tensor]]]
+
+
+def run_on_local_shards(
+    step: Callable[..., StepResult],
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    state: dict[str, list[Tensor]],
+    *args: Any,
+) -> StepResult:
+    """``step(params, grads, state, *args)`` of an elementwise algorithm, on the local shards of DTensors.
+
+    Where no DTensor is involved, or the tensors cannot run on their local shards (:func:`local_shard_problem`),
+    this is ``step(...)`` itself. Otherwise ``step`` sees plain tensors (each DTensor's local tensor) and its
+    results are wrapped back into DTensors placed like the tensors they replace (see the module docstring).
+    """
+    if torch.compiler.is_compiling():  # traced: the DTensor path (dynamo sees through DTensor ops)
+        return step(params, grads, state, *args)
+    dtensor = dtensor_type()
+    if dtensor is None or not any(isinstance(g, dtensor) for g in grads):
+        return step(params, grads, state, *args)
+    if local_shard_problem(dtensor, params, grads, state) is not None:
+        return step(params, grads, state, *args)
+    local_params = None if params is None else [_local(p, dtensor) for p in params]
+    local_grads = [_local(g, dtensor) for g in grads]
+    local_state = {name: [_local(t, dtensor) for t in values] for name, values in state.items()}
+    updates, new_state = step(local_params, local_grads, local_state, *args)
+    if updates is not None:
+        updates = [_wrap(u, g, dtensor) for u, g in zip(updates, grads)]
+    wrapped = {}
+    for name, values in new_state.items():
+        old = state.get(name)
+        if old is None:  # a field the step adds: placed like the gradients
+            wrapped[name] = [
+                _wrap(t, g, dtensor) if isinstance(t, Tensor) and t.dim() else t for t, g in zip(values, grads)
+            ]
+        else:
+            wrapped[name] = [_wrap(t, o, dtensor) for t, o in zip(values, old)]
+    return updates, wrapped
+
+
+# --- reductions over a parameter (Adafactor's factored moments, norms) -------------------------------------------
+
+
+def reduced_placements(t: Any, dim: int) -> tuple[Any, ...]:
+    """The placements of a reduction of DTensor ``t`` over ``dim`` with ``keepdim=True``: a mesh dimension that
+    shards ``dim`` holds the whole (reduced) result (``Replicate``); the others keep their placement."""
+    from torch.distributed.tensor import Replicate
+
+    dim = dim % t.dim()
+    return tuple(Replicate() if p.is_shard() and p.dim % t.dim() == dim else p for p in t.placements)
+
+
+def zeros_reduced(p: Any, dim: int, dtype: torch.dtype) -> Any:
+    """Zeros shaped like ``p`` with ``dim`` set to 1, as a DTensor placed by :func:`reduced_placements` when ``p``
+    is a DTensor (a plain tensor otherwise)."""
+    shape = list(p.shape)
+    shape[dim] = 1
+    if not is_dtensor(p):
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+    from torch.distributed.tensor import zeros
+
+    return zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=reduced_placements(p, dim))
+
+
+def as_plain_scalar(x: Tensor) -> Tensor:
+    """A 0-d DTensor (a reduction: a norm, a mean) as a plain 0-d tensor holding the value over all shards (an
+    all-reduce where it is partial); a plain tensor is returned as it is."""
+    if is_dtensor(x):
+        return x.full_tensor()  # type: ignore[attr-defined]
+    return x
+
+
+def like_placed(x: Tensor, ref: Any) -> Tensor:
+    """``x`` redistributed to ``ref``'s placements when both are DTensors placed differently (state keeps its
+    placement from step to step); otherwise ``x``."""
+    if is_dtensor(x) and is_dtensor(ref) and tuple(x.placements) != tuple(ref.placements):  # type: ignore[attr-defined]
+        return x.redistribute(ref.device_mesh, ref.placements)  # type: ignore[attr-defined]
+    return x

@@ -1,0 +1,103 @@
+"""Starting real 2-rank gloo process groups on 127.0.0.1 for a test (the pattern of tests/test_adapters_ddp.py).
+
+``launch(module, function, out, *args)`` forks one process per rank from a forkserver that has imported torch,
+torch.distributed and pureopt; each rank joins a gloo group (``tcp://127.0.0.1:<port>``, 60 s timeout), calls
+``module.function(rank, world, out, *args)`` and saves its result under ``out``. A rank that fails or does not
+finish in ``timeout`` seconds fails the test with the ranks' logs; every process is killed at the end. Garbage
+(FSDP/DDP state with reference cycles holding gloo work) is collected before the group is destroyed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib
+import multiprocessing
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+WORLD = 2
+
+_MP = multiprocessing.get_context("forkserver")
+_MP.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.fsdp", "pureopt"])
+
+
+def _result_path(out: Path, function: str, rank: int) -> Path:
+    return out / f"{function}-rank{rank}.pt"
+
+
+def _rank_main(module: str, function: str, rank: int, port: int, out: str, args: tuple[Any, ...], log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        fn = getattr(importlib.import_module(module), function)
+        result = fn(rank, WORLD, Path(out), *args)
+        torch.save(result, _result_path(Path(out), function, rank))
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+
+
+def launch(module: str, function: str, out: Path, *args: Any, timeout: float = 240.0) -> list[Any]:
+    """Run ``module.function(rank, world, out, *args)`` on 2 rank processes; return each rank's result."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    logs = [out / f"{function}-rank{rank}.log" for rank in range(WORLD)]
+    procs = [
+        _MP.Process(
+            target=_rank_main, args=(module, function, rank, port, str(out), args, str(logs[rank])), daemon=True
+        )
+        for rank in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+
+    def logs_text() -> str:
+        return "\n".join(f"--- rank {r} ---\n{_tail(logs[r])}" for r in range(WORLD))
+
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.exitcode is None for p in procs):
+            if any(p.exitcode not in (None, 0) for p in procs):
+                time.sleep(2.0)  # let the other rank report its side, then stop it
+                break
+            if time.monotonic() > deadline:
+                hung = [r for r, p in enumerate(procs) if p.exitcode is None]
+                raise AssertionError(f"rank(s) {hung} of {function} did not finish in {timeout:.0f} s:\n{logs_text()}")
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+            p.join(timeout=30)
+    for rank, p in enumerate(procs):
+        assert p.exitcode == 0, f"rank {rank} of {function} exited with {p.exitcode}:\n{logs_text()}"
+    return [torch.load(_result_path(out, function, rank), weights_only=False) for rank in range(WORLD)]
