@@ -427,14 +427,14 @@ def bench(
     del runners
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
+
+    def row(label: str) -> dict[str, Any]:
+        return {"set": set_name, "tensors": len(shapes), "params": n_params, "algo": algo.name, "impl": label}
+
     for label, t in medians.items():
         rows.append(
             {
-                "set": set_name,
-                "tensors": len(shapes),
-                "params": n_params,
-                "algo": algo.name,
-                "impl": label,
+                **row(label),
                 "median_ms": t * 1e3,
                 "ratio_to_torch_best": t / torch_best,
                 "bandwidth_fraction": bound / t,
@@ -447,11 +447,7 @@ def bench(
     for label, why in failed.items():
         rows.append(
             {
-                "set": set_name,
-                "tensors": len(shapes),
-                "params": n_params,
-                "algo": algo.name,
-                "impl": label,
+                **row(label),
                 "median_ms": None,
                 "ratio_to_torch_best": None,
                 "bandwidth_fraction": None,

@@ -9,6 +9,7 @@ finish in ``timeout`` seconds fails the test with the ranks' logs; every process
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import importlib
@@ -17,6 +18,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,13 @@ def _result_path(out: Path, function: str, rank: int) -> Path:
     return out / f"{function}-rank{rank}.pt"
 
 
-def _rank_main(module: str, function: str, rank: int, port: int, out: str, args: tuple[Any, ...], log: str) -> None:
+@contextlib.contextmanager
+def joined_group(rank: int, port: int, log: str) -> Iterator[None]:
+    """Inside a rank process: output to ``log``, one intra-op thread, a gloo group on 127.0.0.1 (60 s timeout).
+
+    On exit, garbage (DDP reducers and FSDP state sit in reference cycles holding gloo work) is collected while the
+    group is still alive, then the group is destroyed.
+    """
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -48,15 +56,21 @@ def _rank_main(module: str, function: str, rank: int, port: int, out: str, args:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        fn = getattr(importlib.import_module(module), function)
-        result = fn(rank, WORLD, Path(out), *args)
-        torch.save(result, _result_path(Path(out), function, rank))
+        yield
     finally:
         gc.collect()
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def _rank_main(module: str, function: str, rank: int, port: int, out: str, args: tuple[Any, ...], log: str) -> None:
+    with joined_group(rank, port, log):
+        fn = getattr(importlib.import_module(module), function)
+        result = fn(rank, WORLD, Path(out), *args)
+        torch.save(result, _result_path(Path(out), function, rank))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -69,7 +83,7 @@ def _tail(path: Path, n: int = 4000) -> str:
 def launch(module: str, function: str, out: Path, *args: Any, timeout: float = 240.0) -> list[Any]:
     """Run ``module.function(rank, world, out, *args)`` on 2 rank processes; return each rank's result."""
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     logs = [out / f"{function}-rank{rank}.log" for rank in range(WORLD)]
     procs = [
         _MP.Process(

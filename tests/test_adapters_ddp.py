@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import collections
 import copy
-import datetime
-import gc
 import importlib.util
 import multiprocessing
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +28,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from _dist import free_port, joined_group
 from torch import nn
 
 import pureopt
@@ -385,25 +383,9 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {"hooks": _scenario_hooks,
 
 def _rank_main(scenario: str, rank: int, port: int, out: str, args: tuple[str, ...], log: str) -> None:
     """A rank process: its output goes to ``log``; its result is saved under ``out``."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with joined_group(rank, port, log):
         result = SCENARIOS[scenario](rank, WORLD, Path(out), *args)
         torch.save(result, Path(out) / f"{scenario}-{'-'.join(args)}-rank{rank}.pt")
-    finally:
-        gc.collect()  # free DDP reducers (reference cycles) and their gloo work while the group is alive
-        dist.destroy_process_group()
 
 
 # --- the test-process side: launching ranks ---------------------------------------------------------------------
@@ -412,12 +394,6 @@ def _rank_main(scenario: str, rank: int, port: int, out: str, args: tuple[str, .
 # once), so a launch costs no interpreter start-up and no imports.
 _MP = multiprocessing.get_context("forkserver")
 _MP.set_forkserver_preload(["torch", "torch.distributed", "torch.nn.parallel", "pureopt", "pureopt.adapters.ddp"])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tail(path: Path, n: int = 3000) -> str:
@@ -434,7 +410,7 @@ def launch(
     collectives fail or block) and are killed.
     """
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     logs = [out / f"{scenario}-{'-'.join(args)}-rank{rank}.log" for rank in range(WORLD)]
     procs = [
         _MP.Process(target=_rank_main, args=(scenario, rank, port, str(out), args, str(logs[rank])), daemon=True)
@@ -727,7 +703,7 @@ def _torchrun(*args: str, timeout: float = 180.0) -> str:
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         "--monitor-interval",
         "0.1",
         str(ROOT / "examples" / "ddp_train.py"),

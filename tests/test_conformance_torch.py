@@ -505,12 +505,7 @@ def test_checkpoint_without_newer_options_loads_with_defaults(name):
 def test_deepcopy_steps_on_its_own(name):
     """A deep copy (with its parameters, as ``copy.deepcopy`` of a model-and-optimizer object copies them) steps
     like torch's deep copy and leaves the original alone."""
-    params = make_params(name)
-    mine_p, theirs_p = clone_params(params), clone_params(params)
-    mine, theirs = pure_opt(name, list(mine_p.values()), {}), torch_opt(name, list(theirs_p.values()), {})
-    for t in range(2):
-        do_step(name, mine, mine_p, t)
-        do_step(name, theirs, theirs_p, t)
+    mine, mine_p, theirs, theirs_p = run_both(name, {}, make_params(name), steps=2)
     mine_copy, mine_copy_p = copy.deepcopy((mine, mine_p))
     theirs_copy, theirs_copy_p = copy.deepcopy((theirs, theirs_p))
     before = {k: v.detach().clone() for k, v in mine_p.items()}
@@ -535,12 +530,7 @@ def _unstepped_cases() -> list[Any]:
 def test_state_is_saved_only_for_parameters_that_had_a_gradient(name):
     """torch saves state for the parameters it stepped; ``unused`` never has a gradient (SGD with momentum)."""
     kwargs = {"momentum": 0.9} if name == "SGD" else {}
-    params = make_params(name)
-    mine_p, theirs_p = clone_params(params), clone_params(params)
-    mine, theirs = pure_opt(name, list(mine_p.values()), kwargs), torch_opt(name, list(theirs_p.values()), kwargs)
-    for t in range(3):
-        do_step(name, mine, mine_p, t)
-        do_step(name, theirs, theirs_p, t)
+    mine, _, theirs, _ = run_both(name, kwargs, make_params(name), steps=3)
     assert_state_close(mine.state_dict()["state"], theirs.state_dict()["state"], "state", name, unstepped_ok=False)
 
 
@@ -556,12 +546,7 @@ def test_state_dict_has_torchs_top_level_keys(name):
 def test_resume_from_state_and_param_groups_only(name):
     """What torch.distributed.checkpoint keeps of a state_dict (``state`` and ``param_groups``) resumes the run as
     an uninterrupted torch.optim run continues."""
-    params = make_params(name)
-    mine_p, theirs_p = clone_params(params), clone_params(params)
-    mine, theirs = pure_opt(name, list(mine_p.values()), {}), torch_opt(name, list(theirs_p.values()), {})
-    for t in range(3):
-        do_step(name, mine, mine_p, t)
-        do_step(name, theirs, theirs_p, t)
+    mine, mine_p, theirs, theirs_p = run_both(name, {}, make_params(name), steps=3)
     saved = copy.deepcopy(mine.state_dict())
     kept = {"state": saved["state"], "param_groups": saved["param_groups"]}
     resumed_p = clone_params(mine_p)

@@ -35,10 +35,22 @@ class _Owner(Protocol):
 
 
 class _Guarded:
-    """Removal through ``del`` and ``pop`` asks ``_refuse(key)`` first (it raises for entries that must stay)."""
+    """The dict behaviour both live mappings share: reads refresh the optimizer's entries first (``_sync``), and
+    removal through ``del`` and ``pop`` asks ``_refuse(key)`` first (it raises for entries that must stay)."""
+
+    def _sync(self) -> None:
+        raise NotImplementedError
 
     def _refuse(self, key: Any) -> None:
         raise NotImplementedError
+
+    def __getitem__(self, key: Any) -> Any:
+        self._sync()
+        return super().__getitem__(key)  # type: ignore[misc]
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._sync()
+        return super().get(key, default)  # type: ignore[misc]
 
     def __delitem__(self, key: Any) -> None:
         self._refuse(key)
@@ -68,14 +80,6 @@ class ParamState(_Guarded, dict):
     def _sync(self) -> None:
         if self._live is not None and self._live.stale:
             self._live.sync()
-
-    def __getitem__(self, key: Any) -> Any:
-        self._sync()
-        return super().__getitem__(key)
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        self._sync()
-        return super().get(key, default)
 
     def __iter__(self) -> Iterator[Any]:
         self._sync()
@@ -230,14 +234,6 @@ class LiveState(_Guarded, defaultdict):
     def _sync(self) -> None:
         if self.stale:
             self.sync()
-
-    def __getitem__(self, key: Any) -> Any:
-        self._sync()
-        return super().__getitem__(key)
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        self._sync()
-        return super().get(key, default)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         ps = self.own(key)

@@ -34,7 +34,6 @@ __all__ = [
     "StateLayout",
     "as_state_tensor",
     "load_entries",
-    "load_entries_with_extras",
     "migrate",
     "migrate_entries",
     "checkpoint_entries",
@@ -196,19 +195,6 @@ STEP_KEY = "step"
 
 
 def load_entries(
-    layout: StateLayout,
-    fresh: Any,
-    entries: Mapping[int, Mapping[str, Any]],
-    globals_: Mapping[str, Any] | None,
-    where: str,
-    param_label: Sequence[Any] | None = None,
-) -> Any:
-    """:func:`load_entries_with_extras` where every key must be one the optimizer keeps; returns the state."""
-    state, _ = load_entries_with_extras(layout, fresh, entries, globals_, where, param_label)
-    return state
-
-
-def load_entries_with_extras(
     layout: StateLayout,
     fresh: Any,
     entries: Mapping[int, Mapping[str, Any]],

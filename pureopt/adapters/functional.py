@@ -321,7 +321,7 @@ class FunctionalOptimizer:
             if not isinstance(records, Sequence) or len(records) != 1:
                 raise ValueError(f"the checkpoint's {PUREOPT_KEY!r} section is malformed")
             globals_ = check_group_record(records[0], None, layout, "the checkpoint")
-        new_state = load_entries(layout, fresh, entries, globals_, "the checkpoint", param_label=ids)
+        new_state, _ = load_entries(layout, fresh, entries, globals_, "the checkpoint", param_label=ids)
         new_flat = None if self._flat is None else FlatState(self._flat.flat, self.tx, new_state)
         with self._lock:
             self._state = None if new_flat is not None else new_state

@@ -55,7 +55,7 @@ from pureopt.adapters._state import (
     check_group_record,
     checkpoint_entries,
     group_record,
-    load_entries_with_extras,
+    load_entries,
     migrate_entries,
 )
 from pureopt.base import GradientTransformation, OptState, UpdateContext, add_inplace
@@ -590,7 +590,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 globals_ = check_group_record(records[gi], kind, g.layout, where)
                 declared = _declared_extras(records[gi], where)
             ids_of = _first_ids(saved["params"], g.listed, g.params)
-            g._state, extras = load_entries_with_extras(
+            g._state, extras = load_entries(
                 g.layout,
                 g.state,
                 entries[gi],

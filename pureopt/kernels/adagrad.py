@@ -48,9 +48,7 @@ class AdagradResult(NamedTuple):
     sum: list[Tensor]
 
 
-def _fused_device(state_sums: list[Tensor]) -> bool:
-    """torch has a fused Adagrad kernel on the CPU only (``torch._fused_adagrad_``; CUDA takes foreach)."""
-    return all(s.device.type == "cpu" for s in state_sums)
+_FUSED_DEVICES = ("cpu",)  # torch._fused_adagrad_ exists on the CPU only; CUDA takes foreach
 
 
 def adagrad(
@@ -90,7 +88,7 @@ def adagrad(
     amp = grad_scale is not None or found_inf is not None
     if apply and donate and params is not None:
         if not sparse and impl in ("auto", "fused") and not isinstance(lr, Tensor) and lr is not None:
-            plan = _fused.fused_plan([*grads, *params], state_sums, impl=impl) if _fused_device(state_sums) else None
+            plan = _fused.fused_plan([*grads, *params], state_sums, impl=impl, devices=_FUSED_DEVICES)
             if plan is not None and (not amp or _fused.same_dtypes(params, state_sums)):
                 return _adagrad_fused(plan, params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps,
                                       maximize, donate=True, apply=True, grad_scale=grad_scale,
@@ -163,8 +161,8 @@ def _adagrad_dense(
 ) -> AdagradResult:
     plan = None
     # torch's fused Adagrad: a float lr only
-    if impl in ("auto", "fused") and not isinstance(lr, Tensor) and _fused_device(state_sums):
-        plan = _fused.fused_plan([*grads, *(params or [])], state_sums, impl=impl)
+    if impl in ("auto", "fused") and not isinstance(lr, Tensor):
+        plan = _fused.fused_plan([*grads, *(params or [])], state_sums, impl=impl, devices=_FUSED_DEVICES)
     path = choose_impl(impl, grads, fused_available=plan is not None)
     if path == "fused":
         assert plan is not None

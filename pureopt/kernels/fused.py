@@ -61,6 +61,7 @@ def fused_plan(
     state: Sequence[Tensor],
     *more_state: Sequence[Tensor],
     impl: str = "auto",
+    devices: Sequence[str] = FUSED_DEVICES,
 ) -> Plan | None:
     """How to run a fused kernel over these tensors, or ``None`` if torch's fused kernels can't take them.
 
@@ -68,7 +69,8 @@ def fused_plan(
     ``state`` and each of ``more_state`` hold one state tensor per gradient (``state`` in the dtype the kernel
     computes in). Legal when no torch.func transform is active, nothing is being differentiated, the inputs are
     plain strided tensors, the state is real floating point on a device with fused kernels, and every tensor has
-    a memory layout the kernels handle (:func:`layout_problem`). With ``impl="fused"`` a refusal for a reason in
+    a memory layout the kernels handle (:func:`layout_problem`). ``devices``: the device types the algorithm's
+    fused kernel exists on (torch's fused Adagrad: CPU only). With ``impl="fused"`` a refusal for a reason in
     the tensors themselves raises a RuntimeError that names it; otherwise (and for the reasons in the context:
     transforms, differentiation, compiling) the result is ``None`` and :func:`pureopt.kernels.select.choose_impl`
     takes another path or raises.
@@ -99,13 +101,13 @@ def fused_plan(
     groups = torch._C._group_tensors_by_device_and_dtype([list(state)], True)
     plan: Plan = []
     for (device, dtype), (_, indices) in groups.items():
-        if not dtype.is_floating_point or device.type not in FUSED_DEVICES:
+        if not dtype.is_floating_point or device.type not in devices:
             i = indices[0]
             kind = "complex" if dtype.is_complex else str(dtype)
             where = f"on {device.type}" if dtype.is_floating_point else f"of dtype {kind}"
             _refuse(
                 impl, f"the state of tensor {i} is {where} (torch's fused kernels take real floating point tensors "
-                f"on {', '.join(FUSED_DEVICES)})"
+                f"on {', '.join(devices)})"
             )  # fmt: skip
             return None
         plan.append(list(indices))

@@ -95,11 +95,7 @@ _PROBES: list[grad_hyperparameter_probe] = []
 
 
 def _foreach_legal(tensors: Sequence[Tensor]) -> bool:
-    if functorch_active() or _DIFFERENTIATING[0]:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False  # differentiating through the update: keep to ops with plain autograd formulas
-    return all(type(t) in _PLAIN_TYPES and t.layout == torch.strided for t in tensors)
+    return foreach_problem(tensors) is None
 
 
 def foreach_problem(tensors: Sequence[Tensor]) -> str | None:

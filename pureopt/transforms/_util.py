@@ -117,10 +117,6 @@ def step_init(p: Tensor) -> Tensor:
     return torch.zeros((), dtype=step_dtype(), device=p.device)
 
 
-def _call(step: StepFn, *args: Any) -> Any:
-    return step(*args)
-
-
 def kernel_transform(
     state_type: Callable[..., Any],
     fields: dict[str, LeafInitFn | None],
@@ -169,8 +165,9 @@ def kernel_transform(
         )
         step_ctx = ctx if ctx.segments is None else ctx.but(segments=ctx.segments_of(idx))
         with differentiating(diff):
-            run = run_on_local_shards if elementwise else _call  # DTensors: elementwise math on the local shards
-            new_updates, new_sub = run(step, sub_params, sub_grads, sub, state.num_updates, step_ctx)
+            args = (sub_params, sub_grads, sub, state.num_updates, step_ctx)
+            # DTensors: an elementwise algorithm's math runs on their local shards
+            new_updates, new_sub = run_on_local_shards(step, *args) if elementwise else step(*args)
         new_fields = {
             name: ctx.spec.unflatten(scatter(full_lists[name], idx, values)) for name, values in new_sub.items()
         }
