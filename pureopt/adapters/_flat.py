@@ -18,6 +18,16 @@ buffer, as FSDP's flat parameters do) and gathers gradients into flat gradient b
 
 A transformation that is neither, or whose state cannot be laid out flat, keeps only the per-parameter
 state: its steps are the ordinary ones (the parameters are still views of flat buffers).
+
+DTensor parameters (FSDP2) are laid out by their local shards, one buffer per (device, dtype, mesh, placements)
+group (:class:`pureopt.flat.FlatLayout`). They stay where they are: FSDP2 all-gathers each parameter from its own
+(padded) shard storage, so a parameter re-pointed into another buffer would silently stop training. A flat step
+copies the group's local shards into its parameter buffer (one ``cat``) and back after the step (one
+``_foreach_copy_``). Gradients need no copy when they are views of the flat gradient buffer
+(``zero_grad(set_to_none=False)``: FSDP2 then accumulates its reduce-scattered gradients into them). The
+per-parameter state is DTensors over views of the flat state buffers, placed like the parameters (what DCP saves).
+A segmentwise, not elementwise, transformation (per-parameter norms) steps per parameter on sharded groups, where
+DTensor reduces the norms across shards.
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ from pureopt.base import (
     is_elementwise,
     is_segmentwise,
 )
-from pureopt.flat import FlatGroup, FlatLayout
+from pureopt.flat import FlatGroup, FlatLayout, local_tensor
+from pureopt.kernels.dtensor import dtensor_type, is_dtensor
 
 __all__ = ["FlatParams", "FlatState"]
 
@@ -58,19 +69,27 @@ class FlatParams:
     """A list of parameters re-pointed into one flat buffer per (device, dtype) group.
 
     Construction copies each parameter's values into its group's buffer and sets ``p.data`` to the matching view;
-    the parameter objects (and anything holding them: modules, hooks) stay the same.
+    the parameter objects (and anything holding them: modules, hooks) stay the same. DTensor parameters are not
+    re-pointed (see the module docstring): their groups' buffers are loaded before a flat step
+    (:meth:`load_params`) and written back after it (:meth:`store_params`).
     """
 
     def __init__(self, params: Sequence[Tensor], groups: Sequence[Sequence[int]] | None = None) -> None:
         self.check(params)
         self.params = tuple(params)
         self.layout = FlatLayout(self.params, groups)
+        # groups of DTensors: the parameters keep their own storage; the buffer is a working copy
+        self.detached = [group.placements is not None for group in self.layout.groups]
         with torch.no_grad():
             self.buffers = self.layout.gather([p.detach() for p in self.params])
-            for p, view in zip(self.params, self.layout.views(self.buffers)):
-                p.data = view
+            views = self.layout.views(self.buffers)
+            for p, view, g in zip(self.params, views, self.layout.group_of):
+                if not self.detached[g]:
+                    p.data = view
+        self._local_params = [local_tensor(p) for p in self.params]
+        self._param_views = views
         self._grad_buffers: list[Tensor] | None = None
-        self._grad_views: list[Tensor] = []
+        self._grad_views: list[Tensor] = []  # what p.grad is set to (DTensors over local views for DTensor groups)
 
     @staticmethod
     def check(params: Sequence[Tensor]) -> None:
@@ -78,14 +97,47 @@ class FlatParams:
         for i, p in enumerate(params):
             if p.layout != torch.strided or p.is_sparse:
                 raise ValueError(f"flat=True needs dense parameters; parameter {i} has layout {p.layout}")
+            if is_dtensor(p):
+                placements = tuple(p.placements)  # type: ignore[attr-defined]
+                if any(pl.is_partial() for pl in placements):
+                    raise ValueError(f"flat=True: parameter {i} is a DTensor with a Partial placement {placements}")
+                local = local_tensor(p)
+                if local.layout != torch.strided or type(local) is not Tensor:
+                    raise ValueError(
+                        f"flat=True needs DTensors with dense plain local shards; parameter {i}'s local shard is a "
+                        f"{type(local).__name__} with layout {local.layout}"
+                    )
+                continue
             if type(p) not in (Tensor, torch.nn.Parameter):
-                raise ValueError(f"flat=True needs plain tensors; parameter {i} is a {type(p).__name__}")
+                raise ValueError(f"flat=True needs plain tensors or DTensors; parameter {i} is a {type(p).__name__}")
+
+    @property
+    def any_detached(self) -> bool:
+        """Whether some group's parameters live outside its buffer (DTensor groups)."""
+        return any(self.detached)
+
+    def load_params(self) -> None:
+        """Copy the local shards of the DTensor groups' parameters into their buffers (one ``cat`` per group)."""
+        for g, group in enumerate(self.layout.groups):
+            if self.detached[g]:
+                parts = [self._local_params[i].reshape(-1) for i in group.indices]
+                torch.cat(parts, out=self.buffers[g])
+
+    def store_params(self) -> None:
+        """Copy the DTensor groups' buffers back into the parameters' local shards (one foreach copy)."""
+        dst, src = [], []
+        for g, group in enumerate(self.layout.groups):
+            if self.detached[g]:
+                dst += [self._local_params[i] for i in group.indices]
+                src += [self._param_views[i] for i in group.indices]
+        if dst:
+            torch._foreach_copy_(dst, src)
 
     def grad_views(self) -> list[Tensor]:
         """Per-parameter views of the flat gradient buffers (allocated, zero-filled, on first use)."""
         if self._grad_buffers is None:
             self._grad_buffers = [torch.zeros_like(b) for b in self.buffers]
-            self._grad_views = self.layout.views(self._grad_buffers)
+            self._grad_views = self.layout.dtensor_views(self._grad_buffers)
         return self._grad_views
 
     def zero_grad_views(self) -> None:
@@ -117,13 +169,19 @@ class FlatParams:
                     assert self._grad_buffers is not None
                     out.append(self._grad_buffers[g])
                     continue
+                if group.placements is not None:
+                    present = [self._local_grad(grads[i], i) for i in group.indices]  # type: ignore[arg-type]
+                    grads = list(grads)
+                    for i, t in zip(group.indices, present):
+                        grads[i] = t
                 laid_out = _laid_out(present, group)  # type: ignore[arg-type]
                 if laid_out is not None:
                     out.append(laid_out)
                     continue
-                views = self.grad_views()
+                self.grad_views()
                 assert self._grad_buffers is not None
                 buffer = self._grad_buffers[g]
+                views = self.layout.views(self._grad_buffers) if group.placements is not None else self._grad_views
                 stale = [i for i in group.indices if grads[i] is not views[i]]
                 if len(stale) == len(group.indices) and all(grads[i].dtype == group.dtype for i in stale):  # type: ignore[union-attr]
                     torch.cat([grads[i].reshape(-1) for i in stale], out=buffer)  # type: ignore[union-attr]
@@ -132,6 +190,18 @@ class FlatParams:
                     torch._foreach_copy_([views[i] for i in stale], [grads[i] for i in stale])  # type: ignore[misc]
                     out.append(buffer)
         return out
+
+    def _local_grad(self, grad: Tensor, i: int) -> Tensor:
+        """The local shard of parameter ``i``'s DTensor gradient, checked to be placed like the parameter."""
+        p = self.params[i]
+        if not is_dtensor(grad):
+            raise ValueError(f"flat=True: parameter {i} is a DTensor but its gradient a {type(grad).__name__}")
+        if tuple(grad.placements) != tuple(p.placements) or grad.shape != p.shape:  # type: ignore[attr-defined]
+            raise ValueError(
+                f"flat=True: the gradient of parameter {i} is placed as {grad.placements} with shape "  # type: ignore[attr-defined]
+                f"{tuple(grad.shape)}, the parameter as {p.placements} with shape {tuple(p.shape)}"  # type: ignore[attr-defined]
+            )
+        return local_tensor(grad)
 
 
 def _laid_out(tensors: Sequence[Tensor], group: FlatGroup) -> Tensor | None:
@@ -201,10 +271,11 @@ class FlatState:
     # --- layout -----------------------------------------------------------------------------------------------
 
     def _runs_flat(self, tx: GradientTransformation) -> bool:
-        """Whether ``tx`` steps on the flat buffers (see :data:`SEGMENTWISE_MAX_MEAN_BYTES`)."""
+        """Whether ``tx`` steps on the flat buffers (see :data:`SEGMENTWISE_MAX_MEAN_BYTES`; a segmentwise
+        transformation never on local shards of DTensors split across ranks: its norms would be per shard)."""
         if is_elementwise(tx):
             return True
-        if not is_segmentwise(tx):
+        if not is_segmentwise(tx) or self.flat.layout.sharded:
             return False
         params = self.flat.params
         mean = sum(p.numel() * p.element_size() for p in params) / max(1, len(params))
@@ -251,11 +322,17 @@ class FlatState:
         return [(pos, fpos) for pos, (k, fpos) in enumerate(self._kinds) if k == kind]
 
     def _slice_view(self, pos: int, fpos: int, flat_leaves: list[Any]) -> Tensor:
+        """The per-parameter view of a flat state leaf (for a DTensor parameter: a DTensor placed like it)."""
         i = self._owner[pos]
         layout = self.flat.layout
         offset = layout.offset_of[i]
-        shape = self.flat.params[i].shape
-        return flat_leaves[fpos][offset : offset + shape.numel()].view(shape)
+        shape = layout.shape_of[i]
+        view = flat_leaves[fpos][offset : offset + shape.numel()].view(shape)
+        p = self.flat.params[i]
+        dtensor = dtensor_type()
+        if dtensor is None or not isinstance(p, dtensor):
+            return view
+        return dtensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
     # --- the per-parameter view -------------------------------------------------------------------------------
 
@@ -335,7 +412,12 @@ class FlatState:
         buffers = self.flat.buffers
         segments = [group.numels for group in self.flat.layout.groups]
         ctx = UpdateContext(self.flat_spec, donate=True, apply=True, segments=segments, **fields)
-        new_state = donated_step(self.update, self.flat.flat_grads(grads), self.flat_state, list(buffers), ctx)
+        flat_grads = self.flat.flat_grads(grads)
+        if self.flat.any_detached:
+            self.flat.load_params()
+        new_state = donated_step(self.update, flat_grads, self.flat_state, list(buffers), ctx)
+        if self.flat.any_detached:
+            self.flat.store_params()
         old = self._flat_leaves()
         new = optree.tree_leaves(new_state, none_is_leaf=True)
         changed = False

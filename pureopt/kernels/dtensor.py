@@ -42,6 +42,8 @@ __all__ = [
     "zeros_reduced",
     "as_plain_scalar",
     "like_placed",
+    "sharded_mesh_dims",
+    "shard_norms",
 ]
 
 
@@ -198,3 +200,59 @@ def like_placed(x: Tensor, ref: Any) -> Tensor:
     if is_dtensor(x) and is_dtensor(ref) and tuple(x.placements) != tuple(ref.placements):  # type: ignore[attr-defined]
         return x.redistribute(ref.device_mesh, ref.placements)  # type: ignore[attr-defined]
     return x
+
+
+def sharded_mesh_dims(t: Any) -> tuple[int, ...]:
+    """The mesh dimensions over which DTensor ``t`` is split (its ``Shard`` placements; ``Replicate`` ones hold
+    copies). Raises a ValueError for a ``Partial`` placement (a pending reduction, not a split)."""
+    dims = []
+    for d, p in enumerate(t.placements):
+        if p.is_partial():
+            raise ValueError(f"a DTensor with a Partial placement ({t.placements}) has no exact local reduction")
+        if p.is_shard():
+            dims.append(d)
+    return tuple(dims)
+
+
+def shard_norms(xs: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
+    """The 2-norm of each tensor over all its shards, as plain 0-d tensors (``dtype`` if given, else each one's).
+
+    A DTensor's norm is ``sqrt`` of the sum of its local shards' squared norms over the mesh dimensions that
+    split it: the squared local norms of all DTensors split alike are stacked and all-reduced once per mesh
+    dimension (one collective per group, not per tensor); replicated dimensions need none. Plain tensors get their
+    own norm. Complex tensors are normed as real pairs. Every rank must call this with the same DTensors in the
+    same order (it is a collective).
+
+    Example: NovoGrad's per-layer second moment on FSDP2 (``pureopt.transforms.novograd``).
+    """
+    import torch.distributed as dist
+
+    dtensor = dtensor_type()
+    out: list[Tensor | None] = [None] * len(xs)
+    groups: dict[tuple[Any, tuple[int, ...]], list[int]] = {}
+    locals_: dict[int, Tensor] = {}
+    for i, x in enumerate(xs):
+        if dtensor is not None and isinstance(x, dtensor):
+            dims = sharded_mesh_dims(x)
+            local = x._local_tensor
+            if local.is_complex():
+                local = torch.view_as_real(local)
+            locals_[i] = local if dtype is None else local.to(dtype)
+            if dims:
+                groups.setdefault((x.device_mesh, dims), []).append(i)
+                continue
+            out[i] = torch.linalg.vector_norm(locals_[i])
+        else:
+            real = torch.view_as_real(x) if x.is_complex() else x
+            out[i] = torch.linalg.vector_norm(real if dtype is None else real.to(dtype))
+    for (mesh, dims), indices in groups.items():
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i in indices:
+            by_dtype.setdefault(locals_[i].dtype, []).append(i)
+        for members in by_dtype.values():
+            squares = torch.stack([torch.linalg.vector_norm(locals_[i]).square() for i in members])
+            for d in dims:
+                dist.all_reduce(squares, group=mesh.get_group(d))
+            for i, n in zip(members, squares.sqrt().unbind()):
+                out[i] = n
+    return out  # type: ignore[return-value]

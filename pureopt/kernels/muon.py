@@ -32,7 +32,7 @@ Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -49,6 +49,7 @@ __all__ = [
     "ADJUST_LR_FNS",
     "MuonResult",
     "newton_schulz",
+    "newton_schulz_batch",
     "adjusted_lr_ratio",
     "muon",
 ]
@@ -101,6 +102,35 @@ def newton_schulz(
     return x.T if tall else x
 
 
+def newton_schulz_batch(
+    g: Tensor,
+    ns_coefficients: Sequence[float] = DEFAULT_NS_COEFFICIENTS,
+    ns_steps: int = DEFAULT_NS_STEPS,
+    eps: float = DEFAULT_EPS,
+    ns_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """:func:`newton_schulz` of each matrix of a batch ``(B, rows, cols)`` (one batched product per step).
+
+    A batch of one is :func:`newton_schulz` itself (the unsharded bits); larger batches use ``baddbmm``, whose
+    rounding may differ from ``addmm``'s by an ulp of ``ns_dtype`` here and there.
+    """
+    if g.ndim != 3:
+        raise ValueError(f"newton_schulz_batch takes a batch of matrices (B, rows, cols), got a {g.ndim}-D tensor")
+    if g.size(0) == 1:
+        return newton_schulz(g[0], ns_coefficients, ns_steps, eps, ns_dtype)[None]
+    a, b, c = ns_coefficients
+    tall = g.size(1) > g.size(2)
+    x = g.to(ns_dtype)
+    if tall:
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(ns_steps):
+        s = x @ x.mT
+        poly = torch.baddbmm(s, s, s, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    return x.mT if tall else x
+
+
 def adjusted_lr_ratio(shape: Sequence[int], adjust_lr_fn: str | None) -> float:
     """The factor torch.optim.Muon multiplies the learning rate by for a parameter of this shape."""
     rows, cols = shape[0], shape[1]
@@ -127,6 +157,8 @@ def muon(
     ns_dtype: torch.dtype = torch.bfloat16,
     impl: str = "auto",
     donate: bool = False,
+    orthogonalize: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
 ) -> MuonResult:
     """One Muon step over tensor lists; returns the updates and the new momentum buffers (see module docstring).
 
@@ -137,6 +169,10 @@ def muon(
       lr: the learning rate (a float or 0-d tensor); ``None`` returns the shape-scaled orthogonal direction.
       impl: ``"auto" | "loop" | "foreach"`` for the elementwise parts (the orthogonalisation is per tensor).
       donate: the caller owns the momentum buffers: they are updated in place.
+      orthogonalize: maps the list of directions to their Newton-Schulz results (in ``ns_dtype``), where the
+        tensors given are shards of the matrices (FSDP2: :func:`pureopt.kernels.owner.map_whole` gathers each
+        matrix on one rank); by default :func:`newton_schulz` of each.
+      shapes: the whole matrices' shapes, for the learning-rate ratio (default: the tensors' own).
     """
     for g in grads:
         if g.is_sparse:
@@ -153,8 +189,11 @@ def muon(
 
     bufs = ops.lerp(momentum_buffers, grads, 1 - momentum, inplace=donate)
     directions = ops.lerp(grads, bufs, momentum) if nesterov else bufs
-    ortho = [newton_schulz(u, ns_coefficients, ns_steps, eps, ns_dtype) for u in directions]
-    ratios = [adjusted_lr_ratio(g.shape, adjust_lr_fn) for g in grads]
+    if orthogonalize is None:
+        ortho = [newton_schulz(u, ns_coefficients, ns_steps, eps, ns_dtype) for u in directions]
+    else:
+        ortho = orthogonalize(directions)
+    ratios = [adjusted_lr_ratio(shape, adjust_lr_fn) for shape in (shapes or [g.shape for g in grads])]
 
     if lr is None:
         updates = [o.to(g.dtype) * r for o, g, r in zip(ortho, grads, ratios)]

@@ -70,11 +70,15 @@ def novograd(
     impl: str = "auto",
     donate: bool = False,
     apply: bool = False,
+    grad_norms: list[Tensor] | None = None,
 ) -> NovoGradResult:
     """One NovoGrad step over tensor lists; returns the updates and the new state lists (see module docstring).
 
     ``donate``: the state lists may be overwritten. ``apply`` (with ``donate`` and ``params``): add the updates to
-    the parameters in place too (``p.add_(m, alpha=-lr)``) and return ``updates=None``.
+    the parameters in place too (``p.add_(m, alpha=-lr)``) and return ``updates=None``. ``grad_norms``: each
+    gradient's 2-norm (0-d, in the state dtype), when the tensors given are shards of the layers (FSDP2: the
+    norms are taken over all shards, :func:`pureopt.kernels.dtensor.shard_norms`); by default they are computed
+    here.
     """
     path = choose_impl(impl, [*grads, *exp_avgs])
     ops = ops_for(path)
@@ -98,7 +102,7 @@ def novograd(
         layer_moments,
         steps,
         exp_avg_sqs,
-        norms(ops, g),
+        norms(ops, g) if grad_norms is None else grad_norms,
         outputs=2,
         dtype=work,
         like=g,

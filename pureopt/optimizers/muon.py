@@ -38,6 +38,7 @@ def muon(
     impl: str = "auto",
     state_dtype: torch.dtype | None = None,
     ns_dtype: torch.dtype = torch.bfloat16,
+    sharded: str = "owner",
 ) -> GradientTransformation:
     """Muon, as ``torch.optim.Muon``: momentum orthogonalised by a Newton-Schulz iteration, for 2-D parameters.
 
@@ -68,6 +69,10 @@ def muon(
       state_dtype: dtype of the momentum buffers (default: the parameter's, as torch); e.g. ``torch.float32``
         for bf16 parameters. Updates are then computed in that dtype and cast back by ``apply_updates``.
       ns_dtype: dtype of the Newton-Schulz iteration (default bfloat16, torch's choice).
+      sharded: for DTensor parameters (FSDP2): ``"owner"`` (default) gathers each matrix on one rank only
+        (owners chosen by size, same-shape matrices batched), orthogonalises it there and sends every rank its
+        shard back; ``"all"`` gathers every matrix on every rank (``full_tensor``: the naive path). The momentum
+        and the parameter update run on the local shards either way. See docs/distributed.md.
 
     Example::
 
@@ -95,4 +100,5 @@ def muon(
         impl,
         state_dtype,
         ns_dtype,
+        sharded,
     )

@@ -18,6 +18,7 @@ from pureopt.base import (
     leaf_transformation,
 )
 from pureopt.hyperparams import resolve
+from pureopt.kernels.dtensor import dtensor_type, is_dtensor, local_shard_problem, run_on_local_shards
 from pureopt.kernels.muon import (
     ADJUST_LR_FNS,
     DEFAULT_EPS,
@@ -25,11 +26,21 @@ from pureopt.kernels.muon import (
     DEFAULT_NS_STEPS,
     muon,
     newton_schulz,
+    newton_schulz_batch,
 )
+from pureopt.kernels.owner import MODES, map_whole, map_whole_dtensors, spec_of
 from pureopt.kernels.select import check_impl
 from pureopt.transforms._util import kernel_transform
 
-__all__ = ["MuonState", "check_muon_args", "check_2d_params", "muon_transform", "scale_by_muon", "orthogonalize"]
+__all__ = [
+    "MuonState",
+    "check_muon_args",
+    "check_sharded",
+    "check_2d_params",
+    "muon_transform",
+    "scale_by_muon",
+    "orthogonalize",
+]
 
 
 class MuonState(NamedTuple):
@@ -63,6 +74,12 @@ def check_muon_args(
         raise ValueError("Coefficients must be a tuple of exactly 3 values")
 
 
+def check_sharded(sharded: str) -> None:
+    """``sharded`` must name a way to orthogonalise sharded matrices (:data:`pureopt.kernels.owner.MODES`)."""
+    if sharded not in MODES:
+        raise ValueError(f"sharded must be one of {MODES}, got {sharded!r}")
+
+
 def check_2d_params(leaves: Sequence[Any]) -> None:
     """Muon works on matrices only: torch.optim.Muon's error for any other parameter (and for complex ones)."""
     for p in leaves:
@@ -86,10 +103,19 @@ def muon_transform(
     impl: str,
     state_dtype: torch.dtype | None = None,
     ns_dtype: torch.dtype = torch.bfloat16,
+    sharded: str = "owner",
 ) -> GradientTransformation:
-    """The Muon step (see :mod:`pureopt.kernels.muon`) as a transformation; ``lr=None`` is ``scale_by_muon``."""
+    """The Muon step (see :mod:`pureopt.kernels.muon`) as a transformation; ``lr=None`` is ``scale_by_muon``.
+
+    ``sharded``: how DTensor (FSDP2) matrices are orthogonalised: ``"owner"`` gathers each on one rank
+    (:func:`pureopt.kernels.owner.map_whole`), ``"all"`` on every rank (``full_tensor``, the naive path).
+    """
     check_impl(impl)
+    check_sharded(sharded)
     coefficients = tuple(float(c) for c in ns_coefficients)
+
+    def ns_batch(x: Tensor) -> Tensor:
+        return newton_schulz_batch(x, coefficients, ns_steps, eps, ns_dtype)
 
     def _step_fn(
         params: list[Tensor] | None,
@@ -97,6 +123,32 @@ def muon_transform(
         s: dict[str, list[Tensor]],
         num_updates: Tensor,
         ctx: UpdateContext,
+    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+        if any(map(is_dtensor, grads)) and local_shard_problem(dtensor_type(), params, grads, s) is None:
+            # FSDP2: momentum and the parameter update on the local shards; each whole matrix orthogonalised
+            # on one rank and scattered back
+            specs = [spec_of(g) for g in grads]
+            shapes = [spec.shape for spec in specs]
+
+            def ortho(directions: list[Tensor]) -> list[Tensor]:
+                return map_whole(directions, specs, ns_batch, ns_dtype, sharded)
+
+            def local_step(
+                p: list[Tensor] | None, g: list[Tensor], st: dict[str, list[Tensor]], *_: Any
+            ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+                return kernel_step(p, g, st, num_updates, ctx, ortho, shapes)
+
+            return run_on_local_shards(local_step, params, grads, s)  # type: ignore[return-value]
+        return kernel_step(params, grads, s, num_updates, ctx, None, None)
+
+    def kernel_step(
+        params: list[Tensor] | None,
+        grads: list[Tensor],
+        s: dict[str, list[Tensor]],
+        num_updates: Tensor,
+        ctx: UpdateContext,
+        ortho: Any,
+        shapes: Any,
     ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         res = muon(
             params,
@@ -113,6 +165,8 @@ def muon_transform(
             ns_dtype=ns_dtype,
             impl=impl,
             donate=ctx.donate,
+            orthogonalize=ortho,
+            shapes=shapes,
         )
         return res.updates, {"momentum_buffer": res.momentum_buffer}
 
@@ -134,6 +188,7 @@ def scale_by_muon(
     impl: str = "auto",
     state_dtype: torch.dtype | None = None,
     ns_dtype: torch.dtype = torch.bfloat16,
+    sharded: str = "owner",
 ) -> GradientTransformation:
     """Muon's direction as a building block: momentum, then Newton-Schulz orthogonalisation, then shape scaling.
 
@@ -158,6 +213,8 @@ def scale_by_muon(
       impl: kernel path for the elementwise parts, ``"auto" | "loop" | "foreach"``.
       state_dtype: dtype of the momentum buffers (default: the parameter's).
       ns_dtype: dtype of the Newton-Schulz iteration (bfloat16, as torch.optim.Muon).
+      sharded: DTensor (FSDP2) matrices: ``"owner"`` orthogonalises each on one rank (gathered there and scattered
+        back, :mod:`pureopt.kernels.owner`), ``"all"`` on every rank (``full_tensor``).
 
     Example::
 
@@ -167,7 +224,18 @@ def scale_by_muon(
     """
     check_muon_args(momentum, 0.0, ns_coefficients, ns_steps, adjust_lr_fn)
     return muon_transform(
-        None, 0.0, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, impl, state_dtype, ns_dtype
+        None,
+        0.0,
+        momentum,
+        nesterov,
+        ns_coefficients,
+        eps,
+        ns_steps,
+        adjust_lr_fn,
+        impl,
+        state_dtype,
+        ns_dtype,
+        sharded,
     )
 
 
@@ -177,6 +245,7 @@ def orthogonalize(
     ns_steps: int = DEFAULT_NS_STEPS,
     *,
     ns_dtype: torch.dtype = torch.bfloat16,
+    sharded: str = "owner",
 ) -> GradientTransformation:
     """Replace each 2-D update by its Newton-Schulz orthogonalisation (stateless).
 
@@ -194,13 +263,18 @@ def orthogonalize(
       eps: lower bound of the norm the update is divided by.
       ns_steps: number of iterations (< 100).
       ns_dtype: dtype of the iteration (bfloat16, as torch.optim.Muon).
+      sharded: DTensor (FSDP2) updates: ``"owner"`` orthogonalises each on one rank, ``"all"`` on every rank.
 
     Example::
 
         tx = pureopt.chain(pureopt.trace(0.95), orthogonalize(), pureopt.scale_by_learning_rate(0.02))
     """
     check_muon_args(0.0, 0.0, ns_coefficients, ns_steps, None)
+    check_sharded(sharded)
     coefficients = tuple(float(c) for c in ns_coefficients)
+
+    def ns_batch(x: Tensor) -> Tensor:
+        return newton_schulz_batch(x, coefficients, ns_steps, eps, ns_dtype)
 
     def update_leaves(
         updates: LeafList, state: OptState, params: LeafList | None, ctx: UpdateContext
@@ -210,8 +284,14 @@ def orthogonalize(
             if u is not None and u.ndim != 2:
                 raise ValueError(f"orthogonalize only supports 2D updates, got one of size: {u.size()}")
         out = [
-            None if u is None else newton_schulz(u, coefficients, ns_steps, eps, ns_dtype).to(u.dtype) for u in updates
+            None if u is None or is_dtensor(u) else newton_schulz(u, coefficients, ns_steps, eps, ns_dtype).to(u.dtype)
+            for u in updates
         ]
+        sharded_idx = [i for i, u in enumerate(updates) if is_dtensor(u)]
+        if sharded_idx:  # FSDP2: each whole matrix on one rank (a collective: the same updates on every rank)
+            results = map_whole_dtensors([updates[i] for i in sharded_idx], ns_batch, ns_dtype, sharded)
+            for i, r in zip(sharded_idx, results):
+                out[i] = r.to(updates[i].dtype)
         return out, state
 
     return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves)

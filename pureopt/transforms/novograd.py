@@ -9,6 +9,7 @@ from torch import Tensor
 
 from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_betas, check_nonneg, resolve
+from pureopt.kernels.dtensor import dtensor_type, is_dtensor, local_shard_problem, run_on_local_shards, shard_norms
 from pureopt.kernels.novograd import novograd as novograd_kernel
 from pureopt.kernels.select import check_impl
 from pureopt.transforms._util import kernel_transform, step_init, zeros
@@ -57,6 +58,42 @@ def novograd_transform(
         num_updates: Tensor,
         ctx: UpdateContext,
     ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
+        if any(map(is_dtensor, grads)):
+            return sharded_step(params, grads, s, num_updates, ctx)
+        return local_step(params, grads, s, num_updates, ctx)
+
+    def sharded_step(
+        params: list[Tensor] | None,
+        grads: list[Tensor],
+        s: dict[str, list[Tensor]],
+        num_updates: Tensor,
+        ctx: UpdateContext,
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
+        # DTensors (FSDP2): the layer norms over all shards (one all-reduce per mesh group), the rest on the local
+        # shards; where the tensors cannot run on their local shards, on the DTensors with the norms made plain
+        problem = local_shard_problem(dtensor_type(), params, grads, s)
+        dtypes = [v.dtype for v in s["exp_avg_sq"]]  # the kernel's norm dtype (the real state dtype)
+        work = dtypes[0] if len(set(dtypes)) == 1 else None
+        if problem is not None:
+            norms = [n if work is None else n.to(work) for n in shard_norms(grads)]
+            return local_step(params, grads, s, num_updates, ctx, norms)
+        norms = shard_norms(grads, work)
+
+        def with_norms(
+            p: list[Tensor] | None, g: list[Tensor], st: dict[str, list[Tensor]], *_: Any
+        ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
+            return local_step(p, g, st, num_updates, ctx, norms)
+
+        return run_on_local_shards(with_norms, params, grads, s)
+
+    def local_step(
+        params: list[Tensor] | None,
+        grads: list[Tensor],
+        s: dict[str, list[Tensor]],
+        num_updates: Tensor,
+        ctx: UpdateContext,
+        grad_norms: list[Tensor] | None = None,
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         res = novograd_kernel(
             params,
             grads,
@@ -73,6 +110,7 @@ def novograd_transform(
             impl=impl,
             donate=ctx.donate,
             apply=ctx.apply,
+            grad_norms=grad_norms,
         )
         return res.updates, {"step": res.step, "exp_avg": res.exp_avg, "exp_avg_sq": res.exp_avg_sq}
 
