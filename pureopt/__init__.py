@@ -39,6 +39,7 @@ from pureopt.combine import (
     set_to_none,
 )
 from pureopt.flat import FlatLayout, flatten
+from pureopt.flat_params import FlatParams
 from pureopt.optimizers import (
     adabelief,
     adadelta,
@@ -183,6 +184,7 @@ __all__ = [
     "EmaState",
     "EmptyState",
     "FlatLayout",
+    "FlatParams",
     "flatten",
     "freeze",
     "FunctionalOptimizer",
