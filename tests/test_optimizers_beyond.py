@@ -19,25 +19,22 @@ from _checks import assert_unchanged, snapshot
 from _parity import NONE_GRADS, grads_at, loss_fn, make_data, make_params, tolerances
 
 import pureopt
+from pureopt.algorithms.adabelief import adabelief, scale_by_belief
+from pureopt.algorithms.lion import lion, scale_by_lion
+from pureopt.algorithms.yogi import scale_by_yogi, yogi
 from pureopt.base import inplace_step
-from pureopt.optimizers.adabelief import adabelief
 from pureopt.optimizers.adan import adan
 from pureopt.optimizers.ademamix import ademamix
 from pureopt.optimizers.lamb import lamb
 from pureopt.optimizers.lars import lars
-from pureopt.optimizers.lion import lion
 from pureopt.optimizers.novograd import novograd
 from pureopt.optimizers.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
 from pureopt.optimizers.sign_sgd import sign_sgd, signum
-from pureopt.optimizers.yogi import yogi
-from pureopt.transforms.adabelief import scale_by_belief
 from pureopt.transforms.adan import scale_by_adan
 from pureopt.transforms.ademamix import scale_by_ademamix
-from pureopt.transforms.lion import scale_by_lion
 from pureopt.transforms.novograd import scale_by_novograd
 from pureopt.transforms.sign_sgd import scale_by_sign, scale_by_signum
 from pureopt.transforms.trust_ratio import scale_by_trust_ratio
-from pureopt.transforms.yogi import scale_by_yogi
 
 DTYPES = [torch.float64, torch.float32]
 IMPLS = ["loop", "foreach"]

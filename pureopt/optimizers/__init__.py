@@ -6,30 +6,30 @@ torch.optim class of the same name, flag for flag (tested against torch.optim it
 One module per family; the math lives once in :mod:`pureopt.kernels`.
 """
 
-from pureopt.optimizers.adabelief import adabelief
+from pureopt.algorithms.adabelief import adabelief
+from pureopt.algorithms.adam import adam, adamw
+from pureopt.algorithms.adamax import adamax
+from pureopt.algorithms.lion import lion
+from pureopt.algorithms.nadam import nadam
+from pureopt.algorithms.rmsprop import rmsprop
+from pureopt.algorithms.sgd import sgd
+from pureopt.algorithms.yogi import yogi
 from pureopt.optimizers.adadelta import adadelta
 from pureopt.optimizers.adafactor import adafactor
 from pureopt.optimizers.adagrad import adagrad
-from pureopt.optimizers.adam import adam, adamw
-from pureopt.optimizers.adamax import adamax
 from pureopt.optimizers.adan import adan
 from pureopt.optimizers.ademamix import ademamix
 from pureopt.optimizers.asgd import asgd
 from pureopt.optimizers.lamb import lamb
 from pureopt.optimizers.lars import lars
 from pureopt.optimizers.lbfgs import lbfgs
-from pureopt.optimizers.lion import lion
 from pureopt.optimizers.muon import muon
-from pureopt.optimizers.nadam import nadam
 from pureopt.optimizers.novograd import novograd
 from pureopt.optimizers.radam import radam
-from pureopt.optimizers.rmsprop import rmsprop
 from pureopt.optimizers.rprop import rprop
 from pureopt.optimizers.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
-from pureopt.optimizers.sgd import sgd
 from pureopt.optimizers.sign_sgd import sign_sgd, signum
 from pureopt.optimizers.sparse_adam import sparse_adam
-from pureopt.optimizers.yogi import yogi
 
 __all__ = [
     "adabelief",

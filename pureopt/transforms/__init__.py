@@ -1,11 +1,8 @@
 """Primitive gradient transformations: the building blocks that optimizers are chained from."""
 
-from pureopt.transforms.adabelief import ScaleByBeliefState, scale_by_belief
 from pureopt.transforms.adadelta import ScaleByAdadeltaState, scale_by_adadelta
 from pureopt.transforms.adafactor import ScaleByFactoredRmsState, scale_by_factored_rms
 from pureopt.transforms.adagrad import ScaleByAdagradState, scale_by_adagrad
-from pureopt.transforms.adam import ScaleByAdamState, scale_by_adam
-from pureopt.transforms.adamax import ScaleByAdamaxState, scale_by_adamax
 from pureopt.transforms.adan import AdanState, scale_by_adan
 from pureopt.transforms.adaptive_clip import adaptive_grad_clip
 from pureopt.transforms.ademamix import AdEMAMixState, scale_by_ademamix
@@ -16,15 +13,11 @@ from pureopt.transforms.clipping import clip, clip_by_global_norm, global_norm
 from pureopt.transforms.constraints import keep_params_nonnegative
 from pureopt.transforms.lars import LarsState
 from pureopt.transforms.lbfgs import LBFGSState
-from pureopt.transforms.lion import LionState, scale_by_lion
-from pureopt.transforms.momentum import TraceState, trace
 from pureopt.transforms.muon import MuonState, orthogonalize, scale_by_muon
-from pureopt.transforms.nadam import ScaleByNAdamState, scale_by_nadam
 from pureopt.transforms.nans import ZeroNansState, zero_nans
 from pureopt.transforms.noise import AddNoiseState, add_noise
 from pureopt.transforms.novograd import NovoGradState, scale_by_novograd
 from pureopt.transforms.radam import ScaleByRAdamState, scale_by_radam
-from pureopt.transforms.rmsprop import ScaleByRmsState, scale_by_rms
 from pureopt.transforms.rprop import ScaleByRpropState, scale_by_rprop
 from pureopt.transforms.scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
 from pureopt.transforms.schedule_free import ScheduleFreeState
@@ -32,7 +25,6 @@ from pureopt.transforms.sign_sgd import SignumState, scale_by_sign, scale_by_sig
 from pureopt.transforms.sparse_adam import SparseAdamState
 from pureopt.transforms.trust_ratio import LambState, scale_by_trust_ratio
 from pureopt.transforms.weight_decay import add_decayed_weights
-from pureopt.transforms.yogi import ScaleByYogiState, scale_by_yogi
 
 __all__ = [
     "AdanState",
@@ -51,49 +43,33 @@ __all__ = [
     "LambState",
     "LarsState",
     "LBFGSState",
-    "LionState",
     "MuonState",
     "NovoGradState",
     "orthogonalize",
     "scale",
     "scale_by_adadelta",
     "scale_by_adagrad",
-    "scale_by_adam",
-    "scale_by_adamax",
     "scale_by_adan",
     "scale_by_ademamix",
-    "scale_by_belief",
     "scale_by_factored_rms",
     "scale_by_learning_rate",
-    "scale_by_lion",
     "scale_by_muon",
-    "scale_by_nadam",
     "scale_by_novograd",
     "scale_by_radam",
-    "scale_by_rms",
     "scale_by_rprop",
     "scale_by_schedule",
     "scale_by_sign",
     "scale_by_signum",
     "scale_by_trust_ratio",
-    "scale_by_yogi",
     "ScaleByAdadeltaState",
     "ScaleByAdagradState",
-    "ScaleByAdamaxState",
-    "ScaleByAdamState",
-    "ScaleByBeliefState",
     "ScaleByFactoredRmsState",
-    "ScaleByNAdamState",
     "ScaleByRAdamState",
-    "ScaleByRmsState",
     "ScaleByRpropState",
     "ScaleByScheduleState",
-    "ScaleByYogiState",
     "ScheduleFreeState",
     "SignumState",
     "SparseAdamState",
-    "trace",
-    "TraceState",
     "zero_nans",
     "ZeroNansState",
 ]
