@@ -123,9 +123,13 @@ IDS = [c.id for c in CASES]
 
 
 def _factory(case: Case) -> Callable[..., pureopt.GradientTransformation]:
-    try:
-        module = importlib.import_module(f"pureopt.optimizers.{case.module}")
-    except ImportError:
+    for package in ("pureopt.algorithms", "pureopt.optimizers"):
+        try:
+            module = importlib.import_module(f"{package}.{case.module}")
+            break
+        except ImportError:
+            continue
+    else:
         pytest.skip(f"pureopt.optimizers.{case.module} is not there (yet)")
     return getattr(module, case.factory)
 
@@ -299,7 +303,7 @@ def test_param_groups_and_state_dict_look_like_torchs():
             if key not in impl_keys:
                 assert mg[key] == value, key
     assert {k: sorted(v) for k, v in t_sd["state"].items()} == {k: sorted(v) for k, v in m_sd["state"].items()}
-    assert int(m_sd["pureopt"]["groups"][0]["globals"]["num_updates"]) == 1
+    assert int(m_sd["param_groups"][0]["pureopt"]["globals"]["num_updates"]) == 1
 
 
 def test_parameters_without_gradients_are_skipped_and_have_no_saved_state():
@@ -613,7 +617,7 @@ def test_ready_transformation_matches_torch_clip_then_adam():
             torch.testing.assert_close(mp[k].detach(), tp[k].detach(), **tolerances(torch.float64))
     sd = mine.state_dict()
     assert sorted(sd["state"][0]) == ["exp_avg", "exp_avg_sq", "step"]
-    assert set(sd["pureopt"]["groups"][0]["globals"]) == {"1.num_updates"}
+    assert set(sd["param_groups"][0]["pureopt"]["globals"]) == {"1.num_updates"}
     assert "lr" not in sd["param_groups"][0]
 
 

@@ -19,16 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pureopt
+from pureopt.algorithms.adadelta import adadelta, scale_by_adadelta
+from pureopt.algorithms.adamax import adamax, scale_by_adamax
+from pureopt.algorithms.sgd import sgd
 from pureopt.combine import chain
-from pureopt.optimizers.adadelta import adadelta
 from pureopt.optimizers.adagrad import adagrad
-from pureopt.optimizers.adamax import adamax
 from pureopt.optimizers.asgd import asgd
-from pureopt.optimizers.sgd import sgd
 from pureopt.optimizers.sparse_adam import sparse_adam
-from pureopt.transforms.adadelta import scale_by_adadelta
 from pureopt.transforms.adagrad import scale_by_adagrad
-from pureopt.transforms.adamax import scale_by_adamax
 from pureopt.transforms.scale import scale_by_learning_rate
 
 DTYPES = [torch.float64, torch.float32]

@@ -7,6 +7,7 @@ One module per family; the math lives once in :mod:`pureopt.kernels`.
 """
 
 from pureopt.algorithms.adabelief import adabelief
+from pureopt.algorithms.adadelta import adadelta
 from pureopt.algorithms.adam import adam, adamw
 from pureopt.algorithms.adamax import adamax
 from pureopt.algorithms.lion import lion
@@ -14,7 +15,6 @@ from pureopt.algorithms.nadam import nadam
 from pureopt.algorithms.rmsprop import rmsprop
 from pureopt.algorithms.sgd import sgd
 from pureopt.algorithms.yogi import yogi
-from pureopt.optimizers.adadelta import adadelta
 from pureopt.optimizers.adafactor import adafactor
 from pureopt.optimizers.adagrad import adagrad
 from pureopt.optimizers.adan import adan

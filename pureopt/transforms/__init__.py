@@ -1,6 +1,5 @@
 """Primitive gradient transformations: the building blocks that optimizers are chained from."""
 
-from pureopt.transforms.adadelta import ScaleByAdadeltaState, scale_by_adadelta
 from pureopt.transforms.adafactor import ScaleByFactoredRmsState, scale_by_factored_rms
 from pureopt.transforms.adagrad import ScaleByAdagradState, scale_by_adagrad
 from pureopt.transforms.adan import AdanState, scale_by_adan
@@ -47,7 +46,6 @@ __all__ = [
     "NovoGradState",
     "orthogonalize",
     "scale",
-    "scale_by_adadelta",
     "scale_by_adagrad",
     "scale_by_adan",
     "scale_by_ademamix",
@@ -61,7 +59,6 @@ __all__ = [
     "scale_by_sign",
     "scale_by_signum",
     "scale_by_trust_ratio",
-    "ScaleByAdadeltaState",
     "ScaleByAdagradState",
     "ScaleByFactoredRmsState",
     "ScaleByRAdamState",
