@@ -4,56 +4,91 @@ state record."""
 
 from pureopt.algorithms.adabelief import ScaleByBeliefState, adabelief, scale_by_belief
 from pureopt.algorithms.adadelta import ScaleByAdadeltaState, adadelta, scale_by_adadelta
+from pureopt.algorithms.adagrad import ScaleByAdagradState, adagrad, scale_by_adagrad
 from pureopt.algorithms.adam import ScaleByAdamState, adam, adamw, scale_by_adam
 from pureopt.algorithms.adamax import ScaleByAdamaxState, adamax, scale_by_adamax
+from pureopt.algorithms.adamp import ScaleByAdamPState, adamp, scale_by_adamp
 from pureopt.algorithms.adopt import ScaleByAdoptState, adopt, scale_by_adopt
+from pureopt.algorithms.came import CAMEState, came, scale_by_came
+from pureopt.algorithms.dadapt import DAdaptAdamState, DAdaptSGDState, dadapt_adam, dadapt_sgd
+from pureopt.algorithms.dog import DoGState, dog
 from pureopt.algorithms.laprop import ScaleByLaPropState, laprop, scale_by_laprop
 from pureopt.algorithms.lion import LionState, lion, scale_by_lion
 from pureopt.algorithms.madgrad import MadgradState, madgrad
 from pureopt.algorithms.mars import ScaleByMarsState, mars, scale_by_mars
 from pureopt.algorithms.nadam import ScaleByNAdamState, nadam, scale_by_nadam
+from pureopt.algorithms.prodigy import ProdigyState, prodigy
+from pureopt.algorithms.radam import ScaleByRAdamState, radam, scale_by_radam
 from pureopt.algorithms.rmsprop import ScaleByRmsState, rmsprop, scale_by_rms
 from pureopt.algorithms.sgd import TraceState, sgd, trace
+from pureopt.algorithms.sgdp import SGDPState, scale_by_sgdp, sgdp
+from pureopt.algorithms.sophia import SophiaGState, scale_by_sophia, sophia_g
 from pureopt.algorithms.yogi import ScaleByYogiState, scale_by_yogi, yogi
 
 __all__ = [
-    "ScaleByAdoptState",
-    "adopt",
-    "scale_by_adopt",
-    "ScaleByLaPropState",
-    "laprop",
-    "scale_by_laprop",
-    "MadgradState",
-    "madgrad",
-    "ScaleByMarsState",
-    "mars",
-    "scale_by_mars",
+    "CAMEState",
+    "DAdaptAdamState",
+    "DAdaptSGDState",
+    "DoGState",
     "LionState",
+    "MadgradState",
+    "ProdigyState",
+    "SGDPState",
     "ScaleByAdadeltaState",
+    "ScaleByAdagradState",
+    "ScaleByAdamPState",
     "ScaleByAdamState",
     "ScaleByAdamaxState",
+    "ScaleByAdoptState",
     "ScaleByBeliefState",
+    "ScaleByLaPropState",
+    "ScaleByMarsState",
     "ScaleByNAdamState",
+    "ScaleByRAdamState",
     "ScaleByRmsState",
     "ScaleByYogiState",
+    "SophiaGState",
     "TraceState",
     "adabelief",
     "adadelta",
+    "adagrad",
     "adam",
     "adamax",
+    "adamp",
     "adamw",
+    "adopt",
+    "came",
+    "dadapt_adam",
+    "dadapt_sgd",
+    "dog",
+    "laprop",
     "lion",
+    "madgrad",
+    "mars",
     "nadam",
+    "prodigy",
+    "radam",
     "rmsprop",
     "scale_by_adadelta",
+    "scale_by_adagrad",
     "scale_by_adam",
     "scale_by_adamax",
+    "scale_by_adamp",
+    "scale_by_adopt",
     "scale_by_belief",
+    "scale_by_came",
+    "scale_by_laprop",
     "scale_by_lion",
+    "scale_by_mars",
     "scale_by_nadam",
+    "scale_by_radam",
     "scale_by_rms",
+    "scale_by_sgdp",
+    "scale_by_sophia",
     "scale_by_yogi",
     "sgd",
+    "sgdp",
+    "sophia_g",
     "trace",
     "yogi",
 ]

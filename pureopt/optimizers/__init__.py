@@ -8,15 +8,16 @@ One module per family; the math lives once in :mod:`pureopt.kernels`.
 
 from pureopt.algorithms.adabelief import adabelief
 from pureopt.algorithms.adadelta import adadelta
+from pureopt.algorithms.adagrad import adagrad
 from pureopt.algorithms.adam import adam, adamw
 from pureopt.algorithms.adamax import adamax
 from pureopt.algorithms.lion import lion
 from pureopt.algorithms.nadam import nadam
+from pureopt.algorithms.radam import radam
 from pureopt.algorithms.rmsprop import rmsprop
 from pureopt.algorithms.sgd import sgd
 from pureopt.algorithms.yogi import yogi
 from pureopt.optimizers.adafactor import adafactor
-from pureopt.optimizers.adagrad import adagrad
 from pureopt.optimizers.adan import adan
 from pureopt.optimizers.ademamix import ademamix
 from pureopt.optimizers.asgd import asgd
@@ -25,7 +26,6 @@ from pureopt.optimizers.lars import lars
 from pureopt.optimizers.lbfgs import lbfgs
 from pureopt.optimizers.muon import muon
 from pureopt.optimizers.novograd import novograd
-from pureopt.optimizers.radam import radam
 from pureopt.optimizers.rprop import rprop
 from pureopt.optimizers.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
 from pureopt.optimizers.sign_sgd import sign_sgd, signum

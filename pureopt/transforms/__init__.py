@@ -1,7 +1,6 @@
 """Primitive gradient transformations: the building blocks that optimizers are chained from."""
 
 from pureopt.transforms.adafactor import ScaleByFactoredRmsState, scale_by_factored_rms
-from pureopt.transforms.adagrad import ScaleByAdagradState, scale_by_adagrad
 from pureopt.transforms.adan import AdanState, scale_by_adan
 from pureopt.transforms.adaptive_clip import adaptive_grad_clip
 from pureopt.transforms.ademamix import AdEMAMixState, scale_by_ademamix
@@ -16,7 +15,6 @@ from pureopt.transforms.muon import MuonState, orthogonalize, scale_by_muon
 from pureopt.transforms.nans import ZeroNansState, zero_nans
 from pureopt.transforms.noise import AddNoiseState, add_noise
 from pureopt.transforms.novograd import NovoGradState, scale_by_novograd
-from pureopt.transforms.radam import ScaleByRAdamState, scale_by_radam
 from pureopt.transforms.rprop import ScaleByRpropState, scale_by_rprop
 from pureopt.transforms.scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
 from pureopt.transforms.schedule_free import ScheduleFreeState
@@ -46,22 +44,18 @@ __all__ = [
     "NovoGradState",
     "orthogonalize",
     "scale",
-    "scale_by_adagrad",
     "scale_by_adan",
     "scale_by_ademamix",
     "scale_by_factored_rms",
     "scale_by_learning_rate",
     "scale_by_muon",
     "scale_by_novograd",
-    "scale_by_radam",
     "scale_by_rprop",
     "scale_by_schedule",
     "scale_by_sign",
     "scale_by_signum",
     "scale_by_trust_ratio",
-    "ScaleByAdagradState",
     "ScaleByFactoredRmsState",
-    "ScaleByRAdamState",
     "ScaleByRpropState",
     "ScaleByScheduleState",
     "ScheduleFreeState",
