@@ -20,6 +20,7 @@ from pureopt.algorithms.nadam import ScaleByNAdamState, nadam, scale_by_nadam
 from pureopt.algorithms.prodigy import ProdigyState, prodigy
 from pureopt.algorithms.radam import ScaleByRAdamState, radam, scale_by_radam
 from pureopt.algorithms.rmsprop import ScaleByRmsState, rmsprop, scale_by_rms
+from pureopt.algorithms.rprop import ScaleByRpropState, rprop, scale_by_rprop
 from pureopt.algorithms.sgd import TraceState, sgd, trace
 from pureopt.algorithms.sgdp import SGDPState, scale_by_sgdp, sgdp
 from pureopt.algorithms.sophia import SophiaGState, scale_by_sophia, sophia_g
@@ -46,6 +47,7 @@ __all__ = [
     "ScaleByNAdamState",
     "ScaleByRAdamState",
     "ScaleByRmsState",
+    "ScaleByRpropState",
     "ScaleByYogiState",
     "SophiaGState",
     "TraceState",
@@ -69,6 +71,7 @@ __all__ = [
     "prodigy",
     "radam",
     "rmsprop",
+    "rprop",
     "scale_by_adadelta",
     "scale_by_adagrad",
     "scale_by_adam",
@@ -83,6 +86,7 @@ __all__ = [
     "scale_by_nadam",
     "scale_by_radam",
     "scale_by_rms",
+    "scale_by_rprop",
     "scale_by_sgdp",
     "scale_by_sophia",
     "scale_by_yogi",

@@ -256,6 +256,36 @@ class ListOps:
         """``1 / x`` (``torch.reciprocal``)."""
         return self._map_unary("reciprocal", xs, inplace)
 
+    def pow(self, xs: list[Tensor], exponent: float, inplace: bool = False) -> list[Tensor]:
+        """``x ** exponent`` (``exponent`` a Python number)."""
+        if self.foreach:
+            if inplace and self.inplace_ok:
+                torch._foreach_pow_(xs, exponent)
+                return xs
+            return list(torch._foreach_pow(xs, exponent))
+        if inplace and self.inplace_ok:
+            return [x.pow_(exponent) for x in xs]
+        return [torch.pow(x, exponent) for x in xs]
+
+    def clamp(
+        self, xs: list[Tensor], lo: Scalar | None = None, hi: Scalar | None = None, inplace: bool = False
+    ) -> list[Tensor]:
+        """``min(max(x, lo), hi)`` (``torch.clamp``; either bound may be ``None``): bounds as scalar arguments."""
+        for name, bound in (("clamp_min", lo), ("clamp_max", hi)):
+            if bound is None:
+                continue
+            per = list(_per(bound, len(xs)))
+            if self.foreach and _foreach_arg(per) is not None:
+                fn = getattr(torch, f"_foreach_{name}_" if inplace and self.inplace_ok else f"_foreach_{name}")
+                out = fn(xs, per)
+                xs = xs if out is None else list(out)
+            elif inplace and self.inplace_ok:
+                xs = [getattr(x, f"{name}_")(b) for x, b in zip(xs, per)]
+            else:
+                xs = [getattr(torch, name)(x, b) for x, b in zip(xs, per)]
+            inplace = True  # (the second bound works on the first one's result)
+        return xs
+
     def clone(self, xs: Sequence[Tensor]) -> list[Tensor]:
         """Copies that share no memory with ``xs``."""
         return [x.clone() for x in xs]
@@ -444,6 +474,16 @@ class ScratchOps(ListOps):
 
     def reciprocal(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
         return super().reciprocal(xs, True) if inplace else self._unary(torch.reciprocal, xs)
+
+    def pow(self, xs: list[Tensor], exponent: float, inplace: bool = False) -> list[Tensor]:
+        return super().pow(xs, exponent, True) if inplace else self._into(torch.pow, xs, [exponent] * len(xs))
+
+    def clamp(
+        self, xs: list[Tensor], lo: Scalar | None = None, hi: Scalar | None = None, inplace: bool = False
+    ) -> list[Tensor]:
+        if inplace:
+            return super().clamp(xs, lo, hi, True)
+        return super().clamp(self.clone(xs), lo, hi, True)
 
     def clone(self, xs: Sequence[Tensor]) -> list[Tensor]:
         return [o.copy_(x) for x, o in zip(xs, self.scratch.take(xs))]
