@@ -23,13 +23,12 @@ from pureopt import tree as ptree
 from pureopt.algorithms.nadam import nadam, scale_by_nadam
 from pureopt.algorithms.radam import radam, scale_by_radam
 from pureopt.algorithms.rmsprop import rmsprop, scale_by_rms
+from pureopt.algorithms.rprop import rprop, scale_by_rprop
 from pureopt.algorithms.sgd import trace
 from pureopt.base import GradientTransformation, UpdateContext, apply_updates
 from pureopt.combine import chain
 from pureopt.optimizers.adafactor import adafactor
-from pureopt.optimizers.rprop import rprop
 from pureopt.transforms.adafactor import scale_by_factored_rms
-from pureopt.transforms.rprop import scale_by_rprop
 from pureopt.transforms.scale import scale, scale_by_learning_rate
 
 DTYPES = [torch.float64, torch.float32]

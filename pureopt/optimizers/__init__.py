@@ -15,6 +15,7 @@ from pureopt.algorithms.lion import lion
 from pureopt.algorithms.nadam import nadam
 from pureopt.algorithms.radam import radam
 from pureopt.algorithms.rmsprop import rmsprop
+from pureopt.algorithms.rprop import rprop
 from pureopt.algorithms.sgd import sgd
 from pureopt.algorithms.yogi import yogi
 from pureopt.optimizers.adafactor import adafactor
@@ -26,7 +27,6 @@ from pureopt.optimizers.lars import lars
 from pureopt.optimizers.lbfgs import lbfgs
 from pureopt.optimizers.muon import muon
 from pureopt.optimizers.novograd import novograd
-from pureopt.optimizers.rprop import rprop
 from pureopt.optimizers.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
 from pureopt.optimizers.sign_sgd import sign_sgd, signum
 from pureopt.optimizers.sparse_adam import sparse_adam

@@ -15,7 +15,6 @@ from pureopt.transforms.muon import MuonState, orthogonalize, scale_by_muon
 from pureopt.transforms.nans import ZeroNansState, zero_nans
 from pureopt.transforms.noise import AddNoiseState, add_noise
 from pureopt.transforms.novograd import NovoGradState, scale_by_novograd
-from pureopt.transforms.rprop import ScaleByRpropState, scale_by_rprop
 from pureopt.transforms.scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
 from pureopt.transforms.schedule_free import ScheduleFreeState
 from pureopt.transforms.sign_sgd import SignumState, scale_by_sign, scale_by_signum
@@ -50,13 +49,11 @@ __all__ = [
     "scale_by_learning_rate",
     "scale_by_muon",
     "scale_by_novograd",
-    "scale_by_rprop",
     "scale_by_schedule",
     "scale_by_sign",
     "scale_by_signum",
     "scale_by_trust_ratio",
     "ScaleByFactoredRmsState",
-    "ScaleByRpropState",
     "ScaleByScheduleState",
     "ScheduleFreeState",
     "SignumState",
