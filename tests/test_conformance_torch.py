@@ -72,17 +72,9 @@ SPARSE_ADAM_STEP_SAVED = (
     "TorchOptimizer saves SparseAdam's 'step' as a float32 tensor where torch saves a Python int: "
     "torch.optim.SparseAdam loading it computes its bias corrections in float32 and drifts (1e-6 relative after a step)"
 )
-UNSTEPPED_STATE = (
-    "state_dict() holds a zero momentum_buffer for a parameter that never had a gradient (SGD with momentum, Muon: "
-    "no step count tells the adapter it was never stepped); torch saves no entry for it"
-)
 LBFGS_STATE = (
     "torch.optim.LBFGS checkpoints are refused: TorchOptimizer keeps no torch-format L-BFGS state ('the state of "
     "parameter 0 has 'H_diag', ..., which this optimizer does not keep')"
-)
-PUREOPT_ENTRY = (
-    "state_dict() has a third top-level entry, 'pureopt' (format version, state types, update counters), beside "
-    "torch's 'state' and 'param_groups'"
 )
 LBFGS_NO_GRAD_STATE = (
     "torch's LBFGS records func_evals/n_iter in state[params[0]] even on a step without gradients; "
@@ -520,8 +512,6 @@ def _unstepped_cases() -> list[Any]:
     cases = []
     for name in CLASSES:
         marks = [xfail(LBFGS_CLOSURE)] if INFOS[name].step_requires_closure else []
-        if name in ("SGD", "Muon"):
-            marks = [xfail(UNSTEPPED_STATE)]
         cases.append(pytest.param(name, id=name, marks=marks))
     return cases
 
@@ -534,7 +524,7 @@ def test_state_is_saved_only_for_parameters_that_had_a_gradient(name):
     assert_state_close(mine.state_dict()["state"], theirs.state_dict()["state"], "state", name, unstepped_ok=False)
 
 
-@pytest.mark.parametrize("name", class_cases(more=(xfail(PUREOPT_ENTRY),)))
+@pytest.mark.parametrize("name", class_cases(stepping=False))
 def test_state_dict_has_torchs_top_level_keys(name):
     params = make_params(name)
     mine = pure_opt(name, list(clone_params(params).values()), {})

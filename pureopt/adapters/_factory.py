@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
+from pureopt.adapters._state import PUREOPT_KEY
 from pureopt.base import GradientTransformation
 
 TORCH_COUNTERPARTS: dict[str, str] = {
@@ -35,6 +36,10 @@ TORCH_COUNTERPARTS: dict[str, str] = {
     "pureopt.optimizers.muon.muon": "Muon",
     "pureopt.optimizers.sparse_adam.sparse_adam": "SparseAdam",
 }
+# the algorithms defined once each (pureopt.algorithms) under their new home
+TORCH_COUNTERPARTS.update(
+    {key.replace("pureopt.optimizers.", "pureopt.algorithms."): name for key, name in TORCH_COUNTERPARTS.items()}
+)
 """pureopt factory (``module.name``) -> the torch.optim class whose checkpoints it reads and writes.
 
 Used to check torch checkpoints (a hyperparameter of the torch class missing from a saved group means the
@@ -44,7 +49,9 @@ checkpoint is from another optimizer) and to add the torch class's fixed options
 # torch.optim's implementation switches: they do not change the numbers, so they are neither passed to the factory
 # nor required to match
 _TORCH_IMPL_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable"})
-_RESERVED_KEYS = frozenset({"params", "param_names"})
+# keys of a param group that are not options: its parameters, their names, and pureopt's record of the group's global
+# state (see pureopt.adapters._checkpoint)
+_RESERVED_KEYS = frozenset({"params", "param_names", PUREOPT_KEY})
 
 
 def _qualname(factory: Callable[..., Any]) -> str:

@@ -76,8 +76,13 @@ class _Group:
         self.flat: FlatState | None = None
         self._export_of: Any = None  # the state object :meth:`entries` was computed from
         self._export: list[dict[str, Tensor]] = []
+        # the group's live record in param_groups (``{"globals": {path: tensor}}``, pureopt.adapters._checkpoint)
+        self.record: dict[str, Any] = {"globals": {}}
         self.views: list[ParamState] = []  # each parameter's entry of TorchOptimizer.state
         self.needs_closure = "LBFGSState" in self.layout.types  # re-evaluates the objective inside its update
+        # the (local) indices of the parameters that never took a step: without a step count nothing else tells
+        # that a zero momentum buffer is an initial one (state_dict() saves no entry for them, as torch)
+        self.unstepped: set[int] = set(range(len(self.params)))
 
     @property
     def state(self) -> OptState:
@@ -90,11 +95,25 @@ class _Group:
 
     def entries(self) -> list[dict[str, Tensor]]:
         """Each parameter's ``{torch_key: tensor}`` of the current state (cached until the state changes)."""
+        self._refresh_export()
+        return self._export
+
+    def globals(self) -> dict[str, Tensor]:
+        """The current state's global tensors (``num_updates`` counters, ...) by dotted path."""
+        return self.layout.globals_of(self.state)
+
+    def _refresh_export(self) -> None:
         state = self.checkpoint_state()
         if state is not self._export_of:
             self._export = self.layout.export(state)[0]
             self._export_of = state
-        return self._export
+
+    def set_globals(self, values: dict[str, Tensor]) -> None:
+        """Replace the global tensors by ``values`` (by dotted path, checked by the caller)."""
+        if self.flat is not None:
+            self.flat.set_globals(values)
+        else:
+            self._state = self.layout.with_globals(self._state, values)
 
     def set(self, tx: GradientTransformation, state: OptState, layout: StateLayout) -> None:
         """Switch to ``tx`` with a per-parameter ``state`` (copied into the flat buffers with ``flat=True``)."""
@@ -134,6 +153,11 @@ class _Group:
             for key, value in rebuild.items():
                 leaves[keys[key]] = value
             self.flat = FlatState(self.flat.flat, self.tx, self.layout.spec.unflatten(leaves))
+
+    def mark_stepped(self, grads: Sequence[Tensor | None]) -> None:
+        """Record that the parameters with a gradient in ``grads`` took a step (cheap once all have)."""
+        if self.unstepped:
+            self.unstepped = {i for i in self.unstepped if grads[i] is None}
 
     def passes(self) -> list[list[Tensor | None]]:
         """The gradients of each pass of a step: one pass, or one per listing of the most-listed parameter."""

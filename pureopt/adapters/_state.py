@@ -19,7 +19,7 @@ structure across updates, so the layout stays valid for the optimizer's lifetime
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Number
 from typing import Any
@@ -53,6 +53,7 @@ class _Slot:
     kind: str
     index: int  # parameter index of a per-parameter leaf; -1 otherwise
     path: tuple[str, ...]
+    at: tuple[int, ...] = ()  # the child positions that lead to the leaf (optree's one-level flattening)
 
 
 def _is_empty_tuple(x: Any) -> bool:
@@ -71,7 +72,9 @@ def _is_per_param_node(node: Any, num_params: int) -> bool:
     return has_tensor
 
 
-def _walk(node: Any, path: tuple[str, ...], num_params: int, slots: list[_Slot], types: list[str]) -> None:
+def _walk(
+    node: Any, path: tuple[str, ...], num_params: int, slots: list[_Slot], types: list[str], at: tuple[int, ...] = ()
+) -> None:
     """Append a slot for every leaf of ``node``, in optree's flattening order."""
     if _is_per_param_node(node, num_params):
         for i, entry in enumerate(node):
@@ -79,7 +82,7 @@ def _walk(node: Any, path: tuple[str, ...], num_params: int, slots: list[_Slot],
                 slots.append(_Slot(PARAM, i, path))
         return
     if node is None or isinstance(node, Tensor) or optree.tree_is_leaf(node, none_is_leaf=True):
-        slots.append(_Slot(GLOBAL if isinstance(node, Tensor) else STATIC, -1, path))
+        slots.append(_Slot(GLOBAL if isinstance(node, Tensor) else STATIC, -1, path, at))
         return
     children, _, entries = optree.tree_flatten_one_level(node, none_is_leaf=True)[:3]
     if isinstance(node, tuple) and hasattr(type(node), "_fields"):  # a state record
@@ -87,8 +90,8 @@ def _walk(node: Any, path: tuple[str, ...], num_params: int, slots: list[_Slot],
         names: Sequence[Any] = type(node)._fields  # type: ignore[attr-defined]
     else:
         names = entries
-    for child, name in zip(children, names):
-        _walk(child, (*path, str(name)), num_params, slots, types)
+    for k, (child, name) in enumerate(zip(children, names)):
+        _walk(child, (*path, str(name)), num_params, slots, types, (*at, k))
 
 
 def _dotted(path: tuple[str, ...]) -> str:
@@ -117,12 +120,14 @@ class StateLayout:
         self.types: tuple[str, ...] = tuple(types)
         self.param_keys: list[dict[str, int]] = [{} for _ in range(num_params)]
         self.global_keys: dict[str, int] = {}
+        self._global_at: dict[str, tuple[int, ...]] = {}
         per_param: list[list[tuple[tuple[str, ...], int]]] = [[] for _ in range(num_params)]
         for pos, slot in enumerate(slots):
             if slot.kind == PARAM:
                 per_param[slot.index].append((slot.path, pos))
             elif slot.kind == GLOBAL:
                 self.global_keys[_dotted(slot.path)] = pos
+                self._global_at[_dotted(slot.path)] = slot.at
         for i, entries in enumerate(per_param):
             short = [path[-1] if path else "<root>" for path, _ in entries]
             for (path, pos), name in zip(entries, short):
@@ -147,6 +152,17 @@ class StateLayout:
         leaves = self.leaves(state)
         per_param = [{key: leaves[pos] for key, pos in keys.items()} for keys in self.param_keys]
         return per_param, {key: leaves[pos] for key, pos in self.global_keys.items()}
+
+    def globals_of(self, state: Any) -> dict[str, Tensor]:
+        """The global tensors of ``state`` (a state of this layout) by path, reached without flattening the
+        per-parameter fields (cheap enough to run after every step)."""
+        out = {}
+        for key, at in self._global_at.items():
+            node = state
+            for k in at:
+                node = optree.tree_flatten_one_level(node, none_is_leaf=True)[0][k]
+            out[key] = node
+        return out
 
     def with_globals(self, state: Any, values: Mapping[str, Tensor]) -> Any:
         """``state`` with its global tensors replaced by ``values`` (by path); per-parameter leaves kept."""
@@ -336,23 +352,28 @@ def _write(leaves: list[Any], writes: Sequence[tuple[int, Tensor]]) -> None:
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 PUREOPT_KEY = "pureopt"
-"""The state-dict key under which the adapters save what torch's format has no place for."""
+"""The state-dict key under which the adapters save what torch's format has no place for: a top-level entry in
+``FunctionalOptimizer``'s state dicts (and ``TorchOptimizer``'s of format 1), a key of each saved param group in
+``TorchOptimizer``'s (format 2; see :mod:`pureopt.adapters._checkpoint`)."""
 FORMAT_VERSION = 1
 
 
-def checkpoint_entries(layout: StateLayout, state: Any) -> tuple[dict[int, dict[str, Tensor]], dict[str, Tensor]]:
+def checkpoint_entries(
+    layout: StateLayout, state: Any, never: Collection[int] = ()
+) -> tuple[dict[int, dict[str, Tensor]], dict[str, Tensor]]:
     """The per-parameter entries (by local index) and globals of ``state`` as saved in a state dict.
 
     As in torch.optim, a parameter that never took a step has no entry: one whose ``step`` count is 0 (its state
-    is still the initial one), or one without any per-parameter state.
+    is still the initial one), one listed in ``never`` (the caller knows it never stepped, e.g. with no step count
+    to tell), or one without any per-parameter state.
     """
     per_param, globals_ = layout.export(state)
     steps = [(i, e[STEP_KEY]) for i, e in enumerate(per_param) if STEP_KEY in e]
-    never: set[int] = set()
+    skipped = set(never)
     if steps:
         values = torch.stack([s.detach().reshape(()).to("cpu", torch.float64) for _, s in steps]).tolist()
-        never = {i for (i, _), v in zip(steps, values) if v == 0}
-    entries = {i: dict(e) for i, e in enumerate(per_param) if e and i not in never}
+        skipped |= {i for (i, _), v in zip(steps, values) if v == 0}
+    entries = {i: dict(e) for i, e in enumerate(per_param) if e and i not in skipped}
     return entries, globals_
 
 
@@ -364,14 +385,15 @@ def group_record(kind: str, layout: StateLayout, globals_: Mapping[str, Tensor])
 def check_group_record(record: Any, kind: str | None, layout: StateLayout, where: str) -> Mapping[str, Any]:
     """Check a group's record from the ``pureopt`` section against this optimizer; returns its globals.
 
-    ``kind`` (the factory's name) is compared when both sides have one; the state record types always are.
+    ``kind`` (the factory's name) is compared when both sides have one; the state record types when the record
+    has them.
     """
     if not isinstance(record, Mapping) or not isinstance(record.get("globals"), Mapping):
         raise ValueError(f"{where}: the checkpoint's {PUREOPT_KEY!r} section is malformed")
     saved_kind = record.get("kind")
     if kind is not None and saved_kind not in (None, "transform") and saved_kind != kind:
         raise ValueError(f"{where}: the checkpoint was saved by {saved_kind}, this optimizer is {kind}")
-    saved_types = list(record.get("types", []))
+    saved_types = list(record.get("types", layout.types))  # a param group's live record has none
     if saved_types != list(layout.types):
         raise ValueError(
             f"{where}: the checkpoint's state has records {saved_types}, this optimizer keeps {list(layout.types)}: "

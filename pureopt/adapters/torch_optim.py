@@ -34,6 +34,15 @@ from torch.optim.optimizer import required
 
 from pureopt import tree as _tree
 from pureopt.adapters._amp import donated_step
+from pureopt.adapters._checkpoint import (
+    GROUP_KEY,
+    asked_by_dcp,
+    checked_globals,
+    loaded_stepped,
+    record_globals,
+    saved_record,
+    saved_records,
+)
 from pureopt.adapters._factory import (
     _RESERVED_KEYS,
     _TORCH_READ_WITH_DEFAULT,
@@ -48,13 +57,10 @@ from pureopt.adapters._groups import _distinct, _extract_params, _Group
 from pureopt.adapters._live import LiveState, ParamState
 from pureopt.adapters._lr import _KEYS, _LIVE_OPTIMIZERS, _fill_lr, _lr_tensor, _lr_value
 from pureopt.adapters._state import (
-    FORMAT_VERSION,
     PUREOPT_KEY,
     StateLayout,
     as_state_tensor,
-    check_group_record,
     checkpoint_entries,
-    group_record,
     load_entries,
     migrate_entries,
 )
@@ -108,10 +114,13 @@ class TorchOptimizer(torch.optim.Optimizer):
       a tensor to one of those keys writes it into the optimizer's state (same shape and kind of dtype, else a
       ValueError); other keys are the client's and are kept, saved and loaded as in torch;
     * ``state_dict()`` is torch's format; per-parameter entries exist for parameters that took a step (or carry
-      a client's keys). What torch has no place for (the ``num_updates`` counters, the factory's name) is kept
-      under ``"pureopt"``, which torch.optim ignores. ``load_state_dict`` takes checkpoints of this class and of
-      the torch.optim counterpart (``TORCH_COUNTERPARTS``), older ones without options torch added later
-      included (they get torch's values for them), checks everything first and changes nothing when it fails;
+      a client's keys; under ``torch.distributed.checkpoint.state_dict``, for every parameter that requires grad).
+      What torch has no place for (the ``num_updates`` counters, the factory's name) is kept in each param group
+      under ``"pureopt"``, where DCP and ZeroRedundancyOptimizer keep it and torch.optim ignores it.
+      ``load_state_dict`` takes checkpoints of this class (older ones with a top-level ``"pureopt"`` entry
+      included) and of the torch.optim counterpart (``TORCH_COUNTERPARTS``), older ones without options torch
+      added later included (they get torch's values for them), checks everything first and changes nothing when
+      it fails;
     * ``copy.deepcopy`` gives an independent optimizer over deep-copied parameters; ``pickle`` stores the factory
       by reference (a hand-built transformation made of closures cannot be pickled: a TypeError says so);
     * ``_step_supports_amp_scaling`` is True only where every group runs torch's fused kernel by request
@@ -137,6 +146,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise TypeError(f"flat must be a bool, got a {type(flat).__name__}")
         self._flat = flat
         self._groups: list[_Group] = []
+        self._records_stale = False  # the groups' live records (param_groups[i]["pureopt"]) need a refresh
         self._live: LiveState = LiveState(self)
         self._hyperparams = dict(hyperparams)
         self._key = next(_KEYS)
@@ -179,7 +189,14 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        """The param groups (torch's list of option dicts)."""
+        """The param groups (torch's list of option dicts). Each holds, under ``"pureopt"``, the group's global
+        state (``{"globals": {"num_updates": tensor, ...}}``): refreshed after a step; a record put there by a client
+        (ZeroRedundancyOptimizer's ``load_state_dict`` copies the saved groups' in) is adopted at the next ``step``
+        or ``state_dict``."""
+        if self._records_stale:
+            self._records_stale = False
+            for g in self._groups:
+                g.record["globals"] = dict(g.globals())
         return self._param_groups
 
     @param_groups.setter
@@ -205,6 +222,44 @@ class TorchOptimizer(torch.optim.Optimizer):
             return
         self._live.assign_all(list(value.items()))
 
+    def _adopt_records(self) -> None:
+        """Take over the global state of records a client put in ``param_groups`` (every one checked before any is
+        adopted); a removed record is put back."""
+        adopted = []
+        for i, (group, g) in enumerate(zip(self._param_groups, self._groups)):
+            record = group.get(GROUP_KEY)
+            if record is g.record:
+                continue
+            if record is not None:
+                where = f"param_groups[{i}][{GROUP_KEY!r}]"
+                adopted.append((g, checked_globals(record, g.layout, g.globals(), where)))
+            group[GROUP_KEY] = g.record
+        for g, values in adopted:
+            g.set_globals(values)
+        if adopted:
+            self._records_stale = True
+            self._live.stale = True
+
+    def _check_flat_params(self) -> None:
+        """With ``flat=True``, refuse to step parameters that no longer live in the group's flat buffer (their
+        ``.data`` was re-pointed after the optimizer was built): the step would update the buffer, not them."""
+        for gi, g in enumerate(self._groups):
+            if g.flat is None:
+                continue
+            flat = g.flat.flat
+            for b, group in enumerate(flat.layout.groups):
+                if flat.detached[b] or not group.indices:
+                    continue
+                i = group.indices[0]
+                p = flat.params[i]
+                if p.untyped_storage().data_ptr() != flat.buffers[b].untyped_storage().data_ptr():
+                    raise RuntimeError(
+                        f"flat=True: parameter {i} of param group {gi} no longer lives in the optimizer's flat buffer: "
+                        "its .data was re-pointed after the optimizer was built (ZeroRedundancyOptimizer does so with "
+                        "parameters_as_bucket_view=True), and a step would leave it unchanged. Use flat=False, or "
+                        "parameters_as_bucket_view=False"
+                    )
+
     def _live_sync(self) -> None:
         """Refresh every parameter's pure keys in :attr:`state` with the current state's tensors."""
         for g in self._groups:
@@ -227,6 +282,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             checked[key] = tensor
         if checked:
             g.write(ps.index, checked)
+            g.unstepped.discard(ps.index)  # written state is no longer the initial one: saved from now on
             self._live.stale = True
         now = g.entries()[ps.index]
         return {key: now[key] for key in values}
@@ -291,6 +347,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 "(e.g. TorchOptimizer(params, pureopt.adamw, lr=...)) to use several"
             )
         listed = _extract_params(param_group)
+        param_group.pop(GROUP_KEY, None)  # a record copied from another optimizer's group: this group keeps its own
         existing = {id(p) for group in self.param_groups for p in group["params"]}
         if any(id(p) in existing for p in listed):
             raise ValueError("some parameters appear in more than one parameter group")
@@ -308,6 +365,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         index = len(self._groups)
         group.views = [self._live.register(p, index, i) for i, p in enumerate(group.params)]
         self._groups.append(group)
+        param_group[GROUP_KEY] = group.record
+        self._records_stale = True
         self._live.stale = True
 
     def _plan(self, index: int, group: Mapping[str, Any]) -> tuple[GradientTransformation, Any, Any, Any] | None:
@@ -425,6 +484,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._flat:
+            self._check_flat_params()
+        if any(group.get(GROUP_KEY) is not g.record for group, g in zip(self._param_groups, self._groups)):
+            self._adopt_records_outside_graph()
         plans = [self._plan(i, group) for i, group in enumerate(self._param_groups)]
         for g, plan in zip(self._groups, plans):
             if plan is not None:
@@ -437,6 +500,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             for grads in g.passes():
                 if all(x is None for x in grads):
                     continue
+                g.mark_stepped(grads)
                 if g.flat is not None:
                     g.flat.step(grads, {"grad_scale": grad_scale, "found_inf": found_inf})
                     continue
@@ -449,7 +513,17 @@ class TorchOptimizer(torch.optim.Optimizer):
                 else:
                     g._state = donated_step(g.update, grads, g._state, list(g.params), ctx)
         self._live.stale = True
+        self._records_stale = True
         return loss
+
+    def _adopt_records_outside_graph(self) -> None:
+        """:meth:`_adopt_records`, kept out of torch.compile graphs (it is rare, as :meth:`_rebuild`)."""
+        if torch.compiler.is_compiling():
+            import importlib
+
+            importlib.import_module("torch._dynamo").disable(self._adopt_records)()
+            return
+        self._adopt_records()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients (torch's semantics). With ``flat=True`` and ``set_to_none=False``, every ``p.grad``
@@ -473,26 +547,36 @@ class TorchOptimizer(torch.optim.Optimizer):
 
         Per-parameter entries use torch's key names and exist for parameters that took a step, plus the entries
         clients added to ``opt.state[p]`` (any value, as torch saves them); state clients keep under other keys
-        is saved under those keys, as torch does. Parameter ids are torch's: a parameter listed twice in a group
-        has one id. The ``"pureopt"`` entry keeps the global state (``num_updates`` counters), the factory's
-        name, the state's record types and which keys are the clients'. The tensors are the live state's own
+        is saved under those keys, as torch does. When ``torch.distributed.checkpoint.state_dict`` asks
+        (``get_state_dict`` & co.), every parameter that requires a gradient has an entry (its initial state if it
+        has not stepped), so that DCP's template for a fresh optimizer asks for everything a checkpoint may hold.
+        Parameter ids are torch's: a parameter listed twice in a group has one id. Each group's ``"pureopt"``
+        record keeps the global state (``num_updates`` counters), the factory's name, the state's record types,
+        which parameters have entries (and the sum of their step counts) and which keys are the clients' (see
+        :mod:`pureopt.adapters._checkpoint`); torch.optim ignores it. The tensors are the live state's own
         (``torch.save`` copies them). State-dict hooks run as in torch.optim.
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        self._adopt_records()
+        complete = asked_by_dcp()
         self.state  # noqa: B018 - refreshes the live view
         packed_state: dict[Any, dict[str, Any]] = {}
         packed_groups: list[dict[str, Any]] = []
-        records: list[dict[str, Any]] = []
         start = 0
         for group, g in zip(self.param_groups, self._groups):
             # torch's numbering: positions in the list, a parameter listed twice gets its last position's
             id_of = {id(p): start + k for k, p in enumerate(g.listed)}
             ids = [id_of[id(p)] for p in g.params]
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = [id_of[id(p)] for p in g.listed]
-            packed_groups.append(packed)
-            entries, globals_ = checkpoint_entries(g.layout, g.checkpoint_state())
+            packed = {k: v for k, v in group.items() if k not in ("params", GROUP_KEY)}
+            entries, globals_ = checkpoint_entries(g.layout, g.checkpoint_state(), never=g.unstepped)
+            stepped = list(entries)
+            if complete:  # DCP's template must ask for every parameter that may have stepped by the time it loads
+                current = g.entries()
+                for i, p in enumerate(g.params):
+                    if p.requires_grad and i not in entries and current[i]:
+                        entries[i] = dict(current[i])
+            record = saved_record(self._kind, g.layout, globals_, entries, stepped)
             extras: dict[str, list[str]] = {}
             for i, ps in enumerate(g.views):
                 own = ps.extras()
@@ -500,17 +584,14 @@ class TorchOptimizer(torch.optim.Optimizer):
                     entries[i] = {**entries.get(i, {}), **own}
                     extras[str(i)] = [str(k) for k in own]
             packed_state.update({ids[i]: entries[i] for i in sorted(entries)})
-            record = group_record(self._kind, g.layout, globals_)
             if extras:
                 record["extras"] = extras
-            records.append(record)
+            packed[GROUP_KEY] = record
+            packed["params"] = [id_of[id(p)] for p in g.listed]
+            packed_groups.append(packed)
             start += len(g.listed)
         packed_state.update(self._live.others())
-        state_dict: dict[str, Any] = {
-            "state": packed_state,
-            "param_groups": packed_groups,
-            PUREOPT_KEY: {"version": FORMAT_VERSION, "groups": records},
-        }
+        state_dict: dict[str, Any] = {"state": packed_state, "param_groups": packed_groups}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -548,12 +629,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         if not isinstance(saved_state, Mapping):
             raise ValueError("the state dict's 'state' should be a dict from parameter id to that parameter's state")
-        section = state_dict.get(PUREOPT_KEY)
-        records: Sequence[Any] | None = None
-        if section is not None:
-            records = section.get("groups") if isinstance(section, Mapping) else None
-            if not isinstance(records, Sequence) or len(records) != len(self.param_groups):
-                raise ValueError(f"the checkpoint's {PUREOPT_KEY!r} section is malformed")
+        records = saved_records(state_dict, len(self.param_groups))
         owner: dict[Any, tuple[int, int]] = {}
         for gi, saved in enumerate(saved_groups):
             g = self._groups[gi]
@@ -583,13 +659,18 @@ class TorchOptimizer(torch.optim.Optimizer):
             except (TypeError, ValueError) as e:  # the factory rejects the saved options
                 message = str(e) if str(e).startswith(where) else f"{where} of the checkpoint: {e}"
                 raise ValueError(message) from e
+            ids_of = _first_ids(saved["params"], g.listed, g.params)
             globals_ = None
             declared = None
             if records is not None:
                 kind = self._factory.name if self._factory is not None else None
-                globals_ = check_group_record(records[gi], kind, g.layout, where)
-                declared = _declared_extras(records[gi], where)
-            ids_of = _first_ids(saved["params"], g.listed, g.params)
+                record = records[gi]
+                globals_ = record_globals(record, kind, g.layout, entries[gi], g.params, where, ids_of)
+                if isinstance(record, Mapping) and "types" in record:  # a saved record (a live one has no extras)
+                    declared = _declared_extras(record, where)
+            g.unstepped = set(range(len(g.params))) - loaded_stepped(
+                records[gi] if records else None, entries[gi], g.layout
+            )
             g._state, extras = load_entries(
                 g.layout,
                 g.state,
@@ -603,6 +684,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if current is not None:
                 g.make_flat(current.flat)  # new flat state buffers over the same flat parameters
             new_group = dict(options)
+            new_group[GROUP_KEY] = g.record
             new_group["params"] = group["params"]
             if "param_names" in saved:
                 new_group["param_names"] = list(saved["param_names"])
@@ -632,6 +714,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         for key, value in others.items():
             self._live[key] = value
         self._live.stale = True
+        self._records_stale = True
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -680,6 +763,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             "param_groups": [dict(group) for group in self.param_groups],
             "states": [g.checkpoint_state() for g in self._groups],
             "extras": [[ps.extras() for ps in g.views] for g in self._groups],
+            "unstepped": [sorted(g.unstepped) for g in self._groups],
             "others": self._live.others(),
         }
 
@@ -711,14 +795,17 @@ class TorchOptimizer(torch.optim.Optimizer):
                 flat=state["flat"],
                 **state["hyperparams"],
             )
-        for g, saved, extras in zip(self._groups, state["states"], state["extras"]):
+        unstepped = state.get("unstepped", [[] for _ in self._groups])  # pickles of older versions: all stepped
+        for g, saved, extras, never in zip(self._groups, state["states"], state["extras"], unstepped):
             g.layout.leaves(saved)  # same structure as a fresh state (raises otherwise)
             g.set(g.tx, saved, g.layout)
+            g.unstepped = set(never)
             for ps, own in zip(g.views, extras):
                 ps.set_extras(own)
         for key, value in state["others"].items():
             self._live[key] = value
         self._live.stale = True
+        self._records_stale = True
 
     def __deepcopy__(self, memo: dict[int, Any]) -> TorchOptimizer:
         """An independent optimizer over deep copies of the parameters, with a copy of the state (torch's
