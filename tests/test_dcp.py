@@ -418,3 +418,40 @@ def test_a_record_put_into_param_groups_is_adopted_at_the_next_step() -> None:
     opt.param_groups[0]["pureopt"] = {"globals": {"num_updates": torch.tensor(1.5)}}
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['pureopt'\]\['globals'\]\['num_updates'\] has dtype"):
         _step(opt, params, 1)
+
+
+def test_state_of_a_parameter_frozen_after_it_stepped_is_not_dropped_silently(tmp_path: Path) -> None:
+    """DCP's set_state_dict loads no optimizer state for a parameter that does not require grad: a checkpoint in
+    which such a parameter had stepped is refused, with the remedy (unfreeze it while loading), which works."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def model_and_opt() -> tuple[nn.Module, TorchOptimizer]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1)).to(torch.float64)
+        return model, TorchOptimizer(model.parameters(), pureopt.adamw, lr=LR)
+
+    model, opt = model_and_opt()
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    model[0].requires_grad_(False)  # frozen after it stepped
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+    saved = copy.deepcopy(opt.state_dict()["state"])
+
+    def load(unfreeze: bool) -> TorchOptimizer:
+        model2, opt2 = model_and_opt()
+        model2[0].requires_grad_(unfreeze)
+        model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+        state = {"model": model_sd2, "optim": optim_sd2}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+        set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        model2[0].requires_grad_(False)
+        return opt2
+
+    with pytest.raises(ValueError, match=r"parameter 0\.weight, but none was loaded.*requires_grad=True"):
+        load(unfreeze=False)
+    restored = load(unfreeze=True).state_dict()["state"]
+    for pid, entry in saved.items():
+        for key, value in entry.items():
+            assert torch.equal(restored[pid][key], value), (pid, key)
