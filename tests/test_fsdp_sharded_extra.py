@@ -99,11 +99,20 @@ def batch_of(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
 
 
-def train(rank: int, kind: str, make_opt: Any, set_to_none: bool = True, hsdp: bool = False) -> dict[str, Any]:
+EDIT_AT = 3  # ``edit=True``: the parameters are halved in place before this step (outside the optimizer)
+
+
+def train(
+    rank: int, kind: str, make_opt: Any, set_to_none: bool = True, hsdp: bool = False, edit: bool = False
+) -> dict[str, Any]:
     model = sharded_net(kind, hsdp)
     opt = make_opt(model.parameters())
     trajectory = []
     for step in range(STEPS):
+        if edit and step == EDIT_AT:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(0.5)
         opt.zero_grad(set_to_none=set_to_none)
         loss_fn(model(batch_of(rank, step)[0]), batch_of(rank, step)[1]).backward()
         opt.step()
@@ -182,6 +191,7 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
 
     res["adamw-flat"] = train(rank, "layers", adamw(True))
     res["adamw-flat-views"] = train(rank, "layers", adamw(True), set_to_none=False)  # FSDP2 accumulates into them
+    res["adamw-flat-edited"] = train(rank, "layers", adamw(True), set_to_none=False, edit=True)
     res["adamw-flat-hsdp"] = train(rank, "layers", adamw(True), hsdp=True)
     res["adamw-per-tensor"] = train(rank, "layers", adamw(False))
     res["lamb-flat"] = train(rank, "layers", lambda ps: TorchOptimizer(ps, pureopt.lamb, lr=LR, flat=True))
@@ -213,12 +223,16 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
 # --- test side ----------------------------------------------------------------------------------------------------
 
 
-def reference(kind: str, make_opt: Any) -> list[list[torch.Tensor]]:
+def reference(kind: str, make_opt: Any, edit: bool = False) -> list[list[torch.Tensor]]:
     """The unsharded single-process run on the whole batch."""
     model = make_net(kind)
     opt = make_opt(list(model.parameters()))
     out = []
     for step in range(STEPS):
+        if edit and step == EDIT_AT:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(0.5)
         opt.zero_grad()
         x, y = global_batch(step)
         loss_fn(model(x), y).backward()
@@ -289,9 +303,10 @@ def assert_close(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]], 
 ADAMW_REF = {"lr": LR, "weight_decay": 0.1}
 
 
-@pytest.mark.parametrize("run", ["adamw-flat", "adamw-flat-views", "adamw-flat-hsdp"])
+@pytest.mark.parametrize("run", ["adamw-flat", "adamw-flat-views", "adamw-flat-edited", "adamw-flat-hsdp"])
 def test_flat_adamw_on_fsdp2_equals_the_unsharded_run(job: list[dict[str, Any]], run: str) -> None:
-    want = reference("layers", lambda ps: torch.optim.AdamW(ps, **ADAMW_REF))
+    # "edited": parameters changed in place between steps reach the flat step (its buffer is reloaded)
+    want = reference("layers", lambda ps: torch.optim.AdamW(ps, **ADAMW_REF), edit=run.endswith("edited"))
     for rank in range(WORLD):
         assert_close(job[rank][run]["trajectory"], want, RTOL64, ATOL64)
         assert job[rank][run]["state_placed_like_params"]

@@ -86,7 +86,6 @@ class FlatParams:
             for p, view, g in zip(self.params, views, self.layout.group_of):
                 if not self.detached[g]:
                     p.data = view
-        self._local_params = [local_tensor(p) for p in self.params]
         self._param_views = views
         self._grad_buffers: list[Tensor] | None = None
         self._grad_views: list[Tensor] = []  # what p.grad is set to (DTensors over local views for DTensor groups)
@@ -117,18 +116,24 @@ class FlatParams:
         return any(self.detached)
 
     def load_params(self) -> None:
-        """Copy the local shards of the DTensor groups' parameters into their buffers (one ``cat`` per group)."""
+        """Copy the local shards of the DTensor groups' parameters into their buffers (one ``cat`` per group).
+
+        Every step: a write to a DTensor parameter (``p.mul_``, ``p.data.copy_``) reaches its local shard inside
+        DTensor's dispatch, which bumps no version counter of the local tensor, so a stale buffer could not be
+        told from a current one. The local shards are looked up every step too: FSDP2 may give a parameter a new
+        local tensor (``_apply``, ``load_state_dict(assign=True)``)."""
         for g, group in enumerate(self.layout.groups):
             if self.detached[g]:
-                parts = [self._local_params[i].reshape(-1) for i in group.indices]
+                parts = [local_tensor(self.params[i]).reshape(-1) for i in group.indices]
                 torch.cat(parts, out=self.buffers[g])
 
     def store_params(self) -> None:
         """Copy the DTensor groups' buffers back into the parameters' local shards (one foreach copy)."""
-        dst, src = [], []
+        dst: list[Tensor] = []
+        src: list[Tensor] = []
         for g, group in enumerate(self.layout.groups):
             if self.detached[g]:
-                dst += [self._local_params[i] for i in group.indices]
+                dst += [local_tensor(self.params[i]) for i in group.indices]
                 src += [self._param_views[i] for i in group.indices]
         if dst:
             torch._foreach_copy_(dst, src)
