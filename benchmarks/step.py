@@ -8,6 +8,11 @@ Implementations:
   pureopt-pure                               updates, state = tx.update(...); params = apply_updates(...)
   pureopt-step                               params, state = pureopt.step(tx, grads, state, params): as pure
                                              (inputs untouched), on copies with the donated kernels
+  pureopt-step-donate-state                  pureopt.step(..., donate="state"): the old state is handed over and
+                                             reused (in place); only the parameters are copied
+  pureopt-flatparams-step                    pureopt.step over pureopt.FlatParams buffers (one flat buffer per
+                                             (device, dtype) for parameters, gradients and state), eager
+  pureopt-flatparams-donated                 the same with donate=("params", "state") (in place)
   pureopt-donated                            state = pureopt.inplace_step(tx, grads, state, params)
                                              (what the stateful adapters run: buffers owned, updated in place)
   pureopt-flat                               TorchOptimizer(params, tx, flat=True).step(), gradients already
@@ -17,7 +22,10 @@ Implementations:
                                              in a torch.cuda.CUDAGraph and replayed (lr a device tensor)
   pureopt-compiled                           (--compiled) pureopt-pure under torch.compile(fullgraph=True) (inductor),
                                              lr a 0-d tensor; the first call's time is reported as compile_s
+  pureopt-compiled-donated                   (--compiled) the same with donate=("params", "state"): written in place
   pureopt-compiled-flat                      (--compiled) the same for pureopt.flatten(tx): one vector per group
+  pureopt-compiled-flatparams                (--compiled) pureopt-flatparams-step under torch.compile(fullgraph=True)
+  pureopt-compiled-flatparams-donated        (--compiled) the same with donate=("params", "state")
   torch-compiled                             (--compiled with torch-compiled in --compiled-rows) torch.optim's
                                              foreach step under torch.compile, lr a tensor (torch's recipe)
 
@@ -25,14 +33,16 @@ On CUDA (``--device cuda``) each timing is CUDA events around ``--inner`` back-t
 implementation (so launch-bound steps are timed as they run in a training loop, without a host sync per step),
 and the bandwidth is a device-to-device copy.
 
-Reported per row: median ms, ratio to torch's fastest implementation of the same algorithm, and the fraction of
-the memory-bandwidth bound (bytes the algorithm must move per step / measured copy bandwidth).
+Reported per row: median ms (and quartiles in the JSON), ratio to torch's fastest implementation of the same
+algorithm, the fraction of the memory-bandwidth bound (bytes the algorithm must move per step / measured copy
+bandwidth), the cold compile time of compiled rows, and with ``--memory`` the peak transient memory of one step.
 
     python benchmarks/step.py                      # all sets, SGD-momentum / Adam / AdamW / Adagrad
     python benchmarks/step.py --quick              # small sizes, a few rounds: a smoke run
     python benchmarks/step.py --algos all --json benchmarks/results/latest.json
     python benchmarks/step.py --device cuda --json benchmarks/results/latest-cuda.json
-    python benchmarks/step.py --compiled --sets small,medium --algos adamw --json benchmarks/results/compiled.json
+    python benchmarks/step.py --compiled --memory --sets small,medium,many-small --algos adamw \\
+        --json benchmarks/results/compiled-flatparams.json
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ class Algo:
     name: str
     torch_cls: str | None
     kwargs: dict[str, Any]
-    factory: str  # "module:function" under pureopt
+    factory: str  # "module:function" (the public names: "pureopt:adamw")
     state_tensors: int  # per-parameter state tensors read and written each step
     fused: bool = False
 
@@ -72,26 +82,26 @@ class Algo:
         # read param, grad and every state tensor; write param and every state tensor
         return itemsize * (2 + self.state_tensors + 1 + self.state_tensors)
 
-    def build_pureopt(self, impl: str) -> pureopt.GradientTransformation:
+    def build_pureopt(self, impl: str, **overrides: Any) -> pureopt.GradientTransformation:
         module, fn = self.factory.split(":")
-        return getattr(importlib.import_module(module), fn)(impl=impl, **self.kwargs)
+        return getattr(importlib.import_module(module), fn)(impl=impl, **{**self.kwargs, **overrides})
 
 
 ALGOS = {
-    "sgd": Algo("sgd-momentum", "SGD", {"lr": 0.01, "momentum": 0.9}, "pureopt.optimizers.sgd:sgd", 1, True),
-    "adam": Algo("adam", "Adam", {"lr": 1e-3}, "pureopt.optimizers.adam:adam", 2, True),
-    "adamw": Algo("adamw", "AdamW", {"lr": 1e-3, "weight_decay": 0.01}, "pureopt.optimizers.adam:adamw", 2, True),
-    "adagrad": Algo("adagrad", "Adagrad", {"lr": 1e-2}, "pureopt.optimizers.adagrad:adagrad", 1, True),
-    "rmsprop": Algo("rmsprop", "RMSprop", {"lr": 1e-3}, "pureopt.optimizers.rmsprop:rmsprop", 1),
-    "adamax": Algo("adamax", "Adamax", {"lr": 1e-3}, "pureopt.optimizers.adamax:adamax", 2),
-    "nadam": Algo("nadam", "NAdam", {"lr": 1e-3}, "pureopt.optimizers.nadam:nadam", 2),
-    "radam": Algo("radam", "RAdam", {"lr": 1e-3}, "pureopt.optimizers.radam:radam", 2),
-    "adadelta": Algo("adadelta", "Adadelta", {"lr": 1.0}, "pureopt.optimizers.adadelta:adadelta", 2),
-    "rprop": Algo("rprop", "Rprop", {"lr": 1e-2}, "pureopt.optimizers.rprop:rprop", 2),
-    "asgd": Algo("asgd", "ASGD", {"lr": 1e-2}, "pureopt.optimizers.asgd:asgd", 1),
+    "sgd": Algo("sgd-momentum", "SGD", {"lr": 0.01, "momentum": 0.9}, "pureopt:sgd", 1, True),
+    "adam": Algo("adam", "Adam", {"lr": 1e-3}, "pureopt:adam", 2, True),
+    "adamw": Algo("adamw", "AdamW", {"lr": 1e-3, "weight_decay": 0.01}, "pureopt:adamw", 2, True),
+    "adagrad": Algo("adagrad", "Adagrad", {"lr": 1e-2}, "pureopt:adagrad", 1, True),
+    "rmsprop": Algo("rmsprop", "RMSprop", {"lr": 1e-3}, "pureopt:rmsprop", 1),
+    "adamax": Algo("adamax", "Adamax", {"lr": 1e-3}, "pureopt:adamax", 2),
+    "nadam": Algo("nadam", "NAdam", {"lr": 1e-3}, "pureopt:nadam", 2),
+    "radam": Algo("radam", "RAdam", {"lr": 1e-3}, "pureopt:radam", 2),
+    "adadelta": Algo("adadelta", "Adadelta", {"lr": 1.0}, "pureopt:adadelta", 2),
+    "rprop": Algo("rprop", "Rprop", {"lr": 1e-2}, "pureopt:rprop", 2),
+    "asgd": Algo("asgd", "ASGD", {"lr": 1e-2}, "pureopt:asgd", 1),
     # not in torch.optim: pureopt's rows only (the flat rows against the per-tensor donated one)
-    "lamb": Algo("lamb", None, {"lr": 1e-3, "weight_decay": 0.01}, "pureopt.optimizers.lamb:lamb", 2),
-    "lars": Algo("lars", None, {"lr": 0.1, "momentum": 0.9}, "pureopt.optimizers.lars:lars", 1),
+    "lamb": Algo("lamb", None, {"lr": 1e-3, "weight_decay": 0.01}, "pureopt:lamb", 2),
+    "lars": Algo("lars", None, {"lr": 0.1, "momentum": 0.9}, "pureopt:lars", 1),
 }
 DEFAULT_ALGOS = ["sgd", "adam", "adamw", "adagrad"]
 
@@ -200,6 +210,15 @@ def build_runners(algo: Algo, shapes: list[tuple[int, ...]]) -> dict[str, Callab
 
     runners["pureopt-step"] = pure_fast_step
 
+    # the same with the state donated (the caller never reads the old state again): only the parameters are copied
+    half = {"params": {str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))}}
+    half["state"] = tx.init(half["params"])
+
+    def donate_state_step() -> None:
+        half["params"], half["state"] = pureopt.step(tx, pure_grads, half["state"], half["params"], donate="state")
+
+    runners["pureopt-step-donate-state"] = donate_state_step
+
     own_params = {str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))}
     own_grads = {str(i): g.clone() for i, g in enumerate(grads_data)}
     own = {"state": tx.init(own_params)}
@@ -221,12 +240,33 @@ def build_runners(algo: Algo, shapes: list[tuple[int, ...]]) -> dict[str, Callab
             for p, g in zip(ps, grads_data):
                 p.grad = g.clone()
         runners[label] = opt.step
+    if pureopt.is_segmentwise(tx):
+        runners["pureopt-flatparams-step"] = flatparams_step(algo, shapes, grads_data, (), compiled=False)[0]
+        donated = flatparams_step(algo, shapes, grads_data, ("params", "state"), compiled=False)[0]
+        runners["pureopt-flatparams-donated"] = donated
     if DEVICE.type == "cuda":
         runners.update(graph_runners(algo, shapes, grads_data))
     return runners
 
 
-COMPILED_ROWS = ("pureopt-compiled", "pureopt-compiled-flat", "torch-compiled")
+COMPILED_ROWS = (
+    "pureopt-compiled",
+    "pureopt-compiled-donated",
+    "pureopt-compiled-flat",
+    "pureopt-compiled-flatparams",
+    "pureopt-compiled-flatparams-donated",
+    "torch-compiled",
+)
+EAGER_FLATPARAMS_ROWS = ("pureopt-flatparams-step", "pureopt-flatparams-donated")
+
+
+COMPILE_CPU_S: dict[int, float] = {}
+"""CPU seconds of the last cold call of each function (by id): this process and its reaped children."""
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 class CompileTimeout(Exception):
@@ -235,22 +275,33 @@ class CompileTimeout(Exception):
 
 def cold_call(fn: Callable[[], None], timeout: float) -> float:
     """Seconds taken by the first call of ``fn`` (a compile), in a fresh inductor cache directory so that nothing
-    compiled before is reused; raises :class:`CompileTimeout` after ``timeout`` seconds (SIGALRM; CPU runs only)."""
+    compiled before is reused; raises :class:`CompileTimeout` after ``timeout`` CPU seconds of this process
+    (SIGPROF; CPU runs only)."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pureopt-bench-inductor-")
 
     def expire(signum: int, frame: Any) -> None:
         raise CompileTimeout
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
+    # the limit counts this process's CPU seconds (compiles run in-process: --compile-threads 1), so that a
+    # machine shared with other work does not turn a slow compile into a timeout
+    previous = signal.signal(signal.SIGPROF, expire)
+    signal.setitimer(signal.ITIMER_PROF, timeout)
     try:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), _cpu_seconds()
         fn()
         sync()
+        COMPILE_CPU_S[id(fn)] = _cpu_seconds() - cpu
         return time.perf_counter() - t
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+def warm_compiler() -> float:
+    """Compile and run a one-op function (in a fresh cache directory), so that inductor's one-time start-up (imports,
+    worker pool, C++ toolchain probe) is not charged to the first row's cold compile; returns its seconds."""
+    x = torch.ones(8, device=DEVICE)
+    return cold_call(lambda: torch.compile(lambda t: t * 2.0 + 1.0, fullgraph=True)(x), 600.0)
 
 
 def compiled_runners(
@@ -258,12 +309,13 @@ def compiled_runners(
 ) -> tuple[dict[str, Callable[[], None]], dict[str, float], dict[str, str]]:
     """The ``--compiled`` rows, each already past its first call: (runners, compile seconds, failures)."""
     runners: dict[str, Callable[[], None]] = {}
-    compile_s: dict[str, float] = {}
+    compile_s: dict[str, float] = {"compiler-init": warm_compiler()}
+    print(f"  compiler start-up (a one-op function, not charged to the rows): {compile_s['compiler-init']:.1f} s")
     failed: dict[str, str] = {}
     module, fn = algo.factory.split(":")
     factory = getattr(importlib.import_module(module), fn)
 
-    def pure_compiled(flat: bool) -> Callable[[], None]:
+    def pure_compiled(flat: bool, donate: tuple[str, ...] = ()) -> Callable[[], None]:
         lr = torch.tensor(float(algo.kwargs["lr"]), dtype=torch.float64, device=DEVICE)
         tx = factory(impl="auto", **{**algo.kwargs, "lr": lr})
         if flat:
@@ -274,12 +326,15 @@ def compiled_runners(
 
         @torch.compile(fullgraph=True)
         def compiled(grads: Any, state: Any, params: Any) -> Any:
-            updates, state = tx.update(grads, state, params)
-            return pureopt.apply_updates(params, updates), state
+            return pureopt.step(tx, grads, state, params, donate=donate)  # update + apply_updates when not donated
 
         def run() -> None:
             holder["params"], holder["state"] = compiled(grads, holder["state"], holder["params"])
 
+        return run
+
+    def flatparams_compiled(donate: tuple[str, ...]) -> Callable[[], None]:
+        run, _ = flatparams_step(algo, shapes, grads_data, donate, compiled=True)
         return run
 
     def torch_compiled() -> Callable[[], None]:
@@ -301,7 +356,10 @@ def compiled_runners(
 
     makers: dict[str, Callable[[], Callable[[], None]]] = {
         "pureopt-compiled": lambda: pure_compiled(False),
+        "pureopt-compiled-donated": lambda: pure_compiled(False, ("params", "state")),
         "pureopt-compiled-flat": lambda: pure_compiled(True),
+        "pureopt-compiled-flatparams": lambda: flatparams_compiled(()),
+        "pureopt-compiled-flatparams-donated": lambda: flatparams_compiled(("params", "state")),
     }
     if algo.torch_cls is not None:
         makers["torch-compiled"] = torch_compiled
@@ -311,19 +369,44 @@ def compiled_runners(
         run = makers[label]()
         try:
             compile_s[label] = cold_call(run, timeout)
+            compile_s[label + ":cpu"] = COMPILE_CPU_S[id(run)]
             runners[label] = run
         except Exception as exc:  # report, keep the other rows
             cause: BaseException | None = exc
             while cause is not None and not isinstance(cause, CompileTimeout):  # inductor wraps what it raises
                 cause = cause.__cause__ or cause.__context__
             if cause is not None:
-                failed[label] = f"did not finish in {timeout:.0f} s"
+                failed[label] = f"did not finish in {timeout:.0f} s of CPU"
             else:
                 failed[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             torch._dynamo.reset()
-        print(f"  {label} {algo.name}: first call (compile) " + (f"{compile_s[label]:.1f} s" if label in compile_s
-              else failed[label]), flush=True)  # fmt: skip
+        print(f"  {label} {algo.name}: first call (compile) " + (
+            f"{compile_s[label]:.1f} s ({compile_s[label + ':cpu']:.1f} s of CPU)" if label in compile_s
+            else failed[label]), flush=True)  # fmt: skip
     return runners, compile_s, failed
+
+
+def flatparams_step(
+    algo: Algo, shapes: list[tuple[int, ...]], grads_data: list[torch.Tensor], donate: tuple[str, ...], compiled: bool
+) -> tuple[Callable[[], None], Any]:
+    """``pureopt.step`` over a :class:`pureopt.FlatParams` layout: the parameters and the gradients are one flat
+    buffer per (device, dtype) (in a training loop the gradient with respect to the buffers comes out flat), lr a
+    0-d tensor; compiled with ``torch.compile(fullgraph=True)`` or eager. Returns the step and the holder."""
+    lr = torch.tensor(float(algo.kwargs["lr"]), dtype=torch.float64, device=DEVICE)
+    flat = pureopt.FlatParams({str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))})
+    tx = flat.wrap(algo.build_pureopt("auto", lr=lr))
+    grads = flat.flatten({str(i): g for i, g in enumerate(grads_data)})
+    holder = {"buffers": flat.buffers, "state": tx.init(flat.buffers)}
+
+    def step(grads: Any, state: Any, buffers: Any) -> Any:
+        return pureopt.step(tx, grads, state, buffers, donate=donate)
+
+    fn = torch.compile(step, fullgraph=True) if compiled else step
+
+    def run() -> None:
+        holder["buffers"], holder["state"] = fn(grads, holder["state"], holder["buffers"])
+
+    return run, holder
 
 
 def _capture(step: Callable[[], None]) -> Callable[[], None]:
@@ -374,6 +457,27 @@ def graph_runners(algo: Algo, shapes: list[tuple[int, ...]], grads_data: list[to
     return runners
 
 
+def transient_bytes(fn: Callable[[], None]) -> int:
+    """The most memory one call of ``fn`` holds at once in tensors it allocated (its new outputs included), from
+    the profiler's memory timeline (``torch.profiler`` with ``profile_memory``): allocations made before the call
+    are not counted, nor their release."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA if DEVICE.type == "cuda" else ProfilerActivity.CPU]
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+        sync()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        name = getattr(action, "name", str(action))
+        if name == "CREATE":
+            live += size
+        elif name == "DESTROY":
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
 def time_once(fn: Callable[[], None], inner: int) -> float:
     """Seconds per call of ``fn``: one call on the CPU; on CUDA, events around ``inner`` calls."""
     if DEVICE.type != "cuda":
@@ -399,6 +503,7 @@ def bench(
     inner: int = 1,
     compiled: list[str] | None = None,
     compile_timeout: float = 240.0,
+    memory: bool = False,
 ) -> list[dict[str, Any]]:
     shapes = param_shapes(set_name, scale)
     n_params = sum(math.prod(s) for s in shapes)
@@ -419,6 +524,7 @@ def bench(
             elapsed = time_once(runners[label], inner)
             if r >= warmup:
                 times[label].append(elapsed)
+    transient = {k: transient_bytes(fn) for k, fn in runners.items()} if memory else {}
     medians = {k: statistics.median(v) for k, v in times.items()}
     quartiles = {k: statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3 for k, v in times.items()}
     torch_best = min((v for k, v in medians.items() if k.startswith("torch")), default=float("nan"))
@@ -444,6 +550,10 @@ def bench(
         )
         if label in compile_s:
             rows[-1]["compile_s"] = compile_s[label]
+            rows[-1]["compile_cpu_s"] = compile_s.get(label + ":cpu")
+            rows[-1]["compiler_init_s"] = compile_s.get("compiler-init")
+        if label in transient:
+            rows[-1]["transient_bytes"] = transient[label]
     for label, why in failed.items():
         rows.append(
             {
@@ -467,6 +577,8 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
+        "loadavg_start": os.getloadavg(),
     }
 
 
@@ -484,10 +596,20 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true", help="add the torch.compile rows (inductor)")
     parser.add_argument(
         "--compiled-rows",
-        default="pureopt-compiled,pureopt-compiled-flat",
+        default="pureopt-compiled,pureopt-compiled-flatparams,pureopt-compiled-flatparams-donated",
         help=f"with --compiled: comma list of {', '.join(COMPILED_ROWS)}",
     )
-    parser.add_argument("--compile-timeout", type=float, default=240.0, help="seconds allowed for one cold compile")
+    parser.add_argument("--compile-timeout", type=float, default=240.0, help="CPU seconds allowed for one cold compile")
+    parser.add_argument(
+        "--compile-threads",
+        type=int,
+        default=1,
+        help="inductor's compile workers (TORCHINDUCTOR_COMPILE_THREADS); 1 (default) compiles in this process, so "
+        "that the CPU seconds of a compile are measured (on a shared machine they say more than wall time)",
+    )
+    parser.add_argument(
+        "--memory", action="store_true", help="also report each row's peak transient memory (one profiled call)"
+    )
     parser.add_argument(
         "--no-materialize",
         action="store_true",
@@ -498,6 +620,7 @@ def main() -> None:
         import pureopt.kernels.common as common
 
         common.materialize_when_compiling = lambda values: values  # type: ignore[assignment]
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(args.compile_threads))
     compiled = [r for r in args.compiled_rows.split(",") if r] if args.compiled else None
     for r in compiled or ():
         if r not in COMPILED_ROWS:
@@ -513,7 +636,7 @@ def main() -> None:
         f"# {info['processor']}, {info['cpus']} CPUs, {info['device']}, torch {info['torch']}, "
         f"memory {bandwidth / 1e9:.1f} GB/s"
     )
-    header = f"{'set':<11} {'algo':<13} {'impl':<20} {'ms':>9} {'x torch best':>13} {'of bw bound':>12}"
+    header = f"{'set':<11} {'algo':<13} {'impl':<36} {'ms':>9} {'x torch best':>13} {'of bw bound':>12}"
     print(header)
     print("-" * len(header))
     results = []
@@ -524,19 +647,20 @@ def main() -> None:
                 inner = args.inner if DEVICE.type == "cuda" else 1
                 rows = bench(
                     algo, set_name, args.scale, args.rounds, args.warmup, bandwidth, inner, compiled,
-                    args.compile_timeout,
+                    args.compile_timeout, args.memory,
                 )  # fmt: skip
             except (ImportError, AttributeError) as exc:  # an algorithm this checkout does not have yet
                 print(f"{set_name:<11} {algo.name:<13} skipped: {exc}")
                 continue
             for row in rows:
                 if "error" in row:
-                    print(f"{row['set']:<11} {row['algo']:<13} {row['impl']:<20} {row['error']}")
+                    print(f"{row['set']:<11} {row['algo']:<13} {row['impl']:<36} {row['error']}")
                     continue
                 print(
-                    f"{row['set']:<11} {row['algo']:<13} {row['impl']:<20} {row['median_ms']:9.2f} "
+                    f"{row['set']:<11} {row['algo']:<13} {row['impl']:<36} {row['median_ms']:9.2f} "
                     f"{row['ratio_to_torch_best']:13.2f} {row['bandwidth_fraction']:12.0%}"
                     + (f"  (compile {row['compile_s']:.1f} s)" if row.get("compile_s") is not None else "")
+                    + (f"  [{row['transient_bytes'] / 2**20:.1f} MiB]" if "transient_bytes" in row else "")
                 )
             results.extend(rows)
     if args.json:

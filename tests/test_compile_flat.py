@@ -18,6 +18,7 @@ minute on 2 cores.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -251,3 +252,33 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
         tx.update((flat.buffers[0], flat.buffers[0]), state)
     with pytest.raises(ValueError, match="does not have the parameters' layout"):
         flat.flatten({**_tree(0), "p1": torch.zeros(4)})
+
+
+def test_a_flat_training_loop_trains_a_module_like_torch_optim() -> None:
+    """The documented loop: ``functional_call`` on the views, ``torch.func.grad`` with respect to the buffers, the
+    step compiled (``backend="eager"``: the graph is what is tested here; inductor is tested above), the state and
+    parameters donated; against torch.optim.AdamW training the same module on the same batches."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    ref_model = copy.deepcopy(model)
+    batches = [(torch.randn(16, 6), torch.randn(16, 2)) for _ in range(5)]
+    flat = FlatParams({k: v.detach() for k, v in model.named_parameters()})
+    tx = flat.wrap(pureopt.adamw(lr=torch.tensor(0.01, dtype=torch.float64), weight_decay=0.1))
+    buffers, state = flat.buffers, tx.init(flat.buffers)
+
+    def loss_of(buffers: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((torch.func.functional_call(model, flat.views(buffers), (x,)) - y) ** 2).mean()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def opt_step(grads: Any, state: Any, buffers: Any) -> Any:
+        return pureopt.step(tx, grads, state, buffers, donate=("params", "state"))
+
+    opt = torch.optim.AdamW(ref_model.parameters(), lr=0.01, weight_decay=0.1, foreach=False)
+    for x, y in batches:
+        grads = torch.func.grad(loss_of)(buffers, x, y)
+        buffers, state = opt_step(grads, state, buffers)
+        opt.zero_grad()
+        ((ref_model(x) - y) ** 2).mean().backward()
+        opt.step()
+    for (k, mine), theirs in zip(flat.views(buffers).items(), ref_model.parameters()):
+        torch.testing.assert_close(mine, theirs.detach(), rtol=1e-5, atol=1e-6, msg=k)
