@@ -8,10 +8,13 @@ from pureopt.algorithms.adagrad import ScaleByAdagradState, adagrad, scale_by_ad
 from pureopt.algorithms.adam import ScaleByAdamState, adam, adamw, scale_by_adam
 from pureopt.algorithms.adamax import ScaleByAdamaxState, adamax, scale_by_adamax
 from pureopt.algorithms.adamp import ScaleByAdamPState, adamp, scale_by_adamp
+from pureopt.algorithms.adan import AdanState, adan, scale_by_adan
+from pureopt.algorithms.ademamix import AdEMAMixState, ademamix, scale_by_ademamix
 from pureopt.algorithms.adopt import ScaleByAdoptState, adopt, scale_by_adopt
 from pureopt.algorithms.came import CAMEState, came, scale_by_came
 from pureopt.algorithms.dadapt import DAdaptAdamState, DAdaptSGDState, dadapt_adam, dadapt_sgd
 from pureopt.algorithms.dog import DoGState, dog
+from pureopt.algorithms.lamb import LambState, lamb
 from pureopt.algorithms.laprop import ScaleByLaPropState, laprop, scale_by_laprop
 from pureopt.algorithms.lion import LionState, lion, scale_by_lion
 from pureopt.algorithms.madgrad import MadgradState, madgrad
@@ -23,14 +26,18 @@ from pureopt.algorithms.rmsprop import ScaleByRmsState, rmsprop, scale_by_rms
 from pureopt.algorithms.rprop import ScaleByRpropState, rprop, scale_by_rprop
 from pureopt.algorithms.sgd import TraceState, sgd, trace
 from pureopt.algorithms.sgdp import SGDPState, scale_by_sgdp, sgdp
+from pureopt.algorithms.sign_sgd import SignumState, scale_by_sign, scale_by_signum, sign_sgd, signum
 from pureopt.algorithms.sophia import SophiaGState, scale_by_sophia, sophia_g
 from pureopt.algorithms.yogi import ScaleByYogiState, scale_by_yogi, yogi
 
 __all__ = [
+    "AdEMAMixState",
+    "AdanState",
     "CAMEState",
     "DAdaptAdamState",
     "DAdaptSGDState",
     "DoGState",
+    "LambState",
     "LionState",
     "MadgradState",
     "ProdigyState",
@@ -49,6 +56,7 @@ __all__ = [
     "ScaleByRmsState",
     "ScaleByRpropState",
     "ScaleByYogiState",
+    "SignumState",
     "SophiaGState",
     "TraceState",
     "adabelief",
@@ -58,11 +66,14 @@ __all__ = [
     "adamax",
     "adamp",
     "adamw",
+    "adan",
+    "ademamix",
     "adopt",
     "came",
     "dadapt_adam",
     "dadapt_sgd",
     "dog",
+    "lamb",
     "laprop",
     "lion",
     "madgrad",
@@ -77,6 +88,8 @@ __all__ = [
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_adamp",
+    "scale_by_adan",
+    "scale_by_ademamix",
     "scale_by_adopt",
     "scale_by_belief",
     "scale_by_came",
@@ -88,10 +101,14 @@ __all__ = [
     "scale_by_rms",
     "scale_by_rprop",
     "scale_by_sgdp",
+    "scale_by_sign",
+    "scale_by_signum",
     "scale_by_sophia",
     "scale_by_yogi",
     "sgd",
     "sgdp",
+    "sign_sgd",
+    "signum",
     "sophia_g",
     "trace",
     "yogi",

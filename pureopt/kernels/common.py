@@ -180,7 +180,8 @@ def cast_like(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]
 
 def as_real(tensors: Sequence[Tensor | None]) -> list[Tensor]:
     """View complex tensors as real ``(..., 2)`` tensors (torch.optim's treatment of complex params)."""
-    return [torch.view_as_real(t) if t is not None and t.is_complex() else t for t in tensors]  # type: ignore[misc]
+    # (entries that are not tensors, e.g. ``()`` for a field a parameter does not keep, pass through)
+    return [torch.view_as_real(t) if isinstance(t, Tensor) and t.is_complex() else t for t in tensors]  # type: ignore[misc]
 
 
 def as_complex_like(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:

@@ -11,7 +11,7 @@ from torch import Tensor
 from pureopt.base import GradientTransformation, LeafList, UpdateContext, leaf_transformation
 from pureopt.kernels.dtensor import run_on_local_shards
 from pureopt.kernels.select import autograd_recording, differentiating
-from pureopt.tree import PyTreeSpec
+from pureopt.tree import PyTreeSpec, flatten_like
 
 __all__ = [
     "present",
@@ -117,6 +117,25 @@ def step_init(p: Tensor) -> Tensor:
     return torch.zeros((), dtype=step_dtype(), device=p.device)
 
 
+def _leaf_args(ctx: UpdateContext, names: Sequence[str], idx: list[int], grads: list[Tensor]) -> dict[str, Any]:
+    """``update``'s tree arguments ``names`` as lists over the leaves at ``idx`` (``None`` where not given), each
+    checked to hold a tensor shaped like the gradient there."""
+    out: dict[str, Any] = {}
+    for name in names:
+        tree = ctx.extra_args.get(name)
+        if tree is None:
+            out[name] = None
+            continue
+        values = gather(flatten_like(ctx.spec, tree, name, "the gradients"), idx)
+        for i, value, g in zip(idx, values, grads):
+            if not isinstance(value, Tensor) or value.shape != g.shape:
+                got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                want = tuple(g.shape)
+                raise ValueError(f"{name}: leaf {i} should be a tensor of the gradient's shape {want}, got {got}")
+        out[name] = values
+    return out
+
+
 def kernel_transform(
     state_type: Callable[..., Any],
     fields: dict[str, LeafInitFn | None],
@@ -124,6 +143,8 @@ def kernel_transform(
     *,
     elementwise: bool = False,
     segmentwise: bool = False,
+    global_fields: dict[str, Callable[[torch.device], Tensor]] | None = None,
+    leaf_args: Sequence[str] = (),
 ) -> GradientTransformation:
     """An algorithm transform: per-parameter state fields plus a ``num_updates`` counter, stepped by a kernel.
 
@@ -138,13 +159,20 @@ def kernel_transform(
       elementwise: the algorithm's math is elementwise (see :func:`pureopt.base.is_elementwise`).
       segmentwise: the step honours ``ctx.segments`` (see :func:`pureopt.base.is_segmentwise`); the context it
         receives then holds the segments of the leaves it is given (those with a gradient).
+      global_fields: state kept once for the whole transformation (0-d tensors such as Prodigy's ``d``), made by
+        ``init(device)`` on the counter's device; the step receives each as a tensor (not a list) among the state
+        fields and may return a new value for it.
+      leaf_args: keyword arguments of ``update`` that are trees like the gradients (Sophia's ``hessian``): the step
+        finds each in ``ctx.extra_args`` as the list of its leaves at the leaves that have a gradient (``None``
+        when not given); a tree of another structure raises a ValueError naming the argument.
 
     ``None`` gradients produce ``None`` updates and leave that parameter's state untouched.
     """
     kept = [name for name, init in fields.items() if init is not None]
+    shared = dict(global_fields or {})
 
     def init_leaves(leaves: list[Any], spec: PyTreeSpec) -> Any:
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {name: init(count_device(leaves)) for name, init in shared.items()}
         for name, init in fields.items():
             if init is None:
                 values[name] = ()
@@ -164,12 +192,21 @@ def kernel_transform(
             [*(sub_params or []), *sub_grads, *(t for values in sub.values() for t in values)]
         )
         step_ctx = ctx if ctx.segments is None else ctx.but(segments=ctx.segments_of(idx))
+        if leaf_args:
+            step_ctx = step_ctx.but(extra_args={**ctx.extra_args, **_leaf_args(ctx, leaf_args, idx, sub_grads)})
         with differentiating(diff):
-            args = (sub_params, sub_grads, sub, state.num_updates, step_ctx)
+            args = (
+                sub_params,
+                sub_grads,
+                {**sub, **{name: getattr(state, name) for name in shared}},
+                state.num_updates,
+                step_ctx,
+            )
             # DTensors: an elementwise algorithm's math runs on their local shards
             new_updates, new_sub = run_on_local_shards(step, *args) if elementwise else step(*args)
         new_fields = {
-            name: ctx.spec.unflatten(scatter(full_lists[name], idx, values)) for name, values in new_sub.items()
+            name: values if name in shared else ctx.spec.unflatten(scatter(full_lists[name], idx, values))
+            for name, values in new_sub.items()
         }
         num_updates = state.num_updates + 1
         if ctx.found_inf is not None:  # a step skipped by GradScaler does not count (no host sync)

@@ -1,0 +1,56 @@
+"""Sums over all the tensors of a transformation, as 0-d tensors (no host sync): what the learning-rate-free
+algorithms (Prodigy, D-Adaptation, DoG) reduce their global estimates from (internal).
+
+Each per-tensor reduction runs in the tensor's dtype (as the references' ``torch.dot(...)`` / ``.sum()`` do); the
+per-tensor results are then added in the scalar dtype (float64 where the device has it, as the references add
+them in Python floats) on the device of the global state they feed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from pureopt.kernels.common import scalar_dtype
+from pureopt.kernels.listops import ListOps
+
+__all__ = ["total", "dot_total", "abs_total", "sq_total", "norm_total", "like_scalar"]
+
+
+def total(values: Sequence[Tensor], like: Tensor) -> Tensor:
+    """``sum(values)`` (0-d tensors) in ``like``'s dtype and device; ``0`` for no values."""
+    if not values:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
+    return torch.stack([v.to(device=like.device, dtype=like.dtype) for v in values]).sum()
+
+
+def dot_total(xs: Sequence[Tensor], ys: Sequence[Tensor], like: Tensor) -> Tensor:
+    """``sum_i <x_i, y_i>`` over all tensors."""
+    return total([torch.sum(x * y) for x, y in zip(xs, ys)], like)
+
+
+def abs_total(ops: ListOps, xs: Sequence[Tensor], like: Tensor) -> Tensor:
+    """``sum_i ||x_i||_1`` over all tensors (one ``torch._foreach_norm`` call on the foreach backend)."""
+    if ops.foreach and xs:
+        return total(list(torch._foreach_norm(list(xs), 1)), like)
+    return total([torch.sum(torch.abs(x)) for x in xs], like)
+
+
+def sq_total(xs: Sequence[Tensor], like: Tensor) -> Tensor:
+    """``sum_i ||x_i||_2^2`` over all tensors (``(x * x).sum()`` per tensor, as the references compute it)."""
+    return total([torch.sum(x * x) for x in xs], like)
+
+
+def norm_total(xs: Sequence[Tensor], like: Tensor) -> Tensor:
+    """``||(||x_1||, ||x_2||, ...)||_2``: the 2-norm of all tensors taken as one vector (DoG's distances)."""
+    if not xs:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
+    norms = [torch.linalg.vector_norm(x) for x in xs]
+    return torch.linalg.vector_norm(torch.stack([n.to(device=like.device, dtype=like.dtype) for n in norms]))
+
+
+def like_scalar(device: torch.device) -> torch.dtype:
+    """The dtype of the global estimates on ``device`` (float64 where the device has it)."""
+    return scalar_dtype(device)
