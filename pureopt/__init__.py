@@ -19,6 +19,7 @@ from pureopt.algorithms import (
     DAdaptSGDState,
     DoGState,
     LambState,
+    LarsState,
     LionState,
     MadgradState,
     ProdigyState,
@@ -56,6 +57,7 @@ from pureopt.algorithms import (
     dog,
     lamb,
     laprop,
+    lars,
     lion,
     madgrad,
     mars,
@@ -126,7 +128,6 @@ from pureopt.flat_params import FlatParams
 from pureopt.optimizers import (
     adafactor,
     asgd,
-    lars,
     lbfgs,
     muon,
     novograd,
@@ -139,7 +140,6 @@ from pureopt.stepping import step
 from pureopt.transforms import (
     AddNoiseState,
     ASGDState,
-    LarsState,
     LBFGSState,
     MuonState,
     NovoGradState,

@@ -20,20 +20,17 @@ from _parity import NONE_GRADS, grads_at, loss_fn, make_data, make_params, toler
 
 import pureopt
 from pureopt.algorithms.adabelief import adabelief, scale_by_belief
+from pureopt.algorithms.adan import adan, scale_by_adan
+from pureopt.algorithms.ademamix import ademamix, scale_by_ademamix
+from pureopt.algorithms.lamb import lamb
 from pureopt.algorithms.lion import lion, scale_by_lion
+from pureopt.algorithms.sign_sgd import scale_by_sign, scale_by_signum, sign_sgd, signum
 from pureopt.algorithms.yogi import scale_by_yogi, yogi
 from pureopt.base import inplace_step
-from pureopt.optimizers.adan import adan
-from pureopt.optimizers.ademamix import ademamix
-from pureopt.optimizers.lamb import lamb
-from pureopt.optimizers.lars import lars
+from pureopt.algorithms.lars import lars
 from pureopt.optimizers.novograd import novograd
 from pureopt.optimizers.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
-from pureopt.optimizers.sign_sgd import sign_sgd, signum
-from pureopt.transforms.adan import scale_by_adan
-from pureopt.transforms.ademamix import scale_by_ademamix
 from pureopt.transforms.novograd import scale_by_novograd
-from pureopt.transforms.sign_sgd import scale_by_sign, scale_by_signum
 from pureopt.transforms.trust_ratio import scale_by_trust_ratio
 
 DTYPES = [torch.float64, torch.float32]

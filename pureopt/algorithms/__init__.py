@@ -16,6 +16,7 @@ from pureopt.algorithms.dadapt import DAdaptAdamState, DAdaptSGDState, dadapt_ad
 from pureopt.algorithms.dog import DoGState, dog
 from pureopt.algorithms.lamb import LambState, lamb
 from pureopt.algorithms.laprop import ScaleByLaPropState, laprop, scale_by_laprop
+from pureopt.algorithms.lars import LarsState, lars
 from pureopt.algorithms.lion import LionState, lion, scale_by_lion
 from pureopt.algorithms.madgrad import MadgradState, madgrad
 from pureopt.algorithms.mars import ScaleByMarsState, mars, scale_by_mars
@@ -112,4 +113,6 @@ __all__ = [
     "sophia_g",
     "trace",
     "yogi",
+    "lars",
+    "LarsState",
 ]

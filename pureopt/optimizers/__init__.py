@@ -11,24 +11,24 @@ from pureopt.algorithms.adadelta import adadelta
 from pureopt.algorithms.adagrad import adagrad
 from pureopt.algorithms.adam import adam, adamw
 from pureopt.algorithms.adamax import adamax
+from pureopt.algorithms.adan import adan
+from pureopt.algorithms.ademamix import ademamix
+from pureopt.algorithms.lamb import lamb
+from pureopt.algorithms.lars import lars
 from pureopt.algorithms.lion import lion
 from pureopt.algorithms.nadam import nadam
 from pureopt.algorithms.radam import radam
 from pureopt.algorithms.rmsprop import rmsprop
 from pureopt.algorithms.rprop import rprop
 from pureopt.algorithms.sgd import sgd
+from pureopt.algorithms.sign_sgd import sign_sgd, signum
 from pureopt.algorithms.yogi import yogi
 from pureopt.optimizers.adafactor import adafactor
-from pureopt.optimizers.adan import adan
-from pureopt.optimizers.ademamix import ademamix
 from pureopt.optimizers.asgd import asgd
-from pureopt.optimizers.lamb import lamb
-from pureopt.optimizers.lars import lars
 from pureopt.optimizers.lbfgs import lbfgs
 from pureopt.optimizers.muon import muon
 from pureopt.optimizers.novograd import novograd
 from pureopt.optimizers.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
-from pureopt.optimizers.sign_sgd import sign_sgd, signum
 from pureopt.optimizers.sparse_adam import sparse_adam
 
 __all__ = [

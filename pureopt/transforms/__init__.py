@@ -1,15 +1,12 @@
 """Primitive gradient transformations: the building blocks that optimizers are chained from."""
 
 from pureopt.transforms.adafactor import ScaleByFactoredRmsState, scale_by_factored_rms
-from pureopt.transforms.adan import AdanState, scale_by_adan
 from pureopt.transforms.adaptive_clip import adaptive_grad_clip
-from pureopt.transforms.ademamix import AdEMAMixState, scale_by_ademamix
 from pureopt.transforms.asgd import ASGDState
 from pureopt.transforms.block_rms import clip_by_block_rms
 from pureopt.transforms.centralize import centralize
 from pureopt.transforms.clipping import clip, clip_by_global_norm, global_norm
 from pureopt.transforms.constraints import keep_params_nonnegative
-from pureopt.transforms.lars import LarsState
 from pureopt.transforms.lbfgs import LBFGSState
 from pureopt.transforms.muon import MuonState, orthogonalize, scale_by_muon
 from pureopt.transforms.nans import ZeroNansState, zero_nans
@@ -17,18 +14,15 @@ from pureopt.transforms.noise import AddNoiseState, add_noise
 from pureopt.transforms.novograd import NovoGradState, scale_by_novograd
 from pureopt.transforms.scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
 from pureopt.transforms.schedule_free import ScheduleFreeState
-from pureopt.transforms.sign_sgd import SignumState, scale_by_sign, scale_by_signum
 from pureopt.transforms.sparse_adam import SparseAdamState
-from pureopt.transforms.trust_ratio import LambState, scale_by_trust_ratio
+from pureopt.transforms.trust_ratio import scale_by_trust_ratio
 from pureopt.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
-    "AdanState",
     "adaptive_grad_clip",
     "add_decayed_weights",
     "add_noise",
     "AddNoiseState",
-    "AdEMAMixState",
     "ASGDState",
     "centralize",
     "clip",
@@ -36,27 +30,20 @@ __all__ = [
     "clip_by_global_norm",
     "global_norm",
     "keep_params_nonnegative",
-    "LambState",
-    "LarsState",
     "LBFGSState",
     "MuonState",
     "NovoGradState",
     "orthogonalize",
     "scale",
-    "scale_by_adan",
-    "scale_by_ademamix",
     "scale_by_factored_rms",
     "scale_by_learning_rate",
     "scale_by_muon",
     "scale_by_novograd",
     "scale_by_schedule",
-    "scale_by_sign",
-    "scale_by_signum",
     "scale_by_trust_ratio",
     "ScaleByFactoredRmsState",
     "ScaleByScheduleState",
     "ScheduleFreeState",
-    "SignumState",
     "SparseAdamState",
     "zero_nans",
     "ZeroNansState",
