@@ -38,17 +38,25 @@ def abs_total(ops: ListOps, xs: Sequence[Tensor], like: Tensor) -> Tensor:
     return total([torch.sum(torch.abs(x)) for x in xs], like)
 
 
-def sq_total(xs: Sequence[Tensor], like: Tensor) -> Tensor:
-    """``sum_i ||x_i||_2^2`` over all tensors (``(x * x).sum()`` per tensor, as the references compute it)."""
-    return total([torch.sum(x * x) for x in xs], like)
+def _norms(ops: ListOps, xs: Sequence[Tensor]) -> list[Tensor]:
+    if ops.foreach and xs:
+        return list(torch._foreach_norm(list(xs)))
+    return [torch.linalg.vector_norm(x) for x in xs]
 
 
-def norm_total(xs: Sequence[Tensor], like: Tensor) -> Tensor:
+def sq_total(ops: ListOps, xs: Sequence[Tensor], like: Tensor) -> Tensor:
+    """``sum_i ||x_i||_2^2`` over all tensors (one ``torch._foreach_norm`` call on the foreach backend)."""
+    if not xs:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
+    norms = torch.stack([n.to(device=like.device, dtype=like.dtype) for n in _norms(ops, xs)])
+    return (norms * norms).sum()
+
+
+def norm_total(ops: ListOps, xs: Sequence[Tensor], like: Tensor) -> Tensor:
     """``||(||x_1||, ||x_2||, ...)||_2``: the 2-norm of all tensors taken as one vector (DoG's distances)."""
     if not xs:
         return torch.zeros((), dtype=like.dtype, device=like.device)
-    norms = [torch.linalg.vector_norm(x) for x in xs]
-    return torch.linalg.vector_norm(torch.stack([n.to(device=like.device, dtype=like.dtype) for n in norms]))
+    return torch.linalg.vector_norm(torch.stack([n.to(device=like.device, dtype=like.dtype) for n in _norms(ops, xs)]))
 
 
 def like_scalar(device: torch.device) -> torch.dtype:

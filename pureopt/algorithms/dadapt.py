@@ -116,13 +116,13 @@ def _adam_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
 def _sgd_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     ops, h, own = k.ops, k.h, k.own
     d, r, step, g0 = k.d, k.numerator_weighted, k.k, k.g0_norm
-    g0 = torch.where(step == 0, torch.sqrt(sq_total(k.g, d)), g0)
+    g0 = torch.where(step == 0, torch.sqrt(sq_total(ops, k.g, d)), g0)
     moving = g0 > 0
     dlr = torch.where(moving, d * _lr(h, d) / torch.where(moving, g0, torch.ones_like(g0)), torch.zeros_like(d))
     g, _ = torch_grad(ops, k.g, k.p, maximize=False, weight_decay=h.weight_decay, own=own)
     numerator = r + dlr * dot_total(g, k.s, d)
     s = add_scaled(ops, k.s, g, dlr, inplace=k.donate)
-    sq = sq_total(s, d)
+    sq = sq_total(ops, s, d)
     skip = sq == 0
     d_hat = 2 * numerator / torch.sqrt(sq)
     new_d = torch.maximum(d, torch.minimum(d_hat, d * h.growth_rate))
@@ -132,19 +132,18 @@ def _sgd_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
         "k": torch.where(skip, step, step + 1),
         "g0_norm": g0,
     }
-    z = ops.sub(k.x0, s)
-    if not k.donate:  # on a skipped step z keeps its value (the reference returns before writing it)
-        z = [torch.where(skip, old, new) for old, new in zip(k.z, z)]
-    else:
-        z = ops.copy_(k.z, [torch.where(skip, old, new) for old, new in zip(k.z, z)])
+    # on a skipped step z and p keep their values (the reference returns before writing them): a lerp with weight
+    # 1 (a step) or 0 (none) gives either side exactly
+    keep = scalar_for(torch.where(skip, torch.zeros_like(d), torch.ones_like(d)), k.p)
+    keep = keep if isinstance(keep, list) else [keep] * len(k.p)
+    z = ops.lerp(k.z, ops.sub(k.x0, s), keep, inplace=k.donate)
     ck = 1 - h.momentum
-    # p <- p * (1 - ck) + ck * z, as the reference's p.mul_(1 - ck).add_(z, alpha=ck); nothing on a skipped step
+    # p <- p * (1 - ck) + ck * z, as the reference's p.mul_(1 - ck).add_(z, alpha=ck)
     moved = ops.add(ops.mul(k.p, 1 - ck), z, alpha=ck, inplace=own)
-    new_p = [torch.where(skip, p, x) for p, x in zip(k.p, moved)]
     if k.apply:
-        ops.copy_(k.p, new_p)
+        ops.lerp(k.p, moved, keep, inplace=True)
         return None, {"s": s, "z": z, **globals_}
-    return ops.sub(new_p, k.p, inplace=own), {"s": s, "z": z, **globals_}
+    return ops.sub(ops.lerp(k.p, moved, keep), k.p, inplace=own), {"s": s, "z": z, **globals_}
 
 
 DADAPT_ADAM = Algorithm(

@@ -43,9 +43,9 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     rbar, total, step = k.rbar, k.G, k.k
     first = step == 0
     g, owned = torch_grad(ops, k.g, k.p, maximize=False, weight_decay=h.weight_decay, own=own)
-    start = h.reps_rel * (1 + norm_total(k.p, rbar))
-    new_rbar = torch.where(first, start, torch.maximum(rbar, norm_total(ops.sub(k.p, k.x0), rbar)))
-    gsq = sq_total(g, total)
+    start = h.reps_rel * (1 + norm_total(ops, k.p, rbar))
+    new_rbar = torch.where(first, start, torch.maximum(rbar, norm_total(ops, ops.sub(k.p, k.x0), rbar)))
+    gsq = sq_total(ops, g, total)
     new_total = torch.where(first, gsq + h.eps, total + gsq)
     lr = h.lr.to(rbar) if isinstance(h.lr, Tensor) else h.lr
     eta = lr * new_rbar / torch.sqrt(new_total)
