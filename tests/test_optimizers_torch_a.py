@@ -20,13 +20,12 @@ from hypothesis import strategies as st
 
 import pureopt
 from pureopt.algorithms.adadelta import adadelta, scale_by_adadelta
+from pureopt.algorithms.adagrad import adagrad, scale_by_adagrad
 from pureopt.algorithms.adamax import adamax, scale_by_adamax
+from pureopt.algorithms.asgd import asgd
 from pureopt.algorithms.sgd import sgd
 from pureopt.combine import chain
-from pureopt.optimizers.adagrad import adagrad
-from pureopt.optimizers.asgd import asgd
 from pureopt.optimizers.sparse_adam import sparse_adam
-from pureopt.transforms.adagrad import scale_by_adagrad
 from pureopt.transforms.scale import scale_by_learning_rate
 
 DTYPES = [torch.float64, torch.float32]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -63,6 +63,13 @@ class differentiating:
 def autograd_recording(tensors: Sequence[object]) -> bool:
     """Whether autograd is recording and any of ``tensors`` (non-tensors ignored) requires grad."""
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def records_autograd(*lists: Sequence[Any] | None) -> bool:
+    """Whether autograd records through the tensors of these lists (``None`` lists skipped): the update is being
+    differentiated. Kernels then avoid every in-place op, even on their own temporaries: an op like ``sqrt`` saves
+    its output for the backward pass, and writing into it afterwards would break that."""
+    return autograd_recording([t for ts in lists if ts is not None for t in ts])
 
 
 def mark_differentiating(value: object) -> None:

@@ -1,0 +1,618 @@
+"""One definition per algorithm: hyperparameters, state fields and math, from which every path follows.
+
+An algorithm module declares three things, each once:
+
+* **Hyperparameters** — in the signature of its public function: names, defaults, and torch.optim's validation as
+  ``Annotated`` types (:data:`LR`, :data:`Betas`, :data:`Eps`, :data:`NonNeg`, :data:`Impl`, or
+  ``Annotated[float, nonneg("label")]``); the docstring documents them. The function body is
+  ``return ALGO.build(locals())``; :meth:`Algorithm.public` validates (in signature order, with torch's wording)
+  before the body runs. A ``scale_by_*`` primitive is the same with fewer arguments: the others take the
+  algorithm's *neutral* values (``lr=None``: return the positive direction, no weight decay, ...).
+* **State** — a dict of :class:`Field` (torch.optim's key names; how each is initialised; which flags keep it).
+  The state record (a NamedTuple: ``num_updates`` and the fields) is generated from it.
+* **Math** — ``math(k)`` over lists, written against the :class:`~pureopt.kernels.listops.ListOps` in ``k.ops``;
+  optionally ``scalars(k, steps)`` (per-tensor values from the advanced step counts, computed once per step, outside
+  the chunked elementwise pass) and ``fused(k, plan)`` (torch's fused kernel, where torch has one).
+
+:class:`Algorithm` turns that into the transformation (pure, donated, flat, DTensor-local, vmap/grad/compile) via
+:func:`pureopt.transforms._util.kernel_transform`, choosing the path (fused > foreach > loop, overridable with
+``impl=``), viewing complex tensors as real pairs, casting to the state dtype, advancing ``step``, running the math
+in cache-sized chunks when the donated step applies its update to the parameters
+(:func:`pureopt.kernels.common.elementwise`), and handling GradScaler's ``grad_scale`` / ``found_inf``.
+
+A new elementwise algorithm is one module: see ``pureopt/algorithms/lion.py`` for the smallest complete example, and
+docs/architecture.md ("How to add an algorithm").
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch
+from torch import Tensor
+
+from pureopt.algorithms.storage import compute_dtype, parse_state_dtype, run_chunks
+from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
+from pureopt.hyperparams import check_betas, check_lr, check_nonneg, resolve
+from pureopt.kernels import fused as _fused
+from pureopt.kernels import select as _select
+from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
+from pureopt.kernels.encoding import Encoding
+from pureopt.kernels.listops import ListOps, ops_for
+from pureopt.kernels.select import check_impl, choose_impl
+from pureopt.transforms._util import copy_of, full, kernel_transform, step_init, zeros
+
+__all__ = [
+    "Algorithm",
+    "Field",
+    "Global",
+    "Kernel",
+    "Hyper",
+    "Check",
+    "LR",
+    "Betas",
+    "Eps",
+    "NonNeg",
+    "Impl",
+    "StateDtype",
+    "nonneg",
+    "AS_FLOAT",
+    "scalar_state",
+    "state",
+    "step_count",
+    "filled",
+    "param_copy",
+]
+
+# --- hyperparameters: validation declared in the signature ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """A hyperparameter's validation, declared as ``Annotated[type, Check(fn)]`` in a public signature.
+
+    ``fn(value, name)`` raises torch.optim's error for a bad value and returns the value to use (e.g. a 1-element
+    tensor ``lr`` as a 0-d tensor, tensor betas as Python floats)."""
+
+    fn: Callable[[Any, str], Any]
+
+
+def _lr(value: Any, name: str) -> Any:
+    check_lr(value)
+    return value.reshape(()) if isinstance(value, Tensor) else value
+
+
+def _betas(value: Any, name: str) -> tuple[float, float]:
+    check_betas(value)
+    return float(value[0]), float(value[1])
+
+
+def nonneg(label: str | None = None) -> Check:
+    """``Invalid {label} value: {value}`` unless ``value >= 0`` (torch's wording; ``label`` defaults to the
+    argument's name)."""
+
+    def fn(value: Any, name: str) -> Any:
+        check_nonneg(value, label or name)
+        return value
+
+    return Check(fn)
+
+
+def _float(value: Any, name: str) -> float:
+    return float(value)
+
+
+AS_FLOAT = Check(_float)
+"""After the checks: pass the value on as a Python float (a tensor is read once, at construction)."""
+
+
+def _impl(value: Any, name: str) -> Any:
+    check_impl(value)
+    return value
+
+
+LR = Annotated[ScalarOrSchedule, Check(_lr)]
+"""A learning rate: float, 0-d (or 1-element) tensor, or schedule; ``Invalid learning rate: ...``."""
+Betas = Annotated[tuple[float | Tensor, float | Tensor], Check(_betas)]
+"""Two decay rates in ``[0, 1)``: ``Invalid beta parameter at index i: ...``; passed on as Python floats."""
+Eps = Annotated[float, nonneg("epsilon")]
+"""A non-negative epsilon: ``Invalid epsilon value: ...``."""
+NonNeg = Annotated[float, nonneg()]
+"""A non-negative number named by its argument: ``Invalid weight_decay value: ...``."""
+Impl = Annotated[str, Check(_impl)]
+"""The kernel path: ``"auto" | "loop" | "foreach" | "fused"``."""
+StateDtype = torch.dtype | None
+"""The dtype of the per-parameter state (``None``: the parameter's)."""
+
+
+class Hyper:
+    """A namespace of values by name (hyperparameters, a kernel's arguments); plain attributes, so that
+    ``torch.compile`` traces building one."""
+
+    def __init__(self, **values: Any) -> None:
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def __getattr__(self, key: str) -> Any:  # (typing: any declared name; a missing one raises as usual)
+        raise AttributeError(key)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+def _bind(fn: str, spec: Sequence[tuple[str, bool, Any]], args: Sequence[Any], kw: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments by name, in signature order, defaults filled in (``inspect.Signature.bind`` in plain Python
+    over precomputed ``(name, positional, default)`` triples, so that torch.compile traces it)."""
+    slots = [name for name, pos, _ in spec if pos]
+    if len(args) > len(slots):
+        raise TypeError(f"{fn}() takes {len(slots)} positional arguments but {len(args)} were given")
+    given = dict(zip(slots, args))
+    names = {name for name, _, _ in spec}
+    for key, value in kw.items():
+        if key not in names:
+            raise TypeError(f"{fn}() got an unexpected keyword argument '{key}'")
+        if key in given:
+            raise TypeError(f"{fn}() got multiple values for argument '{key}'")
+        given[key] = value
+    values = {}
+    for name, _, default in spec:
+        if name not in given and default is inspect.Parameter.empty:
+            raise TypeError(f"{fn}() missing required argument: '{name}'")
+        values[name] = given.get(name, default)
+    return values
+
+
+# --- state fields ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One per-parameter state field.
+
+    Attributes:
+      doc: what it holds (goes into the state record's docstring).
+      init: ``init(h, state_dtype) -> (param -> tensor)``: how the field starts, given the hyperparameters.
+      when: the hyperparameters for which the field is kept (``None``: always); otherwise it is stored as ``()``.
+      per_tensor: one 0-d value per parameter (step counts, NAdam's ``mu_product``), not one per element; such
+        fields are updated by ``scalars``, outside the elementwise pass.
+      nonneg: the field never holds negative values (second moments): ``state_dtype="q8"`` / ``"q4"`` then store it
+        with an unsigned code (see :mod:`pureopt.kernels.encoding`).
+    """
+
+    doc: str
+    init: Callable[[Hyper, torch.dtype | None], Callable[[Tensor], Tensor]]
+    when: Callable[[Hyper], bool] | None = None
+    per_tensor: bool = False
+    nonneg: bool = False
+
+
+def state(doc: str, when: Callable[[Hyper], bool] | None = None, *, nonneg: bool = False) -> Field:
+    """A state field that starts at zero, in the state dtype (e.g. Adam's ``exp_avg``; ``nonneg`` for a field that
+    is never negative, e.g. ``exp_avg_sq``)."""
+    return Field(doc, lambda h, dtype: zeros(dtype), when, nonneg=nonneg)
+
+
+def filled(value: Callable[[Hyper], float], doc: str, when: Callable[[Hyper], bool] | None = None) -> Field:
+    """A state field that starts at ``value(h)`` everywhere (e.g. Adagrad's ``initial_accumulator_value``)."""
+    return Field(doc, lambda h, dtype: full(value(h), dtype), when)
+
+
+def param_copy(doc: str, when: Callable[[Hyper], bool] | None = None) -> Field:
+    """A state field that starts as a copy of the parameter (e.g. ASGD's ``ax``)."""
+    return Field(doc, lambda h, dtype: copy_of(dtype), when)
+
+
+@dataclass(frozen=True)
+class Global:
+    """A state value kept once per transformation (not per parameter): a 0-d tensor made by ``init(h, device)``,
+    read by the math as ``k.<name>`` and replaced by returning a new value under its name."""
+
+    doc: str
+    init: Callable[[Hyper, torch.device], Tensor]
+    when: Callable[[Hyper], bool] | None = None
+    per_tensor: bool = False
+
+
+def step_count(
+    doc: str = "per-parameter step counts (0-d float tensors; only parameters with a gradient advance).",
+) -> Field:
+    """torch.optim's ``state['step']``: a 0-d count per parameter, advanced by one before the math runs."""
+    return Field(doc, lambda h, dtype: step_init, per_tensor=True)
+
+
+def scalar_state(init: Callable[[Tensor], Tensor], doc: str) -> Field:
+    """A per-tensor state field (one 0-d value per parameter, e.g. NAdam's ``mu_product``), made by ``init(param)``
+    and updated by the algorithm's ``scalars`` function."""
+    return Field(doc, lambda h, dtype: init, per_tensor=True)
+
+
+def _encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None, p: Tensor) -> Any:
+    """A field's initial value, stored in ``enc`` (computed in the compute dtype, then encoded)."""
+    stored = enc.empty(p)
+    if init is not None:
+        enc.encode_into(stored, 0, init(p.detach().to(compute_dtype(p))).reshape(-1))
+    return stored
+
+
+def _in_dtype(tensors: list[Tensor], dtype: torch.dtype | None) -> list[Tensor]:
+    """Real ``tensors`` in ``dtype``'s real counterpart (unchanged for ``None``)."""
+    if dtype is None:
+        return tensors
+    real = dtype.to_real()
+    return [t if t.dtype == real else t.to(real) for t in tensors]
+
+
+def _record(name: str, module: str, fields: Mapping[str, Field | Global], doc: str) -> type:
+    """The state NamedTuple: ``num_updates`` then ``fields``, with a docstring listing them."""
+    make: Callable[..., type] = collections.namedtuple
+    cls = make(name, ["num_updates", *fields], module=module)
+    lines = [
+        doc,
+        "",
+        "Attributes:",
+        "  num_updates: number of updates so far (0-d int64 tensor), the argument of a learning-rate schedule.",
+    ]
+    for key, f in fields.items():
+        lines.append(f"  {key}: {f.doc}" + ("" if f.when is None else " (``()`` when not kept for these flags)."))
+    cls.__doc__ = "\n".join(lines)
+    return cls
+
+
+# --- what the math sees ---------------------------------------------------------------------------------------------
+
+
+class Kernel(Hyper):
+    """The arguments of an algorithm's ``math``, ``scalars`` and ``fused`` functions.
+
+    Attributes:
+      ops: the list backend to compute with (per-tensor, foreach, or scratch-memory ops on a chunk).
+      h: the hyperparameters by name (``h.lr`` resolved at this update; ``None`` in the ``scale_by_*`` form).
+      p: the parameters (viewed as real, in the state dtype); ``None`` when ``update`` got no params, which the
+        engine refuses first where a hyperparameter in ``needs_params`` is nonzero.
+      g: the gradients (viewed as real, in the state dtype). Read-only: never write into them.
+      donate: the state lists may be overwritten in place (never on the pure path or while autograd records).
+      own: the kernel's own temporaries may be overwritten in place (false while autograd records).
+      apply: add the update into ``p`` in place (its last op, as torch) and return ``None`` updates.
+      target: ``p`` when ``apply`` else ``None`` (the first argument of :func:`~pureopt.kernels.common.add_update`).
+      coef: ``-lr``, or ``1.0`` in the ``scale_by_*`` form (the sign and scale of the returned update).
+      <field>: each kept state field's list (per-element fields in ``math``; all of them in ``scalars``/``fused``).
+      <scalar>: each per-tensor value list that ``scalars`` returned.
+      steps: the advanced step counts (``scalars`` and ``fused`` only).
+      segments: ``UpdateContext.segments`` (flat buffers holding several parameters; see ``segmentwise``).
+      extra: the keyword arguments given to ``update`` (e.g. Sophia's Hessian estimate), as a dict.
+      <global>: each global field's 0-d tensor (see :class:`Global`).
+    """
+
+    ops: ListOps
+    h: Hyper
+    p: list[Tensor]  # (None when update got no params: the engine then refuses what ``needs_params`` names)
+    g: list[Tensor]
+    steps: list[Tensor]
+    donate: bool
+    own: bool
+    apply: bool
+    target: list[Tensor] | None
+    coef: float | Tensor
+
+
+MathFn = Callable[[Kernel], tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]]
+"""``math(k) -> (updates, new_state)``: the elementwise step. ``updates`` is ``None`` when it applied them
+(``k.apply``); ``new_state`` maps the per-element fields it changed to their new lists."""
+ScalarsFn = Callable[[Kernel, list[Tensor]], Mapping[str, list[Any]]]
+"""``scalars(k, steps) -> values``: per-tensor values (new per-tensor state fields, or columns the math reads)."""
+FusedFn = Callable[[Kernel, _fused.Plan], tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]]
+"""``fused(k, plan) -> (updates, new_state)``: the step through torch's fused kernel (whole lists)."""
+SparseFn = Callable[..., tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]]
+"""``sparse(run, h, impl, params, grads, state, ctx) -> (updates, new_state)``: a step where some gradients are
+sparse (COO), e.g. densify them or split the lists, calling ``run`` (:meth:`Algorithm.run`, same arguments) for the
+dense ones."""
+
+
+class Algorithm:
+    """An algorithm's definition: builds its transformations and runs its kernel on every path.
+
+    Args:
+      name: the torch.optim class name where torch has the algorithm (``"Adam"``), else the algorithm's name; it is
+        used in error messages.
+      record: the state record's class name (``"LionState"``).
+      module: ``__name__`` of the defining module (the record's home, so that it pickles).
+      fields: the per-parameter state fields in torch's key order (see :class:`Field`).
+      math: the elementwise math (see :data:`MathFn`).
+      scalars: per-tensor values from the advanced step counts (see :data:`ScalarsFn`).
+      fused: torch's fused kernel (see :data:`FusedFn`); ``fused_state``: the fields it takes, first the one in the
+        compute dtype; ``fused_devices``: where torch has it; ``fused_when``: the flags it supports.
+      neutral: values of the hyperparameters a shorter signature (``scale_by_*``) leaves out.
+      needs_params: hyperparameters that need the parameters when nonzero (``weight_decay``).
+      params_required: the algorithm always needs the parameters (e.g. its trust ratio reads their norms): the name
+        its error gives (``"lamb needs the parameters: ..."``), raised before anything changes.
+      sparse: whether sparse gradients are accepted (torch's RuntimeError otherwise); or the algorithm's own
+        handling of a step with sparse (COO) gradients (see :data:`SparseFn`).
+      amp_native: the kernel honours GradScaler's ``grad_scale`` / ``found_inf`` (see
+        :func:`pureopt.kernels.fused.mark_amp_native`): in torch's fused call where it runs on the parameters,
+        else by unscaling out of place.
+      chunked: run ``math`` chunk by chunk on the applied CPU path (see
+        :func:`pureopt.kernels.common.elementwise`); ``False`` runs it once over the whole lists. ``chunk_scale``:
+        chunks that many times the default size (light math without temporaries: fewer calls).
+      elementwise: each element's update depends only on that element (and per-tensor / global values); ``False``
+        for math with reductions over a tensor or over all tensors (norms, projections, Prodigy's ``d``), which then
+        runs once over the whole lists (on DTensors: on the DTensors, so that reductions are global).
+      segmentwise: the math honours ``k.segments`` (per-parameter reductions on flat buffers, see
+        :func:`pureopt.base.is_segmentwise`).
+      global_fields: state kept once per transformation (see :class:`Global`), e.g. Prodigy's ``d``.
+      leaf_args: keyword arguments of ``update`` that are trees like the gradients (Sophia's ``hessian``); the math
+        reads each in ``k.extra`` as a list over the leaves it steps (``None`` when not given).
+      check_order: the hyperparameters validated first, in torch's order (the rest follow in signature order).
+      doc: first line of the state record's docstring.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        record: str,
+        module: str,
+        fields: Mapping[str, Field],
+        math: MathFn,
+        scalars: ScalarsFn | None = None,
+        fused: FusedFn | None = None,
+        fused_state: Sequence[str] = (),
+        fused_devices: Sequence[str] = _fused.FUSED_DEVICES,
+        fused_when: Callable[[Hyper], bool] | None = None,
+        neutral: Mapping[str, Any] | None = None,
+        needs_params: Sequence[str] = ("weight_decay",),
+        params_required: str | None = None,
+        sparse: bool | SparseFn = False,
+        amp_native: bool = False,
+        chunked: bool = True,
+        chunk_scale: int = 1,
+        elementwise: bool = True,
+        segmentwise: bool = False,
+        global_fields: Mapping[str, Global] | None = None,
+        leaf_args: Sequence[str] = (),
+        check_order: Sequence[str] = ("lr",),
+        doc: str = "",
+    ) -> None:
+        self.name = name
+        self.fields = dict(fields)
+        self.math = math
+        self.scalars = scalars
+        self.fused = fused
+        self.fused_state = tuple(fused_state)
+        self.fused_devices = tuple(fused_devices)
+        self.fused_when = fused_when
+        self.neutral = {"lr": None, "maximize": False, **(neutral or {})}
+        self.needs_params = tuple(needs_params)
+        self.params_required = params_required
+        self.sparse = sparse
+        self.amp_native = amp_native
+        self.globals = dict(global_fields or {})
+        self.chunked = chunked and elementwise and not self.globals
+        self.chunk_scale = chunk_scale
+        self.elementwise = elementwise
+        self.segmentwise = segmentwise
+        self.leaf_args = tuple(leaf_args)
+        self.check_order = list(check_order)
+        self.state = _record(record, module, {**self.fields, **self.globals}, doc or f"State of the {name} algorithm.")
+
+    # --- public functions -----------------------------------------------------------------------------------------
+
+    def public(self, fn: Callable[..., GradientTransformation]) -> Callable[..., GradientTransformation]:
+        """Decorate a public function: its arguments are validated by their ``Annotated`` checks (in signature
+        order, torch's wording) before its body (``return ALGO.build(locals())``) runs."""
+        signature = inspect.signature(fn)
+        checks: list[tuple[str, Check]] | None = None
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        spec = [(p.name, p.kind in positional, p.default) for p in signature.parameters.values()]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> GradientTransformation:
+            nonlocal checks
+            if checks is None:
+                hints = typing.get_type_hints(fn, include_extras=True)
+                first = {name: i for i, name in enumerate(self.check_order)}
+                names = sorted(signature.parameters, key=lambda n: (n not in first, first.get(n, 0)))
+                checks = [
+                    (name, meta)
+                    for name in names
+                    for meta in getattr(hints.get(name), "__metadata__", ())
+                    if isinstance(meta, Check)
+                ]
+            values = _bind(fn.__name__, spec, args, kwargs)
+            for name, check in checks:
+                values[name] = check.fn(values[name], name)
+            return fn(**values)
+
+        wrapper.algorithm = self  # type: ignore[attr-defined]
+        return wrapper
+
+    def build(self, values: Mapping[str, Any], **fixed: Any) -> GradientTransformation:
+        """The transformation for a public function's (validated) arguments; ``fixed`` overrides some of them, and
+        hyperparameters the signature leaves out take their neutral values."""
+        given = {**self.neutral, **values, **fixed}
+        impl = given.pop("impl", "auto")
+        state_dtype = given.pop("state_dtype", None)
+        check_impl(impl)
+        h = Hyper(**given)
+        lr = h.lr
+        kept = [key for key, f in self.fields.items() if not f.per_tensor and (f.when is None or f.when(h))]
+        nonneg = {key: f.nonneg for key, f in self.fields.items()}
+        state_dtype, encodings = parse_state_dtype(state_dtype, kept, nonneg)
+        inits = {
+            key: (f.init(h, state_dtype) if f.when is None or f.when(h) else None) for key, f in self.fields.items()
+        }
+        for key, enc in encodings.items():
+            inits[key] = functools.partial(_encoded_init, enc, inits[key])
+
+        def step(
+            params: list[Tensor] | None,
+            grads: list[Tensor],
+            s: dict[str, list[Tensor]],
+            num_updates: Tensor,
+            ctx: UpdateContext,
+        ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
+            hs = h if lr is None else Hyper(**{**given, "lr": resolve(lr, num_updates)})
+            return self.run(hs, impl, params, grads, s, ctx, encodings, compute_dtype=None if kept else state_dtype)
+
+        shared: dict[str, Callable[[torch.device], Tensor]] = {
+            key: functools.partial(f.init, h) for key, f in self.globals.items()
+        }
+        tx = kernel_transform(
+            self.state,
+            inits,
+            step,
+            elementwise=self.elementwise,
+            segmentwise=self.segmentwise,
+            global_fields=shared,
+            leaf_args=self.leaf_args,
+        )
+        return _fused.mark_amp_native(tx) if self.amp_native else tx
+
+    # --- the kernel -----------------------------------------------------------------------------------------------
+
+    def _run_encoded(
+        self,
+        h: Hyper,
+        impl: str,
+        params: list[Tensor] | None,
+        grads: list[Tensor],
+        s: Mapping[str, list[Any]],
+        ctx: UpdateContext,
+        encodings: Mapping[str, Encoding],
+        elem: list[str],
+        shared: dict[str, Any],
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
+        """The step with some fields encoded: the math chunk by chunk on decoded state (:func:`run_chunks`)."""
+        if _select.autograd_recording([*grads, *(params or [])]):
+            raise RuntimeError("encoded optimizer state (state_dtype=) cannot be differentiated through")
+        ops = ops_for(choose_impl(impl, grads))
+        donate, apply = ctx.donate, ctx.apply and ctx.donate and params is not None
+        coef: float | Tensor = 1.0 if h.lr is None else -h.lr
+        out: dict[str, list[Tensor]] = {}
+        scalar_state = {key: s[key] for key in s if key not in elem and key not in shared}
+        stand_ins = {key: grads for key in elem}  # (scalars read only dtypes and devices of the fields)
+        k0 = Kernel(ops=ops, h=h, p=params, g=grads, donate=donate, own=True, apply=apply, coef=coef, target=None,
+                    segments=None, extra=ctx.extra_args, **scalar_state, **shared, **stand_ins)  # fmt: skip
+        if "step" in s:
+            out["step"] = k0.steps = ops.add_scalar(s["step"], 1, inplace=donate)
+        columns: dict[str, list[Any]] = {}
+        for key, values in (self.scalars(k0, out.get("step", [])) if self.scalars is not None else {}).items():
+            (out if key in self.fields else columns)[key] = values
+        globals_out: dict[str, Any] = {}
+
+        def body(
+            ops: ListOps, p: list[Tensor], g: list[Tensor], fields: dict[str, list[Tensor]],
+            cols: dict[str, list[Any]], applies: bool,
+        ) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:  # fmt: skip
+            target = p if applies else None
+            k = Kernel(ops=ops, h=h, p=p, g=g, donate=True, own=True, apply=applies, coef=coef, target=target,
+                       segments=None, extra=ctx.extra_args, **shared, **fields, **cols)  # fmt: skip
+            updates, new = self.math(k)
+            globals_out.update({key: new[key] for key in shared if key in new})
+            return updates, {key: v for key, v in new.items() if key in fields}
+
+        fields = {key: s[key] for key in elem}
+        updates, new_fields = run_chunks(
+            body, ops, params, grads, fields, encodings, columns, donate=donate, apply=apply,
+            elementwise=self.elementwise,
+        )  # fmt: skip
+        return updates, {**out, **new_fields, **globals_out}
+
+    def run(
+        self,
+        h: Hyper,
+        impl: str,
+        params: list[Tensor] | None,
+        grads: list[Tensor],
+        s: Mapping[str, list[Tensor]],
+        ctx: UpdateContext,
+        encodings: Mapping[str, Encoding] | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
+        """One step over the leaves that have a gradient (``s``: the kept state fields' lists; ``encodings``: how
+        the encoded ones are stored, see :mod:`pureopt.algorithms.storage`; ``compute_dtype``: the dtype to compute
+        in where no per-element field fixes it, i.e. ``state_dtype`` of an algorithm that keeps none)."""
+        if self.sparse is not True and any(g.is_sparse for g in grads):
+            if callable(self.sparse):
+                dense_run = functools.partial(self.run, encodings=encodings, compute_dtype=compute_dtype)
+                updates, new = self.sparse(dense_run, h, impl, params, grads, s, ctx)
+                return updates, dict(new)
+            raise RuntimeError(f"{self.name} does not support sparse gradients")
+        if params is None and self.params_required is not None:
+            raise ValueError(f"{self.params_required} needs the parameters: call update(grads, state, params)")
+        for key in self.needs_params:
+            if params is None and getattr(h, key, 0) != 0:
+                raise ValueError(f"{key} needs the parameters: call update(grads, state, params)")
+        elem = [key for key in self.fields if key in s and not self.fields[key].per_tensor]
+        shared = {key: s[key] for key in self.globals}
+        donate, apply = ctx.donate, ctx.apply and ctx.donate and params is not None
+        plan = None
+        if encodings:
+            if impl == "fused":
+                raise RuntimeError("impl='fused' is not available with encoded state (state_dtype=); use 'auto'")
+            return self._run_encoded(h, impl, params, grads, s, ctx, encodings, elem, shared)
+        if self.fused is not None and impl in ("auto", "fused") and (self.fused_when is None or self.fused_when(h)):
+            lists = [s[key] for key in self.fused_state if key in s] or [grads]  # (no state kept: plan on grads)
+            plan = _fused.fused_plan([*grads, *(params or [])], *lists, impl=impl, devices=self.fused_devices)
+        path = choose_impl(impl, [*grads, *s[elem[0]]] if elem else grads, fused_available=plan is not None)
+        coef: float | Tensor = 1.0 if h.lr is None else -h.lr
+        if self.amp_native and (ctx.grad_scale is not None or ctx.found_inf is not None):
+            ref = next((s[key] for key in (*self.fused_state, *elem) if key in s), grads)
+            if not (path == "fused" and apply and _fused.same_dtypes(params, ref)):  # not torch's own fused call
+                unscaled = _fused.amp_unscale(grads, ctx.grad_scale, ctx.found_inf)
+                if unscaled is None:  # a skipped step: nothing changes
+                    return _fused.skipped_updates(grads, apply), dict(s)
+                grads, ctx = unscaled, ctx.but(grad_scale=None, found_inf=None)
+        if path == "fused":
+            assert plan is not None and self.fused is not None
+            k = Kernel(h=h, p=params, g=grads, donate=donate, apply=apply, coef=coef, ctx=ctx, **s)
+            updates, new = self.fused(k, plan)
+            return updates, {**s, **new}
+        ops = ops_for(path)
+        lists = [ts for key, ts in s.items() if key not in shared]
+        own = not _select.autograd_recording([t for ts in (params or [], grads, *lists) for t in ts])
+        donate = donate and own
+        like = grads
+        real = {key: as_real(s[key]) for key in elem}
+        ref = real[elem[0]] if elem else _in_dtype(as_real(grads), compute_dtype)
+        g = cast_like(as_real(grads), ref) if elem else ref  # state may be kept in another dtype (state_dtype=)
+        p = cast_like(as_real(params), ref) if params is not None else None
+        apply = can_apply(ops, apply and donate, params, p)
+        out: dict[str, list[Tensor]] = {}
+        scalar_state = {key: s[key] for key in s if key not in real and key not in shared}
+        k0 = Kernel(ops=ops, h=h, p=p, g=g, donate=donate, own=own, apply=apply, coef=coef, target=None,
+                    segments=ctx.segments, extra=ctx.extra_args, **scalar_state, **shared, **real)  # fmt: skip
+        if "step" in s:
+            out["step"] = k0.steps = ops.add_scalar(s["step"], 1, inplace=donate)
+        extra: dict[str, list[Any]] = {}
+        if self.scalars is not None:
+            for key, values in self.scalars(k0, out.get("step", [])).items():
+                if key in self.fields:
+                    out[key] = values
+                else:
+                    extra[key] = values
+        names, cols = list(extra), list(extra.values())
+
+        def body(ops: ListOps, p: list[Tensor] | None, g: list[Tensor], *columns: Any) -> tuple[Any, ...]:
+            named = {**dict(zip(elem, columns)), **dict(zip(names, columns[len(elem) :]))}
+            target = p if apply else None
+            k = Kernel(ops=ops, h=h, p=p, g=g, donate=donate, own=own, apply=apply, coef=coef, target=target,
+                       segments=ctx.segments, extra=ctx.extra_args, **shared, **named)  # fmt: skip
+            updates, new = self.math(k)
+            out.update({key: new[key] for key in shared if key in new})  # (whole lists only: globals change once)
+            return (updates, *(new.get(key) for key in elem))
+
+        writes = (None, *range(2, 2 + len(elem)))
+        results = elementwise(
+            body, ops, (p, g, *(real[key] for key in elem), *cols), writes, in_place=apply and self.chunked,
+            chunk_scale=self.chunk_scale,
+        )  # fmt: skip
+        updates = results[0]
+        for key, result in zip(elem, results[1:]):
+            out[key] = s[key] if result is None else as_complex_like(result, like)
+        return (None if updates is None else as_complex_like(updates, like)), out

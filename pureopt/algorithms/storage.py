@@ -1,0 +1,187 @@
+"""Encoded state: an algorithm's math run chunk by chunk over state stored in another encoding (issue 16).
+
+``state_dtype`` chooses, per state field, how it is stored (:mod:`pureopt.kernels.encoding`): a float dtype, fp8
+with a scale per block, or block-wise 8-bit / 4-bit codes. The math is the algorithm's own, unchanged: each chunk of
+about :data:`CHUNK_ELEMENTS` elements is decoded into the compute dtype (float32 for 16-bit parameters, else the
+parameter's), stepped, and encoded back, so no full-precision copy of a whole state field exists at any time.
+Big parameters are cut into flat slices at block boundaries; small ones are grouped whole. Math with reductions
+over a tensor or over all tensors (``elementwise=False``) runs on whole tensors in one chunk instead (its state is
+then decoded whole).
+
+On the pure path the new state is written into fresh encoded buffers (the inputs stay bitwise unchanged); on the
+donated path into the stored buffers themselves, and, with ``apply``, the update goes into the parameters' own memory
+chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pureopt.kernels.dtensor import is_dtensor
+from pureopt.kernels.encoding import Encoding, FloatEncoding, encoding_for
+from pureopt.kernels.listops import ListOps
+
+__all__ = ["CHUNK_ELEMENTS", "compute_dtype", "parse_state_dtype", "run_chunks"]
+
+CHUNK_ELEMENTS = 1 << 18
+"""Elements per chunk (1 MiB of float32 per decoded field): a chunk's decoded state and temporaries stay in cache."""
+
+
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """The dtype the math runs in for encoded state: float32 for 16-bit (and 8-bit) parameters, else the
+    parameter's."""
+    return torch.float32 if p.dtype.itemsize < 4 and p.dtype.is_floating_point else p.dtype
+
+
+def parse_state_dtype(
+    spec: Any, fields: Sequence[str], nonneg: Mapping[str, bool]
+) -> tuple[torch.dtype | None, dict[str, Encoding]]:
+    """``state_dtype`` -> (the one dtype every field is kept in, as before; the encodings per field).
+
+    ``None`` or a float dtype: all fields in that dtype (no encoding). A name (``"q8"``, ``"q4"``, ``"fp8"``), an
+    fp8 dtype or an :class:`~pureopt.kernels.encoding.Encoding`: every per-element field encoded so. A dict from field
+    names to any of these (or to float dtypes): per field; fields it does not name keep the parameter's dtype.
+    """
+    if spec is None:
+        return None, {}
+    if not isinstance(spec, Mapping):
+        if isinstance(spec, torch.dtype) and encoding_for(spec) is None:
+            return spec, {}
+        spec = dict.fromkeys(fields, spec)
+    unknown = [key for key in spec if key not in fields]
+    if unknown:
+        raise ValueError(f"state_dtype names {unknown[0]!r}, which is not a state field here; fields: {list(fields)}")
+    encodings: dict[str, Encoding] = {}
+    for key, value in spec.items():
+        if value is None:
+            continue
+        enc = encoding_for(value, nonneg=nonneg.get(key, False))
+        encodings[key] = enc if enc is not None else FloatEncoding(value)
+    return None, encodings
+
+
+def _view(t: Tensor, lo: int, hi: int, whole: bool) -> Tensor:
+    return t if whole else t.view(-1)[lo:hi]
+
+
+def _plan(
+    sizes: Sequence[int], splittable: Sequence[bool], align: int, elementwise: bool
+) -> Iterator[list[tuple[int, int, int, bool]]]:
+    """Chunks as lists of ``(tensor, lo, hi, whole)``: flat slices of big splittable tensors (at multiples of
+    ``align``), small tensors grouped whole; everything in one chunk for non-elementwise math."""
+    if not elementwise:
+        yield [(i, 0, n, True) for i, n in enumerate(sizes)]
+        return
+    width = max(align, CHUNK_ELEMENTS // align * align)
+    chunk: list[tuple[int, int, int, bool]] = []
+    acc = 0
+    for i, n in enumerate(sizes):
+        if n > width and splittable[i]:
+            for lo in range(0, n, width):
+                yield [(i, lo, min(n, lo + width), False)]
+            continue
+        chunk.append((i, 0, n, True))
+        acc += n
+        if acc >= width:
+            yield chunk
+            chunk, acc = [], 0
+    if chunk:
+        yield chunk
+
+
+Body = Callable[
+    [ListOps, list[Tensor], list[Tensor], dict[str, list[Tensor]], dict[str, list[Any]], bool],
+    tuple[list[Tensor] | None, Mapping[str, list[Tensor]]],
+]
+"""``body(ops, p, g, fields, columns, apply) -> (updates or None if applied, new fields)`` on one chunk; the field
+lists are the chunk's own temporaries (may be overwritten)."""
+
+
+def run_chunks(
+    body: Body,
+    ops: ListOps,
+    params: list[Tensor] | None,
+    grads: list[Tensor],
+    fields: Mapping[str, list[Any]],
+    encodings: Mapping[str, Encoding],
+    columns: Mapping[str, list[Any]],
+    *,
+    donate: bool,
+    apply: bool,
+    elementwise: bool,
+) -> tuple[list[Tensor] | None, dict[str, list[Any]]]:
+    """One step over encoded (and plain) per-element state fields, chunk by chunk (see module docstring).
+
+    ``fields``: each per-element field's stored values (encoded records for the fields in ``encodings``, tensors
+    otherwise); ``columns``: per-tensor values (one per parameter). Returns the updates (``None`` when ``apply``:
+    added to the parameters) and the new stored fields.
+    """
+    tensors = [*grads, *(params or [])]
+    if any(t.is_complex() for t in tensors):
+        raise ValueError("encoded optimizer state (state_dtype=) does not support complex parameters")
+    if any(map(is_dtensor, tensors)):
+        raise ValueError("encoded optimizer state (state_dtype=) does not support DTensor parameters yet")
+    if any(g.is_sparse for g in grads):
+        raise ValueError("encoded optimizer state (state_dtype=) does not support sparse gradients")
+    like = params if params is not None else grads
+    dtypes = [compute_dtype(t) for t in like]
+    plain = [key for key in fields if key not in encodings]
+    align = math.lcm(2, *(e.block for e in encodings.values()))
+    splittable = [
+        g.is_contiguous() and (params is None or params[i].is_contiguous()) and all(
+            fields[key][i].is_contiguous() for key in plain)
+        for i, g in enumerate(grads)
+    ]  # fmt: skip
+    # outputs: the stored fields themselves when donated, else fresh buffers of the same encodings
+    if donate:
+        out = {key: list(values) for key, values in fields.items()}
+    else:
+        out = {
+            key: [encodings[key].like(v) if key in encodings else torch.empty_like(v) for v in values]
+            for key, values in fields.items()
+        }
+    updates = None if apply else [torch.empty_like(g, dtype=dt) for g, dt in zip(grads, dtypes)]
+    written: set[str] = set()
+    for chunk in _plan([g.numel() for g in grads], splittable, align, elementwise):
+        g_c = [_view(grads[i], lo, hi, whole).to(dtypes[i]) for i, lo, hi, whole in chunk]
+        p_views = None if params is None else [_view(params[i], lo, hi, whole) for i, lo, hi, whole in chunk]
+        p_c = None if p_views is None else [v.to(dtypes[i]) for v, (i, *_) in zip(p_views, chunk)]
+        own_p = p_views is not None and all(a is b for a, b in zip(p_c or [], p_views))  # parameters' own memory
+        f_c: dict[str, list[Tensor]] = {}
+        for key, values in fields.items():
+            enc = encodings.get(key)
+            if enc is None:
+                views = [_view(values[i], lo, hi, whole) for i, lo, hi, whole in chunk]
+                f_c[key] = [v.to(dtypes[i], copy=True) for v, (i, *_) in zip(views, chunk)]
+            else:
+                f_c[key] = [
+                    enc.decode(values[i], lo, hi, dtypes[i]).view(grads[i].shape if whole else (hi - lo,))
+                    for i, lo, hi, whole in chunk
+                ]
+        c_c = {name: [col[i] for i, *_ in chunk] for name, col in columns.items()}
+        u, new = body(ops, p_c, g_c, f_c, c_c, apply and own_p)  # type: ignore[arg-type]
+        written.update(new)
+        for key, values in new.items():
+            enc = encodings.get(key)
+            for (i, lo, hi, whole), v in zip(chunk, values):
+                if enc is None:
+                    _view(out[key][i], lo, hi, whole).copy_(v)
+                else:
+                    enc.encode_into(out[key][i], lo, v.reshape(-1))
+        if u is None:
+            continue
+        for j, ((i, lo, hi, whole), v) in enumerate(zip(chunk, u)):
+            if updates is not None:
+                _view(updates[i], lo, hi, whole).copy_(v)
+            else:  # the math could not write into the parameters (another dtype): add here, rounded to theirs
+                assert p_views is not None
+                p_views[j].add_(v)
+    for key in fields:
+        if key not in written:  # a field this step left as it was: the same stored values
+            out[key] = list(fields[key])
+    return updates, out

@@ -1,0 +1,256 @@
+"""How a state field is stored: a float dtype, fp8 with a scale per block, or block-wise 8-bit / 4-bit codes.
+
+An :class:`Encoding` turns a chunk of a state field into the compute dtype (:meth:`Encoding.decode`) and back
+(:meth:`Encoding.encode`); the algorithms never see it (see :mod:`pureopt.algorithms.define`, which decodes, runs
+the math and encodes again, chunk by chunk). A stored field is a tensor (float encodings) or a
+:class:`Quantized` record of two flat tensors: ``codes`` (one byte per element, or one per two elements at 4 bits)
+and ``scale`` (one float32 per block of ``block`` elements: the block's absolute maximum, divided by the code's
+largest magnitude for fp8). Element ``j`` of a parameter lives in block ``j // block`` of its flat order.
+
+Block-wise quantisation with a non-linear code: Dettmers, Lewis, Shleifer & Zettlemoyer, "8-bit Optimizers via
+Block-wise Quantization", ICLR 2022 (dynamic tree code, block-wise absmax scaling). 4-bit states: Li, Chen & Zhu,
+"Memory Efficient Optimizers with 4-bit States", NeurIPS 2023 (small blocks; a second-moment code that excludes
+zero, because a second moment decoded as zero makes ``m / sqrt(v)`` blow up).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Encoding",
+    "FloatEncoding",
+    "BlockEncoding",
+    "Quantized",
+    "dynamic_code",
+    "linear_code",
+    "encoding_for",
+    "stored_bytes",
+]
+
+
+class Quantized(NamedTuple):
+    """A state field stored block-wise: flat ``codes`` (uint8, or float8) and one float32 ``scale`` per block."""
+
+    codes: Tensor
+    scale: Tensor
+
+
+def dynamic_code(bits: int, signed: bool) -> list[float]:
+    """A non-linear code for values in ``[-1, 1]`` (``signed``) or ``[0, 1]``: ``2**bits`` values, dense near zero.
+
+    Values are spread over ``bits - 1`` decades: decade ``d`` (magnitudes ``10**(d - bits + 2) * [0.1, 1]``) holds
+    ``2**d`` linearly spaced values per sign (``2**(d + 1)`` unsigned), i.e. an exponent given by leading zeros and
+    a linear fraction in the remaining bits — the dynamic tree code of Dettmers et al. 2022. So the relative
+    error is roughly constant over ``bits - 1`` orders of magnitude. Zero and ``1`` are exact.
+    """
+    decades = bits - 1
+    mags: list[float] = []
+    for d in range(decades):
+        count = 2**d if signed else 2 ** (d + 1)
+        edges = torch.linspace(0.1, 1.0, count + 1, dtype=torch.float64)
+        mags += (10.0 ** (d - decades + 1) * (edges[:-1] + edges[1:]) / 2).tolist()
+    values = [0.0, 1.0, *mags, *(-m for m in mags if signed)]
+    assert len(values) == 2**bits
+    return sorted(values)
+
+
+def linear_code(bits: int, zero: bool) -> list[float]:
+    """``2**bits`` evenly spaced values in ``[0, 1]``; without ``zero`` the smallest is ``1 / 2**bits`` (the
+    zero-point-free code Li et al. 2023 use for second moments)."""
+    n = 2**bits
+    if zero:
+        return [i / (n - 1) for i in range(n)]
+    return [(i + 1) / n for i in range(n)]
+
+
+@functools.cache
+def _table(values: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    code = torch.tensor(values, dtype=torch.float32, device=device)
+    mids = (code[1:] + code[:-1]) / 2  # nearest value: bucketize against the midpoints
+    return code, mids
+
+
+class Encoding:
+    """How one state field is stored (see module docstring)."""
+
+    name: str = "encoding"
+    block: int = 1
+
+    def empty(self, p: Tensor) -> Any:
+        """A zero state for parameter ``p``."""
+        raise NotImplementedError
+
+    def decode(self, stored: Any, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+        """Elements ``lo:hi`` (flat order) in ``dtype``, as a flat tensor."""
+        raise NotImplementedError
+
+    def encode_into(self, stored: Any, lo: int, x: Tensor) -> None:
+        """Write the flat values ``x`` into elements ``lo:lo + x.numel()`` of ``stored`` (``lo`` a block start)."""
+        raise NotImplementedError
+
+    def like(self, stored: Any) -> Any:
+        """An uninitialised stored field of the same size (the pure path writes the new state there)."""
+        raise NotImplementedError
+
+    def nbytes(self, stored: Any) -> int:
+        """Bytes the stored field occupies."""
+        raise NotImplementedError
+
+
+class FloatEncoding(Encoding):
+    """A field stored as a tensor of a floating dtype (``torch.bfloat16``, ``torch.float16``, ...); decoded by a
+    cast, encoded with round-to-nearest-even."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.name = str(dtype).replace("torch.", "")
+
+    def empty(self, p: Tensor) -> Tensor:
+        return torch.zeros_like(p, dtype=self.dtype)
+
+    def decode(self, stored: Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+        return stored.reshape(-1)[lo:hi].to(dtype)
+
+    def encode_into(self, stored: Tensor, lo: int, x: Tensor) -> None:
+        stored.view(-1)[lo : lo + x.numel()].copy_(x.reshape(-1))
+
+    def like(self, stored: Tensor) -> Tensor:
+        return torch.empty_like(stored)
+
+    def nbytes(self, stored: Tensor) -> int:
+        return stored.numel() * stored.element_size()
+
+
+class BlockEncoding(Encoding):
+    """Block-wise quantisation: each block of ``block`` elements is scaled by its absolute maximum and every
+    element stored as the index of the nearest value of ``code`` (``bits`` = 8 or 4), or, for an fp8 ``dtype``, as
+    that float8 value after scaling the block's maximum to the format's largest finite value."""
+
+    def __init__(
+        self, name: str, *, bits: int = 8, code: list[float] | None = None, block: int = 2048,
+        dtype: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
+        if code is None and dtype is None:
+            raise ValueError("a block encoding needs a code or an fp8 dtype")
+        if bits == 4 and block % 2:
+            raise ValueError("4-bit blocks must hold an even number of elements")
+        self.name, self.bits, self.block, self.dtype = name, bits, block, dtype
+        self.code = None if code is None else tuple(code)
+        self.top = float(torch.finfo(dtype).max) if dtype is not None else max(abs(v) for v in code or [1.0])
+
+    def _ncodes(self, n: int) -> int:
+        return (n + 1) // 2 if self.bits == 4 else n
+
+    def empty(self, p: Tensor) -> Quantized:
+        n = p.numel()
+        blocks = -(-n // self.block)
+        if self.dtype is not None:
+            codes = torch.zeros(n, dtype=self.dtype, device=p.device)
+        else:
+            code, _ = _table(self.code, p.device)  # type: ignore[arg-type]
+            zero = int(torch.argmin(code.abs()))  # the code nearest zero (zero itself where the code has it)
+            fill = zero | (zero << 4) if self.bits == 4 else zero
+            codes = torch.full((self._ncodes(n),), fill, dtype=torch.uint8, device=p.device)
+        return Quantized(codes, torch.zeros(blocks, dtype=torch.float32, device=p.device))
+
+    def decode(self, stored: Quantized, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+        n = hi - lo
+        b0, b1 = lo // self.block, -(-hi // self.block)
+        scale = stored.scale[b0:b1].repeat_interleave(self.block)[: n + lo - b0 * self.block][lo - b0 * self.block :]
+        if self.dtype is not None:
+            values = stored.codes[lo:hi].to(torch.float32)
+        else:
+            idx = self._indices(stored.codes, lo, hi)
+            code, _ = _table(self.code, stored.codes.device)  # type: ignore[arg-type]
+            values = code[idx]
+        return (values * scale).to(dtype)
+
+    def _indices(self, codes: Tensor, lo: int, hi: int) -> Tensor:
+        if self.bits == 8:
+            return codes[lo:hi].long()
+        packed = codes[lo // 2 : (hi + 1) // 2]
+        both = torch.stack(((packed & 0xF), (packed >> 4)), dim=1).reshape(-1)
+        return both[: hi - lo].long()
+
+    def encode_into(self, stored: Quantized, lo: int, x: Tensor) -> None:
+        x = x.reshape(-1).to(torch.float32)
+        n = x.numel()
+        b0 = lo // self.block
+        nb = -(-n // self.block)
+        pad = nb * self.block - n
+        blocks = torch.nn.functional.pad(x, (0, pad)).view(nb, self.block)
+        absmax = blocks.abs().amax(dim=1)
+        scale = absmax / self.top
+        stored.scale[b0 : b0 + nb].copy_(scale)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        normed = (blocks / safe[:, None]).reshape(-1)[:n]
+        if self.dtype is not None:
+            stored.codes[lo : lo + n].copy_(normed.clamp(-self.top, self.top).to(self.dtype))
+            return
+        _, mids = _table(self.code, x.device)  # type: ignore[arg-type]
+        idx = torch.bucketize(normed, mids).to(torch.uint8)
+        if self.bits == 8:
+            stored.codes[lo : lo + n].copy_(idx)
+            return
+        if n % 2:
+            idx = torch.cat((idx, idx.new_zeros(1)))
+        pairs = idx.view(-1, 2)
+        stored.codes[lo // 2 : lo // 2 + pairs.shape[0]].copy_(pairs[:, 0] | (pairs[:, 1] << 4))
+
+    def like(self, stored: Quantized) -> Quantized:
+        return Quantized(torch.empty_like(stored.codes), torch.empty_like(stored.scale))
+
+    def nbytes(self, stored: Quantized) -> int:
+        return stored.codes.numel() * stored.codes.element_size() + stored.scale.numel() * 4
+
+
+def _named() -> dict[str, Encoding]:
+    return {
+        # 8-bit (Dettmers et al. 2022): dynamic code, blocks of 2048 (signed for first moments, unsigned for second)
+        "q8": BlockEncoding("q8", bits=8, code=dynamic_code(8, signed=True), block=2048),
+        "q8u": BlockEncoding("q8u", bits=8, code=dynamic_code(8, signed=False), block=2048),
+        # 4-bit (Li et al. 2023): blocks of 128; second moments with the zero-free linear code
+        "q4": BlockEncoding("q4", bits=4, code=dynamic_code(4, signed=True), block=128),
+        "q4u": BlockEncoding("q4u", bits=4, code=linear_code(4, zero=False), block=128),
+        "fp8": BlockEncoding("fp8", dtype=torch.float8_e4m3fn, block=2048),
+        "fp8_e5m2": BlockEncoding("fp8_e5m2", dtype=torch.float8_e5m2, block=2048),
+    }
+
+
+NAMED = _named()
+"""The named encodings: ``"q8"`` / ``"q4"`` (signed dynamic codes, for first moments and other signed state),
+``"q8u"`` / ``"q4u"`` (non-negative fields: second moments), ``"fp8"`` (e4m3 with a scale per block of 2048) and
+``"fp8_e5m2"``. ``"q8"`` / ``"q4"`` given for a field the algorithm declares non-negative take the ``u`` variant."""
+
+
+def encoding_for(spec: Any, nonneg: bool = False) -> Encoding | None:
+    """The encoding a ``state_dtype`` entry asks for: ``None`` (the parameter's dtype), a float dtype, a name from
+    :data:`NAMED` or an :class:`Encoding`. ``nonneg``: the field is non-negative (a second moment)."""
+    if spec is None:
+        return None
+    if isinstance(spec, Encoding):
+        return spec
+    if isinstance(spec, torch.dtype):
+        if spec in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return NAMED["fp8" if spec == torch.float8_e4m3fn else "fp8_e5m2"]
+        if not spec.is_floating_point and not spec.is_complex:
+            raise ValueError(f"state_dtype: {spec} is not a floating dtype (use 'q8' or 'q4' for quantised states)")
+        return None  # plain float dtypes are the state dtype itself (no encoding step)
+    if isinstance(spec, str):
+        key = spec + "u" if nonneg and spec in ("q8", "q4") else spec
+        if key not in NAMED:
+            raise ValueError(f"state_dtype: unknown encoding {spec!r}; expected one of {sorted(NAMED)} or a dtype")
+        return NAMED[key]
+    raise TypeError(f"state_dtype: expected a torch.dtype, an encoding name or an Encoding, got {type(spec).__name__}")
+
+
+def stored_bytes(stored: Any) -> int:
+    """Bytes of a stored state value (a tensor or a :class:`Quantized` record)."""
+    if isinstance(stored, Quantized):
+        return stored.codes.numel() * stored.codes.element_size() + stored.scale.numel() * stored.scale.element_size()
+    return stored.numel() * stored.element_size()
