@@ -63,7 +63,12 @@ def _flat_ok(factory: Any, kw: dict) -> bool:
     return pureopt.is_segmentwise(factory(**kw))
 
 
-FLAT_CONFIGS = [c for c in CONFIGS if _flat_ok(c[1], c[2])]
+# the registry's algorithms that CONFIGS has no entry for (OPTIMIZERS has them with a float lr)
+EXTRA = [
+    ("sign_sgd", pureopt.sign_sgd, dict(lr=0.01)),
+    ("schedule_free_sgd", pureopt.schedule_free_sgd, dict(lr=0.1)),
+]
+FLAT_CONFIGS = [c for c in [*CONFIGS, *EXTRA] if _flat_ok(c[1], c[2])]
 NOT_FLAT = [c for c in CONFIGS if not _flat_ok(c[1], c[2])]
 # three compiled graphs: torch.optim's algorithms in two, the others in one
 GROUPS = {
@@ -76,6 +81,8 @@ GROUPS = {
 def test_every_flat_config_is_in_a_compiled_group() -> None:
     grouped = [c[0] for g in GROUPS.values() for c in g]
     assert sorted(grouped) == sorted(c[0] for c in FLAT_CONFIGS)
+    names = {opt_id.split("{")[0] for opt_id, _ in OPTIMIZERS}  # every algorithm of the flag grid
+    assert names - {c[0] for c in CONFIGS} - {c[0] for c in EXTRA} == set()
     assert {c[0] for c in NOT_FLAT} >= {"adafactor", "novograd"}
 
 
