@@ -14,6 +14,7 @@ from pureopt.adapters import FunctionalOptimizer, TorchOptimizer
 from pureopt.algorithms import (
     AdanState,
     AdEMAMixState,
+    ASGDState,
     CAMEState,
     DAdaptAdamState,
     DAdaptSGDState,
@@ -51,6 +52,7 @@ from pureopt.algorithms import (
     adan,
     ademamix,
     adopt,
+    asgd,
     came,
     dadapt_adam,
     dadapt_sgd,
@@ -127,7 +129,6 @@ from pureopt.flat import FlatLayout, flatten
 from pureopt.flat_params import FlatParams
 from pureopt.optimizers import (
     adafactor,
-    asgd,
     lbfgs,
     muon,
     novograd,
@@ -139,7 +140,6 @@ from pureopt.optimizers import (
 from pureopt.stepping import step
 from pureopt.transforms import (
     AddNoiseState,
-    ASGDState,
     LBFGSState,
     MuonState,
     NovoGradState,

@@ -11,6 +11,7 @@ from pureopt.algorithms.adamp import ScaleByAdamPState, adamp, scale_by_adamp
 from pureopt.algorithms.adan import AdanState, adan, scale_by_adan
 from pureopt.algorithms.ademamix import AdEMAMixState, ademamix, scale_by_ademamix
 from pureopt.algorithms.adopt import ScaleByAdoptState, adopt, scale_by_adopt
+from pureopt.algorithms.asgd import ASGDState, asgd
 from pureopt.algorithms.came import CAMEState, came, scale_by_came
 from pureopt.algorithms.dadapt import DAdaptAdamState, DAdaptSGDState, dadapt_adam, dadapt_sgd
 from pureopt.algorithms.dog import DoGState, dog
@@ -32,6 +33,7 @@ from pureopt.algorithms.sophia import SophiaGState, scale_by_sophia, sophia_g
 from pureopt.algorithms.yogi import ScaleByYogiState, scale_by_yogi, yogi
 
 __all__ = [
+    "ASGDState",
     "AdEMAMixState",
     "AdanState",
     "CAMEState",
@@ -39,6 +41,7 @@ __all__ = [
     "DAdaptSGDState",
     "DoGState",
     "LambState",
+    "LarsState",
     "LionState",
     "MadgradState",
     "ProdigyState",
@@ -70,12 +73,14 @@ __all__ = [
     "adan",
     "ademamix",
     "adopt",
+    "asgd",
     "came",
     "dadapt_adam",
     "dadapt_sgd",
     "dog",
     "lamb",
     "laprop",
+    "lars",
     "lion",
     "madgrad",
     "mars",
@@ -113,6 +118,4 @@ __all__ = [
     "sophia_g",
     "trace",
     "yogi",
-    "lars",
-    "LarsState",
 ]

@@ -13,6 +13,7 @@ from pureopt.algorithms.adam import adam, adamw
 from pureopt.algorithms.adamax import adamax
 from pureopt.algorithms.adan import adan
 from pureopt.algorithms.ademamix import ademamix
+from pureopt.algorithms.asgd import asgd
 from pureopt.algorithms.lamb import lamb
 from pureopt.algorithms.lars import lars
 from pureopt.algorithms.lion import lion
@@ -24,7 +25,6 @@ from pureopt.algorithms.sgd import sgd
 from pureopt.algorithms.sign_sgd import sign_sgd, signum
 from pureopt.algorithms.yogi import yogi
 from pureopt.optimizers.adafactor import adafactor
-from pureopt.optimizers.asgd import asgd
 from pureopt.optimizers.lbfgs import lbfgs
 from pureopt.optimizers.muon import muon
 from pureopt.optimizers.novograd import novograd

@@ -2,7 +2,6 @@
 
 from pureopt.transforms.adafactor import ScaleByFactoredRmsState, scale_by_factored_rms
 from pureopt.transforms.adaptive_clip import adaptive_grad_clip
-from pureopt.transforms.asgd import ASGDState
 from pureopt.transforms.block_rms import clip_by_block_rms
 from pureopt.transforms.centralize import centralize
 from pureopt.transforms.clipping import clip, clip_by_global_norm, global_norm
@@ -23,7 +22,6 @@ __all__ = [
     "add_decayed_weights",
     "add_noise",
     "AddNoiseState",
-    "ASGDState",
     "centralize",
     "clip",
     "clip_by_block_rms",
