@@ -41,6 +41,7 @@ from pureopt.algorithms import (
     SGDPState,
     SignumState,
     SophiaGState,
+    SparseAdamState,
     TraceState,
     adabelief,
     adadelta,
@@ -95,6 +96,7 @@ from pureopt.algorithms import (
     sign_sgd,
     signum,
     sophia_g,
+    sparse_adam,
     trace,
     yogi,
 )
@@ -135,7 +137,6 @@ from pureopt.optimizers import (
     schedule_free_adamw,
     schedule_free_eval_params,
     schedule_free_sgd,
-    sparse_adam,
 )
 from pureopt.stepping import step
 from pureopt.transforms import (
@@ -146,7 +147,6 @@ from pureopt.transforms import (
     ScaleByFactoredRmsState,
     ScaleByScheduleState,
     ScheduleFreeState,
-    SparseAdamState,
     ZeroNansState,
     adaptive_grad_clip,
     add_decayed_weights,

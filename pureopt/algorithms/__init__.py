@@ -30,6 +30,7 @@ from pureopt.algorithms.sgd import TraceState, sgd, trace
 from pureopt.algorithms.sgdp import SGDPState, scale_by_sgdp, sgdp
 from pureopt.algorithms.sign_sgd import SignumState, scale_by_sign, scale_by_signum, sign_sgd, signum
 from pureopt.algorithms.sophia import SophiaGState, scale_by_sophia, sophia_g
+from pureopt.algorithms.sparse_adam import SparseAdamState, sparse_adam
 from pureopt.algorithms.yogi import ScaleByYogiState, scale_by_yogi, yogi
 
 __all__ = [
@@ -118,4 +119,6 @@ __all__ = [
     "sophia_g",
     "trace",
     "yogi",
+    "sparse_adam",
+    "SparseAdamState",
 ]

@@ -7,22 +7,16 @@ and returns ``updates=None``; on CPU the elementwise part then runs over cache-s
 (:func:`pureopt.kernels.common.elementwise`).
 """
 
-from pureopt.kernels.adam import AdamResult, adam
 from pureopt.kernels.listops import FOREACH, LOOP, ListOps
 from pureopt.kernels.select import IMPLS, Impl, check_impl, choose_impl, functorch_active
-from pureopt.kernels.sgd import SGDResult, sgd
 
 __all__ = [
     "FOREACH",
     "IMPLS",
     "LOOP",
-    "AdamResult",
     "Impl",
     "ListOps",
-    "SGDResult",
-    "adam",
     "check_impl",
     "choose_impl",
     "functorch_active",
-    "sgd",
 ]

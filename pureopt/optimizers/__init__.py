@@ -23,13 +23,13 @@ from pureopt.algorithms.rmsprop import rmsprop
 from pureopt.algorithms.rprop import rprop
 from pureopt.algorithms.sgd import sgd
 from pureopt.algorithms.sign_sgd import sign_sgd, signum
+from pureopt.algorithms.sparse_adam import sparse_adam
 from pureopt.algorithms.yogi import yogi
 from pureopt.optimizers.adafactor import adafactor
 from pureopt.optimizers.lbfgs import lbfgs
 from pureopt.optimizers.muon import muon
 from pureopt.optimizers.novograd import novograd
 from pureopt.optimizers.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
-from pureopt.optimizers.sparse_adam import sparse_adam
 
 __all__ = [
     "adabelief",

@@ -13,7 +13,6 @@ from pureopt.transforms.noise import AddNoiseState, add_noise
 from pureopt.transforms.novograd import NovoGradState, scale_by_novograd
 from pureopt.transforms.scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
 from pureopt.transforms.schedule_free import ScheduleFreeState
-from pureopt.transforms.sparse_adam import SparseAdamState
 from pureopt.transforms.trust_ratio import scale_by_trust_ratio
 from pureopt.transforms.weight_decay import add_decayed_weights
 
@@ -42,7 +41,6 @@ __all__ = [
     "ScaleByFactoredRmsState",
     "ScaleByScheduleState",
     "ScheduleFreeState",
-    "SparseAdamState",
     "zero_nans",
     "ZeroNansState",
 ]

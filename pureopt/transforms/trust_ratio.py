@@ -1,4 +1,4 @@
-"""The layer-wise trust ratio (``scale_by_trust_ratio``) and the LAMB algorithm transform built on it.
+"""The layer-wise trust ratio (``scale_by_trust_ratio``); LAMB is :mod:`pureopt.algorithms.lamb`.
 
 Also holds small helpers shared by the transforms of the optimizers torch.optim lacks (leaf masks, state
 initialisers that respect complex parameters, passing per-update values to a kernel step).
@@ -8,30 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
-
-import torch
-from torch import Tensor
+from typing import Any
 
 from pureopt import tree as _tree
 from pureopt.base import (
     EmptyState,
     GradientTransformation,
     LeafList,
-    ScalarOrSchedule,
     UpdateContext,
     leaf_transformation,
 )
-from pureopt.hyperparams import check_nonneg, resolve
-from pureopt.kernels.lamb import lamb as lamb_kernel
+from pureopt.hyperparams import check_nonneg
 from pureopt.kernels.lars import trust_ratio_scale
 from pureopt.kernels.select import check_impl
-from pureopt.transforms._util import LeafInitFn, gather, kernel_transform, present, scatter, step_init, zeros
+from pureopt.transforms._util import gather, present, scatter
 
 __all__ = [
-    "LambState",
     "MaskOrFn",
-    "lamb_transform",
     "leaf_mask",
     "scale_by_trust_ratio",
     "with_extra",
@@ -120,69 +113,3 @@ def scale_by_trust_ratio(
 
     # with a mask the choice is per parameter, which flat buffers cannot express
     return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, segmentwise=mask is None)
-
-
-# --- LAMB ---------------------------------------------------------------------------------------------------------
-
-
-class LambState(NamedTuple):
-    """State of :func:`pureopt.optimizers.lamb.lamb`.
-
-    Attributes:
-      num_updates: number of updates so far (0-d int64 tensor), the argument of a learning-rate schedule.
-      step: per-parameter step counts (0-d float tensors; a parameter without gradient does not advance).
-      exp_avg: first moments.
-      exp_avg_sq: second moments.
-    """
-
-    num_updates: Tensor
-    step: Any
-    exp_avg: Any
-    exp_avg_sq: Any
-
-
-def lamb_transform(
-    lr: ScalarOrSchedule | None,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    impl: str,
-    state_dtype: torch.dtype | None = None,
-) -> GradientTransformation:
-    """The LAMB step (see :mod:`pureopt.kernels.lamb`) as a transformation."""
-    check_impl(impl)
-    beta1, beta2 = float(betas[0]), float(betas[1])
-
-    def step(
-        params: list[Tensor] | None,
-        grads: list[Tensor],
-        s: dict[str, list[Tensor]],
-        num_updates: Tensor,
-        ctx: UpdateContext,
-    ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
-        res = lamb_kernel(
-            params,
-            grads,
-            s["exp_avg"],
-            s["exp_avg_sq"],
-            s["step"],
-            lr=None if lr is None else resolve(lr, num_updates),
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            impl=impl,
-            donate=ctx.donate,
-            apply=ctx.apply,
-            segments=ctx.segments,
-        )
-        return res.updates, {"step": res.step, "exp_avg": res.exp_avg, "exp_avg_sq": res.exp_avg_sq}
-
-    fields: dict[str, LeafInitFn | None] = {
-        "step": step_init,
-        "exp_avg": zeros(state_dtype),
-        "exp_avg_sq": zeros(state_dtype),
-    }
-    return kernel_transform(LambState, fields, step, segmentwise=True)
