@@ -34,7 +34,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pureopt.algorithms.define import LR, Algorithm, Betas, Eps, Impl, Kernel, NonNeg, StateDtype, state, step_count
@@ -44,28 +43,36 @@ from pureopt.kernels.common import adam_bias_corrections, add_update, ema_of_squ
 __all__ = ["ADAMP", "ScaleByAdamPState", "adamp", "scale_by_adamp", "project", "projected_step"]
 
 
-def _projected(p: Tensor, u: Tensor, rows: int, eps: float) -> Tensor:
-    """``u`` without its component along ``p``, row by row over ``rows`` rows."""
-    shape = [-1] + [1] * (p.dim() - 1)
-    pv = p.reshape(rows, -1)
-    p_n = p / (torch.linalg.vector_norm(pv, dim=1).view(shape) + eps)
-    return u - p_n * (p_n * u).reshape(rows, -1).sum(dim=1).view(shape)
-
-
 def project(p: Tensor, g: Tensor, u: Tensor, delta: float, wd_ratio: float, eps: float) -> tuple[Tensor, Tensor]:
     """AdamP's / SGDP's projection of one tensor's step ``u`` (see the module docstring): the new step and the
-    weight-decay factor ``r`` (a 0-d tensor), both decided on the device."""
+    weight-decay factor ``r`` (a 0-d tensor), both decided on the device.
+
+    Both views come from four per-row reductions (``||p_r||``, ``||g_r||``, ``<g_r, p_r>``, ``<p_r, u_r>``; the whole
+    tensor's are their sums), and the chosen projection ``u - p * <p, u> / (||p|| + eps)**2`` (per row, or over the
+    tensor) is one pass: the reference's ``p_n * <p_n, u>`` with ``p_n = p / (||p|| + eps)``.
+    Cosines as ``torch.nn.functional.cosine_similarity``: ``<g, p> / (max(||g||, eps) * max(||p||, eps))``."""
     one = torch.ones((), dtype=u.dtype, device=u.device)
     if p.dim() < 2 or p.numel() == 0:
         return u, one
-    out, ratio = u, one
-    # the last view first, so that the first view that passes wins
-    for rows in (1, p.shape[0]):
-        cols = p.numel() // rows
-        cos = F.cosine_similarity(g.reshape(rows, -1), p.reshape(rows, -1), dim=1, eps=eps).abs()
-        hit = cos.max() < delta / math.sqrt(cols)
-        out = torch.where(hit, _projected(p, u, rows, eps), out)
-        ratio = torch.where(hit, torch.full_like(one, wd_ratio), ratio)
+    rows = p.shape[0]
+    pv, gv, uv = p.reshape(rows, -1), g.reshape(rows, -1), u.reshape(rows, -1)
+    p_sq = (pv * pv).sum(dim=1)
+    g_sq = (gv * gv).sum(dim=1)
+    gp = (gv * pv).sum(dim=1)
+    pu = (pv * uv).sum(dim=1)
+    p_norm, g_norm = p_sq.sqrt(), g_sq.sqrt()
+    cos_rows = gp.abs() / (g_norm.clamp(min=eps) * p_norm.clamp(min=eps))
+    p_all, g_all = p_sq.sum().sqrt(), g_sq.sum().sqrt()
+    cos_all = gp.sum().abs() / (g_all.clamp(min=eps) * p_all.clamp(min=eps))
+    hit_rows = cos_rows.max() < delta / math.sqrt(pv.shape[1])
+    hit_all = cos_all < delta / math.sqrt(p.numel())
+    coef = torch.where(
+        hit_rows,
+        pu / (p_norm + eps) ** 2,
+        torch.where(hit_all, pu.sum() / (p_all + eps) ** 2, torch.zeros_like(pu)),
+    )
+    out = torch.addcmul(u, p, coef.view([-1] + [1] * (p.dim() - 1)), value=-1)
+    ratio = torch.where(hit_rows | hit_all, torch.full_like(one, wd_ratio), one)
     return out, ratio
 
 

@@ -28,7 +28,8 @@ Where the reference differs from the paper (Mishchenko & Defazio 2023, Algorithm
 and keeps its switches: ``d`` enters the moments (the paper's ``lambda_k`` weighting), ``use_bias_correction`` (off
 by default; the paper has none) and ``safeguard_warmup`` (off by default; on, ``s`` grows with ``d`` instead of
 ``d * lr``, which keeps ``d`` from overshooting under a warm-up schedule). ``slice_p`` (estimating ``d`` on every
-``slice_p``-th element) is not offered: ``p0`` and ``s`` are full copies. Not elementwise (global sums). Oracle:
+``slice_p``-th element) is not offered: ``p0`` and ``s`` are full copies, in the parameter's shape (the reference
+keeps them flattened, and ``p0`` as a 0-d zero for an all-zero parameter). Not elementwise (global sums). Oracle:
 ``prodigyopt.Prodigy``.
 
 Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner", ICML 2024 (arXiv 2306.06101).
