@@ -38,6 +38,7 @@ from pureopt.algorithms import (
     ScaleByRmsState,
     ScaleByRpropState,
     ScaleByYogiState,
+    ScheduleFreeState,
     SGDPState,
     SignumState,
     SophiaGState,
@@ -91,6 +92,9 @@ from pureopt.algorithms import (
     scale_by_signum,
     scale_by_sophia,
     scale_by_yogi,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_sgd,
     sgd,
     sgdp,
     sign_sgd,
@@ -134,9 +138,6 @@ from pureopt.optimizers import (
     lbfgs,
     muon,
     novograd,
-    schedule_free_adamw,
-    schedule_free_eval_params,
-    schedule_free_sgd,
 )
 from pureopt.stepping import step
 from pureopt.transforms import (
@@ -146,7 +147,6 @@ from pureopt.transforms import (
     NovoGradState,
     ScaleByFactoredRmsState,
     ScaleByScheduleState,
-    ScheduleFreeState,
     ZeroNansState,
     adaptive_grad_clip,
     add_decayed_weights,

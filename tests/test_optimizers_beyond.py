@@ -29,7 +29,7 @@ from pureopt.algorithms.yogi import scale_by_yogi, yogi
 from pureopt.base import inplace_step
 from pureopt.algorithms.lars import lars
 from pureopt.optimizers.novograd import novograd
-from pureopt.optimizers.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
+from pureopt.algorithms.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
 from pureopt.transforms.novograd import scale_by_novograd
 from pureopt.transforms.trust_ratio import scale_by_trust_ratio
 

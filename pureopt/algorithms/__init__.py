@@ -26,6 +26,12 @@ from pureopt.algorithms.prodigy import ProdigyState, prodigy
 from pureopt.algorithms.radam import ScaleByRAdamState, radam, scale_by_radam
 from pureopt.algorithms.rmsprop import ScaleByRmsState, rmsprop, scale_by_rms
 from pureopt.algorithms.rprop import ScaleByRpropState, rprop, scale_by_rprop
+from pureopt.algorithms.schedule_free import (
+    ScheduleFreeState,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_sgd,
+)
 from pureopt.algorithms.sgd import TraceState, sgd, trace
 from pureopt.algorithms.sgdp import SGDPState, scale_by_sgdp, sgdp
 from pureopt.algorithms.sign_sgd import SignumState, scale_by_sign, scale_by_signum, sign_sgd, signum
@@ -121,4 +127,8 @@ __all__ = [
     "yogi",
     "sparse_adam",
     "SparseAdamState",
+    "schedule_free_sgd",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
+    "ScheduleFreeState",
 ]

@@ -21,6 +21,7 @@ from pureopt.algorithms.nadam import nadam
 from pureopt.algorithms.radam import radam
 from pureopt.algorithms.rmsprop import rmsprop
 from pureopt.algorithms.rprop import rprop
+from pureopt.algorithms.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
 from pureopt.algorithms.sgd import sgd
 from pureopt.algorithms.sign_sgd import sign_sgd, signum
 from pureopt.algorithms.sparse_adam import sparse_adam
@@ -29,7 +30,6 @@ from pureopt.optimizers.adafactor import adafactor
 from pureopt.optimizers.lbfgs import lbfgs
 from pureopt.optimizers.muon import muon
 from pureopt.optimizers.novograd import novograd
-from pureopt.optimizers.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
 
 __all__ = [
     "adabelief",

@@ -12,7 +12,6 @@ from pureopt.transforms.nans import ZeroNansState, zero_nans
 from pureopt.transforms.noise import AddNoiseState, add_noise
 from pureopt.transforms.novograd import NovoGradState, scale_by_novograd
 from pureopt.transforms.scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
-from pureopt.transforms.schedule_free import ScheduleFreeState
 from pureopt.transforms.trust_ratio import scale_by_trust_ratio
 from pureopt.transforms.weight_decay import add_decayed_weights
 
@@ -40,7 +39,6 @@ __all__ = [
     "scale_by_trust_ratio",
     "ScaleByFactoredRmsState",
     "ScaleByScheduleState",
-    "ScheduleFreeState",
     "zero_nans",
     "ZeroNansState",
 ]
