@@ -31,6 +31,7 @@ from pureopt.algorithms import (
     ScaleByAdamState,
     ScaleByAdoptState,
     ScaleByBeliefState,
+    ScaleByFactoredRmsState,
     ScaleByLaPropState,
     ScaleByMarsState,
     ScaleByNAdamState,
@@ -46,6 +47,7 @@ from pureopt.algorithms import (
     TraceState,
     adabelief,
     adadelta,
+    adafactor,
     adagrad,
     adam,
     adamax,
@@ -80,6 +82,7 @@ from pureopt.algorithms import (
     scale_by_adopt,
     scale_by_belief,
     scale_by_came,
+    scale_by_factored_rms,
     scale_by_laprop,
     scale_by_lion,
     scale_by_mars,
@@ -134,18 +137,17 @@ from pureopt.combine import (
 from pureopt.flat import FlatLayout, flatten
 from pureopt.flat_params import FlatParams
 from pureopt.optimizers import (
-    adafactor,
     lbfgs,
     muon,
     novograd,
 )
+from pureopt.rounding import StochasticRoundingState, stochastic_rounding
 from pureopt.stepping import step
 from pureopt.transforms import (
     AddNoiseState,
     LBFGSState,
     MuonState,
     NovoGradState,
-    ScaleByFactoredRmsState,
     ScaleByScheduleState,
     ZeroNansState,
     adaptive_grad_clip,
@@ -158,7 +160,6 @@ from pureopt.transforms import (
     keep_params_nonnegative,
     orthogonalize,
     scale,
-    scale_by_factored_rms,
     scale_by_learning_rate,
     scale_by_muon,
     scale_by_novograd,
@@ -258,6 +259,8 @@ __all__ = [
     "InjectHyperparamsState",
     "inplace_step",
     "step",
+    "stochastic_rounding",
+    "StochasticRoundingState",
     "is_elementwise",
     "is_segmentwise",
     "keep_params_nonnegative",

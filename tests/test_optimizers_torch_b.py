@@ -27,8 +27,8 @@ from pureopt.algorithms.rprop import rprop, scale_by_rprop
 from pureopt.algorithms.sgd import trace
 from pureopt.base import GradientTransformation, UpdateContext, apply_updates
 from pureopt.combine import chain
-from pureopt.optimizers.adafactor import adafactor
-from pureopt.transforms.adafactor import scale_by_factored_rms
+from pureopt.algorithms.adafactor import adafactor
+from pureopt.algorithms.adafactor import scale_by_factored_rms
 from pureopt.transforms.scale import scale, scale_by_learning_rate
 
 DTYPES = [torch.float64, torch.float32]

@@ -4,6 +4,7 @@ state record."""
 
 from pureopt.algorithms.adabelief import ScaleByBeliefState, adabelief, scale_by_belief
 from pureopt.algorithms.adadelta import ScaleByAdadeltaState, adadelta, scale_by_adadelta
+from pureopt.algorithms.adafactor import ScaleByFactoredRmsState, adafactor, scale_by_factored_rms
 from pureopt.algorithms.adagrad import ScaleByAdagradState, adagrad, scale_by_adagrad
 from pureopt.algorithms.adam import ScaleByAdamState, adam, adamw, scale_by_adam
 from pureopt.algorithms.adamax import ScaleByAdamaxState, adamax, scale_by_adamax
@@ -131,4 +132,7 @@ __all__ = [
     "schedule_free_adamw",
     "schedule_free_eval_params",
     "ScheduleFreeState",
+    "adafactor",
+    "scale_by_factored_rms",
+    "ScaleByFactoredRmsState",
 ]

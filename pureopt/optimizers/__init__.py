@@ -8,6 +8,7 @@ One module per family; the math lives once in :mod:`pureopt.kernels`.
 
 from pureopt.algorithms.adabelief import adabelief
 from pureopt.algorithms.adadelta import adadelta
+from pureopt.algorithms.adafactor import adafactor
 from pureopt.algorithms.adagrad import adagrad
 from pureopt.algorithms.adam import adam, adamw
 from pureopt.algorithms.adamax import adamax
@@ -26,7 +27,6 @@ from pureopt.algorithms.sgd import sgd
 from pureopt.algorithms.sign_sgd import sign_sgd, signum
 from pureopt.algorithms.sparse_adam import sparse_adam
 from pureopt.algorithms.yogi import yogi
-from pureopt.optimizers.adafactor import adafactor
 from pureopt.optimizers.lbfgs import lbfgs
 from pureopt.optimizers.muon import muon
 from pureopt.optimizers.novograd import novograd

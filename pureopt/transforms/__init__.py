@@ -1,6 +1,5 @@
 """Primitive gradient transformations: the building blocks that optimizers are chained from."""
 
-from pureopt.transforms.adafactor import ScaleByFactoredRmsState, scale_by_factored_rms
 from pureopt.transforms.adaptive_clip import adaptive_grad_clip
 from pureopt.transforms.block_rms import clip_by_block_rms
 from pureopt.transforms.centralize import centralize
@@ -31,13 +30,11 @@ __all__ = [
     "NovoGradState",
     "orthogonalize",
     "scale",
-    "scale_by_factored_rms",
     "scale_by_learning_rate",
     "scale_by_muon",
     "scale_by_novograd",
     "scale_by_schedule",
     "scale_by_trust_ratio",
-    "ScaleByFactoredRmsState",
     "ScaleByScheduleState",
     "zero_nans",
     "ZeroNansState",
