@@ -60,12 +60,17 @@ def _is_empty_tuple(x: Any) -> bool:
     return type(x) is tuple and len(x) == 0
 
 
+def _is_encoded(entry: Any) -> bool:
+    """A per-parameter entry stored as a record of tensors (an encoded field: ``codes`` and ``scale``)."""
+    return isinstance(entry, tuple) and hasattr(type(entry), "_fields") and all(isinstance(t, Tensor) for t in entry)
+
+
 def _is_per_param_node(node: Any, num_params: int) -> bool:
     if type(node) is not tuple or len(node) != num_params:
         return False
     has_tensor = False
     for entry in node:
-        if isinstance(entry, Tensor):
+        if isinstance(entry, Tensor) or _is_encoded(entry):
             has_tensor = True
         elif not (_is_empty_tuple(entry) or isinstance(entry, MaskedNode)):
             return False
@@ -80,6 +85,8 @@ def _walk(
         for i, entry in enumerate(node):
             if isinstance(entry, Tensor):  # () and MaskedNode have no leaves
                 slots.append(_Slot(PARAM, i, path))
+            elif _is_encoded(entry):  # an encoded field: one torch key per part ("exp_avg.codes", "exp_avg.scale")
+                slots.extend(_Slot(PARAM, i, (*path[:-1], f"{path[-1]}.{name}")) for name in type(entry)._fields)
         return
     if node is None or isinstance(node, Tensor) or optree.tree_is_leaf(node, none_is_leaf=True):
         slots.append(_Slot(GLOBAL if isinstance(node, Tensor) else STATIC, -1, path, at))

@@ -1,0 +1,321 @@
+"""Encoded optimizer state (issue 16): codecs against a reference written here, algorithms with quantised state
+against their fp32 runs, checkpoints, purity, and stochastic rounding.
+
+The codec reference: each block of ``block`` elements scaled by its absolute maximum, each element stored as the code
+value nearest to ``x / absmax`` (brute-force argmin over the code), decoded as ``code * absmax``.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+
+import pytest
+import torch
+
+import pureopt
+from pureopt.kernels.encoding import NAMED, BlockEncoding, Quantized, dynamic_code, linear_code, stored_bytes
+from pureopt.kernels.rounding import random_bits, stochastic_round
+
+
+def _reference_roundtrip(x: torch.Tensor, code: list[float], block: int) -> torch.Tensor:
+    flat = x.reshape(-1).double()
+    out = torch.empty_like(flat)
+    table = torch.tensor(code, dtype=torch.float64)
+    for lo in range(0, flat.numel(), block):
+        part = flat[lo : lo + block]
+        absmax = part.abs().max()
+        if absmax == 0:
+            out[lo : lo + block] = 0
+            continue
+        normed = part / absmax
+        idx = (normed[:, None] - table[None, :]).abs().argmin(dim=1)
+        out[lo : lo + block] = table[idx] * absmax
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("name", ["q8", "q8u", "q4", "q4u"])
+def test_block_codes_match_the_reference_and_its_error_bound(name):
+    enc = NAMED[name]
+    assert isinstance(enc, BlockEncoding) and enc.code is not None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * enc.block + 37, generator=g)
+    if name.endswith("u"):
+        x = x.square()
+    stored = enc.empty(x)
+    enc.encode_into(stored, 0, x)
+    got = enc.decode(stored, 0, x.numel(), torch.float64)
+    want = _reference_roundtrip(x, list(enc.code), enc.block)
+    # float32 scale vs the float64 reference: equal up to the scale's rounding
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    code = sorted(enc.code)
+    half_gap = max(b - a for a, b in itertools.pairwise(code)) / 2
+    for lo in range(0, x.numel(), enc.block):
+        part = x[lo : lo + enc.block].double()
+        err = (got[lo : lo + enc.block] - part).abs().max()
+        absmax = part.abs().max()
+        bound = absmax * max(half_gap, min(abs(c) for c in code if c != 0))  # (zero-free codes: the smallest value)
+        assert err <= bound * (1 + 1e-5)  # (+ the float32 scale's rounding)
+
+
+def test_slices_at_block_boundaries_decode_as_the_whole():
+    enc = NAMED["q4"]
+    x = torch.randn(10 * enc.block + 6, generator=torch.Generator().manual_seed(1))
+    whole, parts = enc.empty(x), enc.empty(x)
+    enc.encode_into(whole, 0, x)
+    for lo in range(0, x.numel(), 4 * enc.block):
+        enc.encode_into(parts, lo, x[lo : lo + 4 * enc.block])
+    assert torch.equal(whole.codes, parts.codes) and torch.equal(whole.scale, parts.scale)
+    assert torch.equal(enc.decode(whole, 2 * enc.block, 5 * enc.block + 3, torch.float32),
+                       enc.decode(whole, 0, x.numel(), torch.float32)[2 * enc.block : 5 * enc.block + 3])  # fmt: skip
+
+
+def test_fp8_blocks_scale_the_maximum_to_the_format_top():
+    enc = NAMED["fp8"]
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(2)) * 1e-6  # far below fp8's normal range
+    stored = enc.empty(x)
+    enc.encode_into(stored, 0, x)
+    got = enc.decode(stored, 0, x.numel(), torch.float64)
+    # e4m3 keeps 3 mantissa bits: relative error <= 2**-4 for every element at least 2**-6 of its block's maximum
+    for lo in range(0, x.numel(), enc.block):
+        part, dec = x[lo : lo + enc.block].double(), got[lo : lo + enc.block]
+        big = part.abs() >= part.abs().max() * 2**-6
+        assert ((dec - part).abs()[big] <= part.abs()[big] * 2**-4).all()
+
+
+def test_codes_have_the_documented_shape():
+    for bits in (4, 8):
+        for signed in (True, False):
+            code = dynamic_code(bits, signed)
+            assert len(code) == 2**bits and code == sorted(code) and 0.0 in code and 1.0 in code
+            assert (min(code) < 0) == signed
+    assert linear_code(4, zero=False)[0] == 1 / 16  # no zero: a second moment never decodes to 0
+
+
+def _run(tx, params, grads_seq):
+    state = tx.init(params)
+    for grads in grads_seq:
+        updates, state = tx.update(grads, state, params)
+        params = pureopt.apply_updates(params, updates)
+    return params, state
+
+
+def _problem(n_steps=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = {
+        "w": torch.randn(300, 70, generator=g),
+        "b": torch.randn(70, generator=g),
+        "s": torch.randn(3, generator=g),
+    }
+    grads = [{k: torch.randn(v.shape, generator=g) for k, v in params.items()} for _ in range(n_steps)]
+    return params, grads
+
+
+# relative distance to the fp32 run after 20 steps, as a fraction of how far the fp32 run moved
+_Q_TOL = {"q8": 0.1, "fp8": 0.25, "q4": 0.5}
+_ALGOS = [
+    ("adam", lambda sd: pureopt.adam(lr=1e-2, state_dtype=sd)),
+    ("adamw", lambda sd: pureopt.adamw(lr=1e-2, weight_decay=0.1, state_dtype=sd)),
+    ("lion", lambda sd: pureopt.lion(lr=1e-3, state_dtype=sd)),
+    ("rmsprop", lambda sd: pureopt.rmsprop(lr=1e-3, momentum=0.9, state_dtype=sd)),
+    ("nadam", lambda sd: pureopt.nadam(lr=1e-2, state_dtype=sd)),
+    ("adamax", lambda sd: pureopt.adamax(lr=1e-2, state_dtype=sd)),
+]
+
+
+@pytest.mark.parametrize("spec", list(_Q_TOL))
+@pytest.mark.parametrize("name,make", _ALGOS, ids=[a for a, _ in _ALGOS])
+def test_quantised_state_tracks_the_fp32_run(name, make, spec):
+    params, grads = _problem()
+    ref, _ = _run(make(None), params, grads)
+    got, state = _run(make(spec), params, grads)
+    moved = sum((ref[k] - params[k]).square().sum() for k in params).sqrt()
+    dist = sum((got[k] - ref[k]).square().sum() for k in params).sqrt()
+    assert dist <= _Q_TOL[spec] * moved, (float(dist), float(moved))
+    leaves = [x for x in state if isinstance(x, dict)]
+    assert any(isinstance(v, Quantized) for d in leaves for v in d.values())
+
+
+def test_state_bytes_per_parameter():
+    params = {"w": torch.zeros(1024, 1024)}
+    for spec, limit in (("q8", 2.1), ("q4", 1.1), (None, 8.0)):
+        state = pureopt.adamw(lr=1e-3, state_dtype=spec).init(params)
+        total = sum(stored_bytes(v) for field in (state.exp_avg, state.exp_avg_sq) for v in field.values())
+        assert total / params["w"].numel() <= limit
+
+
+@pytest.mark.parametrize("spec", ["q8", "q4", {"exp_avg": torch.bfloat16, "exp_avg_sq": "q8"}])
+def test_pure_update_leaves_inputs_unchanged_and_equals_the_donated_step(spec):
+    params, grads = _problem(n_steps=3)
+    tx = pureopt.adamw(lr=1e-2, weight_decay=0.1, state_dtype=spec)
+    state = tx.init(params)
+    pure_p, pure_s = params, state
+    own_p = {k: v.clone() for k, v in params.items()}
+    own_s = tx.init(own_p)
+    for g in grads:
+        snapshot = [t.clone() for t in pureopt.tree.leaves((pure_p, pure_s, g))]
+        updates, new_s = tx.update(g, pure_s, pure_p)
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, pureopt.tree.leaves((pure_p, pure_s, g))))
+        pure_p, pure_s = pureopt.apply_updates(pure_p, updates), new_s
+        own_s = pureopt.inplace_step(tx, g, own_s, own_p)
+    for k in params:  # the same chunks, the same math: the donated step writes what the pure one returns
+        assert torch.equal(pure_p[k], own_p[k])
+
+
+def test_checkpoint_of_encoded_state_resumes_bitwise():
+    params, grads = _problem(n_steps=10)
+    tx = pureopt.adam(lr=1e-2, state_dtype="q8")
+    p_ref, _ = _run(tx, params, grads)  # uninterrupted
+    p_half, s_half = _run(tx, params, grads[:5])
+    buf = io.BytesIO()
+    torch.save((p_half, s_half), buf)
+    buf.seek(0)
+    p_loaded, s_loaded = torch.load(buf, weights_only=False)
+    for g in grads[5:]:
+        u, s_loaded = tx.update(g, s_loaded, p_loaded)
+        p_loaded = pureopt.apply_updates(p_loaded, u)
+    assert all(torch.equal(p_ref[k], p_loaded[k]) for k in params)
+
+
+def test_bad_state_dtype_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="not a state field here"):
+        pureopt.adam(lr=1e-3, state_dtype={"exp_avg_squared": "q8"})
+    with pytest.raises(ValueError, match="unknown encoding"):
+        pureopt.adam(lr=1e-3, state_dtype="q3")
+    tx = pureopt.adam(lr=1e-3, state_dtype="q8")
+    p = {"z": torch.zeros(4, dtype=torch.complex64)}
+    with pytest.raises(ValueError, match="complex"):
+        tx.update({"z": torch.ones(4, dtype=torch.complex64)}, tx.init({"z": torch.zeros(4)}), p)
+
+
+# --- stochastic rounding --------------------------------------------------------------------------------------------
+
+
+def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    down = x.to(torch.bfloat16)
+    low = torch.where(down.float() > x, torch.nextafter(down, torch.tensor(-math.inf, dtype=torch.bfloat16)), down)
+    return low.float(), torch.nextafter(low, torch.tensor(math.inf, dtype=torch.bfloat16)).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour(dtype):
+    x = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 3
+    n = 4000
+    total = torch.zeros(64, dtype=torch.float64)
+    for c in range(n):
+        bits = random_bits(torch.tensor(7), torch.tensor(c), 0, x.numel(), x.device)
+        r = stochastic_round(x, dtype, bits)
+        if dtype == torch.bfloat16:
+            low, high = _bf16_neighbours(x)
+            assert ((r.float() == low) | (r.float() == high)).all()
+        total += r.double()
+    mean = total / n
+    gap = (torch.nextafter(x.to(dtype), torch.tensor(math.inf, dtype=dtype)).float() - x.to(dtype).float()).abs()
+    # a Bernoulli mean over n draws: within 5 standard deviations (gap / 2 / sqrt(n)) of x
+    assert ((mean - x.double()).abs() <= 5 * gap.double() / 2 / math.sqrt(n) + 1e-12).all()
+
+
+def test_random_bits_are_reproducible_and_keyed():
+    a = random_bits(torch.tensor(1), torch.tensor(5), 100, 1000, torch.device("cpu"))
+    b = random_bits(torch.tensor(1), torch.tensor(5), 100, 1000, torch.device("cpu"))
+    c = random_bits(torch.tensor(2), torch.tensor(5), 100, 1000, torch.device("cpu"))
+    d = random_bits(torch.tensor(1), torch.tensor(6), 100, 1000, torch.device("cpu"))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+    assert a.min() >= 0 and a.max() < 2**32
+    low16 = (a & 0xFFFF).double() / 2**16
+    assert abs(low16.mean().item() - 0.5) < 0.05  # uniform-ish
+    state = torch.random.get_rng_state()
+    random_bits(torch.tensor(1), torch.tensor(5), 0, 10, torch.device("cpu"))
+    assert torch.equal(state, torch.random.get_rng_state())  # no global RNG consumed
+
+
+def _sgd_on_bf16(tx, steps=1500):
+    g = torch.Generator().manual_seed(4)
+    target = torch.randn(256, generator=g)
+    params = {"w": torch.full((256,), 4.0, dtype=torch.bfloat16)}
+    state = tx.init(params)
+    for _ in range(steps):
+        grads = {"w": (params["w"].float() - target)}
+        updates, state = tx.update(grads, state, params)
+        params = pureopt.apply_updates(params, updates)
+    return float((params["w"].float() - target).square().mean())
+
+
+def test_stochastic_rounding_trains_where_round_to_nearest_stalls():
+    # closed form in fp32: w_t - target = (4 - target) * (1 - lr)**t: after 3000 steps of lr=1e-3, exp(-3) of the
+    # start; each bf16 update (lr * |w - target| < 0.008 while w <= 4) is below half a bf16 gap at 4 (0.0156)
+    inner = lambda: pureopt.sgd(lr=1e-3, impl="foreach")
+    stalled = _sgd_on_bf16(inner(), steps=3000)
+    rounded = _sgd_on_bf16(pureopt.stochastic_rounding(inner(), seed=0), steps=3000)
+    target = torch.randn(256, generator=torch.Generator().manual_seed(4))
+    start = float((4.0 - target).square().mean())
+    closed_form = start * (1 - 1e-3) ** (2 * 3000)
+    assert stalled > 0.9 * start  # round-to-nearest never moves
+    assert rounded < 2 * closed_form
+
+
+def test_stochastic_rounding_same_seed_same_bits_and_compiles():
+    params = {"w": torch.randn(100).to(torch.bfloat16)}
+    grads = {"w": torch.randn(100)}
+    tx = pureopt.stochastic_rounding(pureopt.sgd(lr=1e-2, impl="foreach"), seed=3)
+    u1, _ = tx.update(grads, tx.init(params), params)
+    u2, _ = tx.update(grads, tx.init(params), params)
+    assert torch.equal(u1["w"], u2["w"])
+    new = pureopt.apply_updates(params, u1)["w"].float()
+    inner = pureopt.sgd(lr=1e-2, impl="foreach")
+    plain = inner.update(grads, inner.init(params), params)[0]["w"]
+    low, high = _bf16_neighbours(params["w"].float() + plain.float())
+    assert ((new == low) | (new == high)).all()
+    compiled = torch.compile(lambda g, s, p: tx.update(g, s, p), fullgraph=True)
+    u3, _ = compiled(grads, tx.init(params), params)
+    assert torch.equal(u1["w"], u3["w"])
+    # the donated step writes the same bits into the parameters
+    own = {"w": params["w"].clone()}
+    pureopt.inplace_step(tx, grads, tx.init(own), own)
+    assert torch.equal(own["w"], new.to(torch.bfloat16))
+
+
+def test_stochastic_rounding_under_vmap_matches_per_member():
+    params = {"w": torch.randn(3, 50).to(torch.bfloat16)}
+    grads = {"w": torch.randn(3, 50)}
+    tx = pureopt.stochastic_rounding(pureopt.sgd(lr=1e-2, impl="loop"), seed=5)
+
+    def one(g, p):
+        return tx.update({"w": g}, tx.init({"w": p}), {"w": p})[0]["w"]
+
+    batched = torch.func.vmap(one)(grads["w"], params["w"])
+    for i in range(3):
+        assert torch.equal(batched[i], one(grads["w"][i], params["w"][i]))
+
+
+def test_torch_optimizer_saves_encoded_state_under_its_own_keys_and_resumes_bitwise():
+    torch.manual_seed(0)
+    make = lambda m: pureopt.TorchOptimizer(m.parameters(), pureopt.adamw, lr=1e-2, state_dtype={"exp_avg": "q8"})
+    data = [torch.randn(8, 30) for _ in range(6)]
+
+    def steps(model, opt, batch):
+        for x in batch:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+    ref = torch.nn.Linear(30, 20)
+    first = torch.nn.Linear(30, 20)
+    first.load_state_dict(ref.state_dict())
+    ref_opt, first_opt = make(ref), make(first)
+    steps(ref, ref_opt, data)  # uninterrupted
+    steps(first, first_opt, data[:3])
+    saved = first_opt.state_dict()
+    assert set(saved["state"][0]) == {"step", "exp_avg.codes", "exp_avg.scale", "exp_avg_sq"}
+    assert saved["state"][0]["exp_avg.codes"].dtype == torch.uint8
+    buf = io.BytesIO()
+    torch.save((first.state_dict(), saved), buf)
+    buf.seek(0)
+    model_sd, opt_sd = torch.load(buf, weights_only=True)
+    resumed = torch.nn.Linear(30, 20)
+    resumed.load_state_dict(model_sd)
+    resumed_opt = make(resumed)
+    resumed_opt.load_state_dict(opt_sd)
+    steps(resumed, resumed_opt, data[3:])
+    assert torch.equal(resumed.weight, ref.weight) and torch.equal(resumed.bias, ref.bias)
