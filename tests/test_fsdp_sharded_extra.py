@@ -182,6 +182,30 @@ def pure_flatten(rank: int) -> dict[str, Any]:
     return out
 
 
+def orthogonalize_chain() -> Any:
+    return pureopt.chain(
+        pureopt.trace(0.9), pureopt.orthogonalize(ns_dtype=torch.float64), pureopt.scale_by_learning_rate(0.02)
+    )
+
+
+def pure_orthogonalize(rank: int) -> list[list[torch.Tensor]]:
+    """The stateless ``orthogonalize`` in a pure chain over the DTensor matrices (owner path)."""
+    model = sharded_net("matrices")
+    params = dict(model.named_parameters())
+    tx = orthogonalize_chain()
+    state = tx.init(params)
+    trajectory = []
+    for step in range(STEPS):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(batch_of(rank, step)[0]), batch_of(rank, step)[1]).backward()
+        new, state = pureopt.step(tx, {k: p.grad for k, p in params.items()}, state, params)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(new[k])
+        trajectory.append(full_params(model))
+    return trajectory
+
+
 def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
     del world, out
     res: dict[str, Any] = {}
@@ -217,6 +241,7 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
         rank, "matrices", lambda ps: TorchOptimizer(ps, pureopt.muon, **MUON, ns_dtype=torch.float64, flat=True)
     )
     res["pure-flatten"] = pure_flatten(rank)
+    res["pure-orthogonalize"] = count_orthogonalised(lambda: pure_orthogonalize(rank))
     return res
 
 
@@ -346,6 +371,31 @@ def test_muon_bfloat16_on_fsdp2_equals_torch_unsharded(job: list[dict[str, Any]]
     want = reference("distinct", lambda ps: torch.optim.Muon(ps, **MUON))
     for rank in range(WORLD):
         assert_close(job[rank][f"muon-{sharded}-bfloat16"]["trajectory"], want, RTOL64, ATOL64)
+
+
+def test_orthogonalize_on_fsdp2_equals_the_unsharded_chain(job: list[dict[str, Any]]) -> None:
+    def unsharded(ps: list[torch.Tensor]) -> Any:  # the same chain, one process, plain tensors
+        class Pure(torch.optim.Optimizer):
+            def __init__(self) -> None:
+                super().__init__(ps, {})
+                self.tx = orthogonalize_chain()
+                self.s = self.tx.init(ps)
+
+            @torch.no_grad()
+            def step(self, closure: Any = None) -> None:  # type: ignore[override]
+                new, self.s = pureopt.step(self.tx, [p.grad for p in ps], self.s, ps)
+                for p, n in zip(ps, new):
+                    p.copy_(n)
+
+        return Pure()
+
+    want = reference("matrices", unsharded)
+    counts = []
+    for rank in range(WORLD):
+        trajectory, count = job[rank]["pure-orthogonalize"]
+        assert_close(trajectory, want, RTOL64, ATOL64)
+        counts.append(count)
+    assert sum(counts) == 7 * STEPS and all(counts), counts
 
 
 @pytest.mark.parametrize("run", ["muon-owner-float64", "muon-owner-hsdp"])
