@@ -183,6 +183,9 @@ class Field:
         fields are updated by ``scalars``, outside the elementwise pass.
       nonneg: the field never holds negative values (second moments): ``state_dtype="q8"`` / ``"q4"`` then store it
         with an unsigned code (see :mod:`pureopt.kernels.encoding`).
+      like_param: the field is shaped like its parameter. ``False`` for state of other shapes (Adafactor's row and
+        column factors; ``()`` where a parameter keeps none): such lists reach ``scalars`` and ``math`` as they are
+        stored (no real views, casts or chunks; the math handles their dtypes) and the math returns their new lists.
     """
 
     doc: str
@@ -190,6 +193,7 @@ class Field:
     when: Callable[[Hyper], bool] | None = None
     per_tensor: bool = False
     nonneg: bool = False
+    like_param: bool = True
 
 
 def state(doc: str, when: Callable[[Hyper], bool] | None = None, *, nonneg: bool = False) -> Field:
@@ -326,13 +330,18 @@ class Algorithm:
       math: the elementwise math (see :data:`MathFn`).
       scalars: per-tensor values from the advanced step counts (see :data:`ScalarsFn`).
       fused: torch's fused kernel (see :data:`FusedFn`); ``fused_state``: the fields it takes, first the one in the
-        compute dtype; ``fused_devices``: where torch has it; ``fused_when``: the flags it supports.
+        compute dtype; ``fused_devices``: where torch has it; ``fused_cpu_dtypes``: the dtypes its CPU kernel
+        computes right (``None``: all); ``fused_when``: the flags it supports.
       neutral: values of the hyperparameters a shorter signature (``scale_by_*``) leaves out.
       needs_params: hyperparameters that need the parameters when nonzero (``weight_decay``).
       params_required: the algorithm always needs the parameters (e.g. its trust ratio reads their norms): the name
-        its error gives (``"lamb needs the parameters: ..."``), raised before anything changes.
+        its error gives (``"lamb needs the parameters: ..."``), raised before anything changes;
+        ``params_required_when``: only for these hyperparameters.
+      real_only: complex gradients are refused (``"<name> does not support complex parameters"``, torch's wording).
       sparse: whether sparse gradients are accepted (torch's RuntimeError otherwise); or the algorithm's own
         handling of a step with sparse (COO) gradients (see :data:`SparseFn`).
+      dense_error: for an algorithm of sparse gradients only (SparseAdam): the RuntimeError message for a dense
+        gradient; ``sparse`` then runs every step.
       amp_native: the kernel honours GradScaler's ``grad_scale`` / ``found_inf`` (see
         :func:`pureopt.kernels.fused.mark_amp_native`): in torch's fused call where it runs on the parameters,
         else by unscaling out of place.
@@ -344,6 +353,8 @@ class Algorithm:
         runs once over the whole lists (on DTensors: on the DTensors, so that reductions are global).
       segmentwise: the math honours ``k.segments`` (per-parameter reductions on flat buffers, see
         :func:`pureopt.base.is_segmentwise`).
+      tensorwise: (with ``elementwise=False``) the math's reductions are each within one tensor (a norm per tensor,
+        not over all tensors): on the applied CPU path it then runs chunk by chunk over whole tensors (never cut).
       global_fields: state kept once per transformation (see :class:`Global`), e.g. Prodigy's ``d``.
       leaf_args: keyword arguments of ``update`` that are trees like the gradients (Sophia's ``hessian``); the math
         reads each in ``k.extra`` as a list over the leaves it steps (``None`` when not given).
@@ -363,16 +374,21 @@ class Algorithm:
         fused: FusedFn | None = None,
         fused_state: Sequence[str] = (),
         fused_devices: Sequence[str] = _fused.FUSED_DEVICES,
+        fused_cpu_dtypes: Sequence[torch.dtype] | None = None,
         fused_when: Callable[[Hyper], bool] | None = None,
         neutral: Mapping[str, Any] | None = None,
         needs_params: Sequence[str] = ("weight_decay",),
         params_required: str | None = None,
+        params_required_when: Callable[[Hyper], bool] | None = None,
+        real_only: bool = False,
         sparse: bool | SparseFn = False,
+        dense_error: str | None = None,
         amp_native: bool = False,
         chunked: bool = True,
         chunk_scale: int = 1,
         elementwise: bool = True,
         segmentwise: bool = False,
+        tensorwise: bool = False,
         global_fields: Mapping[str, Global] | None = None,
         leaf_args: Sequence[str] = (),
         check_order: Sequence[str] = ("lr",),
@@ -385,14 +401,19 @@ class Algorithm:
         self.fused = fused
         self.fused_state = tuple(fused_state)
         self.fused_devices = tuple(fused_devices)
+        self.fused_cpu_dtypes = None if fused_cpu_dtypes is None else tuple(fused_cpu_dtypes)
         self.fused_when = fused_when
         self.neutral = {"lr": None, "maximize": False, **(neutral or {})}
         self.needs_params = tuple(needs_params)
         self.params_required = params_required
+        self.params_required_when = params_required_when
+        self.real_only = real_only
         self.sparse = sparse
+        self.dense_error = dense_error
         self.amp_native = amp_native
         self.globals = dict(global_fields or {})
-        self.chunked = chunked and elementwise and not self.globals
+        self.chunked = chunked and (elementwise or tensorwise) and not self.globals
+        self.chunked = self.chunked and all(f.like_param for f in self.fields.values())
         self.chunk_scale = chunk_scale
         self.elementwise = elementwise
         self.segmentwise = segmentwise
@@ -443,6 +464,11 @@ class Algorithm:
         kept = [key for key, f in self.fields.items() if not f.per_tensor and (f.when is None or f.when(h))]
         nonneg = {key: f.nonneg for key, f in self.fields.items()}
         state_dtype, encodings = parse_state_dtype(state_dtype, kept, nonneg)
+        odd = [key for key in encodings if not self.fields[key].like_param]
+        if odd:
+            raise ValueError(
+                f"{self.name}'s {odd[0]} is not shaped like its parameter: state_dtype can only be a dtype"
+            )
         inits = {
             key: (f.init(h, state_dtype) if f.when is None or f.when(h) else None) for key, f in self.fields.items()
         }
@@ -537,18 +563,27 @@ class Algorithm:
         """One step over the leaves that have a gradient (``s``: the kept state fields' lists; ``encodings``: how
         the encoded ones are stored, see :mod:`pureopt.algorithms.storage`; ``compute_dtype``: the dtype to compute
         in where no per-element field fixes it, i.e. ``state_dtype`` of an algorithm that keeps none)."""
-        if self.sparse is not True and any(g.is_sparse for g in grads):
+        if self.dense_error is not None and not all(g.is_sparse for g in grads):
+            raise RuntimeError(self.dense_error)
+        if self.sparse is not True and (self.dense_error is not None or any(g.is_sparse for g in grads)):
             if callable(self.sparse):
                 dense_run = functools.partial(self.run, encodings=encodings, compute_dtype=compute_dtype)
                 updates, new = self.sparse(dense_run, h, impl, params, grads, s, ctx)
                 return updates, dict(new)
             raise RuntimeError(f"{self.name} does not support sparse gradients")
-        if params is None and self.params_required is not None:
+        if (
+            params is None
+            and self.params_required is not None
+            and (self.params_required_when is None or self.params_required_when(h))
+        ):
             raise ValueError(f"{self.params_required} needs the parameters: call update(grads, state, params)")
         for key in self.needs_params:
             if params is None and getattr(h, key, 0) != 0:
                 raise ValueError(f"{key} needs the parameters: call update(grads, state, params)")
-        elem = [key for key in self.fields if key in s and not self.fields[key].per_tensor]
+        if self.real_only and any(g.is_complex() for g in grads):
+            raise RuntimeError(f"{self.name} does not support complex parameters")
+        elem = [key for key, f in self.fields.items() if key in s and not f.per_tensor and f.like_param]
+        odd = {key: s[key] for key, f in self.fields.items() if key in s and not f.like_param}
         shared = {key: s[key] for key in self.globals}
         donate, apply = ctx.donate, ctx.apply and ctx.donate and params is not None
         plan = None
@@ -558,7 +593,10 @@ class Algorithm:
             return self._run_encoded(h, impl, params, grads, s, ctx, encodings, elem, shared)
         if self.fused is not None and impl in ("auto", "fused") and (self.fused_when is None or self.fused_when(h)):
             lists = [s[key] for key in self.fused_state if key in s] or [grads]  # (no state kept: plan on grads)
-            plan = _fused.fused_plan([*grads, *(params or [])], *lists, impl=impl, devices=self.fused_devices)
+            inputs = [*grads, *(params or [])]
+            plan = _fused.fused_plan(
+                inputs, *lists, impl=impl, devices=self.fused_devices, cpu_dtypes=self.fused_cpu_dtypes
+            )
         path = choose_impl(impl, [*grads, *s[elem[0]]] if elem else grads, fused_available=plan is not None)
         coef: float | Tensor = 1.0 if h.lr is None else -h.lr
         if self.amp_native and (ctx.grad_scale is not None or ctx.found_inf is not None):
@@ -602,15 +640,16 @@ class Algorithm:
             named = {**dict(zip(elem, columns)), **dict(zip(names, columns[len(elem) :]))}
             target = p if apply else None
             k = Kernel(ops=ops, h=h, p=p, g=g, donate=donate, own=own, apply=apply, coef=coef, target=target,
-                       segments=ctx.segments, extra=ctx.extra_args, **shared, **named)  # fmt: skip
+                       segments=ctx.segments, extra=ctx.extra_args, **shared, **odd, **named)  # fmt: skip
             updates, new = self.math(k)
-            out.update({key: new[key] for key in shared if key in new})  # (whole lists only: globals change once)
+            # (whole lists only: globals change once, fields not shaped like the parameters run unchunked)
+            out.update({key: new[key] for key in (*shared, *odd) if key in new})
             return (updates, *(new.get(key) for key in elem))
 
         writes = (None, *range(2, 2 + len(elem)))
         results = elementwise(
             body, ops, (p, g, *(real[key] for key in elem), *cols), writes, in_place=apply and self.chunked,
-            chunk_scale=self.chunk_scale,
+            chunk_scale=self.chunk_scale, split=self.elementwise,
         )  # fmt: skip
         updates = results[0]
         for key, result in zip(elem, results[1:]):

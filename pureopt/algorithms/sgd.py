@@ -177,6 +177,7 @@ SGD = Algorithm(
     scalars=_scalars,
     fused=_fused_math,
     fused_state=("momentum_buffer",),
+    fused_cpu_dtypes=(torch.float32, torch.float64),  # torch 2.13's CPU kernel skips bf16/fp16 (see fused_plan)
     fused_when=lambda h: h.momentum == 0 or h.dampening == 0,
     neutral={"weight_decay": 0.0},
     sparse=_sparse,

@@ -152,7 +152,7 @@ class BlockEncoding(Encoding):
         if self.dtype is not None:
             codes = torch.zeros(n, dtype=self.dtype, device=p.device)
         else:
-            code, _ = _table(self.code, p.device)  # type: ignore[arg-type]
+            code, _ = _table(self.code, p.device)
             zero = int(torch.argmin(code.abs()))  # the code nearest zero (zero itself where the code has it)
             fill = zero | (zero << 4) if self.bits == 4 else zero
             codes = torch.full((self._ncodes(n),), fill, dtype=torch.uint8, device=p.device)
@@ -166,7 +166,7 @@ class BlockEncoding(Encoding):
             values = stored.codes[lo:hi].to(torch.float32)
         else:
             idx = self._indices(stored.codes, lo, hi)
-            code, _ = _table(self.code, stored.codes.device)  # type: ignore[arg-type]
+            code, _ = _table(self.code, stored.codes.device)
             values = code[idx]
         return (values * scale).to(dtype)
 
@@ -192,7 +192,7 @@ class BlockEncoding(Encoding):
         if self.dtype is not None:
             stored.codes[lo : lo + n].copy_(normed.clamp(-self.top, self.top).to(self.dtype))
             return
-        _, mids = _table(self.code, x.device)  # type: ignore[arg-type]
+        _, mids = _table(self.code, x.device)
         idx = torch.bucketize(normed, mids).to(torch.uint8)
         if self.bits == 8:
             stored.codes[lo : lo + n].copy_(idx)

@@ -62,6 +62,7 @@ def fused_plan(
     *more_state: Sequence[Tensor],
     impl: str = "auto",
     devices: Sequence[str] = FUSED_DEVICES,
+    cpu_dtypes: Sequence[torch.dtype] | None = None,
 ) -> Plan | None:
     """How to run a fused kernel over these tensors, or ``None`` if torch's fused kernels can't take them.
 
@@ -70,7 +71,9 @@ def fused_plan(
     computes in). Legal when no torch.func transform is active, nothing is being differentiated, the inputs are
     plain strided tensors, the state is real floating point on a device with fused kernels, and every tensor has
     a memory layout the kernels handle (:func:`layout_problem`). ``devices``: the device types the algorithm's
-    fused kernel exists on (torch's fused Adagrad: CPU only). With ``impl="fused"`` a refusal for a reason in
+    fused kernel exists on (torch's fused Adagrad: CPU only); ``cpu_dtypes``: the state dtypes its CPU kernel computes
+    right (torch 2.13's CPU ``_fused_sgd_`` leaves bf16/fp16 tensors of 16 or more elements unchanged). With
+    ``impl="fused"`` a refusal for a reason in
     the tensors themselves raises a RuntimeError that names it; otherwise (and for the reasons in the context:
     transforms, differentiation, compiling) the result is ``None`` and :func:`pureopt.kernels.select.choose_impl`
     takes another path or raises.
@@ -101,6 +104,10 @@ def fused_plan(
     groups = torch._C._group_tensors_by_device_and_dtype([list(state)], True)
     plan: Plan = []
     for (device, dtype), (_, indices) in groups.items():
+        if cpu_dtypes is not None and device.type == "cpu" and dtype.is_floating_point and dtype not in cpu_dtypes:
+            i = indices[0]
+            _refuse(impl, f"the state of tensor {i} is {dtype} on cpu (this fused kernel computes wrong numbers there)")
+            return None
         if not dtype.is_floating_point or device.type not in devices:
             i = indices[0]
             kind = "complex" if dtype.is_complex else str(dtype)
