@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# torch is pinned first: the CPU build of 2.13.0 is on local disk; an unpinned torch pulls a multi-GB CUDA build.
+# torch is pinned first and in every later install: the CPU build of 2.13.0 is on local disk; an unpinned torch (or a
+# test extra that asks for another one) would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 XDIST ?= -n 2
 
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" $(TORCH_PIN)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -48,7 +49,7 @@ unit-cuda: $(STAMP)
 test: lint unit unit-avx2 unit-cuda docs
 
 $(DOCS_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[docs]"
+	$(PY) -m pip install -q -e ".[docs]" $(TORCH_PIN)
 	touch $(DOCS_STAMP)
 
 # The documentation site (docs/, mkdocs.yml; API reference from the docstrings); warnings are errors.
@@ -56,7 +57,7 @@ docs: $(DOCS_STAMP)
 	$(PY) -m mkdocs build --strict -q
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q -e ".[bench]" $(TORCH_PIN)
 	$(PY) benchmarks/step.py
 
 clean:
