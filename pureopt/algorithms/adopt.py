@@ -50,7 +50,7 @@ from pureopt.algorithms.define import (
     step_count,
 )
 from pureopt.base import GradientTransformation
-from pureopt.kernels.common import add_scaled, add_update, map_scalars_n, on_host, scalar_for, torch_grad
+from pureopt.kernels.common import add_scaled, add_update, map_scalars_n, on_host, scalar_for, torch_grad, uniform
 
 __all__ = ["ADOPT", "ScaleByAdoptState", "adopt", "scale_by_adopt"]
 
@@ -91,15 +91,6 @@ def _scalars(k: Kernel, steps: list[Tensor]) -> Mapping[str, list[Any]]:
     return {"floor": floor, "lo": lo, "hi": hi, "w1": w1, "w2": w2, "step_coef": coef}
 
 
-def _uniform(values: list[Any]) -> Any:
-    """One number where the per-tensor numbers (host scalars) all agree: ``p.add_(m, alpha=c)`` in one pass instead
-    of a product first."""
-    first = values[0] if values else None
-    if isinstance(first, float) and all(v == first for v in values):
-        return first
-    return values
-
-
 def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     ops, h, own = k.ops, k.h, k.own
     decoupled = h.weight_decay != 0 and h.decoupled_weight_decay and h.lr is not None
@@ -114,7 +105,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     if k.apply:  # the authors' order: decay, then p.add_(m, alpha=-lr)
         if decoupled:
             ops.mul(k.p, scalar_for(1 - h.lr * h.weight_decay, k.p), inplace=True)
-        add_update(ops, k.p, m, _uniform(k.step_coef), owned=False)
+        add_update(ops, k.p, m, uniform(k.step_coef), owned=False)
         return None, new
     updates = add_update(ops, None, m, k.step_coef, owned=False)
     assert updates is not None

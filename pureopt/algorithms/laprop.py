@@ -61,6 +61,7 @@ from pureopt.kernels.common import (
     scalar_dtype,
     scalar_for,
     scalars_for,
+    uniform,
 )
 
 __all__ = ["LAPROP", "ScaleByLaPropState", "laprop", "scale_by_laprop"]
@@ -94,15 +95,6 @@ def _scalars(k: Kernel, steps: list[Tensor]) -> Mapping[str, list[Any]]:
     return {"exp_avg_lr_1": l1, "exp_avg_lr_2": l2, "step_coef": coef, "bc2_sqrt": bc2_sqrt, "neg_centered": centered}
 
 
-def _uniform(values: list[Any]) -> Any:
-    """One number where the per-tensor numbers (host scalars) all agree: ``p.add_(m, alpha=c)`` in one pass instead
-    of a product first."""
-    first = values[0] if values else None
-    if isinstance(first, float) and all(v == first for v in values):
-        return first
-    return values
-
-
 def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     ops, h, own = k.ops, k.h, k.own
     beta1, beta2 = h.betas
@@ -123,7 +115,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     new["exp_avg"] = m
     decay = h.weight_decay != 0 and h.lr is not None
     if k.apply:
-        add_update(ops, k.p, m, _uniform(k.step_coef), owned=False)
+        add_update(ops, k.p, m, uniform(k.step_coef), owned=False)
         if decay:
             ops.mul(k.p, scalar_for(1 - h.lr * h.weight_decay, k.p), inplace=True)
         return None, new

@@ -54,7 +54,7 @@ from pureopt.algorithms.define import (
     step_count,
 )
 from pureopt.base import GradientTransformation
-from pureopt.kernels.common import map_scalars_n, on_host, scalar_for, torch_grad
+from pureopt.kernels.common import map_scalars_n, on_host, scalar_for, torch_grad, uniform
 
 __all__ = ["MADGRAD", "MadgradState", "madgrad"]
 
@@ -78,8 +78,6 @@ def _lr(h: Any) -> float | Tensor:
 
 
 def _scalars(k: Kernel, steps: list[Tensor]) -> Mapping[str, list[Any]]:
-    if k.p is None:
-        raise ValueError("madgrad needs the parameters: call update(grads, state, params)")
     lr = _lr(k.h)
     host = on_host(k.apply, k.grad_sum_sq)
     (lam,) = map_scalars_n(lambda t: (lr * torch.sqrt(t),), steps, outputs=1, like=k.grad_sum_sq, host=host)
@@ -98,15 +96,17 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     decoupled = h.weight_decay != 0 and h.decoupled_weight_decay
     coupled = 0.0 if h.decoupled_weight_decay else h.weight_decay
     g, _ = torch_grad(ops, k.g, k.p, maximize=h.maximize, weight_decay=coupled, own=own)
-    if h.momentum == 0:
-        x0 = ops.add(ops.div_list(k.s, _rms(ops, k.grad_sum_sq, h.eps, own)), k.p, inplace=own)  # p + s / rms
+    x0 = ops.addcdiv(k.p, k.s, _rms(ops, k.grad_sum_sq, h.eps, own)) if h.momentum == 0 else k.x0  # p + s / rms
+    lam = uniform(k.lam)
+    if isinstance(lam, float):  # the reference's ops: S.addcmul_(g, g, value=lam); s.add_(g, alpha=lam)
+        sum_sq = ops.addcmul(k.grad_sum_sq, g, g, value=lam, inplace=k.donate)
+        s = ops.add(k.s, g, alpha=lam, inplace=k.donate)
     else:
-        x0 = k.x0
-    lg = ops.mul(g, k.lam)  # lam * g
-    sum_sq = ops.addcmul(k.grad_sum_sq, lg, g, inplace=k.donate)
-    s = ops.add(k.s, lg, inplace=k.donate)
+        lg = ops.mul(g, lam)  # lam * g
+        sum_sq = ops.addcmul(k.grad_sum_sq, lg, g, inplace=k.donate)
+        s = ops.add(k.s, lg, inplace=k.donate)
     new = {"grad_sum_sq": sum_sq, "s": s}
-    z = ops.add(ops.neg(ops.div_list(s, _rms(ops, sum_sq, h.eps, own)), inplace=own), x0, inplace=own)  # x0 - s/rms
+    z = ops.addcdiv(x0, s, _rms(ops, sum_sq, h.eps, own), value=-1.0, inplace=own and h.momentum == 0)  # x0 - s/rms
     decay = ops.mul(k.p, scalar_for(-_lr(h) * h.weight_decay, k.p)) if decoupled else None
     if k.apply:
         if h.momentum == 0:
@@ -138,6 +138,7 @@ MADGRAD = Algorithm(
     math=_math,
     scalars=_scalars,
     neutral={},
+    params_required="madgrad",
     check_order=("lr", "momentum", "weight_decay", "eps"),
     doc="State of :func:`madgrad` (the ``madgrad`` package's state keys, with torch's ``step``).",
 )

@@ -18,7 +18,8 @@ zero)::
 Other tensors (``ndim < 2``: biases, gains; unless ``optimize_1d``) take an AdamW step with ``betas_1d``,
 ``weight_decay_1d`` and the learning rate ``lr * lr_1d / lr_0`` (``lr_0``: ``lr`` when the transformation is built,
 so that a schedule scales both), on ``g`` itself: ``m``, ``v`` as above with ``c = g``. The per-tensor norm makes
-MARS not elementwise (flat buffers step it per parameter). Complex tensors are viewed as real pairs, so a complex
+MARS not elementwise (flat buffers step it per parameter); the donated CPU step runs it in cache-sized chunks of
+whole tensors (``tensorwise``). Complex tensors are viewed as real pairs, so a complex
 vector counts as a matrix, as in the reference's per-parameter path.
 
 The ``scale_by_mars`` form applies the MARS rule to every tensor (``optimize_1d``) and returns the positive
@@ -197,6 +198,7 @@ MARS = Algorithm(
     math=_math,
     scalars=_scalars,
     elementwise=False,
+    tensorwise=True,
     neutral={"weight_decay": 0.0, "weight_decay_1d": 0.0, "optimize_1d": True, "lr_1d_factor": 1.0},
     check_order=("lr", "betas", "mars_type", "gamma", "weight_decay", "weight_decay_1d", "eps"),
     doc="State of :func:`mars` and :func:`scale_by_mars` (pytorch-optimizer's state keys).",

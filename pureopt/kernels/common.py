@@ -40,6 +40,7 @@ __all__ = [
     "elementwise",
     "add_update",
     "addcdiv_update",
+    "uniform",
 ]
 
 StepScalars = list[Tensor]
@@ -490,3 +491,13 @@ def addcdiv_update(
         ops.addcdiv(target, numer, ys, inplace=True)
         return None
     return ops.div_list(numer, ys, inplace=owned)
+
+
+def uniform(values: Sequence[Any]) -> Any:
+    """The one number all of ``values`` are, where they are host numbers that agree (per-tensor scalars from
+    :func:`on_host` when every parameter has the same step count), else ``values``: then a scalar argument of one
+    fused op (``p.add_(m, alpha=c)``, ``v.addcmul_(g, g, value=c)``) instead of a per-tensor product first."""
+    first = values[0] if len(values) else None
+    if isinstance(first, float) and all(v == first for v in values):
+        return first
+    return values
