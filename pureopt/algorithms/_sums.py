@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from pureopt.kernels.common import scalar_dtype
+from pureopt.kernels.common import on_host, scalar_dtype
 from pureopt.kernels.listops import ListOps
 
-__all__ = ["total", "dot_total", "abs_total", "sq_total", "norm_total", "like_scalar"]
+__all__ = ["total", "dot_total", "abs_total", "sq_total", "norm_total", "like_scalar", "on_host_scalars", "number"]
 
 
 def total(values: Sequence[Tensor], like: Tensor) -> Tensor:
@@ -26,9 +26,27 @@ def total(values: Sequence[Tensor], like: Tensor) -> Tensor:
     return torch.stack([v.to(device=like.device, dtype=like.dtype) for v in values]).sum()
 
 
-def dot_total(xs: Sequence[Tensor], ys: Sequence[Tensor], like: Tensor) -> Tensor:
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    if type(x) is Tensor and type(y) is Tensor and x.dtype == y.dtype and not x.is_complex():
+        return torch.dot(x.reshape(-1), y.reshape(-1))  # one pass, no temporary (the references' torch.dot)
+    return torch.sum(x * y)
+
+
+def dot_total(ops: ListOps, xs: Sequence[Tensor], ys: Sequence[Tensor], like: Tensor) -> Tensor:
     """``sum_i <x_i, y_i>`` over all tensors."""
-    return total([torch.sum(x * y) for x, y in zip(xs, ys)], like)
+    return total([_dot(x, y) for x, y in zip(xs, ys)], like)
+
+
+def on_host_scalars(apply: bool, tensors: Sequence[Tensor]) -> bool:
+    """Whether the step may read its global scalars (``d``, step sizes) to the host as Python numbers, so that torch's
+    ops take them as ``alpha=`` / ``value=`` arguments (fused passes) as the references do: the applied CPU path only
+    (see :func:`pureopt.kernels.common.on_host`; never pure, compiled, on meta or accelerator tensors)."""
+    return on_host(apply, tensors) and all(type(t) is Tensor for t in tensors)
+
+
+def number(value: Tensor, host: bool) -> Tensor | float:
+    """``value`` as a Python float when ``host`` (see :func:`on_host_scalars`), else as it is."""
+    return float(value) if host else value
 
 
 def abs_total(ops: ListOps, xs: Sequence[Tensor], like: Tensor) -> Tensor:

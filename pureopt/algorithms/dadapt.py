@@ -49,7 +49,7 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from pureopt.algorithms._sums import abs_total, dot_total, sq_total
+from pureopt.algorithms._sums import abs_total, dot_total, number, on_host_scalars, sq_total
 from pureopt.algorithms.define import (
     LR,
     Algorithm,
@@ -82,12 +82,18 @@ def _adam_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     dlr = d * _lr(h, d)
     if h.use_bias_correction:
         dlr = dlr * torch.sqrt(1 - torch.pow(beta2, step + 1)) / (1 - torch.pow(beta1, step + 1))
+    host = on_host_scalars(k.apply, k.g)  # (CPU, applied: the scalars as Python floats, fused ops as the reference)
     g, _ = torch_grad(ops, k.g, k.p, maximize=False, weight_decay=0.0 if h.decouple else h.weight_decay, own=own)
     old_denom = ops.add_scalar(ops.sqrt(k.exp_avg_sq), h.eps, inplace=own)
-    acc = dlr * dot_total(g, ops.div_list(k.s, old_denom), d)
-    m = add_scaled(ops, ops.mul(k.exp_avg, beta1, inplace=k.donate), g, dlr * (1 - beta1), inplace=k.donate)
+    if own:  # s / denom into the temporary denominator
+        ratio = ops.mul_list(ops.reciprocal(old_denom, inplace=True), k.s, inplace=True)
+    else:
+        ratio = ops.div_list(k.s, old_denom)
+    acc = dlr * dot_total(ops, g, ratio, d)
+    dlr_ = number(dlr, host)
+    m = add_scaled(ops, ops.mul(k.exp_avg, beta1, inplace=k.donate), g, dlr_ * (1 - beta1), inplace=k.donate)
     v = ema_of_squares(ops, k.exp_avg_sq, g, beta2, donate=k.donate, own=own)
-    s = add_scaled(ops, ops.mul(k.s, b, inplace=k.donate), g, dlr * (1 - b), inplace=k.donate)
+    s = add_scaled(ops, ops.mul(k.s, b, inplace=k.donate), g, dlr_ * (1 - b), inplace=k.donate)
     l1 = abs_total(ops, s, d)
     numerator = b * r + (1 - b) * acc
     skip = l1 == 0
@@ -100,8 +106,14 @@ def _adam_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     }
     keep = torch.where(skip, torch.zeros_like(d), torch.ones_like(d))  # 0: no step
     denom = ops.add_scalar(ops.sqrt(v), h.eps, inplace=own)
-    direction = ops.div_list(m, denom, inplace=False)
     decay = h.weight_decay != 0 and h.decouple
+    if host:  # the reference's p.add_(p, alpha=-decay * dlr); p.addcdiv_(m, denom, value=-1), unless skipped
+        if not bool(skip):
+            if decay:
+                ops.add(k.p, k.p, alpha=-h.weight_decay * dlr_, inplace=True)
+            ops.addcdiv(k.p, m, denom, value=-1.0, inplace=True)
+        return None, {**new, **globals_}
+    direction = ops.div_list(m, denom, inplace=False)
     if k.apply:
         if decay:  # the reference's p.add_(p, alpha=-decay * dlr)
             ops.add(k.p, ops.mul(k.p, scalar_for(-h.weight_decay * dlr * keep, k.p)), inplace=True)
@@ -119,9 +131,10 @@ def _sgd_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     g0 = torch.where(step == 0, torch.sqrt(sq_total(ops, k.g, d)), g0)
     moving = g0 > 0
     dlr = torch.where(moving, d * _lr(h, d) / torch.where(moving, g0, torch.ones_like(g0)), torch.zeros_like(d))
+    host = on_host_scalars(k.apply, k.g)  # (CPU, applied: the scalars as Python floats, fused ops as the reference)
     g, _ = torch_grad(ops, k.g, k.p, maximize=False, weight_decay=h.weight_decay, own=own)
-    numerator = r + dlr * dot_total(g, k.s, d)
-    s = add_scaled(ops, k.s, g, dlr, inplace=k.donate)
+    numerator = r + dlr * dot_total(ops, g, k.s, d)
+    s = add_scaled(ops, k.s, g, number(dlr, host), inplace=k.donate)
     sq = sq_total(ops, s, d)
     skip = sq == 0
     d_hat = 2 * numerator / torch.sqrt(sq)
@@ -132,12 +145,18 @@ def _sgd_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
         "k": torch.where(skip, step, step + 1),
         "g0_norm": g0,
     }
+    ck = 1 - h.momentum
+    if host and k.donate:  # z.copy_(x0 - s) as two passes; p.mul_(1 - ck).add_(z, alpha=ck); nothing when skipped
+        z = k.z
+        if not bool(skip):
+            z = ops.sub(ops.copy_(k.z, k.x0), s, inplace=True)
+            ops.add(ops.mul(k.p, 1 - ck, inplace=True), z, alpha=ck, inplace=True)
+        return None, {"s": s, "z": z, **globals_}
     # on a skipped step z and p keep their values (the reference returns before writing them): a lerp with weight
     # 1 (a step) or 0 (none) gives either side exactly
     keep = scalar_for(torch.where(skip, torch.zeros_like(d), torch.ones_like(d)), k.p)
-    keep = keep if isinstance(keep, list) else [keep] * len(k.p)
+    assert isinstance(keep, list)  # (a tensor: one cast per parameter)
     z = ops.lerp(k.z, ops.sub(k.x0, s), keep, inplace=k.donate)
-    ck = 1 - h.momentum
     # p <- p * (1 - ck) + ck * z, as the reference's p.mul_(1 - ck).add_(z, alpha=ck)
     moved = ops.add(ops.mul(k.p, 1 - ck), z, alpha=ck, inplace=own)
     if k.apply:

@@ -29,7 +29,7 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from pureopt.algorithms._sums import norm_total, sq_total
+from pureopt.algorithms._sums import norm_total, number, on_host_scalars, sq_total
 from pureopt.algorithms.define import LR, Algorithm, Global, Impl, Kernel, NonNeg, StateDtype, param_copy
 from pureopt.algorithms.prodigy import positive, scalar0
 from pureopt.base import GradientTransformation
@@ -42,16 +42,23 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     ops, h, own = k.ops, k.h, k.own
     rbar, total, step = k.rbar, k.G, k.k
     first = step == 0
+    host = on_host_scalars(k.apply, k.g)  # (CPU, applied: the branch and the step size on the host)
     g, owned = torch_grad(ops, k.g, k.p, maximize=False, weight_decay=h.weight_decay, own=own)
-    start = h.reps_rel * (1 + norm_total(ops, k.p, rbar))
-    new_rbar = torch.where(first, start, torch.maximum(rbar, norm_total(ops, ops.sub(k.p, k.x0), rbar)))
+    if host:  # only the norm this step needs
+        if bool(first):
+            new_rbar = h.reps_rel * (1 + norm_total(ops, k.p, rbar))
+        else:
+            new_rbar = torch.maximum(rbar, norm_total(ops, ops.sub(k.p, k.x0), rbar))
+    else:
+        start = h.reps_rel * (1 + norm_total(ops, k.p, rbar))
+        new_rbar = torch.where(first, start, torch.maximum(rbar, norm_total(ops, ops.sub(k.p, k.x0), rbar)))
     gsq = sq_total(ops, g, total)
     new_total = torch.where(first, gsq + h.eps, total + gsq)
     lr = h.lr.to(rbar) if isinstance(h.lr, Tensor) else h.lr
     eta = lr * new_rbar / torch.sqrt(new_total)
     if h.init_eta is not None:
         eta = torch.where(first, torch.full_like(eta, h.init_eta), eta)
-    updates = add_update(ops, k.target, g, scalar_for(-eta, g), owned=owned)
+    updates = add_update(ops, k.target, g, scalar_for(-number(eta, host), g), owned=owned)
     return updates, {"rbar": new_rbar, "G": new_total, "k": step + 1}
 
 

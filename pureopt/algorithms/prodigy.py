@@ -44,7 +44,7 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from pureopt.algorithms._sums import abs_total, dot_total, like_scalar
+from pureopt.algorithms._sums import abs_total, dot_total, like_scalar, number, on_host_scalars
 from pureopt.algorithms.define import (
     LR,
     Algorithm,
@@ -92,6 +92,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     beta1, beta2 = h.betas
     beta3 = math.sqrt(beta2) if h.beta3 is None else h.beta3
     d, d_max, r, step = k.d, k.d_max, k.d_numerator, k.k
+    host = on_host_scalars(k.apply, k.g)  # (CPU, applied: the scalars as Python floats, fused ops as the reference)
     lr = h.lr.to(d) if isinstance(h.lr, Tensor) else h.lr
     if h.use_bias_correction:
         c = torch.sqrt(1 - torch.pow(beta2, step + 1)) / (1 - torch.pow(beta1, step + 1))
@@ -100,14 +101,17 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
         dlr = d * lr
     g, owned = torch_grad(ops, k.g, k.p, maximize=False, weight_decay=0.0 if h.decouple else h.weight_decay, own=own)
     gain = d / h.d0 * dlr
-    delta = gain * dot_total(g, ops.sub(k.p0, k.p), d)
+    delta = gain * dot_total(ops, g, ops.sub(k.p0, k.p), d)
+    d_, gain_ = number(d, host), number(gain, host)
     if beta1 > 0:
-        m = add_scaled(ops, ops.mul(k.exp_avg, beta1, inplace=k.donate), g, d * (1 - beta1), inplace=k.donate)
-    v = add_scaled(
-        ops, ops.mul(k.exp_avg_sq, beta2, inplace=k.donate), ops.mul_list(g, g), d * d * (1 - beta2), inplace=k.donate
-    )
+        m = add_scaled(ops, ops.mul(k.exp_avg, beta1, inplace=k.donate), g, d_ * (1 - beta1), inplace=k.donate)
+    v = ops.mul(k.exp_avg_sq, beta2, inplace=k.donate)
+    if host:
+        v = ops.addcmul(v, g, g, value=d_ * d_ * (1 - beta2), inplace=k.donate)
+    else:
+        v = add_scaled(ops, v, ops.mul_list(g, g), d * d * (1 - beta2), inplace=k.donate)
     s = add_scaled(
-        ops, ops.mul(k.s, beta3, inplace=k.donate), g, d / h.d0 * d if h.safeguard_warmup else gain, inplace=k.donate
+        ops, ops.mul(k.s, beta3, inplace=k.donate), g, d_ / h.d0 * d_ if h.safeguard_warmup else gain_, inplace=k.donate
     )
     denominator = abs_total(ops, s, d)
     numerator = beta3 * r + delta
@@ -123,14 +127,18 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
         "k": torch.where(skip, step, step + 1),
     }
     new = {"s": s, "exp_avg_sq": v, **({"exp_avg": m} if beta1 > 0 else {})}
-    step_lr = torch.where(skip, torch.zeros_like(dlr), dlr)
+    step_lr = number(torch.where(skip, torch.zeros_like(dlr), dlr), host)
+    next_d = number(globals_["d"], host)
     sign = 1.0 if h.lr is None else -1.0
-    denom = ops.add_scalar(ops.sqrt(v), scalar_for(globals_["d"] * h.eps, v), inplace=own)
+    denom = ops.add_scalar(ops.sqrt(v), scalar_for(next_d * h.eps, v), inplace=own)
     updates: list[Tensor] | None
     if h.weight_decay != 0 and h.decouple and h.lr is not None:
         decay = -h.weight_decay * step_lr
-        if k.apply:
-            ops.add(k.p, ops.mul(k.p, scalar_for(decay, k.p)), inplace=True)  # the reference's p.add_(p, alpha=...)
+        if k.apply:  # the reference's p.add_(p, alpha=-decay * dlr)
+            if host:
+                ops.add(k.p, k.p, alpha=decay, inplace=True)
+            else:
+                ops.add(k.p, ops.mul(k.p, scalar_for(decay, k.p)), inplace=True)
             decayed = None
         else:
             decayed = ops.mul(k.p, scalar_for(decay, k.p))
@@ -139,7 +147,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     if beta1 > 0:
         updates = addcdiv_update(ops, k.target, m, denom, scalar_for(sign * step_lr, m), owned=False)
     else:
-        updates = addcdiv_update(ops, k.target, g, denom, scalar_for(sign * step_lr * globals_["d"], g), owned=owned)
+        updates = addcdiv_update(ops, k.target, g, denom, scalar_for(sign * step_lr * next_d, g), owned=owned)
     if updates is not None and decayed is not None:
         updates = ops.add(updates, decayed, inplace=own)
     return updates, {**new, **globals_}
