@@ -115,7 +115,12 @@ def train(
                     p.mul_(0.5)
         opt.zero_grad(set_to_none=set_to_none)
         loss_fn(model(batch_of(rank, step)[0]), batch_of(rank, step)[1]).backward()
-        opt.step()
+        if step == 1:  # which kernels a step calls
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+                opt.step()
+            fused = sum(e.name == "aten::_fused_adamw_" for e in prof.events())
+        else:
+            opt.step()
         trajectory.append(full_params(model))
     placed = all(
         type(v).__name__ == "DTensor" and tuple(v.placements) == tuple(p.placements)
@@ -123,7 +128,21 @@ def train(
         for v in opt.state[p].values()
         if isinstance(v, torch.Tensor) and v.dim() > 0
     )
-    return {"trajectory": trajectory, "state_placed_like_params": placed}
+    # the storages holding the parameters' exp_avg shards (flat=True: one buffer per group), and their sizes
+    bases = {
+        id(v._local_tensor._base): v._local_tensor._base.numel()
+        for p in model.parameters()
+        for k, v in opt.state[p].items()
+        if k == "exp_avg" and v._local_tensor._base is not None
+    }
+    local_numel = sum(p.to_local().numel() for p in model.parameters())
+    return {
+        "trajectory": trajectory,
+        "state_placed_like_params": placed,
+        "fused_adamw_calls": fused,
+        "exp_avg_buffers": sorted(bases.values()),
+        "local_numel": local_numel,
+    }
 
 
 def count_orthogonalised(run: Any) -> tuple[Any, int]:
@@ -206,8 +225,42 @@ def pure_orthogonalize(rank: int) -> list[list[torch.Tensor]]:
     return trajectory
 
 
+RESUME_AT = 3
+
+
+def dcp_flat(rank: int, path: Path) -> dict[str, Any]:
+    """``flat=True`` AdamW: ``RESUME_AT`` steps, DCP save (sharded), load into a fresh model and optimizer, go on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def one_step(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+        opt.zero_grad(set_to_none=False)
+        loss_fn(model(batch_of(rank, step)[0]), batch_of(rank, step)[1]).backward()
+        opt.step()
+
+    def make() -> tuple[nn.Module, TorchOptimizer]:
+        model = sharded_net("layers")
+        return model, TorchOptimizer(model.parameters(), pureopt.adamw, lr=LR, weight_decay=0.1, flat=True)
+
+    model, opt = make()
+    for step in range(RESUME_AT):
+        one_step(model, opt, step)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    model2, opt2 = make()
+    model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+    loaded = {"model": model_sd2, "optim": optim_sd2}
+    dcp.load(loaded, checkpoint_id=str(path))
+    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    trajectory = []
+    for step in range(RESUME_AT, STEPS):
+        one_step(model2, opt2, step)
+        trajectory.append(full_params(model2))
+    return {"trajectory": trajectory}
+
+
 def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
-    del world, out
+    del world
     res: dict[str, Any] = {}
 
     def adamw(flat: bool) -> Any:
@@ -241,6 +294,7 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
         rank, "matrices", lambda ps: TorchOptimizer(ps, pureopt.muon, **MUON, ns_dtype=torch.float64, flat=True)
     )
     res["pure-flatten"] = pure_flatten(rank)
+    res["dcp-flat"] = dcp_flat(rank, out / "dcp-flat")
     res["pure-orthogonalize"] = count_orthogonalised(lambda: pure_orthogonalize(rank))
     return res
 
@@ -335,6 +389,23 @@ def test_flat_adamw_on_fsdp2_equals_the_unsharded_run(job: list[dict[str, Any]],
     for rank in range(WORLD):
         assert_close(job[rank][run]["trajectory"], want, RTOL64, ATOL64)
         assert job[rank][run]["state_placed_like_params"]
+
+
+@pytest.mark.parametrize("run", ["adamw-flat", "adamw-flat-views"])
+def test_flat_on_fsdp2_keeps_state_in_one_local_buffer_stepped_by_one_fused_call(
+    job: list[dict[str, Any]], run: str
+) -> None:
+    for rank in range(WORLD):  # 6 parameters, one (mesh, placements, dtype) group: one buffer of the local shards
+        res = job[rank][run]
+        assert res["fused_adamw_calls"] == 1
+        assert res["exp_avg_buffers"] == [res["local_numel"]]
+    assert job[0]["adamw-per-tensor"]["exp_avg_buffers"] == []  # flat=False: a tensor per parameter
+
+
+def test_flat_state_on_fsdp2_resumes_through_dcp(job: list[dict[str, Any]]) -> None:
+    want = reference("layers", lambda ps: torch.optim.AdamW(ps, **ADAMW_REF))[RESUME_AT:]
+    for rank in range(WORLD):
+        assert_close(job[rank]["dcp-flat"]["trajectory"], want, RTOL64, ATOL64)
 
 
 def test_flat_adamw_on_fsdp2_equals_the_per_tensor_sharded_step(job: list[dict[str, Any]]) -> None:
