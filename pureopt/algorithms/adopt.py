@@ -84,11 +84,12 @@ def _scalars(k: Kernel, steps: list[Tensor]) -> Mapping[str, list[Any]]:
             torch.where(first, zero, torch.full_like(t, 1 - beta1)),  # m's weight
             torch.where(first, one, torch.full_like(t, 1 - beta2)),  # v's weight (v <- lerp(v, g*g, w))
             torch.where(first, zero, k.coef * one),  # the step's coefficient
+            torch.where(first, zero, torch.full_like(t, beta2)),  # v's decay (v <- decay * v + w * g * g)
         )
 
     host = on_host(k.apply, k.exp_avg)
-    floor, lo, hi, w1, w2, coef = map_scalars_n(fn, steps, outputs=6, like=k.exp_avg, host=host)
-    return {"floor": floor, "lo": lo, "hi": hi, "w1": w1, "w2": w2, "step_coef": coef}
+    floor, lo, hi, w1, w2, coef, decay = map_scalars_n(fn, steps, outputs=7, like=k.exp_avg, host=host)
+    return {"floor": floor, "lo": lo, "hi": hi, "w1": w1, "w2": w2, "step_coef": coef, "v_decay": decay}
 
 
 def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
@@ -100,7 +101,11 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     if h.clip_exponent is not None:
         n = ops.clamp(n, k.lo, k.hi, inplace=own)
     m = ops.lerp(k.exp_avg, n, k.w1, inplace=k.donate)
-    v = ops.lerp(k.exp_avg_sq, ops.mul_list(g, g), k.w2, inplace=k.donate)
+    decay, w2 = uniform(k.v_decay), uniform(k.w2)
+    if isinstance(decay, float) and isinstance(w2, float):  # the reference's v.mul_(beta2).addcmul_(g, g, 1 - beta2)
+        v = ops.addcmul(ops.mul(k.exp_avg_sq, decay, inplace=k.donate), g, g, value=w2, inplace=own)
+    else:
+        v = ops.lerp(k.exp_avg_sq, ops.mul_list(g, g), k.w2, inplace=k.donate)
     new = {"exp_avg": m, "exp_avg_sq": v}
     if k.apply:  # the authors' order: decay, then p.add_(m, alpha=-lr)
         if decoupled:

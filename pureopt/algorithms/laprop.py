@@ -108,10 +108,13 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     if h.amsgrad:
         second = new["max_exp_avg_sq"] = ops.maximum(k.max_exp_avg_sq, second, inplace=k.donate)
     d = ops.add_scalar(ops.sqrt(ops.add_scalar(second, SQ_EPS), inplace=own), h.eps, inplace=own)
-    d = ops.div(d, k.bc2_sqrt, inplace=own)
+    d = ops.div(d, uniform(k.bc2_sqrt), inplace=own)
     scale = (1 - beta1) * (1.0 if h.lr is None else h.lr)
-    step = ops.div_list(g, d, inplace=own and h.maximize)  # g / d (into g only where it is the kernel's own)
-    m = add_scaled(ops, ops.mul(k.exp_avg, beta1, inplace=k.donate), step, scale, inplace=own)
+    m = ops.mul(k.exp_avg, beta1, inplace=k.donate)
+    if isinstance(scale, float):  # the reference's exp_avg.mul_(beta1).addcdiv_(g, d, value=(1 - beta1) * lr)
+        m = ops.addcdiv(m, g, d, value=scale, inplace=own)
+    else:
+        m = add_scaled(ops, m, ops.div_list(g, d, inplace=own and h.maximize), scale, inplace=own)
     new["exp_avg"] = m
     decay = h.weight_decay != 0 and h.lr is not None
     if k.apply:
