@@ -608,6 +608,13 @@ def main() -> None:
         "that the CPU seconds of a compile are measured (on a shared machine they say more than wall time)",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch's intra-op threads (0: torch's default); 1 keeps timings meaningful on a machine shared with "
+        "other work, where a parallel kernel waits for its slowest, descheduled thread",
+    )
+    parser.add_argument(
         "--memory", action="store_true", help="also report each row's peak transient memory (one profiled call)"
     )
     parser.add_argument(
@@ -621,6 +628,8 @@ def main() -> None:
 
         common.materialize_when_compiling = lambda values: values  # type: ignore[assignment]
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(args.compile_threads))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     compiled = [r for r in args.compiled_rows.split(",") if r] if args.compiled else None
     for r in compiled or ():
         if r not in COMPILED_ROWS:
