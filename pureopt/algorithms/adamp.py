@@ -43,37 +43,49 @@ from pureopt.kernels.common import adam_bias_corrections, add_update, ema_of_squ
 __all__ = ["ADAMP", "ScaleByAdamPState", "adamp", "scale_by_adamp", "project", "projected_step"]
 
 
-def project(p: Tensor, g: Tensor, u: Tensor, delta: float, wd_ratio: float, eps: float) -> tuple[Tensor, Tensor]:
-    """AdamP's / SGDP's projection of one tensor's step ``u`` (see the module docstring): the new step and the
-    weight-decay factor ``r`` (a 0-d tensor), both decided on the device.
+def _row_dots(x: Tensor, y: Tensor) -> Tensor:
+    """``<x_r, y_r>`` per row of two ``(rows, n)`` matrices, without an ``x * y`` temporary."""
+    return torch.einsum("ij,ij->i", x, y)
+
+
+def project(
+    p: Tensor, g: Tensor, u: Tensor, delta: float, wd_ratio: float, eps: float, host: bool = False
+) -> tuple[Tensor, Tensor | float]:
+    """AdamP's / SGDP's projection of one tensor's step ``u`` (see the module docstring): the new step (``u`` itself
+    when not projected) and the weight-decay factor ``r``.
 
     Both views come from four per-row reductions (``||p_r||``, ``||g_r||``, ``<g_r, p_r>``, ``<p_r, u_r>``; the whole
     tensor's are their sums), and the chosen projection ``u - p * <p, u> / (||p|| + eps)**2`` (per row, or over the
-    tensor) is one pass: the reference's ``p_n * <p_n, u>`` with ``p_n = p / (||p|| + eps)``.
-    Cosines as ``torch.nn.functional.cosine_similarity``: ``<g, p> / (max(||g||, eps) * max(||p||, eps))``."""
-    one = torch.ones((), dtype=u.dtype, device=u.device)
+    tensor) is one pass: the reference's ``p_n * <p_n, u>`` with ``p_n = p / (||p|| + eps)``. Cosines as
+    ``torch.nn.functional.cosine_similarity``: ``<g, p> / (max(||g||, eps) * max(||p||, eps))``. The choice is made on
+    the device (``torch.where``; ``r`` a 0-d tensor), or with ``host`` (the applied CPU path) read to the host as
+    the reference does, which skips the pass when neither view passes (``r`` a float)."""
     if p.dim() < 2 or p.numel() == 0:
-        return u, one
+        return u, 1.0
     rows = p.shape[0]
     pv, gv, uv = p.reshape(rows, -1), g.reshape(rows, -1), u.reshape(rows, -1)
-    p_sq = (pv * pv).sum(dim=1)
-    g_sq = (gv * gv).sum(dim=1)
-    gp = (gv * pv).sum(dim=1)
-    pu = (pv * uv).sum(dim=1)
-    p_norm, g_norm = p_sq.sqrt(), g_sq.sqrt()
+    p_norm, g_norm = torch.linalg.vector_norm(pv, dim=1), torch.linalg.vector_norm(gv, dim=1)
+    gp, pu = _row_dots(gv, pv), _row_dots(pv, uv)
     cos_rows = gp.abs() / (g_norm.clamp(min=eps) * p_norm.clamp(min=eps))
-    p_all, g_all = p_sq.sum().sqrt(), g_sq.sum().sqrt()
+    p_all, g_all = torch.linalg.vector_norm(p_norm), torch.linalg.vector_norm(g_norm)
     cos_all = gp.sum().abs() / (g_all.clamp(min=eps) * p_all.clamp(min=eps))
     hit_rows = cos_rows.max() < delta / math.sqrt(pv.shape[1])
     hit_all = cos_all < delta / math.sqrt(p.numel())
+    shape = [-1] + [1] * (p.dim() - 1)
+    if host:
+        if bool(hit_rows):
+            return torch.addcmul(u, p, (pu / (p_norm + eps) ** 2).view(shape), value=-1), wd_ratio
+        if bool(hit_all):
+            return torch.add(u, p, alpha=-float(pu.sum() / (p_all + eps) ** 2)), wd_ratio
+        return u, 1.0
     coef = torch.where(
         hit_rows,
         pu / (p_norm + eps) ** 2,
         torch.where(hit_all, pu.sum() / (p_all + eps) ** 2, torch.zeros_like(pu)),
     )
-    out = torch.addcmul(u, p, coef.view([-1] + [1] * (p.dim() - 1)), value=-1)
-    ratio = torch.where(hit_rows | hit_all, torch.full_like(one, wd_ratio), one)
-    return out, ratio
+    out = torch.addcmul(u, p, coef.view(shape), value=-1)
+    one = torch.ones((), dtype=u.dtype, device=u.device)
+    return out, torch.where(hit_rows | hit_all, torch.full_like(one, wd_ratio), one)
 
 
 def _scalars(k: Kernel, steps: list[Tensor]) -> Mapping[str, list[Any]]:
@@ -96,32 +108,31 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     else:
         u = ops.div_list(m, denom)
     new = {"exp_avg": m, "exp_avg_sq": v}
-    return projected_step(k, u, k.step_size, 1.0), new
+    return projected_step(k, u, k.step_size, 1.0, owned=own)[0], new
 
 
 def projected_step(
-    k: Kernel, u: list[Tensor], step_size: Any, decay_scale: float, shown: list[list[Tensor]] | None = None
-) -> list[Tensor] | None:
+    k: Kernel, u: list[Tensor], step_size: Any, decay_scale: float, owned: bool
+) -> tuple[list[Tensor] | None, list[Tensor]]:
     """Project ``u`` (AdamP / SGDP), then the step ``p * (1 - lr * wd * r * decay_scale) + step_size * u``: applied
-    to ``k.target`` (``None`` returned) or returned as updates. ``shown`` receives the projected ``u`` (before the
-    step may overwrite it)."""
+    to ``k.target`` (``None`` updates) or returned as updates; also returns the projected ``u`` (``u``'s own tensors
+    where not projected; ``owned``: ``u`` may be overwritten, else the step leaves it alone)."""
     ops, h = k.ops, k.h
     ratios: list[Any] = [1.0] * len(u)
     if h.delta != 0:
-        pairs = [project(p, g, x, h.delta, h.wd_ratio, h.eps) for p, g, x in zip(k.p, k.g, u)]
+        host = on_host(k.apply, u) and all(type(t) is Tensor for t in u)
+        pairs = [project(p, g, x, h.delta, h.wd_ratio, h.eps, host) for p, g, x in zip(k.p, k.g, u)]
         u, ratios = [x for x, _ in pairs], [r for _, r in pairs]
-    if shown is not None:
-        shown.append(u)
-        u = ops.clone(u)
+    shown = list(u)
     if not (h.weight_decay > 0 and h.lr is not None):
-        return add_update(ops, k.target, u, step_size, owned=k.own)
+        return add_update(ops, k.target, u, step_size, owned=owned and k.own), shown
     shrink = per_tensor_factors([h.lr * h.weight_decay * decay_scale * r for r in ratios], k.p)
     if k.apply:  # the reference: p.mul_(1 - lr * weight_decay * r), then the step
         ops.mul(k.p, [1 - c for c in shrink], inplace=True)
-        return add_update(ops, k.p, u, step_size, owned=k.own)
-    updates = add_update(ops, None, u, step_size, owned=k.own)
+        return add_update(ops, k.p, u, step_size, owned=owned and k.own), shown
+    updates = add_update(ops, None, u, step_size, owned=owned and k.own)
     assert updates is not None
-    return ops.sub(updates, ops.mul(k.p, shrink), inplace=k.own)
+    return ops.sub(updates, ops.mul(k.p, shrink), inplace=k.own), shown
 
 
 def per_tensor_factors(values: list[Any], like: list[Tensor]) -> list[Any]:

@@ -39,13 +39,16 @@ __all__ = ["SGDP", "SGDPState", "sgdp", "scale_by_sgdp"]
 def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     ops, h = k.ops, k.h
     buf = ops.add(ops.mul(k.momentum, h.momentum, inplace=k.donate), k.g, alpha=1 - h.dampening, inplace=k.donate)
-    u = ops.add(ops.mul(buf, h.momentum), k.g) if h.nesterov else ops.clone(buf)
+    u = ops.add(ops.mul(buf, h.momentum), k.g) if h.nesterov else buf
     scale = 1.0 / (1.0 - h.momentum) if h.weight_decay > 0 else 1.0
-    shown: list[list[Tensor]] = []
-    keep = h.project_momentum and not h.nesterov and h.delta != 0  # the reference projects its buffer in place
-    updates = projected_step(k, u, k.coef, scale, shown if keep else None)
-    if keep:
-        buf = ops.copy_(buf, shown[0]) if k.donate else shown[0]
+    updates, shown = projected_step(k, u, k.coef, scale, owned=h.nesterov)
+    if h.project_momentum and not h.nesterov and h.delta != 0:  # the reference projects its buffer in place
+        moved = [(old, new) for old, new in zip(buf, shown) if new is not old]
+        if k.donate:
+            for old, new in moved:
+                old.copy_(new)
+        else:
+            buf = shown
     return updates, {"momentum": buf}
 
 
