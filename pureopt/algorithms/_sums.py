@@ -8,15 +8,27 @@ them in Python floats) on the device of the global state they feed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from pureopt.kernels import common
 from pureopt.kernels.common import on_host, scalar_dtype
-from pureopt.kernels.listops import ListOps
+from pureopt.kernels.listops import ListOps, Scratch, ScratchOps
 
-__all__ = ["total", "dot_total", "abs_total", "sq_total", "norm_total", "like_scalar", "on_host_scalars", "number"]
+__all__ = [
+    "total",
+    "dot_total",
+    "abs_total",
+    "sq_total",
+    "norm_total",
+    "like_scalar",
+    "on_host_scalars",
+    "number",
+    "reused_temporaries",
+]
 
 
 def total(values: Sequence[Tensor], like: Tensor) -> Tensor:
@@ -80,3 +92,25 @@ def norm_total(ops: ListOps, xs: Sequence[Tensor], like: Tensor) -> Tensor:
 def like_scalar(device: torch.device) -> torch.dtype:
     """The dtype of the global estimates on ``device`` (float64 where the device has it)."""
     return scalar_dtype(device)
+
+
+@contextlib.contextmanager
+def reused_temporaries(ops: ListOps, tensors: Sequence[Tensor], enabled: bool) -> Iterator[ListOps]:
+    """``ops`` whose out-of-place results come from reused :class:`~pureopt.kernels.listops.Scratch` memory, while
+    the block runs: for a step over whole lists (not chunked) on the applied CPU path (``enabled``; the state is
+    updated in place and nothing computed escapes the step), when the tensors average at least
+    :data:`pureopt.kernels.common.SCRATCH_MIN_BYTES` (temporaries that big are otherwise page-faulted in again every
+    step: glibc hands them back to the OS when a whole list of them is freed)."""
+    big = bool(tensors) and sum(t.numel() * t.element_size() for t in tensors) >= common.SCRATCH_MIN_BYTES * len(
+        tensors
+    )
+    if not (enabled and big and common.SCRATCH):
+        yield ops
+        return
+    scratch = Scratch.acquire()
+    scratch.active = True
+    try:
+        yield ScratchOps(ops, scratch)
+    finally:
+        scratch.reset()
+        scratch.active = False

@@ -49,7 +49,7 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from pureopt.algorithms._sums import abs_total, dot_total, number, on_host_scalars, sq_total
+from pureopt.algorithms._sums import abs_total, dot_total, number, on_host_scalars, reused_temporaries, sq_total
 from pureopt.algorithms.define import (
     LR,
     Algorithm,
@@ -66,6 +66,7 @@ from pureopt.algorithms.define import (
 from pureopt.algorithms.prodigy import positive, scalar0
 from pureopt.base import GradientTransformation
 from pureopt.kernels.common import add_scaled, ema_of_squares, scalar_for, torch_grad
+from pureopt.kernels.listops import ListOps
 
 __all__ = ["DADAPT_ADAM", "DADAPT_SGD", "DAdaptAdamState", "DAdaptSGDState", "dadapt_adam", "dadapt_sgd"]
 
@@ -75,7 +76,12 @@ def _lr(h: Any, like: Tensor) -> Any:
 
 
 def _adam_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
-    ops, h, own = k.ops, k.h, k.own
+    with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
+        return _adam_math_on(k, ops)
+
+
+def _adam_math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
+    h, own = k.h, k.own
     beta1, beta2 = h.betas
     b = math.sqrt(beta2)
     d, r, step = k.d, k.numerator_weighted, k.k
@@ -126,7 +132,12 @@ def _adam_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
 
 
 def _sgd_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
-    ops, h, own = k.ops, k.h, k.own
+    with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
+        return _sgd_math_on(k, ops)
+
+
+def _sgd_math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
+    h, own = k.h, k.own
     d, r, step, g0 = k.d, k.numerator_weighted, k.k, k.g0_norm
     g0 = torch.where(step == 0, torch.sqrt(sq_total(ops, k.g, d)), g0)
     moving = g0 > 0

@@ -44,7 +44,7 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from pureopt.algorithms._sums import abs_total, dot_total, like_scalar, number, on_host_scalars
+from pureopt.algorithms._sums import abs_total, dot_total, like_scalar, number, on_host_scalars, reused_temporaries
 from pureopt.algorithms.define import (
     LR,
     Algorithm,
@@ -62,6 +62,7 @@ from pureopt.algorithms.define import (
 )
 from pureopt.base import GradientTransformation
 from pureopt.kernels.common import add_scaled, addcdiv_update, scalar_for, torch_grad
+from pureopt.kernels.listops import ListOps
 
 __all__ = ["PRODIGY", "ProdigyState", "prodigy", "positive"]
 
@@ -88,7 +89,12 @@ def scalar0(value: float | Callable[[Hyper], float]) -> Callable[[Hyper, torch.d
 
 
 def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
-    ops, h, own = k.ops, k.h, k.own
+    with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
+        return _math_on(k, ops)
+
+
+def _math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
+    h, own = k.h, k.own
     beta1, beta2 = h.betas
     beta3 = math.sqrt(beta2) if h.beta3 is None else h.beta3
     d, d_max, r, step = k.d, k.d_max, k.d_numerator, k.k
