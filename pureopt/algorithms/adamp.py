@@ -36,9 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pureopt.algorithms._sums import on_host_scalars, reused_temporaries
 from pureopt.algorithms.define import LR, Algorithm, Betas, Eps, Impl, Kernel, NonNeg, StateDtype, state, step_count
 from pureopt.base import GradientTransformation
 from pureopt.kernels.common import adam_bias_corrections, add_update, ema_of_squares, on_host, scalar_for
+from pureopt.kernels.listops import ListOps
 
 __all__ = ["ADAMP", "ScaleByAdamPState", "adamp", "scale_by_adamp", "project", "projected_step"]
 
@@ -97,7 +99,12 @@ def _scalars(k: Kernel, steps: list[Tensor]) -> Mapping[str, list[Any]]:
 
 
 def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
-    ops, h, own = k.ops, k.h, k.own
+    with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
+        return _math_on(k, ops)
+
+
+def _math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
+    h, own = k.h, k.own
     beta1, beta2 = h.betas
     m = ops.add(ops.mul(k.exp_avg, beta1, inplace=k.donate), k.g, alpha=1 - beta1, inplace=k.donate)
     v = ema_of_squares(ops, k.exp_avg_sq, k.g, beta2, donate=k.donate, own=own)
@@ -108,16 +115,16 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     else:
         u = ops.div_list(m, denom)
     new = {"exp_avg": m, "exp_avg_sq": v}
-    return projected_step(k, u, k.step_size, 1.0, owned=own)[0], new
+    return projected_step(k, ops, u, k.step_size, 1.0, owned=own)[0], new
 
 
 def projected_step(
-    k: Kernel, u: list[Tensor], step_size: Any, decay_scale: float, owned: bool
+    k: Kernel, ops: ListOps, u: list[Tensor], step_size: Any, decay_scale: float, owned: bool
 ) -> tuple[list[Tensor] | None, list[Tensor]]:
     """Project ``u`` (AdamP / SGDP), then the step ``p * (1 - lr * wd * r * decay_scale) + step_size * u``: applied
     to ``k.target`` (``None`` updates) or returned as updates; also returns the projected ``u`` (``u``'s own tensors
     where not projected; ``owned``: ``u`` may be overwritten, else the step leaves it alone)."""
-    ops, h = k.ops, k.h
+    h = k.h
     ratios: list[Any] = [1.0] * len(u)
     if h.delta != 0:
         host = on_host(k.apply, u) and all(type(t) is Tensor for t in u)

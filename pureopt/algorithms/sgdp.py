@@ -29,19 +29,26 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from pureopt.algorithms._sums import on_host_scalars, reused_temporaries
 from pureopt.algorithms.adamp import projected_step
 from pureopt.algorithms.define import LR, Algorithm, Eps, Impl, Kernel, NonNeg, StateDtype, state
 from pureopt.base import GradientTransformation
+from pureopt.kernels.listops import ListOps
 
 __all__ = ["SGDP", "SGDPState", "sgdp", "scale_by_sgdp"]
 
 
 def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
-    ops, h = k.ops, k.h
+    with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
+        return _math_on(k, ops)
+
+
+def _math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
+    h = k.h
     buf = ops.add(ops.mul(k.momentum, h.momentum, inplace=k.donate), k.g, alpha=1 - h.dampening, inplace=k.donate)
     u = ops.add(ops.mul(buf, h.momentum), k.g) if h.nesterov else buf
     scale = 1.0 / (1.0 - h.momentum) if h.weight_decay > 0 else 1.0
-    updates, shown = projected_step(k, u, k.coef, scale, owned=h.nesterov)
+    updates, shown = projected_step(k, ops, u, k.coef, scale, owned=h.nesterov)
     if h.project_momentum and not h.nesterov and h.delta != 0:  # the reference projects its buffer in place
         moved = [(old, new) for old, new in zip(buf, shown) if new is not old]
         if k.donate:
