@@ -14,9 +14,10 @@ Update rule (Heo et al. 2021, Algorithm 2), per parameter ``p`` with gradient ``
 one channel per output) and then the whole tensor. For the first view in which every row's ``|cos(g, p)|`` is
 below ``delta / sqrt(row length)``, the radial part is removed row by row, ``u <- u - p_n * <p_n, u>`` with
 ``p_n = p / (||p|| + eps)``, and the weight decay is scaled by ``r = wd_ratio``; if neither view passes, ``u`` and
-``r = 1`` stay. pureopt decides this on the device (``torch.where`` on both candidates): no host sync, where the
-reference reads ``cosine_sim.max()`` to the host per tensor. Empty tensors are not projected (the reference cannot
-view them).
+``r = 1`` stay. pureopt decides this on the device (``torch.where``): no host sync, where the reference reads
+``cosine_sim.max()`` to the host per tensor; only on the applied CPU path (the donated step, where such a read
+costs nothing) it reads the decision too and skips the projection pass when neither view passes. Empty tensors are
+not projected (the reference cannot view them).
 
 The projection needs each parameter's shape, so AdamP is neither elementwise nor segmentwise (a flat buffer does
 not know its parameters' rows): the flat layout runs it per tensor. The ``scale_by_adamp`` form returns the

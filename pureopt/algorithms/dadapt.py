@@ -29,7 +29,8 @@ as the references return early (decided on the device here; the per-parameter st
 D-Adapt SGD with a zero first gradient norm takes no step (the reference divides by zero).
 
 Global sums run over every parameter of the transformation that has a gradient, as 0-d tensors (no host sync;
-the references read each per-tensor sum with ``.item()``). The references share ``d`` across their param groups
+the references read each per-tensor sum with ``.item()``; only the applied CPU path reads the scalars as Python
+numbers, for torch's fused ``alpha=`` ops, as Prodigy's). The references share ``d`` across their param groups
 (one ``lr``, per-group ``layer_scale``); in pureopt one transformation is one group (``layer_scale`` 1). Their
 ``log_every`` (logging) is not offered. Where they differ from the paper (Defazio & Mishchenko 2023, Algorithms 1
 and 4) pureopt follows them: Adam's ``dlr`` is folded into ``m`` (so a changing ``lr`` acts through the moments),

@@ -10,7 +10,8 @@ Update rule (Ivgi, Hinder & Carmon 2023, Algorithm 1; all parameters of the tran
     p   <- p - eta * g
 
 Norms and sums run over every parameter of the transformation that has a gradient this step, as 0-d tensors (no
-host sync; the reference reads none either, but asserts ``G > 0`` on the host, which pureopt does not). The
+host sync, except on the applied CPU path where reading costs nothing; the reference asserts ``G > 0`` on the host,
+which pureopt does not). The
 reference needs a gradient for every parameter (it fails on a ``None`` one); pureopt leaves a parameter without a
 gradient out of that step's norms, and out of its step. ``x0`` is a per-parameter copy taken by ``init`` (the
 reference takes it at its first step, per group, as ``init_buffer``). The reference keeps one ``rbar``/``G`` per

@@ -19,7 +19,9 @@ Update rule (the reference's, one step ``k = 0, 1, ...``; ``d``, ``d_max``, ``r`
 as the reference returns early; pureopt decides it on the device. The per-parameter step counts still advance.
 
 Global sums (``<g, p0 - p>``, ``||s||_1``) run over every parameter of the transformation that has a gradient, as
-0-d tensors on the device (no host sync; the reference reads each per-tensor sum with ``.item()``). The reference
+0-d tensors on the device (no host sync; the reference reads each per-tensor sum with ``.item()``). Only on the
+applied CPU path (the donated step, where a read costs nothing) are the scalars read as Python numbers, so that the
+moments and the step run as torch's fused ``alpha=`` / ``value=`` ops, with temporaries in reused memory. The reference
 shares ``d`` across all its param groups (they must have one ``lr``); in pureopt one transformation is one group,
 and a ``TorchOptimizer`` keeps one transformation per param group, so each group gets its own ``d``. On DTensor
 (FSDP2) parameters the sums are global (DTensor reductions), where the reference needs ``fsdp_in_use``.
