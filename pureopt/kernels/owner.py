@@ -82,9 +82,13 @@ def owners(costs: Sequence[float], world: int) -> list[int]:
 
 
 def _split_dim(spec: ShardSpec) -> tuple[int, int] | None:
-    """``(mesh dim, tensor dim)`` of the one mesh dimension that shards this matrix (others ``Replicate``)."""
-    shard = [(d, p.dim % len(spec.shape)) for d, p in enumerate(spec.placements) if p.is_shard()]
-    if len(shard) != 1 or any(not (p.is_shard() or p.is_replicate()) for p in spec.placements):
+    """``(mesh dim, tensor dim)`` of the one mesh dimension that shards this matrix (a plain ``Shard``: the
+    ``torch.chunk`` layout; the others ``Replicate``), else ``None``. It depends on the spec alone, so every rank
+    makes the same choice (the paths have different collectives)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shard = [(d, p.dim % len(spec.shape)) for d, p in enumerate(spec.placements) if type(p) is Shard]
+    if len(shard) != 1 or any(type(p) not in (Shard, Replicate) for p in spec.placements):
         return None
     return shard[0]
 
@@ -143,10 +147,14 @@ def map_whole(
         if split is not None:
             mesh_dim, dim = split
             sizes = _chunk_sizes(spec.shape[dim], spec.mesh.size(mesh_dim))
-            if t.shape[dim] == sizes[spec.mesh.get_local_rank(mesh_dim)]:
-                groups.setdefault(spec.mesh.get_group(mesh_dim), []).append((i, dim, sizes))
-                continue
-        out[i] = _everywhere(t, spec, fn, dtype)  # not a torch.chunk layout, or split over several mesh dims
+            if t.shape[dim] != sizes[spec.mesh.get_local_rank(mesh_dim)]:
+                raise RuntimeError(
+                    f"matrix {i}: a local shard of shape {tuple(t.shape)} for {spec.placements} of a "
+                    f"{tuple(spec.shape)} matrix is not torch.chunk's layout ({sizes} along dimension {dim})"
+                )
+            groups.setdefault(spec.mesh.get_group(mesh_dim), []).append((i, dim, sizes))
+            continue
+        out[i] = _everywhere(t, spec, fn, dtype)  # split over several mesh dims (or another shard type)
     for pg, members in groups.items():
         world, me = dist.get_world_size(pg), dist.get_rank(pg)
         costs = [float(specs[i].shape.numel() * min(specs[i].shape)) for i, _, _ in members]
