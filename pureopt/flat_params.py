@@ -58,6 +58,10 @@ class FlatParams:
 
     Args:
       params: a pytree of dense (strided) tensors; no ``None`` leaves. The tensors are copied (detached).
+      max_buffer_bytes: if given, a group is cut (between tensors) into buffers of at most this many bytes (a
+        larger tensor gets a buffer of its own). A step that is not donated allocates new buffers every step; glibc
+        maps blocks above 32 MiB fresh (``mmap``) and the step faults them in page by page, so smaller buffers can
+        come back from the heap instead. Compile time grows with the number of buffers.
 
     Example::
 
@@ -77,7 +81,7 @@ class FlatParams:
             buffers, state = opt_step(grads, state, buffers)
     """
 
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: Params, max_buffer_bytes: int | None = None) -> None:
         leaves, spec = _tree.flatten(params)
         paths = _tree.tree_paths(params)
         for path, leaf in zip(paths, leaves):
@@ -93,8 +97,10 @@ class FlatParams:
                 )
         if not leaves:
             raise ValueError("FlatParams: the parameter tree has no tensors")
+        if max_buffer_bytes is not None and not max_buffer_bytes > 0:
+            raise ValueError(f"FlatParams: max_buffer_bytes must be positive, got {max_buffer_bytes}")
         self.spec: PyTreeSpec = spec
-        self.layout = FlatLayout(leaves)
+        self.layout = FlatLayout(leaves, None if max_buffer_bytes is None else _chunks(leaves, max_buffer_bytes))
         self.shapes: tuple[torch.Size, ...] = tuple(leaf.shape for leaf in leaves)
         with torch.no_grad():
             self.buffers: tuple[Tensor, ...] = tuple(self.layout.gather([leaf.detach() for leaf in leaves]))
@@ -200,3 +206,24 @@ class FlatParams:
             return inner_update(updates, state, params, ctx.but(segments=segments))
 
         return leaf_transformation(init_leaves, update_leaves)
+
+
+def _chunks(tensors: Sequence[Tensor], max_bytes: int) -> list[list[int]]:
+    """Groups of tensor indices, one (device, dtype) each (first-seen order), cut so that a group holds at most
+    ``max_bytes`` unless a single tensor is larger."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_kind.setdefault((t.device, t.dtype), []).append(i)
+    groups: list[list[int]] = []
+    for indices in by_kind.values():
+        current: list[int] = []
+        size = 0
+        for i in indices:
+            nbytes = tensors[i].numel() * tensors[i].element_size()
+            if current and size + nbytes > max_bytes:
+                groups.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += nbytes
+        groups.append(current)
+    return groups

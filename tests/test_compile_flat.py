@@ -197,7 +197,8 @@ def test_eager_flat_step_equals_the_per_tensor_step(opt_id: str, factory: Any) -
     dtype = torch.float64
     data = make_data(dtype)
     params = make_params(dtype)
-    flat = FlatParams(params)
+    flat = FlatParams(params, max_buffer_bytes=160)  # three buffers (cut between tensors)
+    assert flat.num_groups == 3
     tx, ptx = flat.wrap(factory("auto")), factory("auto")
     buffers, state = flat.buffers, tx.init(flat.buffers)
     u_buffers, u_state = flat.buffers, tx.init(flat.buffers)
@@ -230,6 +231,11 @@ def test_views_and_their_gradients() -> None:
     for k, v in flat.views().items():
         assert v.shape == init[k].shape and torch.equal(v, init[k]), k
         assert v.untyped_storage().data_ptr() == flat.buffers[0 if k != "b" else 1].untyped_storage().data_ptr()
+    chunked = FlatParams(init, max_buffer_bytes=48)  # a (48 bytes) alone, c and s together, b (float64) apart
+    assert chunked.segments == [(12,), (5, 1), (2,)]
+    assert [b.dtype for b in chunked.buffers] == [torch.float32, torch.float32, torch.float64]
+    for k, v in chunked.views().items():
+        assert torch.equal(v, init[k]), k
 
     def loss(tree: dict[str, torch.Tensor]) -> torch.Tensor:
         return (tree["a"].sin().sum() + tree["c"].pow(2).sum() * tree["s"]) * tree["b"].double().sum().float()
@@ -257,6 +263,8 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
         tx.update((torch.zeros(3),), state, flat.buffers)
     with pytest.raises(ValueError, match="has 2 entries, the layout has 1"):
         tx.update((flat.buffers[0], flat.buffers[0]), state)
+    with pytest.raises(ValueError, match="max_buffer_bytes must be positive"):
+        FlatParams(_tree(0), max_buffer_bytes=0)
     with pytest.raises(ValueError, match="does not have the parameters' layout"):
         flat.flatten({**_tree(0), "p1": torch.zeros(4)})
 
