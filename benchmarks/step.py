@@ -124,6 +124,7 @@ def param_shapes(name: str, scale: float = 1.0) -> list[tuple[int, ...]]:
 
 
 DEVICE = torch.device("cpu")
+FLATPARAMS_MAX_BYTES: int | None = None  # --flatparams-max-mib: FlatParams(max_buffer_bytes=...) in the FlatParams rows
 
 
 def make_tensors(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]:
@@ -393,7 +394,8 @@ def flatparams_step(
     buffer per (device, dtype) (in a training loop the gradient with respect to the buffers comes out flat), lr a
     0-d tensor; compiled with ``torch.compile(fullgraph=True)`` or eager. Returns the step and the holder."""
     lr = torch.tensor(float(algo.kwargs["lr"]), dtype=torch.float64, device=DEVICE)
-    flat = pureopt.FlatParams({str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))})
+    tensors = {str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))}
+    flat = pureopt.FlatParams(tensors, max_buffer_bytes=FLATPARAMS_MAX_BYTES)
     tx = flat.wrap(algo.build_pureopt("auto", lr=lr))
     grads = flat.flatten({str(i): g for i, g in enumerate(grads_data)})
     holder = {"buffers": flat.buffers, "state": tx.init(flat.buffers)}
@@ -608,6 +610,12 @@ def main() -> None:
         "that the CPU seconds of a compile are measured (on a shared machine they say more than wall time)",
     )
     parser.add_argument(
+        "--flatparams-max-mib",
+        type=float,
+        default=0,
+        help="FlatParams rows: cut each group into buffers of at most this many MiB (0: one buffer per group)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -634,8 +642,9 @@ def main() -> None:
     for r in compiled or ():
         if r not in COMPILED_ROWS:
             parser.error(f"unknown compiled row {r!r}")
-    global DEVICE
+    global DEVICE, FLATPARAMS_MAX_BYTES
     DEVICE = torch.device(args.device)
+    FLATPARAMS_MAX_BYTES = int(args.flatparams_max_mib * 2**20) or None
     if args.quick:
         args.scale, args.rounds, args.warmup = 0.01, 3, 1
     algos = list(ALGOS) if args.algos == "all" else args.algos.split(",")
