@@ -24,8 +24,8 @@ from pureopt.algorithms.adagrad import adagrad, scale_by_adagrad
 from pureopt.algorithms.adamax import adamax, scale_by_adamax
 from pureopt.algorithms.asgd import asgd
 from pureopt.algorithms.sgd import sgd
-from pureopt.combine import chain
 from pureopt.algorithms.sparse_adam import sparse_adam
+from pureopt.combine import chain
 from pureopt.transforms.scale import scale_by_learning_rate
 
 DTYPES = [torch.float64, torch.float32]

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pureopt import tree as ptree
+from pureopt.algorithms.adafactor import adafactor, scale_by_factored_rms
 from pureopt.algorithms.nadam import nadam, scale_by_nadam
 from pureopt.algorithms.radam import radam, scale_by_radam
 from pureopt.algorithms.rmsprop import rmsprop, scale_by_rms
@@ -27,8 +28,6 @@ from pureopt.algorithms.rprop import rprop, scale_by_rprop
 from pureopt.algorithms.sgd import trace
 from pureopt.base import GradientTransformation, UpdateContext, apply_updates
 from pureopt.combine import chain
-from pureopt.algorithms.adafactor import adafactor
-from pureopt.algorithms.adafactor import scale_by_factored_rms
 from pureopt.transforms.scale import scale, scale_by_learning_rate
 
 DTYPES = [torch.float64, torch.float32]

@@ -21,7 +21,8 @@ one the reference would have accumulated before that step.
 Elementwise (given the estimate), so it runs on flat buffers too when no ``hessian`` is passed (a ``hessian`` tree
 must be structured like the gradients given to ``update``; ``pureopt.flatten`` refuses one, and ``hessian=`` on
 DTensor (FSDP2) parameters is not handled yet: the step runs on local shards, the estimate's leaves would not). The
-per-parameter step counts are kept for the state format (the rule does not use them). The ``scale_by_sophia`` form returns ``sign(m) * min(|m| / (rho h + eps), 1)``.
+per-parameter step counts are kept for the state format (the rule does not use them). The ``scale_by_sophia``
+form returns ``sign(m) * min(|m| / (rho h + eps), 1)``.
 Oracle: ``sophia_opt.SophiaG``.
 
 Liu, Li, Hall, Liang & Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model Pre-training",
