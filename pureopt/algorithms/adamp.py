@@ -156,6 +156,7 @@ ADAMP = Algorithm(
     "AdamP",
     record="ScaleByAdamPState",
     module=__name__,
+    dtensor=False,  # (its per-tensor / global values are plain tensors: tests/test_fsdp_registry.py)
     fields={
         "step": step_count(),
         "exp_avg": state("first moments."),

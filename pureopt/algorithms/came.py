@@ -193,6 +193,7 @@ CAME = Algorithm(
     "CAME",
     record="CAMEState",
     module=__name__,
+    dtensor=False,  # (its per-tensor / global values are plain tensors: tests/test_fsdp_registry.py)
     fields={
         "step": step_count(),
         "exp_avg": Field("first moments of the normalised updates.", lambda h, dtype: _like(dtype)),

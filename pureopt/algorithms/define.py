@@ -43,6 +43,7 @@ from pureopt.hyperparams import check_betas, check_lr, check_nonneg, resolve
 from pureopt.kernels import fused as _fused
 from pureopt.kernels import select as _select
 from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
+from pureopt.kernels.dtensor import is_dtensor
 from pureopt.kernels.encoding import Encoding
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import check_impl, choose_impl
@@ -337,6 +338,7 @@ class Algorithm:
       params_required: the algorithm always needs the parameters (e.g. its trust ratio reads their norms): the name
         its error gives (``"lamb needs the parameters: ..."``), raised before anything changes;
         ``params_required_when``: only for these hyperparameters.
+      dtensor: ``False``: DTensor parameters are refused with a clear error (math not yet written for them).
       real_only: complex gradients are refused (``"<name> does not support complex parameters"``, torch's wording).
       sparse: whether sparse gradients are accepted (torch's RuntimeError otherwise); or the algorithm's own
         handling of a step with sparse (COO) gradients (see :data:`SparseFn`).
@@ -381,6 +383,7 @@ class Algorithm:
         params_required: str | None = None,
         params_required_when: Callable[[Hyper], bool] | None = None,
         real_only: bool = False,
+        dtensor: bool = True,
         sparse: bool | SparseFn = False,
         dense_error: str | None = None,
         amp_native: bool = False,
@@ -408,6 +411,7 @@ class Algorithm:
         self.params_required = params_required
         self.params_required_when = params_required_when
         self.real_only = real_only
+        self.dtensor = dtensor
         self.sparse = sparse
         self.dense_error = dense_error
         self.amp_native = amp_native
@@ -563,6 +567,11 @@ class Algorithm:
         """One step over the leaves that have a gradient (``s``: the kept state fields' lists; ``encodings``: how
         the encoded ones are stored, see :mod:`pureopt.algorithms.storage`; ``compute_dtype``: the dtype to compute
         in where no per-element field fixes it, i.e. ``state_dtype`` of an algorithm that keeps none)."""
+        if not self.dtensor and any(map(is_dtensor, grads)):
+            raise NotImplementedError(
+                f"{self.name} does not support DTensor (FSDP2 / tensor-parallel) parameters yet: its math mixes "
+                "per-tensor or global values kept as plain tensors with the sharded ones"
+            )
         if self.dense_error is not None and not all(g.is_sparse for g in grads):
             raise RuntimeError(self.dense_error)
         if self.sparse is not True and (self.dense_error is not None or any(g.is_sparse for g in grads)):

@@ -63,6 +63,7 @@ SGDP = Algorithm(
     "SGDP",
     record="SGDPState",
     module=__name__,
+    dtensor=False,  # (its per-tensor / global values are plain tensors: tests/test_fsdp_registry.py)
     fields={"momentum": state("momentum buffers.")},
     math=_math,
     neutral={"weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0},

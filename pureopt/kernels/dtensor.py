@@ -83,7 +83,7 @@ def local_shard_problem(
         if sharded and any(p.is_partial() for p in g.placements):
             return f"the gradient of tensor {i} has a Partial placement ({g.placements})"
         others = [("parameter", params[i])] if params is not None else []
-        others += [(name, values[i]) for name, values in state.items()]
+        others += [(name, values[i]) for name, values in state.items() if not isinstance(values, Tensor)]
         for role, t in others:
             if not isinstance(t, Tensor):
                 continue
@@ -146,14 +146,20 @@ def run_on_local_shards(
         return step(params, grads, state, *args)
     local_params = None if params is None else [_local(p, dtensor) for p in params]
     local_grads = [_local(g, dtensor) for g in grads]
-    local_state = {name: [_local(t, dtensor) for t in values] for name, values in state.items()}
+    # (a global field, one 0-d value for the whole transformation, is not a list and passes as it is)
+    glob = {name for name, values in state.items() if isinstance(values, Tensor)}
+    local_state = {
+        name: values if name in glob else [_local(t, dtensor) for t in values] for name, values in state.items()
+    }
     updates, new_state = step(local_params, local_grads, local_state, *args)
     if updates is not None:
         updates = [_wrap(u, g, dtensor) for u, g in zip(updates, grads)]
     wrapped = {}
     for name, values in new_state.items():
         old = state.get(name)
-        if old is None:  # a field the step adds: placed like the gradients
+        if name in glob:
+            wrapped[name] = values
+        elif old is None:  # a field the step adds: placed like the gradients
             wrapped[name] = [
                 _wrap(t, g, dtensor) if isinstance(t, Tensor) and t.dim() else t for t, g in zip(values, grads)
             ]
