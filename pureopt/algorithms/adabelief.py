@@ -29,11 +29,11 @@ from pureopt.algorithms.define import LR, Algorithm, Betas, Eps, Impl, Kernel, N
 from pureopt.base import GradientTransformation
 from pureopt.kernels.common import (
     adam_bias_corrections,
-    add_scaled,
+    add_decay,
     addcdiv_update,
+    decay_params,
     ema_of_squares,
     on_host,
-    scalar_for,
     torch_grad,
 )
 
@@ -64,13 +64,13 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     denom = ops.add_scalar(ops.div(denom, k.bc2_sqrt, inplace=True), h.eps, inplace=True)
     if k.apply:  # decoupled decay first, then p.addcdiv_(m, denom, value=-step_size)
         if decoupled:
-            ops.mul(k.p, scalar_for(1 - h.lr * h.weight_decay, k.p), inplace=True)
+            decay_params(ops, k.p, h.lr, h.weight_decay)
         addcdiv_update(ops, k.p, m, denom, k.step_size, owned=False)
         return None, new
     updates = addcdiv_update(ops, None, m, denom, k.step_size, owned=False)
     assert updates is not None
     if decoupled:
-        updates = add_scaled(ops, updates, k.p, -h.lr * h.weight_decay, inplace=True)
+        updates = add_decay(ops, updates, k.p, h.lr, h.weight_decay, inplace=True)
     return updates, new
 
 

@@ -33,8 +33,9 @@ from pureopt.algorithms.define import LR, Algorithm, Check, Eps, Impl, Kernel, N
 from pureopt.base import GradientTransformation
 from pureopt.hyperparams import check_beta
 from pureopt.kernels.common import (
-    add_scaled,
+    add_decay,
     add_update,
+    decay_params,
     ema_of_squares,
     map_scalars_n,
     on_host,
@@ -96,7 +97,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     direction = ops.div_list(numer, denom, inplace=True)
     if k.apply:  # the authors' order: decay, step, or step then the proximal division
         if decay and h.no_prox:
-            ops.mul(p, scalar_for(1 - h.lr * h.weight_decay, p), inplace=True)
+            decay_params(ops, p, h.lr, h.weight_decay)
         add_update(ops, p, direction, k.coef, owned=True)
         if decay and not h.no_prox:
             ops.mul(p, scalar_for(1 / (1 + h.lr * h.weight_decay), p), inplace=True)
@@ -105,7 +106,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
         return direction, new
     updates = ops.mul(direction, -h.lr, inplace=True)
     if decay:
-        updates = add_scaled(ops, updates, p, -h.lr * h.weight_decay, inplace=True)
+        updates = add_decay(ops, updates, p, h.lr, h.weight_decay, inplace=True)
         if not h.no_prox:
             updates = ops.mul(updates, scalar_for(1 / (1 + h.lr * h.weight_decay), updates), inplace=True)
     return updates, new

@@ -51,7 +51,14 @@ from pureopt.algorithms.define import (
 )
 from pureopt.base import GradientTransformation
 from pureopt.hyperparams import check_nonneg
-from pureopt.kernels.common import add_scaled, add_update, ema_of_squares, map_scalars_n, on_host, scalar_for
+from pureopt.kernels.common import (
+    add_decay,
+    add_update,
+    decay_params,
+    ema_of_squares,
+    map_scalars_n,
+    on_host,
+)
 
 __all__ = ["ADEMAMIX", "AdEMAMixState", "ademamix", "alpha_schedule", "beta3_schedule", "scale_by_ademamix"]
 
@@ -138,14 +145,14 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     direction = ops.div_list(numer, denom, inplace=True)
     if k.apply:  # p.mul_(1 - lr * weight_decay).add_(direction, alpha=-lr)
         if decay:
-            ops.mul(p, scalar_for(1 - h.lr * h.weight_decay, p), inplace=True)
+            decay_params(ops, p, h.lr, h.weight_decay)
         add_update(ops, p, direction, k.coef, owned=True)
         return None, new
     if h.lr is None:
         return direction, new
     updates = ops.mul(direction, -h.lr, inplace=True)
     if decay:
-        updates = add_scaled(ops, updates, p, -h.lr * h.weight_decay, inplace=True)
+        updates = add_decay(ops, updates, p, h.lr, h.weight_decay, inplace=True)
     return updates, new
 
 

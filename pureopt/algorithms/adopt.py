@@ -50,7 +50,15 @@ from pureopt.algorithms.define import (
     step_count,
 )
 from pureopt.base import GradientTransformation
-from pureopt.kernels.common import add_scaled, add_update, map_scalars_n, on_host, scalar_for, torch_grad, uniform
+from pureopt.kernels.common import (
+    add_decay,
+    add_update,
+    decay_params,
+    map_scalars_n,
+    on_host,
+    torch_grad,
+    uniform,
+)
 
 __all__ = ["ADOPT", "ScaleByAdoptState", "adopt", "scale_by_adopt"]
 
@@ -109,13 +117,13 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     new = {"exp_avg": m, "exp_avg_sq": v}
     if k.apply:  # the authors' order: decay, then p.add_(m, alpha=-lr)
         if decoupled:
-            ops.mul(k.p, scalar_for(1 - h.lr * h.weight_decay, k.p), inplace=True)
+            decay_params(ops, k.p, h.lr, h.weight_decay)
         add_update(ops, k.p, m, uniform(k.step_coef), owned=False)
         return None, new
     updates = add_update(ops, None, m, k.step_coef, owned=False)
     assert updates is not None
     if decoupled:
-        updates = add_scaled(ops, updates, k.p, -h.lr * h.weight_decay, inplace=own)
+        updates = add_decay(ops, updates, k.p, h.lr, h.weight_decay, inplace=own)
     return updates, new
 
 

@@ -56,10 +56,10 @@ from pureopt.base import GradientTransformation
 from pureopt.kernels.common import (
     add_scaled,
     add_update,
+    decay_params,
     map_scalars_n,
     on_host,
     scalar_dtype,
-    scalar_for,
     scalars_for,
     uniform,
 )
@@ -120,7 +120,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     if k.apply:
         add_update(ops, k.p, m, uniform(k.step_coef), owned=False)
         if decay:
-            ops.mul(k.p, scalar_for(1 - h.lr * h.weight_decay, k.p), inplace=True)
+            decay_params(ops, k.p, h.lr, h.weight_decay)
         return None, new
     updates = add_update(ops, None, m, k.step_coef, owned=False)
     assert updates is not None

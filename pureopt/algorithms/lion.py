@@ -22,7 +22,7 @@ from torch import Tensor
 
 from pureopt.algorithms.define import LR, Algorithm, Betas, Impl, Kernel, NonNeg, StateDtype, state
 from pureopt.base import GradientTransformation
-from pureopt.kernels.common import add_scaled, add_update, scalar_for
+from pureopt.kernels.common import add_decay, add_update, decay_params
 
 __all__ = ["LION", "LionState", "lion", "scale_by_lion"]
 
@@ -36,12 +36,12 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     decay = h.weight_decay != 0 and h.lr is not None
     if k.apply:  # the authors' order: p.mul_(1 - lr * wd).add_(sign(c), alpha=-lr)
         if decay:
-            ops.mul(k.p, scalar_for(1 - h.lr * h.weight_decay, k.p), inplace=True)
+            decay_params(ops, k.p, h.lr, h.weight_decay)
         add_update(ops, k.p, direction, k.coef, owned=True)
         return None, {"exp_avg": exp_avg}
     updates = ops.mul(direction, k.coef, inplace=True) if h.lr is not None else direction
     if decay:
-        updates = add_scaled(ops, updates, k.p, -h.lr * h.weight_decay, inplace=True)
+        updates = add_decay(ops, updates, k.p, h.lr, h.weight_decay, inplace=True)
     return updates, {"exp_avg": exp_avg}
 
 

@@ -43,13 +43,13 @@ from pureopt.algorithms.define import (
 )
 from pureopt.base import GradientTransformation
 from pureopt.kernels.common import (
-    add_scaled,
+    add_decay,
     addcdiv_update,
+    decay_params,
     ema_of_squares,
     map_scalars_n,
     on_host,
     scalar_dtype,
-    scalar_for,
     scalars_for,
     torch_grad,
 )
@@ -101,7 +101,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     denom = ops.add_scalar(ops.sqrt(ops.div(v, k.bc2), inplace=own), h.eps, inplace=own)
     if k.apply:  # torch: p.mul_(1 - lr * wd); p.addcdiv_(g, denom, value=coef_g); p.addcdiv_(m, denom, ...)
         if decoupled:
-            ops.mul(k.p, scalar_for(1 - h.lr * h.weight_decay, k.p), inplace=True)
+            decay_params(ops, k.p, h.lr, h.weight_decay)
         addcdiv_update(ops, k.p, g, denom, k.coef_g, owned=owned)
         addcdiv_update(ops, k.p, m, denom, k.coef_m, owned=False)
         return None, new
@@ -109,7 +109,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     assert updates is not None
     updates = ops.add(updates, ops.div_list(ops.mul(m, k.coef_m), denom, inplace=own), inplace=own)
     if decoupled:
-        updates = add_scaled(ops, updates, k.p, -h.lr * h.weight_decay, inplace=own)
+        updates = add_decay(ops, updates, k.p, h.lr, h.weight_decay, inplace=own)
     return updates, new
 
 

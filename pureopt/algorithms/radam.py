@@ -47,11 +47,11 @@ from pureopt.algorithms.define import (
 )
 from pureopt.base import GradientTransformation
 from pureopt.kernels.common import (
-    add_scaled,
+    add_decay,
+    decay_params,
     ema_of_squares,
     map_scalars_n,
     on_host,
-    scalar_for,
     scalars_for,
     torch_grad,
 )
@@ -106,7 +106,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
         factor = ops.add_scalar(ops.reciprocal(ops.div(factor, k.rect_step, inplace=True), inplace=True),
                                 k.plain_step, True)  # fmt: skip
         if decoupled:
-            ops.mul(p, scalar_for(1 - h.lr * h.weight_decay, p), inplace=True)
+            decay_params(ops, p, h.lr, h.weight_decay)
         ops.addcmul(p, m, factor, inplace=True)
         return None, new
     # torch (for-loop): m_hat = m / bc1; m_hat * lr * (sqrt(bc2) / (sqrt(v) + eps)) * r, the middle factor
@@ -123,12 +123,12 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
         direction = [torch.where(c, s, x) for c, s, x in zip(k.rectified, scaled, plain)]
     if k.apply:  # torch: p.mul_(1 - lr * wd); p.add_(direction, alpha=-1)
         if decoupled:
-            ops.mul(p, scalar_for(1 - h.lr * h.weight_decay, p), inplace=True)
+            decay_params(ops, p, h.lr, h.weight_decay)
         (ops.sub if h.lr is not None else ops.add)(p, direction, inplace=True)
         return None, new
     updates = ops.neg(direction, inplace=tmp) if h.lr is not None else direction
     if decoupled:
-        updates = add_scaled(ops, updates, p, -h.lr * h.weight_decay, inplace=tmp)
+        updates = add_decay(ops, updates, p, h.lr, h.weight_decay, inplace=tmp)
     return updates, new
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from pureopt.algorithms.define import LR, Algorithm, Check, Impl, Kernel, NonNeg, StateDtype, state
 from pureopt.base import GradientTransformation
-from pureopt.kernels.common import add_scaled, add_update, scalar_for, torch_grad
+from pureopt.kernels.common import add_decay, add_update, decay_params, torch_grad
 
 __all__ = ["SIGNUM", "SignumState", "scale_by_sign", "scale_by_signum", "sign_sgd", "signum"]
 
@@ -55,14 +55,14 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
         direction = ops.sign(g, inplace=owned)
     if k.apply:  # decoupled decay first, then p.add_(d, alpha=-lr)
         if decoupled:
-            ops.mul(k.p, scalar_for(1 - h.lr * h.weight_decay, k.p), inplace=True)
+            decay_params(ops, k.p, h.lr, h.weight_decay)
         add_update(ops, k.p, direction, k.coef, owned=True)
         return None, new
     if h.lr is None:
         return direction, new
     updates = ops.mul(direction, -h.lr, inplace=True)
     if decoupled:
-        updates = add_scaled(ops, updates, k.p, -h.lr * h.weight_decay, inplace=True)
+        updates = add_decay(ops, updates, k.p, h.lr, h.weight_decay, inplace=True)
     return updates, new
 
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from pureopt.algorithms.define import LR, Algorithm, Betas, Eps, Impl, Kernel, NonNeg, StateDtype, state, step_count
 from pureopt.base import GradientTransformation
-from pureopt.kernels.common import add_scaled, add_update, as_real, cast_like, scalar_for
+from pureopt.kernels.common import add_decay, add_update, as_real, cast_like, decay_params
 
 __all__ = ["SOPHIA", "SophiaGState", "sophia_g", "scale_by_sophia"]
 
@@ -61,7 +61,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
         )
     decay = h.weight_decay != 0 and h.lr is not None
     if decay and k.apply:  # the reference's p.mul_(1 - lr * weight_decay), first
-        ops.mul(k.p, scalar_for(1 - h.lr * h.weight_decay, k.p), inplace=True)
+        decay_params(ops, k.p, h.lr, h.weight_decay)
     m = new["exp_avg"] = ops.add(ops.mul(k.exp_avg, beta1, inplace=k.donate), g, alpha=1 - beta1, inplace=k.donate)
     ratio = ops.div_list(ops.abs(m), ops.add_scalar(ops.mul(hess, h.rho), h.eps, inplace=own), inplace=own)
     ratio = [r.clamp_(max=1.0) if own else r.clamp(max=1.0) for r in ratio]
@@ -71,7 +71,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     updates = add_update(ops, None, direction, k.coef, owned=own)
     assert updates is not None
     if decay:
-        updates = add_scaled(ops, updates, k.p, -h.lr * h.weight_decay, inplace=own)
+        updates = add_decay(ops, updates, k.p, h.lr, h.weight_decay, inplace=own)
     return updates, new
 
 

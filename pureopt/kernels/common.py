@@ -30,6 +30,8 @@ __all__ = [
     "StepScalars",
     "scalar_for",
     "add_scaled",
+    "decay_params",
+    "add_decay",
     "CHUNK_BYTES",
     "can_apply",
     "on_host",
@@ -172,6 +174,21 @@ def add_scaled(
     if isinstance(coef, Tensor):
         return ops.add(xs, ops.mul(list(ys), scalar_for(coef, xs)), inplace=inplace)
     return ops.add(xs, ys, alpha=coef, inplace=inplace)
+
+
+def decay_params(ops: ListOps, params: list[Tensor], lr: float | Tensor, weight_decay: float) -> None:
+    """Decoupled weight decay applied to the parameters in place, torch's ``p.mul_(1 - lr * weight_decay)`` (the
+    applied path of AdamW-style algorithms)."""
+    ops.mul(params, scalar_for(1 - lr * weight_decay, params), inplace=True)
+
+
+def add_decay(
+    ops: ListOps, updates: list[Tensor], params: Sequence[Tensor], lr: float | Tensor, weight_decay: float,
+    inplace: bool,
+) -> list[Tensor]:  # fmt: skip
+    """``updates - lr * weight_decay * params``: decoupled weight decay added to returned updates (the pure path's
+    counterpart of :func:`decay_params`)."""
+    return add_scaled(ops, updates, params, -lr * weight_decay, inplace=inplace)
 
 
 def cast_like(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
