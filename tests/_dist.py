@@ -69,6 +69,19 @@ def _rank_main(module: str, function: str, rank: int, port: int, out: str, args:
         torch.save(result, _result_path(Path(out), function, rank))
 
 
+def assert_trajectory_close(
+    got: list[list[torch.Tensor]], want: list[list[torch.Tensor]], what: str = "", *, rtol: float = 1e-10,
+    atol: float = 1e-12,
+) -> None:  # fmt: skip
+    """Two runs' parameters after every step (lists of steps of lists of tensors) agree; the message names the step
+    and the parameter. The defaults are the fp64 tolerances of the distributed tests."""
+    assert len(got) == len(want)
+    for step, (a, b) in enumerate(zip(got, want)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            where = f"{what}: step {step}, parameter {i}"
+            torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m, w=where: f"{w}: {m}")
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 from _dist import WORLD, launch
+from _dist import assert_trajectory_close as assert_close
 from torch import nn
 
 import pureopt
@@ -268,13 +269,6 @@ def reference(name: str) -> list[list[torch.Tensor]]:
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return launch("test_dcp", "scenario", tmp_path_factory.mktemp("dcp"), timeout=180)
-
-
-def assert_close(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]], what: str, **tol: float) -> None:
-    assert len(got) == len(want)
-    for step, (a, b) in enumerate(zip(got, want)):
-        for i, (x, y) in enumerate(zip(a, b)):
-            torch.testing.assert_close(x, y, **tol, msg=lambda m, s=step, i=i: f"{what}: step {s}, parameter {i}: {m}")
 
 
 CASES = [(name, mode) for name in CONFIGS for mode in MODES]

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from _dist import WORLD, launch
+from _dist import assert_trajectory_close as assert_close
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 
@@ -380,15 +381,6 @@ def reference(name: str) -> list[list[torch.Tensor]]:
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return launch("test_fsdp", "scenario_optimizers", tmp_path_factory.mktemp("fsdp"))
-
-
-def assert_close(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]], what: str) -> None:
-    assert len(got) == len(want)
-    for step, (a, b) in enumerate(zip(got, want)):
-        for i, (x, y) in enumerate(zip(a, b)):
-            torch.testing.assert_close(
-                x, y, rtol=RTOL64, atol=ATOL64, msg=lambda m, s=step, i=i: f"{what}: step {s}, parameter {i}: {m}"
-            )
 
 
 CASES = [(name, impl) for name in CONFIGS for impl in IMPLS.get(name, ())]

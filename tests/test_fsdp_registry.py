@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 import torch
-from _dist import WORLD, launch
+from _dist import WORLD, assert_trajectory_close, launch
 from _registry import CONFIGS
 from test_fsdp import GLOBAL_BATCH, STEPS, full_params, global_batch, make_net, sharded_net
 
-import pureopt
 from pureopt.adapters.torch_optim import TorchOptimizer
 
 NAMES = [name for name, _, _ in CONFIGS]
@@ -93,13 +92,8 @@ def test_every_registered_optimizer_on_fsdp2_equals_the_unsharded_run(job: list[
         got = job[rank][name]
         assert not isinstance(got, str), f"rank {rank}: {got}"
         assert not torch.equal(want[-1][0], make_net().fc1.weight)  # the run moved
-        for step, (a, b) in enumerate(zip(got, want)):
-            for i, (x, y) in enumerate(zip(a, b)):
-                torch.testing.assert_close(
-                    x, y, rtol=rtol, atol=1e-12, msg=lambda m, s=step, i=i: f"step {s}, p{i}: {m}"
-                )
+        assert_trajectory_close(got, want, f"{name} rank {rank}", rtol=rtol)
 
 
 def test_the_registry_is_covered() -> None:
     assert {"adam", "prodigy", "came", "lion", "chain-clip-adamw"} <= set(NAMES)
-    assert pureopt.adamw in [f for _, f, _ in CONFIGS]

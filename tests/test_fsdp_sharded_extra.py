@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 from _dist import WORLD, launch
+from _dist import assert_trajectory_close as assert_close
 from torch import nn
 
 import pureopt
@@ -371,14 +372,6 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return launch(__name__, "scenario", tmp_path_factory.mktemp("fsdp_extra"), timeout=120)
 
 
-def assert_close(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]], rtol: float, atol: float) -> None:
-    assert len(got) == len(want)
-    for step, (g, w) in enumerate(zip(got, want)):
-        for i, (a, b) in enumerate(zip(g, w)):
-            where = f"step {step}, param {i}"
-            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, w=where: f"{w}: {m}")
-
-
 ADAMW_REF = {"lr": LR, "weight_decay": 0.1}
 
 
@@ -387,7 +380,7 @@ def test_flat_adamw_on_fsdp2_equals_the_unsharded_run(job: list[dict[str, Any]],
     # "edited": parameters changed in place between steps reach the flat step (its buffer is reloaded)
     want = reference("layers", lambda ps: torch.optim.AdamW(ps, **ADAMW_REF), edit=run.endswith("edited"))
     for rank in range(WORLD):
-        assert_close(job[rank][run]["trajectory"], want, RTOL64, ATOL64)
+        assert_close(job[rank][run]["trajectory"], want, rtol=RTOL64, atol=ATOL64)
         assert job[rank][run]["state_placed_like_params"]
 
 
@@ -405,25 +398,27 @@ def test_flat_on_fsdp2_keeps_state_in_one_local_buffer_stepped_by_one_fused_call
 def test_flat_state_on_fsdp2_resumes_through_dcp(job: list[dict[str, Any]]) -> None:
     want = reference("layers", lambda ps: torch.optim.AdamW(ps, **ADAMW_REF))[RESUME_AT:]
     for rank in range(WORLD):
-        assert_close(job[rank]["dcp-flat"]["trajectory"], want, RTOL64, ATOL64)
+        assert_close(job[rank]["dcp-flat"]["trajectory"], want, rtol=RTOL64, atol=ATOL64)
 
 
 def test_flat_adamw_on_fsdp2_equals_the_per_tensor_sharded_step(job: list[dict[str, Any]]) -> None:
     # flat and per-tensor kernels round their vector body and scalar tail differently: a few ulps
     for rank in range(WORLD):
-        assert_close(job[rank]["adamw-flat"]["trajectory"], job[rank]["adamw-per-tensor"]["trajectory"], 1e-13, 1e-15)
+        assert_close(
+            job[rank]["adamw-flat"]["trajectory"], job[rank]["adamw-per-tensor"]["trajectory"], rtol=1e-13, atol=1e-15
+        )
 
 
 def test_flat_lamb_on_fsdp2_keeps_norms_over_whole_parameters(job: list[dict[str, Any]]) -> None:
     want = reference("layers", lambda ps: TorchOptimizer(ps, pureopt.lamb, lr=LR))
-    assert_close(job[0]["lamb-flat"]["trajectory"], want, RTOL64, ATOL64)
+    assert_close(job[0]["lamb-flat"]["trajectory"], want, rtol=RTOL64, atol=ATOL64)
 
 
 @pytest.mark.parametrize("run", ["novograd-auto", "novograd-loop", "novograd-flat"])
 def test_novograd_on_fsdp2_equals_the_paper_rule_unsharded(job: list[dict[str, Any]], run: str) -> None:
     want = reference("layers", lambda ps: NovoGradRule(ps, **NOVOGRAD))
     for rank in range(WORLD):
-        assert_close(job[rank][run]["trajectory"], want, RTOL64, ATOL64)
+        assert_close(job[rank][run]["trajectory"], want, rtol=RTOL64, atol=ATOL64)
         assert job[rank][run]["state_placed_like_params"]
 
 
@@ -433,7 +428,7 @@ def test_muon_on_fsdp2_equals_the_rule_unsharded(job: list[dict[str, Any]], run:
     for rank in range(WORLD):
         result = job[rank][run]
         trajectory = result[0]["trajectory"] if isinstance(result, tuple) else result["trajectory"]
-        assert_close(trajectory, want, RTOL64, ATOL64)
+        assert_close(trajectory, want, rtol=RTOL64, atol=ATOL64)
 
 
 @pytest.mark.parametrize("sharded", ["owner", "all"])
@@ -441,7 +436,7 @@ def test_muon_bfloat16_on_fsdp2_equals_torch_unsharded(job: list[dict[str, Any]]
     # matrices of distinct shapes: no batch on an owner, so each is orthogonalised with torch's own operations
     want = reference("distinct", lambda ps: torch.optim.Muon(ps, **MUON))
     for rank in range(WORLD):
-        assert_close(job[rank][f"muon-{sharded}-bfloat16"]["trajectory"], want, RTOL64, ATOL64)
+        assert_close(job[rank][f"muon-{sharded}-bfloat16"]["trajectory"], want, rtol=RTOL64, atol=ATOL64)
 
 
 def test_orthogonalize_on_fsdp2_equals_the_unsharded_chain(job: list[dict[str, Any]]) -> None:
@@ -464,7 +459,7 @@ def test_orthogonalize_on_fsdp2_equals_the_unsharded_chain(job: list[dict[str, A
     counts = []
     for rank in range(WORLD):
         trajectory, count = job[rank]["pure-orthogonalize"]
-        assert_close(trajectory, want, RTOL64, ATOL64)
+        assert_close(trajectory, want, rtol=RTOL64, atol=ATOL64)
         counts.append(count)
     assert sum(counts) == 7 * STEPS and all(counts), counts
 
@@ -483,7 +478,7 @@ def test_flatten_over_dtensors_lays_out_local_shards(job: list[dict[str, Any]]) 
     want = reference("layers", lambda ps: torch.optim.AdamW(ps, **ADAMW_REF))
     for rank in range(WORLD):
         res = job[rank]["pure-flatten"]
-        assert_close(res["trajectory"], want, RTOL64, ATOL64)
+        assert_close(res["trajectory"], want, rtol=RTOL64, atol=ATOL64)
         assert res["state_numels"] == [res["local_numel"]] * 2  # exp_avg, exp_avg_sq: local shards, not full size
         assert res["update_types"] == ["DTensor"]
         assert "DTensors split across ranks" in res["lamb_error"]
