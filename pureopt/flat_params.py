@@ -56,6 +56,10 @@ class FlatParams:
     are the loop's values, replaced by new ones at every step, and :meth:`views` turns any such tuple back into the
     parameter tree.
 
+    Ensembles: build the layout from one member's tree, stack the members' buffers on a leading dimension
+    (``torch.func.vmap(flat.flatten)(stacked_tree)``) and ``torch.func.vmap`` the step written for one member;
+    stacked buffers given to the step without ``vmap`` are refused (docs/torch_func.md).
+
     Args:
       params: a pytree of dense (strided) tensors; no ``None`` leaves. The tensors are copied (detached).
       max_buffer_bytes: if given, a group is cut (between tensors) into buffers of at most this many bytes (a
@@ -131,9 +135,16 @@ class FlatParams:
             if not isinstance(b, Tensor):
                 raise ValueError(f"FlatParams: {what}[{g}] is a {type(b).__name__}, not a tensor")
             if b.dim() != 1 or b.shape[0] != group.numel or b.dtype != group.dtype or b.device != group.device:
+                stacked = b.dim() == 2 and b.shape[1] == group.numel
                 raise ValueError(
                     f"FlatParams: {what}[{g}] is {b.dtype} {tuple(b.shape)} on {b.device}; the layout has "
                     f"{group.dtype} ({group.numel},) on {group.device}"
+                    + (
+                        " (a stacked ensemble of buffers? write the step for one member and map it over the "
+                        "leading dimension with torch.func.vmap)"
+                        if stacked
+                        else ""
+                    )
                 )
 
     def views(self, buffers: Sequence[Tensor] | None = None) -> Params:
