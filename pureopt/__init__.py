@@ -23,6 +23,7 @@ from pureopt.algorithms import (
     LarsState,
     LionState,
     MadgradState,
+    NovoGradState,
     ProdigyState,
     ScaleByAdadeltaState,
     ScaleByAdagradState,
@@ -68,6 +69,7 @@ from pureopt.algorithms import (
     madgrad,
     mars,
     nadam,
+    novograd,
     prodigy,
     radam,
     rmsprop,
@@ -87,6 +89,7 @@ from pureopt.algorithms import (
     scale_by_lion,
     scale_by_mars,
     scale_by_nadam,
+    scale_by_novograd,
     scale_by_radam,
     scale_by_rms,
     scale_by_rprop,
@@ -139,7 +142,6 @@ from pureopt.flat_params import FlatParams
 from pureopt.optimizers import (
     lbfgs,
     muon,
-    novograd,
 )
 from pureopt.rounding import StochasticRoundingState, stochastic_rounding
 from pureopt.stepping import step
@@ -147,7 +149,6 @@ from pureopt.transforms import (
     AddNoiseState,
     LBFGSState,
     MuonState,
-    NovoGradState,
     ScaleByScheduleState,
     ZeroNansState,
     adaptive_grad_clip,
@@ -162,7 +163,6 @@ from pureopt.transforms import (
     scale,
     scale_by_learning_rate,
     scale_by_muon,
-    scale_by_novograd,
     scale_by_schedule,
     scale_by_trust_ratio,
     zero_nans,

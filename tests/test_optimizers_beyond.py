@@ -25,12 +25,11 @@ from pureopt.algorithms.ademamix import ademamix, scale_by_ademamix
 from pureopt.algorithms.lamb import lamb
 from pureopt.algorithms.lars import lars
 from pureopt.algorithms.lion import lion, scale_by_lion
+from pureopt.algorithms.novograd import novograd, scale_by_novograd
 from pureopt.algorithms.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
 from pureopt.algorithms.sign_sgd import scale_by_sign, scale_by_signum, sign_sgd, signum
 from pureopt.algorithms.yogi import scale_by_yogi, yogi
 from pureopt.base import inplace_step
-from pureopt.optimizers.novograd import novograd
-from pureopt.transforms.novograd import scale_by_novograd
 from pureopt.transforms.trust_ratio import scale_by_trust_ratio
 
 DTYPES = [torch.float64, torch.float32]

@@ -23,6 +23,7 @@ from pureopt.algorithms.lion import LionState, lion, scale_by_lion
 from pureopt.algorithms.madgrad import MadgradState, madgrad
 from pureopt.algorithms.mars import ScaleByMarsState, mars, scale_by_mars
 from pureopt.algorithms.nadam import ScaleByNAdamState, nadam, scale_by_nadam
+from pureopt.algorithms.novograd import NovoGradState, novograd, scale_by_novograd
 from pureopt.algorithms.prodigy import ProdigyState, prodigy
 from pureopt.algorithms.radam import ScaleByRAdamState, radam, scale_by_radam
 from pureopt.algorithms.rmsprop import ScaleByRmsState, rmsprop, scale_by_rms
@@ -135,4 +136,7 @@ __all__ = [
     "adafactor",
     "scale_by_factored_rms",
     "ScaleByFactoredRmsState",
+    "novograd",
+    "scale_by_novograd",
+    "NovoGradState",
 ]

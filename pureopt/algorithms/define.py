@@ -43,7 +43,7 @@ from pureopt.hyperparams import check_betas, check_lr, check_nonneg, resolve
 from pureopt.kernels import fused as _fused
 from pureopt.kernels import select as _select
 from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
-from pureopt.kernels.dtensor import is_dtensor
+from pureopt.kernels.dtensor import is_dtensor, run_on_local_shards
 from pureopt.kernels.encoding import Encoding
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import check_impl, choose_impl
@@ -292,6 +292,8 @@ class Kernel(Hyper):
       segments: ``UpdateContext.segments`` (flat buffers holding several parameters; see ``segmentwise``).
       extra: the keyword arguments given to ``update`` (e.g. Sophia's Hessian estimate), as a dict.
       <global>: each global field's 0-d tensor (see :class:`Global`).
+      dtensors: with ``Algorithm(local_shards=True)``, the gradients as DTensors while the step runs on their local
+        shards (for the math's own collectives over whole tensors); else ``None``.
     """
 
     ops: ListOps
@@ -304,6 +306,7 @@ class Kernel(Hyper):
     apply: bool
     target: list[Tensor] | None
     coef: float | Tensor
+    dtensors: list[Tensor] | None = None
 
 
 MathFn = Callable[[Kernel], tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]]
@@ -358,6 +361,10 @@ class Algorithm:
       tensorwise: (with ``elementwise=False``) the math's reductions are each within one tensor (a norm per tensor,
         not over all tensors): on the applied CPU path it then runs chunk by chunk over whole tensors (never cut).
       global_fields: state kept once per transformation (see :class:`Global`), e.g. Prodigy's ``d``.
+      local_shards: (with ``elementwise=False``) the math reaches across shards itself: on DTensor parameters the
+        step runs on their local shards where it can (:func:`~pureopt.kernels.dtensor.run_on_local_shards`), with
+        the DTensor gradients in ``k.dtensors`` for its collectives over whole tensors (e.g.
+        :func:`~pureopt.kernels.dtensor.shard_norms`); elsewhere it sees the DTensors themselves.
       leaf_args: keyword arguments of ``update`` that are trees like the gradients (Sophia's ``hessian``); the math
         reads each in ``k.extra`` as a list over the leaves it steps (``None`` when not given).
       check_order: the hyperparameters validated first, in torch's order (the rest follow in signature order).
@@ -393,6 +400,7 @@ class Algorithm:
         segmentwise: bool = False,
         tensorwise: bool = False,
         global_fields: Mapping[str, Global] | None = None,
+        local_shards: bool = False,
         leaf_args: Sequence[str] = (),
         check_order: Sequence[str] = ("lr",),
         doc: str = "",
@@ -421,6 +429,7 @@ class Algorithm:
         self.chunk_scale = chunk_scale
         self.elementwise = elementwise
         self.segmentwise = segmentwise
+        self.local_shards = local_shards
         self.leaf_args = tuple(leaf_args)
         self.check_order = list(check_order)
         self.state = _record(record, module, {**self.fields, **self.globals}, doc or f"State of the {name} algorithm.")
@@ -487,7 +496,15 @@ class Algorithm:
             ctx: UpdateContext,
         ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
             hs = h if lr is None else Hyper(**{**given, "lr": resolve(lr, num_updates)})
-            return self.run(hs, impl, params, grads, s, ctx, encodings, compute_dtype=None if kept else state_dtype)
+            compute = None if kept else state_dtype
+            if self.local_shards and any(map(is_dtensor, grads)):  # (local shards where they can; see __init__)
+
+                def local(p: list[Tensor] | None, g: list[Tensor], st: dict[str, list[Tensor]]) -> Any:
+                    dtensors = None if any(map(is_dtensor, g)) else grads
+                    return self.run(hs, impl, p, g, st, ctx, encodings, compute_dtype=compute, dtensors=dtensors)
+
+                return run_on_local_shards(local, params, grads, s)
+            return self.run(hs, impl, params, grads, s, ctx, encodings, compute_dtype=compute)
 
         shared: dict[str, Callable[[torch.device], Tensor]] = {
             key: functools.partial(f.init, h) for key, f in self.globals.items()
@@ -563,10 +580,12 @@ class Algorithm:
         ctx: UpdateContext,
         encodings: Mapping[str, Encoding] | None = None,
         compute_dtype: torch.dtype | None = None,
+        dtensors: list[Tensor] | None = None,
     ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         """One step over the leaves that have a gradient (``s``: the kept state fields' lists; ``encodings``: how
         the encoded ones are stored, see :mod:`pureopt.algorithms.storage`; ``compute_dtype``: the dtype to compute
-        in where no per-element field fixes it, i.e. ``state_dtype`` of an algorithm that keeps none)."""
+        in where no per-element field fixes it, i.e. ``state_dtype`` of an algorithm that keeps none; ``dtensors``:
+        see ``local_shards``)."""
         if not self.dtensor and any(map(is_dtensor, grads)):
             raise NotImplementedError(
                 f"{self.name} does not support DTensor (FSDP2 / tensor-parallel) parameters yet: its math mixes "
@@ -633,7 +652,8 @@ class Algorithm:
         out: dict[str, list[Tensor]] = {}
         scalar_state = {key: s[key] for key in s if key not in real and key not in shared}
         k0 = Kernel(ops=ops, h=h, p=p, g=g, donate=donate, own=own, apply=apply, coef=coef, target=None,
-                    segments=ctx.segments, extra=ctx.extra_args, **scalar_state, **shared, **real)  # fmt: skip
+                    segments=ctx.segments, extra=ctx.extra_args, dtensors=dtensors, **scalar_state, **shared,
+                    **real)  # fmt: skip
         if "step" in s:
             out["step"] = k0.steps = ops.add_scalar(s["step"], 1, inplace=donate)
         extra: dict[str, list[Any]] = {}
@@ -649,7 +669,8 @@ class Algorithm:
             named = {**dict(zip(elem, columns)), **dict(zip(names, columns[len(elem) :]))}
             target = p if apply else None
             k = Kernel(ops=ops, h=h, p=p, g=g, donate=donate, own=own, apply=apply, coef=coef, target=target,
-                       segments=ctx.segments, extra=ctx.extra_args, **shared, **odd, **named)  # fmt: skip
+                       segments=ctx.segments, extra=ctx.extra_args, dtensors=dtensors, **shared, **odd,
+                       **named)  # fmt: skip
             updates, new = self.math(k)
             # (whole lists only: globals change once, fields not shaped like the parameters run unchunked)
             out.update({key: new[key] for key in (*shared, *odd) if key in new})

@@ -229,7 +229,7 @@ def shard_norms(xs: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[
     own norm. Complex tensors are normed as real pairs. Every rank must call this with the same DTensors in the
     same order (it is a collective).
 
-    Example: NovoGrad's per-layer second moment on FSDP2 (``pureopt.transforms.novograd``).
+    Example: NovoGrad's per-layer second moment on FSDP2 (``pureopt.algorithms.novograd``).
     """
     import torch.distributed as dist
 

@@ -19,6 +19,7 @@ from pureopt.algorithms.lamb import lamb
 from pureopt.algorithms.lars import lars
 from pureopt.algorithms.lion import lion
 from pureopt.algorithms.nadam import nadam
+from pureopt.algorithms.novograd import novograd
 from pureopt.algorithms.radam import radam
 from pureopt.algorithms.rmsprop import rmsprop
 from pureopt.algorithms.rprop import rprop
@@ -29,7 +30,6 @@ from pureopt.algorithms.sparse_adam import sparse_adam
 from pureopt.algorithms.yogi import yogi
 from pureopt.optimizers.lbfgs import lbfgs
 from pureopt.optimizers.muon import muon
-from pureopt.optimizers.novograd import novograd
 
 __all__ = [
     "adabelief",

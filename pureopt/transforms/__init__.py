@@ -1,5 +1,8 @@
 """Primitive gradient transformations: the building blocks that optimizers are chained from."""
 
+import importlib
+from typing import Any
+
 from pureopt.transforms.adaptive_clip import adaptive_grad_clip
 from pureopt.transforms.block_rms import clip_by_block_rms
 from pureopt.transforms.centralize import centralize
@@ -9,7 +12,6 @@ from pureopt.transforms.lbfgs import LBFGSState
 from pureopt.transforms.muon import MuonState, orthogonalize, scale_by_muon
 from pureopt.transforms.nans import ZeroNansState, zero_nans
 from pureopt.transforms.noise import AddNoiseState, add_noise
-from pureopt.transforms.novograd import NovoGradState, scale_by_novograd
 from pureopt.transforms.scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
 from pureopt.transforms.trust_ratio import scale_by_trust_ratio
 from pureopt.transforms.weight_decay import add_decayed_weights
@@ -39,3 +41,13 @@ __all__ = [
     "zero_nans",
     "ZeroNansState",
 ]
+
+_MOVED = {"NovoGradState": "novograd", "scale_by_novograd": "novograd"}
+"""Names defined in :mod:`pureopt.algorithms` and still found here (imported on first use: :mod:`pureopt.algorithms`
+imports this package)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(f"pureopt.algorithms.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
