@@ -23,6 +23,7 @@ from pureopt.algorithms import (
     LarsState,
     LionState,
     MadgradState,
+    MuonState,
     NovoGradState,
     ProdigyState,
     ScaleByAdadeltaState,
@@ -68,6 +69,7 @@ from pureopt.algorithms import (
     lion,
     madgrad,
     mars,
+    muon,
     nadam,
     novograd,
     prodigy,
@@ -88,6 +90,7 @@ from pureopt.algorithms import (
     scale_by_laprop,
     scale_by_lion,
     scale_by_mars,
+    scale_by_muon,
     scale_by_nadam,
     scale_by_novograd,
     scale_by_radam,
@@ -139,16 +142,12 @@ from pureopt.combine import (
 )
 from pureopt.flat import FlatLayout, flatten
 from pureopt.flat_params import FlatParams
-from pureopt.optimizers import (
-    lbfgs,
-    muon,
-)
+from pureopt.optimizers import lbfgs
 from pureopt.rounding import StochasticRoundingState, stochastic_rounding
 from pureopt.stepping import step
 from pureopt.transforms import (
     AddNoiseState,
     LBFGSState,
-    MuonState,
     ScaleByScheduleState,
     ZeroNansState,
     adaptive_grad_clip,
@@ -162,7 +161,6 @@ from pureopt.transforms import (
     orthogonalize,
     scale,
     scale_by_learning_rate,
-    scale_by_muon,
     scale_by_schedule,
     scale_by_trust_ratio,
     zero_nans,

@@ -149,7 +149,8 @@ def train(
 def count_orthogonalised(run: Any) -> tuple[Any, int]:
     """``run()`` while counting the matrices this rank orthogonalises (the result and the count)."""
     import pureopt.kernels.muon as muon_kernels
-    import pureopt.transforms.muon as muon_transforms
+
+    muon_transforms = muon_kernels  # (Muon and orthogonalize call the iteration through pureopt.kernels.muon)
 
     count = [0]
     single, batch = muon_kernels.newton_schulz, muon_transforms.newton_schulz_batch

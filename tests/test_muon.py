@@ -17,11 +17,11 @@ import pytest
 import torch
 from _checks import assert_unchanged, snapshot
 
+from pureopt.algorithms.muon import MuonState, muon, scale_by_muon
 from pureopt.base import apply_updates
 from pureopt.combine import chain
 from pureopt.kernels.muon import newton_schulz
-from pureopt.optimizers.muon import muon
-from pureopt.transforms.muon import MuonState, orthogonalize, scale_by_muon
+from pureopt.transforms.muon import orthogonalize
 from pureopt.transforms.scale import scale_by_learning_rate
 from pureopt.transforms.weight_decay import add_decayed_weights
 

@@ -22,6 +22,7 @@ from pureopt.algorithms.lars import LarsState, lars
 from pureopt.algorithms.lion import LionState, lion, scale_by_lion
 from pureopt.algorithms.madgrad import MadgradState, madgrad
 from pureopt.algorithms.mars import ScaleByMarsState, mars, scale_by_mars
+from pureopt.algorithms.muon import MuonState, muon, scale_by_muon
 from pureopt.algorithms.nadam import ScaleByNAdamState, nadam, scale_by_nadam
 from pureopt.algorithms.novograd import NovoGradState, novograd, scale_by_novograd
 from pureopt.algorithms.prodigy import ProdigyState, prodigy
@@ -139,4 +140,7 @@ __all__ = [
     "novograd",
     "scale_by_novograd",
     "NovoGradState",
+    "muon",
+    "scale_by_muon",
+    "MuonState",
 ]

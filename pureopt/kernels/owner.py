@@ -21,7 +21,7 @@ group gathers among its own ranks) take this path; others (split over two mesh d
 rank (``full_tensor``), which is also what ``mode="all"`` does for every matrix (the naive path, for comparison).
 It is a collective: every rank calls it with the same matrices in the same order.
 
-Example (Muon's orthogonalisation of FSDP2 momentum shards; ``pureopt.transforms.muon`` does this)::
+Example (Muon's orthogonalisation of FSDP2 momentum shards; ``pureopt.algorithms.muon`` does this)::
 
     specs = [spec_of(g) for g in grads]                # the DTensor gradients
     ortho = map_whole(local_directions, specs, newton_schulz_batch, torch.bfloat16)

@@ -18,6 +18,7 @@ from pureopt.algorithms.asgd import asgd
 from pureopt.algorithms.lamb import lamb
 from pureopt.algorithms.lars import lars
 from pureopt.algorithms.lion import lion
+from pureopt.algorithms.muon import muon
 from pureopt.algorithms.nadam import nadam
 from pureopt.algorithms.novograd import novograd
 from pureopt.algorithms.radam import radam
@@ -29,7 +30,6 @@ from pureopt.algorithms.sign_sgd import sign_sgd, signum
 from pureopt.algorithms.sparse_adam import sparse_adam
 from pureopt.algorithms.yogi import yogi
 from pureopt.optimizers.lbfgs import lbfgs
-from pureopt.optimizers.muon import muon
 
 __all__ = [
     "adabelief",

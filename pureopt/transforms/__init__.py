@@ -9,7 +9,7 @@ from pureopt.transforms.centralize import centralize
 from pureopt.transforms.clipping import clip, clip_by_global_norm, global_norm
 from pureopt.transforms.constraints import keep_params_nonnegative
 from pureopt.transforms.lbfgs import LBFGSState
-from pureopt.transforms.muon import MuonState, orthogonalize, scale_by_muon
+from pureopt.transforms.muon import orthogonalize
 from pureopt.transforms.nans import ZeroNansState, zero_nans
 from pureopt.transforms.noise import AddNoiseState, add_noise
 from pureopt.transforms.scale import ScaleByScheduleState, scale, scale_by_learning_rate, scale_by_schedule
@@ -42,7 +42,7 @@ __all__ = [
     "ZeroNansState",
 ]
 
-_MOVED = {"NovoGradState": "novograd", "scale_by_novograd": "novograd"}
+_MOVED = {"MuonState": "muon", "scale_by_muon": "muon", "NovoGradState": "novograd", "scale_by_novograd": "novograd"}
 """Names defined in :mod:`pureopt.algorithms` and still found here (imported on first use: :mod:`pureopt.algorithms`
 imports this package)."""
 
