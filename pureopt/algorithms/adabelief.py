@@ -110,16 +110,12 @@ def adabelief(
     module docstring).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: coefficients of the running averages of the gradient and of the belief term.
       eps: added inside the belief term and to the denominator (the reference default is 1e-16).
       weight_decay: weight decay coefficient.
       amsgrad: use the running maximum of the belief moments.
       decoupled_weight_decay: decay the weights directly (AdamW-style, the reference default) instead of adding
         an L2 term to the gradient.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the moments (default: the parameter's); e.g. ``torch.float32`` for bf16 params.
 
     Example::
 

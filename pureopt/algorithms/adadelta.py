@@ -97,9 +97,6 @@ def adadelta(
       rho: coefficient of the running averages (0 <= rho <= 1).
       eps: term added inside both square roots.
       weight_decay: L2 penalty added to the gradient.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the running averages (default: the parameter's, as torch).
 
     Example::
 

@@ -203,12 +203,10 @@ def adagrad(
     rule is in the module docstring).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       lr_decay: learning-rate decay: the step size at step ``t`` is ``lr / (1 + (t - 1) * lr_decay)``.
       weight_decay: L2 penalty added to the gradient.
       initial_accumulator_value: starting value of the sums of squared gradients.
       eps: term added to the denominator (after the square root).
-      maximize: maximize the objective instead of minimizing.
       impl: kernel path for dense gradients, ``"auto" | "loop" | "foreach" | "fused"`` (sparse ones use the loop).
       state_dtype: dtype of the accumulators (default: the parameter's, as torch); e.g. ``torch.float32`` for
         bf16 parameters. Updates are then computed in that dtype and cast back by ``apply_updates``.

@@ -171,14 +171,11 @@ def adam(
     """Adam, as ``torch.optim.Adam`` (``decoupled_weight_decay=True`` is AdamW); the rule is in the module docstring.
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: coefficients of the running averages of the gradient and its square.
       eps: term added to the denominator (after the bias correction, as torch does).
       weight_decay: weight decay coefficient.
       amsgrad: the AMSGrad variant (Reddi et al., 2018).
-      maximize: maximize the objective instead of minimizing.
       decoupled_weight_decay: decay the weights directly (AdamW) instead of adding an L2 term to the gradient.
-      impl: kernel path, ``"auto" | "loop" | "foreach" | "fused"``.
       state_dtype: dtype of the moments (default: the parameter's, as torch); e.g. ``torch.float32`` for
         bf16 parameters. Updates are then computed in that dtype and cast back by ``apply_updates``.
 

@@ -80,13 +80,9 @@ def adamax(
     """Adamax, as ``torch.optim.Adamax`` (the rule is in the module docstring).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: decay rates of the first moment and of the infinity norm.
       eps: added to ``|g|`` before the maximum.
       weight_decay: L2 penalty added to the gradient.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the moments (default: the parameter's, as torch).
 
     Example::
 

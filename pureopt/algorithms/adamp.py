@@ -189,15 +189,12 @@ def adamp(
     """AdamP, as ``adamp.AdamP`` (the rule is in the module docstring; the same defaults).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: decay rates of the first and second moments.
       eps: added to the bias-corrected root of the second moment; also the projection's norm guard.
       weight_decay: weight decay, multiplied into the parameter before the step (``1 - lr * weight_decay * r``).
       delta: threshold of the scale-invariance test (``0`` turns the projection off).
       wd_ratio: factor ``r`` of the weight decay on projected tensors.
       nesterov: use the Nesterov momentum ``beta1 * m + (1 - beta1) * g``.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the moments (default: the parameter's).
 
     Example::
 

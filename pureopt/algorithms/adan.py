@@ -148,15 +148,11 @@ def adan(
     is in the module docstring). This is the restart-free algorithm (no restart condition).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: the three EMA coefficients (gradient, gradient difference, squared Nesterov gradient), in the
         authors' code convention (``1 -`` the paper's).
       eps: added to the denominator.
       weight_decay: weight decay coefficient.
       no_prox: decay multiplicatively (AdamW-style) instead of with the proximal step.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the moments (default: the parameter's); e.g. ``torch.float32`` for bf16 params.
 
     Example::
 

@@ -193,16 +193,12 @@ def ademamix(
     rule is in the module docstring).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: ``(beta1, beta2, beta3)``: fast EMA, second moment, slow EMA.
       alpha: weight of the slow EMA (the reference default is 2; the paper uses 5-10 for language models).
       eps: added to the denominator.
       weight_decay: decoupled weight decay coefficient (multiplied by ``lr``).
       alpha_warmup: number of steps of the alpha warmup (``None``: off).
       beta3_warmup: number of steps of the beta3 warmup (``None``: off).
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the moments (default: the parameter's); e.g. ``torch.float32`` for bf16 params.
 
     Example::
 

@@ -161,7 +161,6 @@ def adopt(
     """ADOPT (the rule is in the module docstring); defaults of the authors' implementation.
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: decay rates of the first moment (of the normalised gradient) and of the second moment.
       eps: lower bound of ``sqrt(v)`` in the normalisation.
       weight_decay: weight decay coefficient.
@@ -169,9 +168,6 @@ def adopt(
         ``decouple=True``) instead of adding ``weight_decay * p`` to the gradient.
       clip_exponent: clip the normalised gradient to ``[-t**clip_exponent, t**clip_exponent]`` at step ``t``;
         ``None``: no clipping (the paper's first version).
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the moments (default: the parameter's).
 
     Example::
 

@@ -162,8 +162,6 @@ def asgd(
       alpha: power of the step-size decay.
       t0: the step count after which averaging starts.
       weight_decay: L2 penalty added to the gradient.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
       state_dtype: dtype of ``ax`` (default: the parameter's, as torch); ``eta``, ``mu`` and ``step`` are kept
         in torch's scalar dtype.
 

@@ -236,7 +236,6 @@ def came(
       betas: ``(b1, b2, b3)``: decay of the first moment, of the second moment and of the instability.
       weight_decay: weight decay ``p <- p - lr * weight_decay * p`` (decoupled).
       impl: kernel path, ``"auto" | "loop" | "foreach"`` (the factored math runs per tensor either way).
-      state_dtype: dtype of the state (default: the parameter's).
 
     Example::
 

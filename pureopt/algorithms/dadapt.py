@@ -251,8 +251,6 @@ def dadapt_adam(
       use_bias_correction: Adam's bias correction in the step size.
       d0: the initial estimate.
       growth_rate: bound on the growth of ``d`` per step.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the per-parameter state (default: the parameter's).
 
     Example::
 
@@ -282,8 +280,6 @@ def dadapt_sgd(
       weight_decay: L2 term added to the gradient.
       d0: the initial estimate.
       growth_rate: bound on the growth of ``d`` per step.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the per-parameter state (default: the parameter's).
 
     Example::
 

@@ -4,7 +4,9 @@ An algorithm module declares three things, each once:
 
 * **Hyperparameters** — in the signature of its public function: names, defaults, and torch.optim's validation as
   ``Annotated`` types (:data:`LR`, :data:`Betas`, :data:`Eps`, :data:`NonNeg`, :data:`Impl`, or
-  ``Annotated[float, nonneg("label")]``); the docstring documents them. The function body is
+  ``Annotated[float, nonneg("label")]``); the docstring documents them (:meth:`Algorithm.public` fills in the
+  arguments every algorithm shares, ``lr``, ``maximize``, ``impl`` and ``state_dtype``, where its ``Args:``
+  section leaves them out). The function body is
   ``return ALGO.build(locals())``; :meth:`Algorithm.public` validates (in signature order, with torch's wording)
   before the body runs. A ``scale_by_*`` primitive is the same with fewer arguments: the others take the
   algorithm's *neutral* values (``lr=None``: return the positive direction, no weight decay, ...).
@@ -29,6 +31,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import textwrap
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -269,6 +272,33 @@ def _record(name: str, module: str, fields: Mapping[str, Field | Global], doc: s
     return cls
 
 
+def _complete_args(doc: str | None, names: Sequence[str], standard: Mapping[str, str]) -> str | None:
+    """``doc`` with its ``Args:`` section listing ``names`` in order: each as the docstring documents it, else as
+    ``standard`` does (arguments every algorithm shares: ``lr``, ``maximize``, ``impl``, ``state_dtype``). A
+    docstring without an ``Args:`` section is returned as it is."""
+    lines = (doc or "").split("\n")
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Args:"), None)
+    if doc is None or start is None:
+        return doc
+    indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())] + "  "
+    entries: dict[str, list[str]] = {}
+    end = start + 1
+    while end < len(lines) and lines[end].startswith(indent):
+        if lines[end][len(indent)] != " ":  # an entry (continuation lines are indented further)
+            key = lines[end].strip().split(":", 1)[0]
+            entries[key] = []
+        entries[key].append(lines[end])
+        end += 1
+    body = []
+    for name in [*names, *(key for key in entries if key not in names)]:
+        if name in entries:
+            body += entries[name]
+        elif name in standard:
+            body += textwrap.wrap(f"{name}: {standard[name]}", 116 - len(indent), initial_indent=indent,
+                                  subsequent_indent=indent + "  ", break_on_hyphens=False)  # fmt: skip
+    return "\n".join([*lines[: start + 1], *body, *lines[end:]])
+
+
 # --- what the math sees ---------------------------------------------------------------------------------------------
 
 
@@ -440,6 +470,7 @@ class Algorithm:
         """Decorate a public function: its arguments are validated by their ``Annotated`` checks (in signature
         order, torch's wording) before its body (``return ALGO.build(locals())``) runs."""
         signature = inspect.signature(fn)
+        fn.__doc__ = _complete_args(fn.__doc__, list(signature.parameters), self._standard_args())
         checks: list[tuple[str, Check]] | None = None
         positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         spec = [(p.name, p.kind in positional, p.default) for p in signature.parameters.values()]
@@ -464,6 +495,19 @@ class Algorithm:
 
         wrapper.algorithm = self  # type: ignore[attr-defined]
         return wrapper
+
+    def _standard_args(self) -> dict[str, str]:
+        """The docs of the arguments every algorithm shares, for the public functions' ``Args:`` sections."""
+        paths = " | ".join(f'"{path}"' for path in ("auto", "loop", "foreach", "fused")[: 4 if self.fused else 3])
+        kept = [f"``{key}``" for key, f in self.fields.items() if not f.per_tensor and f.like_param]
+        what = f"the state ({', '.join(kept)})" if kept else "the computation (no per-element state)"
+        return {
+            "lr": "learning rate (float, 0-d tensor or schedule).",
+            "maximize": "maximize the objective instead of minimizing.",
+            "impl": f"kernel path, ``{paths}``.",
+            "state_dtype": f"dtype of {what}; default: the parameter's, e.g. ``torch.float32`` for bf16 params"
+            + ('; or an encoding (``"q8"``, ``"q4"``, ``"fp8"``, a dict per field; docs/memory.md).' if kept else "."),
+        }
 
     def build(self, values: Mapping[str, Any], **fixed: Any) -> GradientTransformation:
         """The transformation for a public function's (validated) arguments; ``fixed`` overrides some of them, and

@@ -108,8 +108,6 @@ def dog(
       weight_decay: L2 term added to the gradient.
       eps: added to the first squared gradient norm.
       init_eta: the first step size, overriding ``reps_rel``.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of ``x0`` (default: the parameter's).
 
     Example::
 

@@ -117,13 +117,9 @@ def lamb(
     (the rule is in the module docstring).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: coefficients of the running averages of the gradient and its square.
       eps: term added to the denominator (after the bias correction, as torch.optim.Adam).
       weight_decay: decoupled weight decay, added to the direction before the trust ratio.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the moments (default: the parameter's); e.g. ``torch.float32`` for bf16 params.
 
     Example::
 

@@ -175,8 +175,6 @@ def laprop(
       centered: normalise by the gradients' variance (``v - mean**2``) once ``t > steps_before_using_centered``.
       steps_before_using_centered: steps that only accumulate the mean in the centered variant.
       amsgrad: normalise by the running maximum of the second moment (the reference's ``ams_bound``).
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
       state_dtype: dtype of the moments (default: the parameter's); ``exp_avg_lr_*`` are 0-d float64.
 
     Example::

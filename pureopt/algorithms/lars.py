@@ -149,9 +149,6 @@ def lars(
       nesterov: Nesterov momentum.
       mask: a tree of booleans shaped like the parameters, or a function ``params -> that tree``: ``True`` where
         LARS's adaptation and weight decay apply. ``None``: everywhere.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the momentum buffers (default: the parameter's).
 
     Example::
 

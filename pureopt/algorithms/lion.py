@@ -73,12 +73,8 @@ def lion(
     ``lr * weight_decay`` similar.
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: ``beta1`` interpolates momentum and gradient for the step; ``beta2`` is the momentum's decay.
       weight_decay: decoupled weight decay coefficient (multiplied by ``lr``).
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the momentum (default: the parameter's); e.g. ``torch.float32`` for bf16 params.
 
     Example::
 

@@ -165,9 +165,6 @@ def madgrad(
       weight_decay: weight decay coefficient (an L2 term added to the gradient unless decoupled).
       eps: added to the cube root of the gradient sums.
       decoupled_weight_decay: subtract ``lr * weight_decay * p`` after the step (the package's ``decouple_decay``).
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the sums and of ``x0`` (default: the parameter's).
 
     Example::
 

@@ -227,7 +227,6 @@ def mars(
     """MARS (the rule is in the module docstring); pytorch-optimizer's defaults.
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: decay rates of the momentum and of the second moment (matrices).
       gamma: strength of the gradient correction ``g - g_prev``.
       mars_type: ``"adamw"`` (Adam on the corrected gradient) or ``"lion"`` (its momentum's sign).
@@ -238,9 +237,6 @@ def mars(
       weight_decay_1d: decoupled weight decay of the AdamW tensors.
       amsgrad: normalise by the running maximum of the second moment (the reference's ``ams_bound``).
       eps: added to the root of the second moment.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the moments and of ``last_grad`` (default: the parameter's).
 
     Example::
 

@@ -176,7 +176,6 @@ def muon(
     embeddings and other parameters with e.g. :func:`pureopt.adamw` (see :func:`pureopt.partition`).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       weight_decay: decoupled weight decay coefficient.
       momentum: momentum factor.
       nesterov: Nesterov-style momentum.

@@ -148,14 +148,11 @@ def nadam(
     """NAdam, as ``torch.optim.NAdam`` (the rule is in the module docstring).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: coefficients of the running averages of the gradient and its square.
       eps: term added to the denominator.
       weight_decay: weight decay coefficient.
       momentum_decay: momentum decay (psi in the paper).
       decoupled_weight_decay: decay the weights directly (NAdamW) instead of adding an L2 term to the gradient.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
       state_dtype: dtype of the moments (default: the parameter's, as torch); ``mu_product`` is a 0-d tensor in
         the step count's dtype, as torch keeps it.
 

@@ -124,14 +124,10 @@ def novograd(
     rule is in the module docstring).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: momentum factor and decay of the layer-wise second moment (the paper uses 0.95 and 0.98).
       eps: added to the denominator.
       weight_decay: weight decay, added to the normalised gradient.
       grad_averaging: scale the new term by ``1 - beta1`` (an EMA instead of a plain momentum sum).
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the moments (default: the parameter's); e.g. ``torch.float32`` for bf16 params.
 
     Example::
 

@@ -222,8 +222,6 @@ def prodigy(
       d0: the initial estimate.
       d_coef: multiplies the estimate.
       growth_rate: bound on the growth of ``d`` per step.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the per-parameter state (default: the parameter's).
 
     Example::
 

@@ -161,13 +161,10 @@ def radam(
     """RAdam (rectified Adam), as ``torch.optim.RAdam`` (the rule is in the module docstring).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: coefficients of the running averages of the gradient and its square.
       eps: term added to the denominator.
       weight_decay: weight decay coefficient.
       decoupled_weight_decay: decay the weights directly (RAdamW) instead of adding an L2 term to the gradient.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
       state_dtype: dtype of the moments (default: the parameter's, as torch); e.g. ``torch.float32`` for bf16
         parameters.
 

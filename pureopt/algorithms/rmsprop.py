@@ -86,14 +86,11 @@ def rmsprop(
     """RMSprop, as ``torch.optim.RMSprop`` (the rule is in the module docstring).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       alpha: smoothing constant of the running averages.
       eps: term added to the root of the average (outside the square root).
       weight_decay: L2 penalty added to the gradient.
       momentum: momentum factor.
       centered: normalise by an estimate of the gradient's variance instead of its raw second moment.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
       state_dtype: dtype of the running averages and momentum buffer (default: the parameter's, as torch);
         e.g. ``torch.float32`` for bf16 parameters. Updates are then computed in that dtype and cast back by
         ``apply_updates``.

@@ -173,9 +173,6 @@ def rprop(
       etas: ``(eta_minus, eta_plus)``, multiplicative decrease and increase factors
         (``0 < eta_minus < 1 < eta_plus``).
       step_sizes: ``(min, max)`` bounds of the step sizes.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of ``prev`` and ``step_size`` (default: the parameter's, as torch).
 
     Example::
 

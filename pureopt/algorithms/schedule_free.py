@@ -261,8 +261,6 @@ def schedule_free_sgd(
       warmup_steps: linear learning-rate warmup length (0: none).
       r: the averaging weights grow like ``(k + 1)**r`` (0: uniform).
       weight_lr_power: the averaging weights are proportional to ``lr_max**weight_lr_power`` (discounts warmup).
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
       state_dtype: dtype of ``z`` (default: the parameter's); e.g. ``torch.float32`` for bf16 params.
 
     Example::
@@ -306,9 +304,6 @@ def schedule_free_adamw(
       warmup_steps: linear learning-rate warmup length (0: none).
       r: the averaging weights grow like ``(k + 1)**r`` (0: uniform).
       weight_lr_power: the averaging weights are proportional to ``lr_max**weight_lr_power``.
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of ``z`` and the second moments (default: the parameter's).
 
     Example::
 

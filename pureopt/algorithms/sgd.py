@@ -208,13 +208,10 @@ def sgd(
     """Stochastic gradient descent with momentum, as ``torch.optim.SGD`` (the rule is in the module docstring).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       momentum: momentum factor.
       dampening: dampening for momentum.
       weight_decay: L2 penalty added to the gradient.
       nesterov: Nesterov momentum (Sutskever et al., 2013).
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach" | "fused"``.
       state_dtype: dtype of the momentum buffers (default: the parameter's, as torch); e.g. ``torch.float32``
         for bf16 parameters. Updates are then computed in that dtype and cast back by ``apply_updates``.
 
@@ -243,8 +240,6 @@ def trace(
       momentum: momentum factor (>= 0).
       dampening: dampening of the gradient's contribution (0 for Nesterov).
       nesterov: use Nesterov momentum (Sutskever et al., 2013).
-      impl: kernel path, ``"auto" | "loop" | "foreach" | "fused"``.
-      state_dtype: dtype of the momentum buffers (default: the parameter's).
 
     Example::
 

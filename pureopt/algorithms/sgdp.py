@@ -98,7 +98,6 @@ def sgdp(
     """SGDP, as ``adamp.SGDP`` (the rule is in the module docstring; the same defaults, ``lr`` required).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       momentum: momentum factor.
       dampening: the gradient enters the buffer times ``1 - dampening``.
       weight_decay: weight decay, multiplied into the parameter before the step.
@@ -108,8 +107,6 @@ def sgdp(
       wd_ratio: factor ``r`` of the weight decay on projected tensors.
       project_momentum: without ``nesterov``, keep the projected step as the momentum buffer (the reference's
         in-place projection); ``False``: the paper's unprojected momentum.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the momentum buffers (default: the parameter's).
 
     Example::
 

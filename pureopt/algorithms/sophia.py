@@ -109,14 +109,10 @@ def sophia_g(
     """Sophia-G, as ``sophia_opt.SophiaG`` (the rule is in the module docstring; the same defaults).
 
     Args:
-      lr: learning rate (float, 0-d tensor or schedule).
       betas: decay of the momentum and of the Hessian estimate's running average.
       rho: scale of the preconditioner (the paper's ``gamma``; the reference multiplies it by ``bs`` too).
       weight_decay: decoupled weight decay ``p <- p * (1 - lr * weight_decay)``.
       eps: guard of the denominator (the reference's constant ``1e-15``).
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the momentum and the Hessian average (default: the parameter's).
 
     Example::
 

@@ -114,9 +114,6 @@ def yogi(
       weight_decay: L2 penalty added to the gradient.
       bias_correction: Adam's debiasing with the per-parameter step count ``t`` (the paper's pseudo-code omits
         it for clarity; ``False`` is that pseudo-code exactly).
-      maximize: maximize the objective instead of minimizing.
-      impl: kernel path, ``"auto" | "loop" | "foreach"``.
-      state_dtype: dtype of the moments (default: the parameter's); e.g. ``torch.float32`` for bf16 params.
 
     Example::
 
