@@ -41,31 +41,35 @@ from typing import Any, NamedTuple, TypeAlias
 import torch
 from torch import Tensor
 
-__all__ = ["LBFGSMemory", "LBFGSResult", "ValueAndGrad", "init_memory", "lbfgs", "strong_wolfe", "cubic_interpolate"]
+__all__ = ["LBFGSState", "LBFGSResult", "ValueAndGrad", "init_memory", "lbfgs", "strong_wolfe", "cubic_interpolate"]
 
 Number: TypeAlias = Any  # a Python float / int or a 0-d tensor, exactly as torch's own code carries it
 ValueAndGrad = Callable[[list[Tensor]], tuple[Any, Sequence[Tensor | None]]]
 """``value_and_grad(params) -> (loss, grads)`` over a list of parameters; a ``None`` gradient counts as zeros."""
 
 
-class LBFGSMemory(NamedTuple):
-    """L-BFGS's global state (torch.optim.LBFGS's state keys; torch stores them under the first parameter).
+class LBFGSState(NamedTuple):
+    """L-BFGS's state: torch.optim.LBFGS's global state (its keys; torch stores them under its first parameter), as
+    tensors, for the whole flat parameter vector of ``n`` real entries (complex parameters count twice).
 
     Attributes:
-      func_evals: objective evaluations so far (0-d int64).
-      n_iter: inner iterations so far (0-d int64); the very first one is a steepest-descent step.
-      d: the last search direction (flat).
+      num_updates: number of ``update`` calls (0-d int64), the argument of a learning-rate schedule (the kernel
+        leaves it as it is).
+      func_evals: objective evaluations so far (torch's ``func_evals``; 0-d int64).
+      n_iter: inner iterations so far (torch's ``n_iter``; 0-d int64); the very first one is a steepest-descent step.
+      d: the last search direction, shape ``(n,)``.
       t: the last step length (0-d float64).
-      old_dirs: ``(history_size, n)`` ring buffer of gradient differences ``y``.
-      old_stps: ``(history_size, n)`` ring buffer of steps ``s``.
-      ro: ``(history_size,)`` ring buffer of ``1 / (y.s)``.
+      old_dirs: ``(history_size, n)`` ring buffer of gradient differences ``y`` (torch's ``old_dirs`` list).
+      old_stps: ``(history_size, n)`` ring buffer of steps ``s`` (torch's ``old_stps`` list).
+      ro: ``(history_size,)`` ring buffer of ``1 / (y.s)`` (torch's ``ro`` list).
       H_diag: scale ``y.s / y.y`` of the initial inverse-Hessian approximation (0-d).
-      prev_flat_grad: the flat gradient at the start of the last iteration.
+      prev_flat_grad: the flat gradient at the start of the last iteration, ``(n,)``.
       prev_loss: the loss at the start of the last iteration (0-d float64).
-      history_count: number of ``(s, y)`` pairs stored so far (0-d int64); the buffers hold the last
-        ``min(history_count, history_size)`` of them.
+      history_count: ``(s, y)`` pairs stored so far (0-d int64); torch's lists are the last ``min(history_count,
+        history_size)`` of them, oldest first, the newest at slot ``(history_count - 1) % history_size``.
     """
 
+    num_updates: Tensor
     func_evals: Tensor
     n_iter: Tensor
     d: Tensor
@@ -80,11 +84,11 @@ class LBFGSMemory(NamedTuple):
 
 
 class LBFGSResult(NamedTuple):
-    """The updates (``new_params - params``), the new parameters, the new memory and the loss at the start."""
+    """The updates (``new_params - params``), the new parameters, the new state and the loss at the start."""
 
     updates: list[Tensor]
     params: list[Tensor]
-    memory: LBFGSMemory
+    memory: LBFGSState
     loss: float
 
 
@@ -113,13 +117,14 @@ def _own_history(buf: Tensor) -> Tensor:
     return out.copy_(buf)
 
 
-def init_memory(numel: int, history_size: int, dtype: torch.dtype, device: torch.device) -> LBFGSMemory:
-    """Empty L-BFGS memory for ``numel`` (real) parameter entries, flat vectors in ``dtype``."""
+def init_memory(numel: int, history_size: int, dtype: torch.dtype, device: torch.device) -> LBFGSState:
+    """An empty L-BFGS state for ``numel`` (real) parameter entries, flat vectors in ``dtype``."""
 
     def count() -> Tensor:
         return torch.zeros((), dtype=torch.int64, device=device)
 
-    return LBFGSMemory(
+    return LBFGSState(
+        num_updates=count(),
         func_evals=count(),
         n_iter=count(),
         d=torch.zeros(numel, dtype=dtype, device=device),
@@ -291,11 +296,12 @@ def _moved(xs: Sequence[Tensor], t: Number, d: Tensor) -> list[Tensor]:
     return out
 
 
+@torch.no_grad()
 def lbfgs(
     params: list[Tensor],
     loss: Any,
     grads: Sequence[Tensor | None],
-    memory: LBFGSMemory,
+    memory: LBFGSState,
     value_and_grad: ValueAndGrad,
     *,
     lr: float | Tensor,
@@ -321,40 +327,6 @@ def lbfgs(
 
     Returns the updates, the new memory and ``float(loss)``; nothing passed in is modified (unless ``donate``).
     """
-    with torch.no_grad():
-        return _lbfgs(
-            params,
-            loss,
-            grads,
-            memory,
-            value_and_grad,
-            lr=lr,
-            max_iter=max_iter,
-            max_eval=max_eval,
-            tolerance_grad=tolerance_grad,
-            tolerance_change=tolerance_change,
-            history_size=history_size,
-            line_search_fn=line_search_fn,
-            donate=donate,
-        )
-
-
-def _lbfgs(
-    params: list[Tensor],
-    loss: Any,
-    grads: Sequence[Tensor | None],
-    memory: LBFGSMemory,
-    value_and_grad: ValueAndGrad,
-    *,
-    lr: float | Tensor,
-    max_iter: int,
-    max_eval: int,
-    tolerance_grad: float,
-    tolerance_change: float,
-    history_size: int,
-    line_search_fn: str | None,
-    donate: bool,
-) -> LBFGSResult:
     if line_search_fn not in (None, "strong_wolfe"):
         raise ValueError("only 'strong_wolfe' is supported")
     if memory.old_dirs.shape[0] != history_size:

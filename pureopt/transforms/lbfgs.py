@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,47 +12,11 @@ from torch import Tensor
 from pureopt import tree as _tree
 from pureopt.base import GradientTransformation, LeafList, ScalarOrSchedule, UpdateContext, leaf_transformation
 from pureopt.hyperparams import resolve
-from pureopt.kernels.lbfgs import LBFGSMemory, ValueAndGrad, init_memory, lbfgs
+from pureopt.kernels.lbfgs import LBFGSState, ValueAndGrad, init_memory, lbfgs
 from pureopt.transforms._util import count_device, gather, new_count, scatter
 from pureopt.tree import PyTreeSpec
 
-__all__ = ["LBFGSState", "lbfgs_transform", "flat_dtype"]
-
-
-class LBFGSState(NamedTuple):
-    """State of :func:`pureopt.optimizers.lbfgs.lbfgs`: torch.optim.LBFGS's global state, as tensors.
-
-    torch keeps L-BFGS's state under its first parameter; here it is one record for the whole (flattened)
-    parameter vector of ``n`` real entries (complex parameters count twice).
-
-    Attributes:
-      num_updates: number of ``update`` calls (0-d int64), the argument of a learning-rate schedule.
-      func_evals: objective evaluations so far (torch's ``func_evals``; 0-d int64).
-      n_iter: inner iterations so far (torch's ``n_iter``; 0-d int64).
-      d: last search direction, shape ``(n,)``.
-      t: last step length (0-d float64).
-      old_dirs: ``(history_size, n)`` ring buffer of gradient differences (torch's ``old_dirs`` list).
-      old_stps: ``(history_size, n)`` ring buffer of steps (torch's ``old_stps`` list).
-      ro: ``(history_size,)`` ring buffer of ``1 / (y.s)`` (torch's ``ro`` list).
-      H_diag: initial inverse-Hessian scale (0-d).
-      prev_flat_grad: flat gradient at the start of the last iteration, ``(n,)``.
-      prev_loss: loss at the start of the last iteration (0-d float64).
-      history_count: pairs stored so far (0-d int64); torch's lists are the last ``min(history_count,
-        history_size)`` of them, oldest first, the newest at slot ``(history_count - 1) % history_size``.
-    """
-
-    num_updates: Tensor
-    func_evals: Tensor
-    n_iter: Tensor
-    d: Tensor
-    t: Tensor
-    old_dirs: Tensor
-    old_stps: Tensor
-    ro: Tensor
-    H_diag: Tensor
-    prev_flat_grad: Tensor
-    prev_loss: Tensor
-    history_count: Tensor
+__all__ = ["LBFGSState", "lbfgs_transform", "flat_dtype"]  # (the state record: pureopt.kernels.lbfgs.LBFGSState)
 
 
 _MISSING_FN = (
@@ -122,8 +86,7 @@ def lbfgs_transform(
         present = [p for p in leaves if p is not None]
         numel = sum(2 * p.numel() if p.is_complex() else p.numel() for p in present)
         dtype = flat_dtype(present, state_dtype) if present else torch.get_default_dtype()
-        memory = init_memory(numel, history_size, dtype, count_device(present))
-        return LBFGSState(num_updates=new_count(leaves), **memory._asdict())
+        return init_memory(numel, history_size, dtype, count_device(present))._replace(num_updates=new_count(leaves))
 
     def update_leaves(
         updates: LeafList, state: LBFGSState, params: LeafList | None, ctx: UpdateContext
@@ -143,7 +106,7 @@ def lbfgs_transform(
             present,
             loss,
             grads,
-            LBFGSMemory(**{name: getattr(state, name) for name in LBFGSMemory._fields}),
+            state,
             value_and_grad,
             lr=resolve(lr, state.num_updates),
             max_iter=max_iter,
@@ -154,7 +117,6 @@ def lbfgs_transform(
             line_search_fn=line_search_fn,
             donate=ctx.donate,
         )
-        new_state = LBFGSState(num_updates=state.num_updates + 1, **res.memory._asdict())
-        return scatter([None] * len(params), idx, res.updates), new_state
+        return scatter([None] * len(params), idx, res.updates), res.memory._replace(num_updates=state.num_updates + 1)
 
     return leaf_transformation(init_leaves, update_leaves)
