@@ -59,6 +59,46 @@ def test_block_codes_match_the_reference_and_its_error_bound(name):
         assert err <= bound * (1 + 1e-5)  # (+ the float32 scale's rounding)
 
 
+@pytest.mark.parametrize("name", ["q8", "q8u", "q4", "q4u"])
+def test_table_lookup_finds_the_nearest_code_like_a_binary_search(name):
+    # nearest_index replaces the binary search by two table reads; the reference is torch.bucketize against the
+    # midpoints (ties to the lower value), on every midpoint, its float32 neighbours and random values of all scales
+    from pureopt.kernels.encoding import nearest_index
+
+    code = tuple(NAMED[name].code)
+    table = torch.tensor(code, dtype=torch.float32)
+    mids = (table[1:] + table[:-1]) / 2
+    g = torch.Generator().manual_seed(1)
+    spread = (torch.rand(1 << 16, generator=g) * 2 - 1) * torch.logspace(-12, 0, 1 << 16)
+    x = torch.cat([
+        mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+        table, spread, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30]),
+    ])  # fmt: skip
+    got = nearest_index(x, code)
+    assert got.dtype == torch.uint8
+    assert torch.equal(got.long(), torch.bucketize(x, mids))
+
+
+def test_chunks_never_exceed_the_chunk_width():
+    # the step's transient memory is bounded by the chunk: whole small tensors are grouped up to CHUNK_ELEMENTS
+    # elements, big ones cut at block multiples (one unsplittable tensor is the only exception)
+    from pureopt.algorithms.storage import CHUNK_ELEMENTS, _plan
+
+    w = CHUNK_ELEMENTS
+    sizes = [w // 3, w // 3, w // 3, w // 2, 5 * w // 2, 7, w, w + 1, 3 * w]
+    splittable = [True] * len(sizes)
+    splittable[-1] = False
+    chunks = list(_plan(sizes, splittable, 2048, elementwise=True))
+    for chunk in chunks:
+        width = sum(hi - lo for _, lo, hi, _ in chunk)
+        assert width <= w or chunk == [(8, 0, 3 * w, True)]
+    covered = sorted((i, lo, hi) for chunk in chunks for i, lo, hi, _ in chunk)
+    for i, n in enumerate(sizes):  # every element exactly once, in order
+        parts = [(lo, hi) for j, lo, hi in covered if j == i]
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(a[1] == b[0] and b[0] % 2048 == 0 for a, b in itertools.pairwise(parts))
+
+
 def test_slices_at_block_boundaries_decode_as_the_whole():
     enc = NAMED["q4"]
     x = torch.randn(10 * enc.block + 6, generator=torch.Generator().manual_seed(1))

@@ -71,8 +71,53 @@ def linear_code(bits: int, zero: bool) -> list[float]:
 @functools.cache
 def _table(values: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
     code = torch.tensor(values, dtype=torch.float32, device=device)
-    mids = (code[1:] + code[:-1]) / 2  # nearest value: bucketize against the midpoints
+    mids = (code[1:] + code[:-1]) / 2  # nearest value: the number of midpoints below it
     return code, mids
+
+
+_SHIFTS = (16, 15, 14, 13, 12)
+
+PIECE_ELEMENTS = 1 << 16
+"""Elements a block encoding decodes / encodes at a time (see :meth:`BlockEncoding._pieces`)."""
+
+
+@functools.cache
+def _lookup(values: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor, int] | None:
+    """A table that replaces the binary search for the nearest code value.
+
+    The top ``32 - shift`` bits of a float32 (sign, exponent, leading mantissa bits) name a bucket of floats;
+    ``table[bucket]`` is the number of midpoints below the bucket (uint8) and, when every bucket holds at most one
+    midpoint, the nearest value's index for ``x`` in the bucket is ``table[bucket] + (x > mids[table[bucket]])``
+    (``mids`` padded with ``+inf``): exactly ``torch.bucketize(x, mids)``, in two table reads. ``None`` when no
+    shift keeps buckets that narrow (a code with values too close together): the caller searches instead.
+    """
+    _, mids = _table(values, device)
+    padded = torch.cat((mids, mids.new_full((1,), float("inf"))))
+    for shift in _SHIFTS:
+        keys = torch.arange(1 << (32 - shift), dtype=torch.int64, device=device)
+        first = (keys << shift).to(torch.int32)  # wraps into the sign bit for the upper half: negative floats
+        last = first | ((1 << shift) - 1)
+        negative = keys >= 1 << (31 - shift)
+        lo = torch.where(negative, last.view(torch.float32), first.view(torch.float32))  # the bucket's ends
+        hi = torch.where(negative, first.view(torch.float32), last.view(torch.float32))
+        below, upto = torch.bucketize(lo, mids), torch.bucketize(hi, mids)
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
+        if int((upto - below)[finite].max()) <= 1:
+            return below.to(torch.uint8), padded, shift
+    return None
+
+
+def nearest_index(x: Tensor, values: tuple[float, ...]) -> Tensor:
+    """The index (uint8) of the nearest of the sorted ``values`` for each element of the flat float32 ``x``; a tie
+    goes to the lower value (``torch.bucketize`` against the midpoints, which it equals bitwise)."""
+    lookup = _lookup(values, x.device)
+    if lookup is None or len(values) > 256:
+        _, mids = _table(values, x.device)
+        return torch.bucketize(x, mids).to(torch.uint8)
+    table, padded, shift = lookup
+    key = torch.bitwise_right_shift(x.view(torch.int32), shift).bitwise_and_((1 << (32 - shift)) - 1)
+    below = torch.index_select(table, 0, key)
+    return below.add_(x > torch.index_select(padded, 0, key.copy_(below)))
 
 
 class Encoding:
@@ -158,42 +203,60 @@ class BlockEncoding(Encoding):
             codes = torch.full((self._ncodes(n),), fill, dtype=torch.uint8, device=p.device)
         return Quantized(codes, torch.zeros(blocks, dtype=torch.float32, device=p.device))
 
+    def _pieces(self, n: int) -> range:
+        """Starts of the pieces a chunk is encoded / decoded in (whole blocks, about 64K elements): the integer
+        and float temporaries of the code search exist for one piece at a time."""
+        return range(0, n, max(self.block, PIECE_ELEMENTS // self.block * self.block))
+
     def decode(self, stored: Quantized, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
-        n = hi - lo
-        b0, b1 = lo // self.block, -(-hi // self.block)
-        scale = stored.scale[b0:b1].repeat_interleave(self.block)[: n + lo - b0 * self.block][lo - b0 * self.block :]
+        n, b0, first = hi - lo, lo // self.block, lo % self.block
+        values = torch.empty(n, dtype=torch.float32, device=stored.codes.device)
         if self.dtype is not None:
-            values = stored.codes[lo:hi].to(torch.float32)
+            values.copy_(stored.codes[lo:hi])
         else:
-            idx = self._indices(stored.codes, lo, hi)
             code, _ = _table(self.code, stored.codes.device)
-            values = code[idx]
-        return (values * scale).to(dtype)
+            step = self._pieces(n).step
+            for start in self._pieces(n):
+                stop = min(n, start + step)
+                torch.index_select(code, 0, self._indices(stored.codes, lo + start, lo + stop), out=values[start:stop])
+        if first:  # a slice starting inside a block: one scale per element
+            scale = stored.scale[b0 : -(-hi // self.block)].repeat_interleave(self.block)[first : first + n]
+            return (values * scale).to(dtype)
+        full = n - n % self.block
+        values[:full].view(-1, self.block).mul_(stored.scale[b0 : b0 + full // self.block, None])
+        if full < n:
+            values[full:].mul_(stored.scale[b0 + full // self.block])
+        return values.to(dtype)
 
     def _indices(self, codes: Tensor, lo: int, hi: int) -> Tensor:
         if self.bits == 8:
-            return codes[lo:hi].long()
-        packed = codes[lo // 2 : (hi + 1) // 2]
+            return codes[lo:hi].int()
+        packed = codes[lo // 2 : (hi + 1) // 2].int()
         both = torch.stack(((packed & 0xF), (packed >> 4)), dim=1).reshape(-1)
-        return both[: hi - lo].long()
+        return both[lo % 2 : lo % 2 + hi - lo]
 
     def encode_into(self, stored: Quantized, lo: int, x: Tensor) -> None:
-        x = x.reshape(-1).to(torch.float32)
+        x = x.reshape(-1)
+        step = self._pieces(x.numel()).step
+        for start in self._pieces(x.numel()):
+            self._encode_piece(stored, lo + start, x[start : start + step].to(torch.float32))
+
+    def _encode_piece(self, stored: Quantized, lo: int, x: Tensor) -> None:
         n = x.numel()
         b0 = lo // self.block
         nb = -(-n // self.block)
         pad = nb * self.block - n
-        blocks = torch.nn.functional.pad(x, (0, pad)).view(nb, self.block)
-        absmax = blocks.abs().amax(dim=1)
+        blocks = (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(nb, self.block)
+        absmax = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_())
         scale = absmax / self.top
         stored.scale[b0 : b0 + nb].copy_(scale)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        normed = (blocks / safe[:, None]).reshape(-1)[:n]
+        normed = (blocks / safe[:, None]).view(-1)[:n]
         if self.dtype is not None:
-            stored.codes[lo : lo + n].copy_(normed.clamp(-self.top, self.top).to(self.dtype))
+            stored.codes[lo : lo + n].copy_(normed.clamp_(-self.top, self.top))
             return
-        _, mids = _table(self.code, x.device)
-        idx = torch.bucketize(normed, mids).to(torch.uint8)
+        assert self.code is not None
+        idx = nearest_index(normed, self.code)
         if self.bits == 8:
             stored.codes[lo : lo + n].copy_(idx)
             return
