@@ -548,7 +548,7 @@ class Algorithm:
                     return self.run(hs, impl, p, g, st, ctx, encodings, compute_dtype=compute, dtensors=dtensors)
 
                 return run_on_local_shards(local, params, grads, s)
-            return self.run(hs, impl, params, grads, s, ctx, encodings, compute_dtype=compute)
+            return self.run(hs, impl, params, grads, s, ctx, encodings, compute_dtype=compute, counter=num_updates)
 
         shared: dict[str, Callable[[torch.device], Tensor]] = {
             key: functools.partial(f.init, h) for key, f in self.globals.items()
@@ -577,6 +577,7 @@ class Algorithm:
         encodings: Mapping[str, Encoding],
         elem: list[str],
         shared: dict[str, Any],
+        counter: Tensor | None,
     ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         """The step with some fields encoded: the math chunk by chunk on decoded state (:func:`run_chunks`)."""
         if _select.autograd_recording([*grads, *(params or [])]):
@@ -610,7 +611,7 @@ class Algorithm:
         fields = {key: s[key] for key in elem}
         updates, new_fields = run_chunks(
             body, ops, params, grads, fields, encodings, columns, donate=donate, apply=apply,
-            elementwise=self.elementwise,
+            elementwise=self.elementwise, counter=counter,
         )  # fmt: skip
         return updates, {**out, **new_fields, **globals_out}
 
@@ -625,11 +626,12 @@ class Algorithm:
         encodings: Mapping[str, Encoding] | None = None,
         compute_dtype: torch.dtype | None = None,
         dtensors: list[Tensor] | None = None,
+        counter: Tensor | None = None,
     ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         """One step over the leaves that have a gradient (``s``: the kept state fields' lists; ``encodings``: how
         the encoded ones are stored, see :mod:`pureopt.algorithms.storage`; ``compute_dtype``: the dtype to compute
         in where no per-element field fixes it, i.e. ``state_dtype`` of an algorithm that keeps none; ``dtensors``:
-        see ``local_shards``)."""
+        see ``local_shards``; ``counter``: the update count, keying stochastically rounded state)."""
         if not self.dtensor and any(map(is_dtensor, grads)):
             raise NotImplementedError(
                 f"{self.name} does not support DTensor (FSDP2 / tensor-parallel) parameters yet: its math mixes "
@@ -639,7 +641,9 @@ class Algorithm:
             raise RuntimeError(self.dense_error)
         if self.sparse is not True and (self.dense_error is not None or any(g.is_sparse for g in grads)):
             if callable(self.sparse):
-                dense_run = functools.partial(self.run, encodings=encodings, compute_dtype=compute_dtype)
+                dense_run = functools.partial(
+                    self.run, encodings=encodings, compute_dtype=compute_dtype, counter=counter
+                )
                 updates, new = self.sparse(dense_run, h, impl, params, grads, s, ctx)
                 return updates, dict(new)
             raise RuntimeError(f"{self.name} does not support sparse gradients")
@@ -662,7 +666,7 @@ class Algorithm:
         if encodings:
             if impl == "fused":
                 raise RuntimeError("impl='fused' is not available with encoded state (state_dtype=); use 'auto'")
-            return self._run_encoded(h, impl, params, grads, s, ctx, encodings, elem, shared)
+            return self._run_encoded(h, impl, params, grads, s, ctx, encodings, elem, shared, counter)
         if self.fused is not None and impl in ("auto", "fused") and (self.fused_when is None or self.fused_when(h)):
             lists = [s[key] for key in self.fused_state if key in s] or [grads]  # (no state kept: plan on grads)
             inputs = [*grads, *(params or [])]

@@ -115,12 +115,14 @@ def run_chunks(
     donate: bool,
     apply: bool,
     elementwise: bool,
+    counter: Tensor | None = None,
 ) -> tuple[list[Tensor] | None, dict[str, list[Any]]]:
     """One step over encoded (and plain) per-element state fields, chunk by chunk (see module docstring).
 
     ``fields``: each per-element field's stored values (encoded records for the fields in ``encodings``, tensors
-    otherwise); ``columns``: per-tensor values (one per parameter). Returns the updates (``None`` when ``apply``:
-    added to the parameters) and the new stored fields.
+    otherwise); ``columns``: per-tensor values (one per parameter); ``counter``: the transformation's update count
+    (keys stochastically rounding encodings, with the tensor's position). Returns the updates (``None`` when
+    ``apply``: added to the parameters) and the new stored fields.
     """
     tensors = [*grads, *(params or [])]
     if any(t.is_complex() for t in tensors):
@@ -173,7 +175,7 @@ def run_chunks(
                 if enc is None:
                     _view(out[key][i], lo, hi, whole).copy_(v)
                 else:
-                    enc.encode_into(out[key][i], lo, v.reshape(-1))
+                    enc.encode_into(out[key][i], lo, v.reshape(-1), counter, i)
         if u is None:
             continue
         for j, ((i, lo, hi, whole), v) in enumerate(zip(chunk, u)):

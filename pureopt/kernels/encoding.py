@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from pureopt.kernels.rounding import random_bits, stochastic_round
+
 __all__ = [
     "Encoding",
     "FloatEncoding",
@@ -134,8 +136,11 @@ class Encoding:
         """Elements ``lo:hi`` (flat order) in ``dtype``, as a flat tensor."""
         raise NotImplementedError
 
-    def encode_into(self, stored: Any, lo: int, x: Tensor) -> None:
-        """Write the flat values ``x`` into elements ``lo:lo + x.numel()`` of ``stored`` (``lo`` a block start)."""
+    def encode_into(self, stored: Any, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0) -> None:
+        """Write the flat values ``x`` into elements ``lo:lo + x.numel()`` of ``stored`` (``lo`` a block start).
+
+        ``counter`` (0-d int64, advancing every step) and ``stream`` (the tensor's position) key the random bits of
+        a stochastically rounding encoding; the others ignore them."""
         raise NotImplementedError
 
     def like(self, stored: Any) -> Any:
@@ -149,11 +154,16 @@ class Encoding:
 
 class FloatEncoding(Encoding):
     """A field stored as a tensor of a floating dtype (``torch.bfloat16``, ``torch.float16``, ...); decoded by a
-    cast, encoded with round-to-nearest-even."""
+    cast, encoded with round-to-nearest-even, or with ``stochastic=True`` (bf16 / fp16) by unbiased stochastic
+    rounding: random bits hashed from ``(seed, tensor, step, element)``
+    (:func:`pureopt.kernels.rounding.random_bits`), so an exponential average whose increments are below half a
+    bf16 gap keeps moving in expectation instead of stalling, reproducibly and without a global RNG."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-        self.name = str(dtype).replace("torch.", "")
+    def __init__(self, dtype: torch.dtype, *, stochastic: bool = False, seed: int = 0) -> None:
+        if stochastic and dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"stochastic rounding stores bfloat16 or float16 state, not {dtype}")
+        self.dtype, self.stochastic, self.seed = dtype, stochastic, seed
+        self.name = str(dtype).replace("torch.", "") + ("-sr" if stochastic else "")
 
     def empty(self, p: Tensor) -> Tensor:
         return torch.zeros_like(p, dtype=self.dtype)
@@ -161,8 +171,14 @@ class FloatEncoding(Encoding):
     def decode(self, stored: Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
         return stored.reshape(-1)[lo:hi].to(dtype)
 
-    def encode_into(self, stored: Tensor, lo: int, x: Tensor) -> None:
-        stored.view(-1)[lo : lo + x.numel()].copy_(x.reshape(-1))
+    def encode_into(self, stored: Tensor, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0) -> None:
+        out = stored.view(-1)[lo : lo + x.numel()]
+        if not self.stochastic or counter is None:  # (initial values, written before any step: to nearest)
+            out.copy_(x.reshape(-1))
+            return
+        key = torch.tensor((self.seed * 0x9E3779B1 + stream) & 0xFFFFFFFF, dtype=torch.int64, device=x.device)
+        bits = random_bits(key, counter, lo, x.numel(), x.device)
+        out.copy_(stochastic_round(x.reshape(-1), self.dtype, bits))
 
     def like(self, stored: Tensor) -> Tensor:
         return torch.empty_like(stored)
@@ -235,7 +251,9 @@ class BlockEncoding(Encoding):
         both = torch.stack(((packed & 0xF), (packed >> 4)), dim=1).reshape(-1)
         return both[lo % 2 : lo % 2 + hi - lo]
 
-    def encode_into(self, stored: Quantized, lo: int, x: Tensor) -> None:
+    def encode_into(
+        self, stored: Quantized, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0
+    ) -> None:
         x = x.reshape(-1)
         step = self._pieces(x.numel()).step
         for start in self._pieces(x.numel()):
@@ -282,13 +300,20 @@ def _named() -> dict[str, Encoding]:
         "q4u": BlockEncoding("q4u", bits=4, code=linear_code(4, zero=False), block=128),
         "fp8": BlockEncoding("fp8", dtype=torch.float8_e4m3fn, block=2048),
         "fp8_e5m2": BlockEncoding("fp8_e5m2", dtype=torch.float8_e5m2, block=2048),
+        # 16-bit floats, the math in float32 chunk by chunk; "-sr": written with stochastic rounding
+        "bf16": FloatEncoding(torch.bfloat16),
+        "fp16": FloatEncoding(torch.float16),
+        "bf16-sr": FloatEncoding(torch.bfloat16, stochastic=True),
+        "fp16-sr": FloatEncoding(torch.float16, stochastic=True),
     }
 
 
 NAMED = _named()
 """The named encodings: ``"q8"`` / ``"q4"`` (signed dynamic codes, for first moments and other signed state),
-``"q8u"`` / ``"q4u"`` (non-negative fields: second moments), ``"fp8"`` (e4m3 with a scale per block of 2048) and
-``"fp8_e5m2"``. ``"q8"`` / ``"q4"`` given for a field the algorithm declares non-negative take the ``u`` variant."""
+``"q8u"`` / ``"q4u"`` (non-negative fields: second moments), ``"fp8"`` (e4m3 with a scale per block of 2048),
+``"fp8_e5m2"``, ``"bf16"`` / ``"fp16"`` (16-bit storage, float32 math; a bare ``torch.bfloat16`` as the whole
+``state_dtype`` computes in bf16 instead) and ``"bf16-sr"`` / ``"fp16-sr"`` (written with stochastic rounding).
+``"q8"`` / ``"q4"`` given for a field the algorithm declares non-negative take the ``u`` variant."""
 
 
 def encoding_for(spec: Any, nonneg: bool = False) -> Encoding | None:
