@@ -99,49 +99,39 @@ class ListOps:
         return [x + v for x, v in zip(xs, per)]
 
     # --- binary with a list -----------------------------------------------------------------------------------
+    def _map_lists(
+        self, name: str, xs: list[Tensor], *others: Sequence[Tensor], inplace: bool, **kw: Any
+    ) -> list[Tensor]:
+        """``torch.<name>(x, *partners, **kw)`` of each tensor with its partners (one entry per tensor in each of
+        ``others``): one ``torch._foreach_<name>`` call on the foreach backend; ``Tensor.<name>_`` when ``inplace``
+        is asked for and allowed."""
+        ys = [o if isinstance(o, list) else list(o) for o in others]
+        in_place = inplace and self.inplace_ok
+        if self.foreach:
+            if in_place:
+                getattr(torch, f"_foreach_{name}_")(xs, *ys, **kw)
+                return xs
+            return list(getattr(torch, f"_foreach_{name}")(xs, *ys, **kw))
+        fn = getattr(Tensor, f"{name}_") if in_place else getattr(torch, name)
+        if len(ys) == 1:  # (the common case without unpacking per tensor)
+            return [fn(x, y, **kw) for x, y in zip(xs, ys[0])]
+        return [fn(*args, **kw) for args in zip(xs, *ys)]
+
     def add(self, xs: list[Tensor], ys: Sequence[Tensor], alpha: float = 1.0, inplace: bool = False) -> list[Tensor]:
         """``x + alpha * y`` (``alpha`` a Python number)."""
-        if self.foreach:
-            if inplace and self.inplace_ok:
-                torch._foreach_add_(xs, list(ys), alpha=alpha)
-                return xs
-            return list(torch._foreach_add(xs, list(ys), alpha=alpha))
-        if inplace and self.inplace_ok:
-            return [x.add_(y, alpha=alpha) for x, y in zip(xs, ys)]
-        return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
+        return self._map_lists("add", xs, ys, inplace=inplace, alpha=alpha)
 
     def sub(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
         """``x - y``."""
-        if self.foreach:
-            if inplace and self.inplace_ok:
-                torch._foreach_sub_(xs, list(ys))
-                return xs
-            return list(torch._foreach_sub(xs, list(ys)))
-        if inplace and self.inplace_ok:
-            return [x.sub_(y) for x, y in zip(xs, ys)]
-        return [x - y for x, y in zip(xs, ys)]
+        return self._map_lists("sub", xs, ys, inplace=inplace)
 
     def mul_list(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
         """``x * y`` elementwise."""
-        if self.foreach:
-            if inplace and self.inplace_ok:
-                torch._foreach_mul_(xs, list(ys))
-                return xs
-            return list(torch._foreach_mul(xs, list(ys)))
-        if inplace and self.inplace_ok:
-            return [x.mul_(y) for x, y in zip(xs, ys)]
-        return [x * y for x, y in zip(xs, ys)]
+        return self._map_lists("mul", xs, ys, inplace=inplace)
 
     def div_list(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
         """``x / y`` elementwise."""
-        if self.foreach:
-            if inplace and self.inplace_ok:
-                torch._foreach_div_(xs, list(ys))
-                return xs
-            return list(torch._foreach_div(xs, list(ys)))
-        if inplace and self.inplace_ok:
-            return [x.div_(y) for x, y in zip(xs, ys)]
-        return [x / y for x, y in zip(xs, ys)]
+        return self._map_lists("div", xs, ys, inplace=inplace)
 
     def lerp(
         self, xs: list[Tensor], ys: Sequence[Tensor], weight: float | Sequence[Tensor], inplace: bool = False
@@ -170,6 +160,17 @@ class ListOps:
         return [torch.maximum(x, y) for x, y in zip(xs, ys)]
 
     # --- ternary ----------------------------------------------------------------------------------------------
+    def _addc(
+        self, name: str, xs: list[Tensor], ys: Sequence[Tensor], zs: Sequence[Tensor], value: Any, inplace: bool
+    ) -> list[Tensor]:
+        """``torch.<name>`` (``addcmul`` / ``addcdiv``) with ``value`` a Python number or one per tensor."""
+        if not self.foreach:
+            fn = getattr(Tensor, f"{name}_") if inplace and self.inplace_ok else getattr(torch, name)
+            return [fn(x, y, z, value=c) for x, y, z, c in zip(xs, ys, zs, _values(value, len(xs)))]
+        if _is_list(value):  # (torch._foreach_addc*(..., scalars) takes a list positionally, a number as value=)
+            return self._map_lists(name, xs, ys, zs, list(value), inplace=inplace)
+        return self._map_lists(name, xs, ys, zs, inplace=inplace, value=value)
+
     def addcmul(
         self,
         xs: list[Tensor],
@@ -179,21 +180,7 @@ class ListOps:
         inplace: bool = False,
     ) -> list[Tensor]:
         """``x + value * y * z`` (``value`` a Python number, or one per tensor)."""
-        if self.foreach:
-            v: Any = list(value) if _is_list(value) else value  # type: ignore[arg-type]
-            if inplace and self.inplace_ok:
-                if isinstance(v, list):
-                    torch._foreach_addcmul_(xs, list(ys), list(zs), v)
-                else:
-                    torch._foreach_addcmul_(xs, list(ys), list(zs), value=v)
-                return xs
-            if isinstance(v, list):
-                return list(torch._foreach_addcmul(xs, list(ys), list(zs), v))
-            return list(torch._foreach_addcmul(xs, list(ys), list(zs), value=v))
-        per = _values(value, len(xs))
-        if inplace and self.inplace_ok:
-            return [x.addcmul_(y, z, value=c) for x, y, z, c in zip(xs, ys, zs, per)]
-        return [torch.addcmul(x, y, z, value=c) for x, y, z, c in zip(xs, ys, zs, per)]
+        return self._addc("addcmul", xs, ys, zs, value, inplace)
 
     def addcdiv(
         self,
@@ -204,21 +191,7 @@ class ListOps:
         inplace: bool = False,
     ) -> list[Tensor]:
         """``x + value * y / z`` (``value`` a Python number, or one per tensor)."""
-        if self.foreach:
-            v: Any = list(value) if _is_list(value) else value  # type: ignore[arg-type]
-            if inplace and self.inplace_ok:
-                if isinstance(v, list):
-                    torch._foreach_addcdiv_(xs, list(ys), list(zs), v)
-                else:
-                    torch._foreach_addcdiv_(xs, list(ys), list(zs), value=v)
-                return xs
-            if isinstance(v, list):
-                return list(torch._foreach_addcdiv(xs, list(ys), list(zs), v))
-            return list(torch._foreach_addcdiv(xs, list(ys), list(zs), value=v))
-        per = _values(value, len(xs))
-        if inplace and self.inplace_ok:
-            return [x.addcdiv_(y, z, value=c) for x, y, z, c in zip(xs, ys, zs, per)]
-        return [torch.addcdiv(x, y, z, value=c) for x, y, z, c in zip(xs, ys, zs, per)]
+        return self._addc("addcdiv", xs, ys, zs, value, inplace)
 
     # --- unary ------------------------------------------------------------------------------------------------
     def _map_unary(self, name: str, xs: Sequence[Tensor], inplace: bool) -> list[Tensor]:
