@@ -35,7 +35,10 @@ and the bandwidth is a device-to-device copy.
 
 Reported per row: median ms (and quartiles in the JSON), ratio to torch's fastest implementation of the same
 algorithm, the fraction of the memory-bandwidth bound (bytes the algorithm must move per step / measured copy
-bandwidth), the cold compile time of compiled rows, and with ``--memory`` the peak transient memory of one step.
+bandwidth), the cold compile time of compiled rows, on the CPU the median minor page faults per step, the 1-minute
+load average as the rounds went, and with ``--memory`` the peak transient memory of one step. ``--repeats R`` cuts
+the timed rounds into R blocks and also reports each row's ratio per block (median and range over the blocks):
+on a shared machine the spread of those ratios says more than one median.
 
     python benchmarks/step.py                      # all sets, SGD-momentum / Adam / AdamW / Adagrad
     python benchmarks/step.py --quick              # small sizes, a few rounds: a smoke run
@@ -43,6 +46,9 @@ bandwidth), the cold compile time of compiled rows, and with ``--memory`` the pe
     python benchmarks/step.py --device cuda --json benchmarks/results/latest-cuda.json
     python benchmarks/step.py --compiled --memory --sets small,medium,many-small --algos adamw \\
         --json benchmarks/results/compiled-flatparams.json
+    python benchmarks/step.py --sets small,medium,many-small --algos adamw --threads 1 --repeats 5 --compiled \\
+        --compiled-rows pureopt-compiled-flatparams,pureopt-compiled-flatparams-donated \\
+        --rows pureopt-flatparams-step,pureopt-flatparams-donated --flatparams-max-mib 0,4,8,16,32,64  # sizes
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ import math
 import os
 import platform
 import random
+import resource
 import signal
 import statistics
 import tempfile
@@ -124,7 +131,19 @@ def param_shapes(name: str, scale: float = 1.0) -> list[tuple[int, ...]]:
 
 
 DEVICE = torch.device("cpu")
-FLATPARAMS_MAX_BYTES: int | None = None  # --flatparams-max-mib: FlatParams(max_buffer_bytes=...) in the FlatParams rows
+MaxBytes = int | str | None  # FlatParams(max_buffer_bytes=...): bytes, "auto" or None (one buffer per group)
+FLATPARAMS_MAX_BYTES: list[MaxBytes] = ["auto"]
+"""--flatparams-max-mib: the ``FlatParams(max_buffer_bytes=...)`` values of the FlatParams rows (one row each)."""
+
+
+def flat_label(label: str, max_bytes: MaxBytes) -> str:
+    """The FlatParams row ``label`` with ``max_buffer_bytes=max_bytes``: ``label@16MiB``, ``label@one`` (one buffer
+    per group), ``label@auto``; as is for the default ("auto") when it is the only value."""
+    if max_bytes == "auto":
+        return label + "@auto" if len(FLATPARAMS_MAX_BYTES) > 1 else label
+    if max_bytes is None:
+        return label + "@one"
+    return f"{label}@{int(max_bytes) / 2**20:g}MiB"
 
 
 def make_tensors(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]:
@@ -242,9 +261,11 @@ def build_runners(algo: Algo, shapes: list[tuple[int, ...]]) -> dict[str, Callab
                 p.grad = g.clone()
         runners[label] = opt.step
     if pureopt.is_segmentwise(tx):
-        runners["pureopt-flatparams-step"] = flatparams_step(algo, shapes, grads_data, (), compiled=False)[0]
-        donated = flatparams_step(algo, shapes, grads_data, ("params", "state"), compiled=False)[0]
-        runners["pureopt-flatparams-donated"] = donated
+        for max_bytes in FLATPARAMS_MAX_BYTES:
+            run = flatparams_step(algo, shapes, grads_data, (), compiled=False, max_bytes=max_bytes)[0]
+            runners[flat_label("pureopt-flatparams-step", max_bytes)] = run
+            run = flatparams_step(algo, shapes, grads_data, ("params", "state"), compiled=False, max_bytes=max_bytes)[0]
+            runners[flat_label("pureopt-flatparams-donated", max_bytes)] = run
     if DEVICE.type == "cuda":
         runners.update(graph_runners(algo, shapes, grads_data))
     return runners
@@ -334,8 +355,8 @@ def compiled_runners(
 
         return run
 
-    def flatparams_compiled(donate: tuple[str, ...]) -> Callable[[], None]:
-        run, _ = flatparams_step(algo, shapes, grads_data, donate, compiled=True)
+    def flatparams_compiled(donate: tuple[str, ...], max_bytes: MaxBytes) -> Callable[[], None]:
+        run, _ = flatparams_step(algo, shapes, grads_data, donate, compiled=True, max_bytes=max_bytes)
         return run
 
     def torch_compiled() -> Callable[[], None]:
@@ -359,12 +380,18 @@ def compiled_runners(
         "pureopt-compiled": lambda: pure_compiled(False),
         "pureopt-compiled-donated": lambda: pure_compiled(False, ("params", "state")),
         "pureopt-compiled-flat": lambda: pure_compiled(True),
-        "pureopt-compiled-flatparams": lambda: flatparams_compiled(()),
-        "pureopt-compiled-flatparams-donated": lambda: flatparams_compiled(("params", "state")),
     }
+    flat_rows = {"pureopt-compiled-flatparams": (), "pureopt-compiled-flatparams-donated": ("params", "state")}
+    labels: list[str] = []
+    for w in wanted:  # a FlatParams row: one per --flatparams-max-mib value
+        sizes = FLATPARAMS_MAX_BYTES if w in flat_rows else ["auto"]
+        for max_bytes in sizes:
+            labels.append(flat_label(w, max_bytes) if w in flat_rows else w)
+            if w in flat_rows:
+                makers[labels[-1]] = lambda d=flat_rows[w], m=max_bytes: flatparams_compiled(d, m)
     if algo.torch_cls is not None:
         makers["torch-compiled"] = torch_compiled
-    for label in wanted:
+    for label in labels:
         if label not in makers:
             continue
         run = makers[label]()
@@ -388,14 +415,20 @@ def compiled_runners(
 
 
 def flatparams_step(
-    algo: Algo, shapes: list[tuple[int, ...]], grads_data: list[torch.Tensor], donate: tuple[str, ...], compiled: bool
+    algo: Algo,
+    shapes: list[tuple[int, ...]],
+    grads_data: list[torch.Tensor],
+    donate: tuple[str, ...],
+    compiled: bool,
+    max_bytes: MaxBytes = "auto",
 ) -> tuple[Callable[[], None], Any]:
     """``pureopt.step`` over a :class:`pureopt.FlatParams` layout: the parameters and the gradients are one flat
     buffer per (device, dtype) (in a training loop the gradient with respect to the buffers comes out flat), lr a
-    0-d tensor; compiled with ``torch.compile(fullgraph=True)`` or eager. Returns the step and the holder."""
+    0-d tensor; compiled with ``torch.compile(fullgraph=True)`` or eager; ``max_bytes`` is the layout's
+    ``max_buffer_bytes``. Returns the step and the holder."""
     lr = torch.tensor(float(algo.kwargs["lr"]), dtype=torch.float64, device=DEVICE)
     tensors = {str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))}
-    flat = pureopt.FlatParams(tensors, max_buffer_bytes=FLATPARAMS_MAX_BYTES)
+    flat = pureopt.FlatParams(tensors, max_buffer_bytes=max_bytes)  # type: ignore[arg-type]
     tx = flat.wrap(algo.build_pureopt("auto", lr=lr))
     grads = flat.flatten({str(i): g for i, g in enumerate(grads_data)})
     holder = {"buffers": flat.buffers, "state": tx.init(flat.buffers)}
@@ -403,6 +436,8 @@ def flatparams_step(
     def step(grads: Any, state: Any, buffers: Any) -> Any:
         return pureopt.step(tx, grads, state, buffers, donate=donate)
 
+    if compiled:  # a code object of its own: dynamo caches (and limits recompiles) per code object, not per closure
+        step.__code__ = step.__code__.replace()
     fn = torch.compile(step, fullgraph=True) if compiled else step
 
     def run() -> None:
@@ -480,12 +515,21 @@ def transient_bytes(fn: Callable[[], None]) -> int:
     return peak
 
 
+LAST_FAULTS = [0]
+"""Minor page faults of this process during the last CPU call of :func:`time_once` (memory the step touched for
+the first time since the kernel gave it to the process: fresh ``mmap``s, a heap grown again after a trim)."""
+
+
 def time_once(fn: Callable[[], None], inner: int) -> float:
-    """Seconds per call of ``fn``: one call on the CPU; on CUDA, events around ``inner`` calls."""
+    """Seconds per call of ``fn``: one call on the CPU (its minor page faults in :data:`LAST_FAULTS`); on CUDA,
+    events around ``inner`` calls."""
     if DEVICE.type != "cuda":
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         fn()
-        return time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        LAST_FAULTS[0] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        return elapsed
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(inner):
@@ -506,10 +550,14 @@ def bench(
     compiled: list[str] | None = None,
     compile_timeout: float = 240.0,
     memory: bool = False,
+    keep: list[str] | None = None,
+    repeats: int = 1,
 ) -> list[dict[str, Any]]:
     shapes = param_shapes(set_name, scale)
     n_params = sum(math.prod(s) for s in shapes)
     runners = build_runners(algo, shapes)
+    if keep:  # --rows: these eager rows (a FlatParams label matches each of its sizes) and torch-fused
+        runners = {k: v for k, v in runners.items() if k.split("@")[0] in keep or k == "torch-fused"}
     compile_s: dict[str, float] = {}
     failed: dict[str, str] = {}
     if compiled:
@@ -518,7 +566,9 @@ def bench(
         )
         runners.update(extra)
     times: dict[str, list[float]] = {k: [] for k in runners}
+    faults: dict[str, list[int]] = {k: [] for k in runners}
     rng = random.Random(0)
+    load = [os.getloadavg()[0]]  # 1-minute load average at the start and after each repeat
     for r in range(warmup + rounds):
         order = list(runners)
         rng.shuffle(order)
@@ -526,10 +576,26 @@ def bench(
             elapsed = time_once(runners[label], inner)
             if r >= warmup:
                 times[label].append(elapsed)
+                faults[label].append(LAST_FAULTS[0])
+        if r >= warmup and (r - warmup + 1) % max(1, rounds // repeats) == 0:
+            load.append(os.getloadavg()[0])
     transient = {k: transient_bytes(fn) for k, fn in runners.items()} if memory else {}
     medians = {k: statistics.median(v) for k, v in times.items()}
     quartiles = {k: statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3 for k, v in times.items()}
     torch_best = min((v for k, v in medians.items() if k.startswith("torch")), default=float("nan"))
+    best_label = min((k for k in medians if k.startswith("torch")), key=medians.__getitem__, default=None)
+    # --repeats: the timed rounds cut into consecutive blocks; in each, the ratio of the row's median to the median
+    # of torch's best row over the same rounds (interleaved, so both saw the same load)
+    block = max(1, rounds // repeats)
+    repeat_ratios: dict[str, list[float]] = {}
+    if best_label is not None and repeats > 1:
+        for k, v in times.items():
+            base = times[best_label]
+            repeat_ratios[k] = [
+                statistics.median(v[i : i + block]) / statistics.median(base[i : i + block])
+                for i in range(0, block * repeats, block)
+                if v[i : i + block]
+            ]
     bound = algo.bytes_per_param(4) * n_params / bandwidth
     rows = []
     del runners
@@ -548,8 +614,14 @@ def bench(
                 "bandwidth_fraction": bound / t,
                 "p25_ms": quartiles[label][0] * 1e3,
                 "p75_ms": quartiles[label][2] * 1e3,
+                "loadavg_1min": load,
             }
         )
+        if DEVICE.type != "cuda":
+            rows[-1]["page_faults_per_step"] = statistics.median(faults[label])
+        if label in repeat_ratios:
+            rows[-1]["repeat_ratios"] = repeat_ratios[label]
+            rows[-1]["ratio_median_of_repeats"] = statistics.median(repeat_ratios[label])
         if label in compile_s:
             rows[-1]["compile_s"] = compile_s[label]
             rows[-1]["compile_cpu_s"] = compile_s.get(label + ":cpu")
@@ -611,9 +683,21 @@ def main() -> None:
     )
     parser.add_argument(
         "--flatparams-max-mib",
-        type=float,
-        default=0,
-        help="FlatParams rows: cut each group into buffers of at most this many MiB (0: one buffer per group)",
+        default="auto",
+        help="FlatParams rows: FlatParams(max_buffer_bytes=...) in MiB (0: one buffer per group; auto: the default); "
+        "a comma list gives one row per value (labels label@one, label@16MiB, label@auto), all interleaved",
+    )
+    parser.add_argument(
+        "--rows",
+        default="",
+        help="keep only these eager rows (comma list of labels; torch-fused is always kept as the baseline)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="cut the timed rounds into this many consecutive blocks and report each row's ratio to torch's best "
+        "per block (median and spread over the blocks), with the load average after each block",
     )
     parser.add_argument(
         "--threads",
@@ -644,7 +728,9 @@ def main() -> None:
             parser.error(f"unknown compiled row {r!r}")
     global DEVICE, FLATPARAMS_MAX_BYTES
     DEVICE = torch.device(args.device)
-    FLATPARAMS_MAX_BYTES = int(args.flatparams_max_mib * 2**20) or None
+    FLATPARAMS_MAX_BYTES = [
+        "auto" if m == "auto" else int(float(m) * 2**20) or None for m in args.flatparams_max_mib.split(",")
+    ]
     if args.quick:
         args.scale, args.rounds, args.warmup = 0.01, 3, 1
     algos = list(ALGOS) if args.algos == "all" else args.algos.split(",")
@@ -665,7 +751,7 @@ def main() -> None:
                 inner = args.inner if DEVICE.type == "cuda" else 1
                 rows = bench(
                     algo, set_name, args.scale, args.rounds, args.warmup, bandwidth, inner, compiled,
-                    args.compile_timeout, args.memory,
+                    args.compile_timeout, args.memory, [r for r in args.rows.split(",") if r], args.repeats,
                 )  # fmt: skip
             except (ImportError, AttributeError) as exc:  # an algorithm this checkout does not have yet
                 print(f"{set_name:<11} {algo.name:<13} skipped: {exc}")
@@ -679,6 +765,12 @@ def main() -> None:
                     f"{row['ratio_to_torch_best']:13.2f} {row['bandwidth_fraction']:12.0%}"
                     + (f"  (compile {row['compile_s']:.1f} s)" if row.get("compile_s") is not None else "")
                     + (f"  [{row['transient_bytes'] / 2**20:.1f} MiB]" if "transient_bytes" in row else "")
+                    + (f"  faults {row['page_faults_per_step']:.0f}" if "page_faults_per_step" in row else "")
+                    + (
+                        f"  repeats {min(row['repeat_ratios']):.2f}-{max(row['repeat_ratios']):.2f}"
+                        if "repeat_ratios" in row
+                        else ""
+                    )
                 )
             results.extend(rows)
     if args.json:

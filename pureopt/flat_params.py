@@ -24,8 +24,9 @@ numbers, so ``wrap`` refuses it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -44,7 +45,14 @@ from pureopt.base import (
 from pureopt.flat import FlatLayout
 from pureopt.tree import PyTreeSpec
 
-__all__ = ["FlatParams"]
+__all__ = ["FlatParams", "AUTO_BUFFER_BYTES", "AUTO_MAX_BUFFERS"]
+
+AUTO_BUFFER_BYTES = 16 << 20
+"""``max_buffer_bytes="auto"``: CPU groups larger than this are cut into buffers of at most this size (glibc serves
+such blocks from its heap once it has freed one: they are not mapped and faulted in again at every step)..."""
+AUTO_MAX_BUFFERS = 16
+"""...but into at most about this many buffers per group (bigger ones if the group needs more), because compile
+time grows with the number of buffers (docs/benchmarks.md, "Buffer size")."""
 
 
 class FlatParams:
@@ -62,10 +70,15 @@ class FlatParams:
 
     Args:
       params: a pytree of dense (strided) tensors; no ``None`` leaves. The tensors are copied (detached).
-      max_buffer_bytes: if given, a group is cut (between tensors) into buffers of at most this many bytes (a
-        larger tensor gets a buffer of its own). A step that is not donated allocates new buffers every step; glibc
-        maps blocks above 32 MiB fresh (``mmap``) and the step faults them in page by page, so smaller buffers can
-        come back from the heap instead. Compile time grows with the number of buffers.
+      max_buffer_bytes: an int cuts each group (between tensors) into buffers of at most this many bytes (a
+        larger tensor gets a buffer of its own); ``None`` keeps one buffer per group. A step that is not donated
+        allocates new buffers every step; glibc maps blocks above 32 MiB fresh (``mmap``) and the step faults them
+        in page by page (a compiled step over one 40 MB buffer: 5-6x torch's fused AdamW), while smaller buffers
+        come back from the heap (1.2-1.3x). Compile time grows with the number of buffers (1: 3 s, 10-20: 11-15 s,
+        ~150: 77 s of CPU on 2 cores), and a donated step allocates nothing, so it gains nothing from cutting.
+        ``"auto"`` (default): CPU groups larger than :data:`AUTO_BUFFER_BYTES` (16 MiB) are cut into buffers of
+        at most ``max(16 MiB, group bytes / AUTO_MAX_BUFFERS)``, i.e. about 16 buffers at most; other groups (and
+        every non-CPU group: the CUDA caching allocator reuses blocks) stay whole.
 
     Example::
 
@@ -85,7 +98,7 @@ class FlatParams:
             buffers, state = opt_step(grads, state, buffers)
     """
 
-    def __init__(self, params: Params, max_buffer_bytes: int | None = None) -> None:
+    def __init__(self, params: Params, max_buffer_bytes: int | Literal["auto"] | None = "auto") -> None:
         leaves, spec = _tree.flatten(params)
         paths = _tree.tree_paths(params)
         for path, leaf in zip(paths, leaves):
@@ -101,17 +114,26 @@ class FlatParams:
                 )
         if not leaves:
             raise ValueError("FlatParams: the parameter tree has no tensors")
-        if max_buffer_bytes is not None and not max_buffer_bytes > 0:
-            raise ValueError(f"FlatParams: max_buffer_bytes must be positive, got {max_buffer_bytes}")
+        limit: Callable[[torch.device, int], int | None]
+        if max_buffer_bytes == "auto":
+            limit = _auto_limit
+        elif max_buffer_bytes is None:
+            limit = lambda device, group_bytes: None
+        elif isinstance(max_buffer_bytes, int) and not isinstance(max_buffer_bytes, bool) and max_buffer_bytes > 0:
+            limit = lambda device, group_bytes, m=max_buffer_bytes: m  # type: ignore[misc]
+        else:
+            raise ValueError(
+                f"FlatParams: max_buffer_bytes must be a positive int, None or 'auto', got {max_buffer_bytes!r}"
+            )
         self.spec: PyTreeSpec = spec
-        self.layout = FlatLayout(leaves, None if max_buffer_bytes is None else _chunks(leaves, max_buffer_bytes))
+        self.layout = FlatLayout(leaves, _chunks(leaves, limit))
         self.shapes: tuple[torch.Size, ...] = tuple(leaf.shape for leaf in leaves)
         with torch.no_grad():
             self.buffers: tuple[Tensor, ...] = tuple(self.layout.gather([leaf.detach() for leaf in leaves]))
 
     @property
     def num_groups(self) -> int:
-        """How many buffers (distinct (device, dtype) pairs) the layout has."""
+        """How many buffers the layout has (one per (device, dtype) group, or more where groups are cut)."""
         return len(self.layout.groups)
 
     @property
@@ -219,19 +241,27 @@ class FlatParams:
         return leaf_transformation(init_leaves, update_leaves)
 
 
-def _chunks(tensors: Sequence[Tensor], max_bytes: int) -> list[list[int]]:
+def _auto_limit(device: torch.device, group_bytes: int) -> int | None:
+    """``max_buffer_bytes="auto"``: the most bytes per buffer for a (device, dtype) group of ``group_bytes``."""
+    if device.type != "cpu" or group_bytes <= AUTO_BUFFER_BYTES:
+        return None
+    return max(AUTO_BUFFER_BYTES, math.ceil(group_bytes / AUTO_MAX_BUFFERS))
+
+
+def _chunks(tensors: Sequence[Tensor], limit: Callable[[torch.device, int], int | None]) -> list[list[int]]:
     """Groups of tensor indices, one (device, dtype) each (first-seen order), cut so that a group holds at most
-    ``max_bytes`` unless a single tensor is larger."""
+    ``limit(device, bytes of the whole group)`` bytes (``None``: not cut) unless a single tensor is larger."""
     by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         by_kind.setdefault((t.device, t.dtype), []).append(i)
     groups: list[list[int]] = []
-    for indices in by_kind.values():
+    for (device, _), indices in by_kind.items():
+        sizes = [tensors[i].numel() * tensors[i].element_size() for i in indices]
+        max_bytes = limit(device, sum(sizes))
         current: list[int] = []
         size = 0
-        for i in indices:
-            nbytes = tensors[i].numel() * tensors[i].element_size()
-            if current and size + nbytes > max_bytes:
+        for i, nbytes in zip(indices, sizes):
+            if max_bytes is not None and current and size + nbytes > max_bytes:
                 groups.append(current)
                 current, size = [], 0
             current.append(i)

@@ -247,6 +247,27 @@ def test_views_and_their_gradients() -> None:
     assert all(torch.equal(x, y) for x, y in zip(flat.flatten(per_tensor), flat_grads))
 
 
+def test_default_buffer_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``max_buffer_bytes="auto"`` (default): a CPU group above ``AUTO_BUFFER_BYTES`` is cut between tensors into
+    buffers of at most ``max(AUTO_BUFFER_BYTES, group bytes / AUTO_MAX_BUFFERS)``; smaller groups, and other devices,
+    stay whole. The constants are shrunk here so that small tensors exercise each case (closed-form layouts)."""
+    import pureopt.flat_params as fp
+
+    tree = {f"t{i}": torch.zeros(4) for i in range(8)}  # 8 float32 tensors of 16 bytes: 128 bytes
+    assert FlatParams(tree).segments == [(4,) * 8]  # 128 bytes: far below 16 MiB, one buffer
+    assert fp.AUTO_BUFFER_BYTES == 16 << 20 and fp.AUTO_MAX_BUFFERS == 16
+    monkeypatch.setattr(fp, "AUTO_BUFFER_BYTES", 32)
+    assert FlatParams(tree).segments == [(4, 4)] * 4  # 32-byte buffers (4 <= 16 of them)
+    assert FlatParams(tree, max_buffer_bytes=None).num_groups == 1
+    assert FlatParams(tree, max_buffer_bytes=64).segments == [(4,) * 4] * 2
+    monkeypatch.setattr(fp, "AUTO_MAX_BUFFERS", 2)
+    assert FlatParams(tree).segments == [(4,) * 4] * 2  # 64-byte buffers: at most 2
+    mixed = {**tree, "z": torch.zeros(2, dtype=torch.float64)}  # the float64 group (16 bytes) stays whole
+    assert FlatParams(mixed).segments == [(4,) * 4, (4,) * 4, (2,)]
+    on_meta = {k: v.to("meta") for k, v in tree.items()}  # not a CPU group: not cut
+    assert FlatParams(on_meta).num_groups == 1
+
+
 def test_bad_input_is_refused_with_a_clear_error() -> None:
     flat = FlatParams(_tree(0))
     with pytest.raises(TypeError, match=r"\['x'\] is None"):
@@ -263,8 +284,9 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
         tx.update((torch.zeros(3),), state, flat.buffers)
     with pytest.raises(ValueError, match="has 2 entries, the layout has 1"):
         tx.update((flat.buffers[0], flat.buffers[0]), state)
-    with pytest.raises(ValueError, match="max_buffer_bytes must be positive"):
-        FlatParams(_tree(0), max_buffer_bytes=0)
+    for bad in (0, -1, True, 1.5, "16MiB"):
+        with pytest.raises(ValueError, match=r"max_buffer_bytes must be a positive int, None or 'auto'"):
+            FlatParams(_tree(0), max_buffer_bytes=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="does not have the parameters' layout"):
         flat.flatten({**_tree(0), "p1": torch.zeros(4)})
 
