@@ -9,7 +9,9 @@ them in Python floats) on the device of the global state they feed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -114,3 +116,18 @@ def reused_temporaries(ops: ListOps, tensors: Sequence[Tensor], enabled: bool) -
     finally:
         scratch.reset()
         scratch.active = False
+
+
+R = TypeVar("R")
+
+
+def scratch_math(math: Callable[[Any, ListOps], R]) -> Callable[[Any], R]:
+    """An algorithm's ``math(k, ops)`` as ``math(k)``, run with :func:`reused_temporaries` ops over ``k.g`` (enabled
+    on the applied CPU path, :func:`on_host_scalars`)."""
+
+    @functools.wraps(math)
+    def run(k: Any) -> R:
+        with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
+            return math(k, ops)
+
+    return run

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pureopt.algorithms._sums import on_host_scalars, reused_temporaries
+from pureopt.algorithms._sums import scratch_math
 from pureopt.algorithms.define import LR, Algorithm, Betas, Eps, Impl, Kernel, NonNeg, StateDtype, state, step_count
 from pureopt.base import GradientTransformation
 from pureopt.kernels.common import adam_bias_corrections, add_update, ema_of_squares, on_host, scalar_for
@@ -99,12 +99,8 @@ def _scalars(k: Kernel, steps: list[Tensor]) -> Mapping[str, list[Any]]:
     return {"step_size": step_size, "bc2_sqrt": bc2_sqrt}
 
 
-def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
-    with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
-        return _math_on(k, ops)
-
-
-def _math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
+@scratch_math
+def _math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     h, own = k.h, k.own
     beta1, beta2 = h.betas
     m = ops.add(ops.mul(k.exp_avg, beta1, inplace=k.donate), k.g, alpha=1 - beta1, inplace=k.donate)

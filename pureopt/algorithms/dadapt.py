@@ -50,7 +50,14 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from pureopt.algorithms._sums import abs_total, dot_total, number, on_host_scalars, reused_temporaries, sq_total
+from pureopt.algorithms._sums import (
+    abs_total,
+    dot_total,
+    number,
+    on_host_scalars,
+    scratch_math,
+    sq_total,
+)
 from pureopt.algorithms.define import (
     LR,
     Algorithm,
@@ -76,12 +83,8 @@ def _lr(h: Any, like: Tensor) -> Any:
     return h.lr.to(like) if isinstance(h.lr, Tensor) else h.lr
 
 
-def _adam_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
-    with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
-        return _adam_math_on(k, ops)
-
-
-def _adam_math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
+@scratch_math
+def _adam_math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     h, own = k.h, k.own
     beta1, beta2 = h.betas
     b = math.sqrt(beta2)
@@ -132,12 +135,8 @@ def _adam_math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping
     return updates, {**new, **globals_}
 
 
-def _sgd_math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
-    with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
-        return _sgd_math_on(k, ops)
-
-
-def _sgd_math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
+@scratch_math
+def _sgd_math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     h, own = k.h, k.own
     d, r, step, g0 = k.d, k.numerator_weighted, k.k, k.g0_norm
     g0 = torch.where(step == 0, torch.sqrt(sq_total(ops, k.g, d)), g0)

@@ -30,7 +30,7 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from pureopt.algorithms._sums import norm_total, number, on_host_scalars, reused_temporaries, sq_total
+from pureopt.algorithms._sums import norm_total, number, on_host_scalars, scratch_math, sq_total
 from pureopt.algorithms.define import LR, Algorithm, Global, Impl, Kernel, NonNeg, StateDtype, param_copy
 from pureopt.algorithms.prodigy import positive, scalar0
 from pureopt.base import GradientTransformation
@@ -40,12 +40,8 @@ from pureopt.kernels.listops import ListOps
 __all__ = ["DOG", "DoGState", "dog"]
 
 
-def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
-    with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
-        return _math_on(k, ops)
-
-
-def _math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
+@scratch_math
+def _math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     h, own = k.h, k.own
     rbar, total, step = k.rbar, k.G, k.k
     first = step == 0

@@ -46,7 +46,14 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from pureopt.algorithms._sums import abs_total, dot_total, like_scalar, number, on_host_scalars, reused_temporaries
+from pureopt.algorithms._sums import (
+    abs_total,
+    dot_total,
+    like_scalar,
+    number,
+    on_host_scalars,
+    scratch_math,
+)
 from pureopt.algorithms.define import (
     LR,
     Algorithm,
@@ -90,12 +97,8 @@ def scalar0(value: float | Callable[[Hyper], float]) -> Callable[[Hyper, torch.d
     return init
 
 
-def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
-    with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
-        return _math_on(k, ops)
-
-
-def _math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
+@scratch_math
+def _math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     h, own = k.h, k.own
     beta1, beta2 = h.betas
     beta3 = math.sqrt(beta2) if h.beta3 is None else h.beta3

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from pureopt.algorithms._sums import on_host_scalars, reused_temporaries
+from pureopt.algorithms._sums import scratch_math
 from pureopt.algorithms.adamp import projected_step
 from pureopt.algorithms.define import LR, Algorithm, Eps, Impl, Kernel, NonNeg, StateDtype, state
 from pureopt.base import GradientTransformation
@@ -38,12 +38,8 @@ from pureopt.kernels.listops import ListOps
 __all__ = ["SGDP", "SGDPState", "sgdp", "scale_by_sgdp"]
 
 
-def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
-    with reused_temporaries(k.ops, k.g, on_host_scalars(k.apply, k.g)) as ops:
-        return _math_on(k, ops)
-
-
-def _math_on(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
+@scratch_math
+def _math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     h = k.h
     buf = ops.add(ops.mul(k.momentum, h.momentum, inplace=k.donate), k.g, alpha=1 - h.dampening, inplace=k.donate)
     u = ops.add(ops.mul(buf, h.momentum), k.g) if h.nesterov else buf
