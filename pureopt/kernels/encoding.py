@@ -109,17 +109,20 @@ def _lookup(values: tuple[float, ...], device: torch.device) -> tuple[Tensor, Te
     return None
 
 
-def nearest_index(x: Tensor, values: tuple[float, ...]) -> Tensor:
+def nearest_index(x: Tensor, values: tuple[float, ...], out: Tensor | None = None) -> Tensor:
     """The index (uint8) of the nearest of the sorted ``values`` for each element of the flat float32 ``x``; a tie
-    goes to the lower value (``torch.bucketize`` against the midpoints, which it equals bitwise)."""
+    goes to the lower value (``torch.bucketize`` against the midpoints, which it equals bitwise). Written into
+    ``out`` (uint8, like ``x``) if given."""
     lookup = _lookup(values, x.device)
     if lookup is None or len(values) > 256:
         _, mids = _table(values, x.device)
-        return torch.bucketize(x, mids).to(torch.uint8)
+        idx = torch.bucketize(x, mids).to(torch.uint8)
+        return idx if out is None else out.copy_(idx)
     table, padded, shift = lookup
     key = torch.bitwise_right_shift(x.view(torch.int32), shift).bitwise_and_((1 << (32 - shift)) - 1)
     below = torch.index_select(table, 0, key)
-    return below.add_(x > torch.index_select(padded, 0, key.copy_(below)))
+    above = x > torch.index_select(padded, 0, key.copy_(below))
+    return below.add_(above) if out is None else torch.add(below, above, out=out)
 
 
 class Encoding:
@@ -265,7 +268,8 @@ class BlockEncoding(Encoding):
         nb = -(-n // self.block)
         pad = nb * self.block - n
         blocks = (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(nb, self.block)
-        absmax = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_())
+        least, most = torch.aminmax(blocks, dim=1)
+        absmax = torch.maximum(most, least.neg_())
         scale = absmax / self.top
         stored.scale[b0 : b0 + nb].copy_(scale)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -274,10 +278,10 @@ class BlockEncoding(Encoding):
             stored.codes[lo : lo + n].copy_(normed.clamp_(-self.top, self.top))
             return
         assert self.code is not None
-        idx = nearest_index(normed, self.code)
         if self.bits == 8:
-            stored.codes[lo : lo + n].copy_(idx)
+            nearest_index(normed, self.code, out=stored.codes[lo : lo + n])
             return
+        idx = nearest_index(normed, self.code)
         if n % 2:
             idx = torch.cat((idx, idx.new_zeros(1)))
         pairs = idx.view(-1, 2)
