@@ -180,8 +180,11 @@ class FloatEncoding(Encoding):
             out.copy_(x.reshape(-1))
             return
         key = torch.tensor((self.seed * 0x9E3779B1 + stream) & 0xFFFFFFFF, dtype=torch.int64, device=x.device)
-        bits = random_bits(key, counter, lo, x.numel(), x.device)
-        out.copy_(stochastic_round(x.reshape(-1), self.dtype, bits))
+        flat = x.reshape(-1)
+        for start in range(0, flat.numel(), PIECE_ELEMENTS):  # (the hash's int64 temporaries: one piece at a time)
+            part = flat[start : start + PIECE_ELEMENTS]
+            bits = random_bits(key, counter, lo + start, part.numel(), x.device)
+            out[start : start + part.numel()].copy_(stochastic_round(part, self.dtype, bits))
 
     def like(self, stored: Tensor) -> Tensor:
         return torch.empty_like(stored)
