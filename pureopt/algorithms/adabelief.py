@@ -77,7 +77,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 ADABELIEF = Algorithm(
     "AdaBelief",
     record="ScaleByBeliefState",
-    module=__name__,
     fields={
         "step": step_count(),
         "exp_avg": state("first moments."),
@@ -86,7 +85,7 @@ ADABELIEF = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0, "decoupled_weight_decay": True},
+    neutral={"decoupled_weight_decay": True},
     check_order=("lr", "eps", "betas", "weight_decay"),
     doc="State of :func:`adabelief` and :func:`scale_by_belief`.",
 )

@@ -65,14 +65,12 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 ADADELTA = Algorithm(
     "Adadelta",
     record="ScaleByAdadeltaState",
-    module=__name__,
     fields={
         "step": step_count("per-parameter step counts (0-d float tensors; kept for torch's state format, not used)."),
         "square_avg": state("running averages of the squared gradients."),
         "acc_delta": state("running averages of the squared steps."),
     },
     math=_math,
-    neutral={"weight_decay": 0.0},
     doc="State of :func:`adadelta` and :func:`scale_by_adadelta` (torch.optim.Adadelta's state keys).",
 )
 ScaleByAdadeltaState = ADADELTA.state

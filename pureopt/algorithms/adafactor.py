@@ -223,7 +223,6 @@ def _variance(h: Hyper, dtype: torch.dtype | None) -> Callable[[Tensor], Any]:
 ADAFACTOR = Algorithm(
     "Adafactor",
     record="ScaleByFactoredRmsState",
-    module=__name__,
     fields={
         "step": step_count(),
         "row_var": Field("row factors of the second moment (factored parameters).", _factor(-1), like_param=False),
@@ -232,7 +231,6 @@ ADAFACTOR = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0},
     elementwise=False,
     params_required="adafactor",
     params_required_when=lambda h: h.lr is not None,

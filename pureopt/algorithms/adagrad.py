@@ -168,7 +168,6 @@ def _sparse(
 ADAGRAD = Algorithm(
     "Adagrad",
     record="ScaleByAdagradState",
-    module=__name__,
     fields={
         "step": step_count(),
         "sum": Field("per-parameter sums of squared gradients (dense, shaped like the parameter).", _accumulator_init),
@@ -179,7 +178,7 @@ ADAGRAD = Algorithm(
     fused_state=("sum",),
     fused_devices=("cpu",),  # torch._fused_adagrad_ exists on the CPU only; CUDA takes foreach
     fused_when=lambda h: not isinstance(h.lr, Tensor),
-    neutral={"weight_decay": 0.0, "lr_decay": 0.0},
+    neutral={"lr_decay": 0.0},
     sparse=_sparse,
     amp_native=True,
     doc="State of :func:`adagrad` and :func:`scale_by_adagrad` (torch.optim.Adagrad's state keys).",

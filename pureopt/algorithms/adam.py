@@ -134,7 +134,6 @@ def _fused_math(k: Kernel, plan: _fused.Plan) -> Out:
 ADAM = Algorithm(
     "Adam",
     record="ScaleByAdamState",
-    module=__name__,
     fields={
         "step": step_count(),
         "exp_avg": state("first moments."),
@@ -147,7 +146,7 @@ ADAM = Algorithm(
     scalars=_scalars,
     fused=_fused_math,
     fused_state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-    neutral={"weight_decay": 0.0, "decoupled_weight_decay": False},
+    neutral={"decoupled_weight_decay": False},
     amp_native=True,
     chunked=False,
     doc="State of :func:`adam`, :func:`adamw` and :func:`scale_by_adam` (torch.optim's state keys).",

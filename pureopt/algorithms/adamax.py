@@ -51,7 +51,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 ADAMAX = Algorithm(
     "Adamax",
     record="ScaleByAdamaxState",
-    module=__name__,
     fields={
         "step": step_count(),
         "exp_avg": state("first moments."),
@@ -59,7 +58,6 @@ ADAMAX = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0},
     check_order=("lr", "eps", "betas", "weight_decay"),
     doc="State of :func:`adamax` and :func:`scale_by_adamax` (torch.optim.Adamax's state keys).",
 )

@@ -151,7 +151,6 @@ def per_tensor_factors(values: list[Any], like: list[Tensor]) -> list[Any]:
 ADAMP = Algorithm(
     "AdamP",
     record="ScaleByAdamPState",
-    module=__name__,
     dtensor=False,  # (its per-tensor / global values are plain tensors: tests/test_fsdp_registry.py)
     fields={
         "step": step_count(),
@@ -160,7 +159,6 @@ ADAMP = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0},
     needs_params=("weight_decay", "delta"),
     elementwise=False,
     check_order=("lr", "eps", "betas", "weight_decay"),

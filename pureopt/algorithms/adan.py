@@ -115,7 +115,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 ADAN = Algorithm(
     "Adan",
     record="AdanState",
-    module=__name__,
     fields={
         "step": step_count(),
         "exp_avg": state("EMAs of the gradient."),
@@ -125,7 +124,7 @@ ADAN = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0, "no_prox": False},
+    neutral={"no_prox": False},
     check_order=("lr", "eps", "betas", "weight_decay"),
     doc="State of :func:`adan` and :func:`scale_by_adan`.",
 )

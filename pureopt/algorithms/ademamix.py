@@ -159,7 +159,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 ADEMAMIX = Algorithm(
     "AdEMAMix",
     record="AdEMAMixState",
-    module=__name__,
     fields={
         "step": step_count("per-parameter step counts (bias corrections and the alpha / beta3 warmups use them)."),
         "exp_avg_fast": state("the fast EMA of the gradient (``beta1``)."),
@@ -168,7 +167,6 @@ ADEMAMIX = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0},
     check_order=("lr", "eps", "betas", "alpha", "alpha_warmup", "beta3_warmup"),
     doc="State of :func:`ademamix` and :func:`scale_by_ademamix`.",
 )

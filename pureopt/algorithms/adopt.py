@@ -130,7 +130,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 ADOPT = Algorithm(
     "ADOPT",
     record="ScaleByAdoptState",
-    module=__name__,
     fields={
         "step": step_count(),
         "exp_avg": state("first moments of the normalised, clipped gradients."),
@@ -138,7 +137,7 @@ ADOPT = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0, "decoupled_weight_decay": False},
+    neutral={"decoupled_weight_decay": False},
     check_order=("lr", "betas", "weight_decay", "eps"),
     doc="State of :func:`adopt` and :func:`scale_by_adopt` (the authors' state keys).",
 )

@@ -116,7 +116,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 ASGD = Algorithm(
     "ASGD",
     record="ASGDState",
-    module=__name__,
     fields={
         "step": step_count(),
         "eta": Field(

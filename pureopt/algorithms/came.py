@@ -192,7 +192,6 @@ Eps2 = Annotated[tuple[float, float], Check(_eps2)]
 CAME = Algorithm(
     "CAME",
     record="CAMEState",
-    module=__name__,
     dtensor=False,  # (its per-tensor / global values are plain tensors: tests/test_fsdp_registry.py)
     fields={
         "step": step_count(),
@@ -208,7 +207,6 @@ CAME = Algorithm(
         ),
     },
     math=_math,
-    neutral={"weight_decay": 0.0},
     elementwise=False,
     check_order=("lr", "betas"),
     doc="State of :func:`came` and :func:`scale_by_came` (``came_pytorch``'s state keys).",

@@ -179,7 +179,6 @@ def _sgd_math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str
 DADAPT_ADAM = Algorithm(
     "DAdaptAdam",
     record="DAdaptAdamState",
-    module=__name__,
     fields={
         "step": step_count(),
         "s": state("weighted sums of the gradients (the denominator of the d estimate)."),
@@ -203,7 +202,6 @@ DAdaptAdamState = DADAPT_ADAM.state
 DADAPT_SGD = Algorithm(
     "DAdaptSGD",
     record="DAdaptSGDState",
-    module=__name__,
     fields={
         "z": param_copy("the dual-averaging iterates x0 - s."),
         "s": state("sums of the gradients, each times its step's dlr."),

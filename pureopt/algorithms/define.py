@@ -359,14 +359,15 @@ class Algorithm:
       name: the torch.optim class name where torch has the algorithm (``"Adam"``), else the algorithm's name; it is
         used in error messages.
       record: the state record's class name (``"LionState"``).
-      module: ``__name__`` of the defining module (the record's home, so that it pickles).
+      module: the record's home module, so that it pickles (default: the module ``math`` is defined in).
       fields: the per-parameter state fields in torch's key order (see :class:`Field`).
       math: the elementwise math (see :data:`MathFn`).
       scalars: per-tensor values from the advanced step counts (see :data:`ScalarsFn`).
       fused: torch's fused kernel (see :data:`FusedFn`); ``fused_state``: the fields it takes, first the one in the
         compute dtype; ``fused_devices``: where torch has it; ``fused_cpu_dtypes``: the dtypes its CPU kernel
         computes right (``None``: all); ``fused_when``: the flags it supports.
-      neutral: values of the hyperparameters a shorter signature (``scale_by_*``) leaves out.
+      neutral: values of the hyperparameters a shorter signature (``scale_by_*``) leaves out (``lr=None``,
+        ``maximize=False`` and ``weight_decay=0.0`` unless given here).
       needs_params: hyperparameters that need the parameters when nonzero (``weight_decay``).
       params_required: the algorithm always needs the parameters (e.g. its trust ratio reads their norms): the name
         its error gives (``"lamb needs the parameters: ..."``), raised before anything changes;
@@ -406,7 +407,7 @@ class Algorithm:
         name: str,
         *,
         record: str,
-        module: str,
+        module: str | None = None,
         fields: Mapping[str, Field],
         math: MathFn,
         scalars: ScalarsFn | None = None,
@@ -444,7 +445,7 @@ class Algorithm:
         self.fused_devices = tuple(fused_devices)
         self.fused_cpu_dtypes = None if fused_cpu_dtypes is None else tuple(fused_cpu_dtypes)
         self.fused_when = fused_when
-        self.neutral = {"lr": None, "maximize": False, **(neutral or {})}
+        self.neutral = {"lr": None, "maximize": False, "weight_decay": 0.0, **(neutral or {})}
         self.needs_params = tuple(needs_params)
         self.params_required = params_required
         self.params_required_when = params_required_when
@@ -462,7 +463,8 @@ class Algorithm:
         self.local_shards = local_shards
         self.leaf_args = tuple(leaf_args)
         self.check_order = list(check_order)
-        self.state = _record(record, module, {**self.fields, **self.globals}, doc or f"State of the {name} algorithm.")
+        home = module or math.__module__
+        self.state = _record(record, home, {**self.fields, **self.globals}, doc or f"State of the {name} algorithm.")
 
     # --- public functions -----------------------------------------------------------------------------------------
 

@@ -68,7 +68,6 @@ def _math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, An
 DOG = Algorithm(
     "DoG",
     record="DoGState",
-    module=__name__,
     fields={"x0": param_copy("the initial parameters (the reference's ``init_buffer``).")},
     math=_math,
     elementwise=False,

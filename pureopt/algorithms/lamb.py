@@ -85,7 +85,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 LAMB = Algorithm(
     "LAMB",
     record="LambState",
-    module=__name__,
     fields={
         "step": step_count(),
         "exp_avg": state("first moments."),

@@ -132,7 +132,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 LAPROP = Algorithm(
     "LaProp",
     record="ScaleByLaPropState",
-    module=__name__,
     fields={
         "step": step_count(),
         "exp_avg": state("momentum of the normalised gradients (the learning rate inside)."),
@@ -144,7 +143,6 @@ LAPROP = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0},
     check_order=("lr", "betas", "weight_decay", "eps"),
     doc="State of :func:`laprop` and :func:`scale_by_laprop` (pytorch-optimizer's state keys).",
 )

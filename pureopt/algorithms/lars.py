@@ -93,7 +93,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 LARS = Algorithm(
     "LARS",
     record="LarsState",
-    module=__name__,
     fields={
         "momentum_buffer": state(
             "per-parameter momentum buffers (they include the learning rate, as in the paper).",

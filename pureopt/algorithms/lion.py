@@ -48,10 +48,8 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 LION = Algorithm(
     "Lion",
     record="LionState",
-    module=__name__,
     fields={"exp_avg": state("the momentum (an EMA of the gradients with ``beta2``).")},
     math=_math,
-    neutral={"weight_decay": 0.0},
     doc="State of :func:`lion` and :func:`scale_by_lion`.",
 )
 LionState = LION.state

@@ -128,7 +128,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 MADGRAD = Algorithm(
     "MADGRAD",
     record="MadgradState",
-    module=__name__,
     fields={
         "step": step_count(),
         "grad_sum_sq": state("weighted sums of the squared gradients (S)."),
@@ -137,7 +136,6 @@ MADGRAD = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={},
     params_required="madgrad",
     check_order=("lr", "momentum", "weight_decay", "eps"),
     doc="State of :func:`madgrad` (the ``madgrad`` package's state keys, with torch's ``step``).",

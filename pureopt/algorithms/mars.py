@@ -187,7 +187,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 MARS = Algorithm(
     "MARS",
     record="ScaleByMarsState",
-    module=__name__,
     fields={
         "step": step_count(),
         "exp_avg": state("momentum of the variance-reduced gradients (of the gradients for 1-d AdamW tensors)."),
@@ -199,7 +198,7 @@ MARS = Algorithm(
     scalars=_scalars,
     elementwise=False,
     tensorwise=True,
-    neutral={"weight_decay": 0.0, "weight_decay_1d": 0.0, "optimize_1d": True, "lr_1d_factor": 1.0},
+    neutral={"weight_decay_1d": 0.0, "optimize_1d": True, "lr_1d_factor": 1.0},
     check_order=("lr", "betas", "mars_type", "gamma", "weight_decay", "weight_decay_1d", "eps"),
     doc="State of :func:`mars` and :func:`scale_by_mars` (pytorch-optimizer's state keys).",
 )

@@ -134,14 +134,12 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 MUON = Algorithm(
     "Muon",
     record="MuonState",
-    module=__name__,
     fields={
         "momentum_buffer": Field(
             "per-parameter momentum buffers (torch.optim.Muon's ``momentum_buffer``), zeros at first.", _buffer
         )
     },
     math=_math,
-    neutral={"weight_decay": 0.0},
     params_required="muon",
     params_required_when=lambda h: h.lr is not None,
     real_only=True,

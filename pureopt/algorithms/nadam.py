@@ -116,7 +116,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 NADAM = Algorithm(
     "NAdam",
     record="ScaleByNAdamState",
-    module=__name__,
     fields={
         "step": step_count(),
         "mu_product": scalar_state(_mu_product_init, "running products of the momentum coefficients (0-d each)."),
@@ -125,7 +124,7 @@ NADAM = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0, "decoupled_weight_decay": False},
+    neutral={"decoupled_weight_decay": False},
     check_order=("lr", "eps", "betas", "weight_decay", "momentum_decay"),
     doc="State of :func:`nadam` and :func:`scale_by_nadam` (torch.optim.NAdam's state keys).",
 )

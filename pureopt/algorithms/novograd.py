@@ -88,7 +88,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 NOVOGRAD = Algorithm(
     "NovoGrad",
     record="NovoGradState",
-    module=__name__,
     fields={
         "step": step_count("per-parameter step counts (the first step initialises the layer moment)."),
         "exp_avg": state("per-parameter momentum of the normalised gradients."),
@@ -98,7 +97,6 @@ NOVOGRAD = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0},
     elementwise=False,  # (the norms, in ``scalars``; the math itself is elementwise given them)
     tensorwise=True,
     local_shards=True,

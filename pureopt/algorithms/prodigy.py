@@ -167,7 +167,6 @@ def _math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, An
 PRODIGY = Algorithm(
     "Prodigy",
     record="ProdigyState",
-    module=__name__,
     fields={
         "step": step_count(),
         "s": state("weighted sums of the gradients (the denominator of the d estimate)."),

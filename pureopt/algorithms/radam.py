@@ -135,11 +135,10 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 RADAM = Algorithm(
     "RAdam",
     record="ScaleByRAdamState",
-    module=__name__,
     fields={"step": step_count(), "exp_avg": state("first moments."), "exp_avg_sq": state("second moments.")},
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0, "decoupled_weight_decay": False},
+    neutral={"decoupled_weight_decay": False},
     check_order=("lr", "eps", "betas", "weight_decay"),
     doc="State of :func:`radam` and :func:`scale_by_radam` (torch.optim.RAdam's state keys).",
 )

@@ -55,7 +55,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 RMSPROP = Algorithm(
     "RMSprop",
     record="ScaleByRmsState",
-    module=__name__,
     fields={
         "step": step_count(),
         "square_avg": state("running averages of the squared gradients.", nonneg=True),
@@ -63,7 +62,7 @@ RMSPROP = Algorithm(
         "grad_avg": state("running averages of the gradients.", when=lambda h: h.centered),
     },
     math=_math,
-    neutral={"weight_decay": 0.0, "momentum": 0.0},
+    neutral={"momentum": 0.0},
     check_order=("lr", "eps", "momentum", "weight_decay", "alpha"),
     doc="State of :func:`rmsprop` and :func:`scale_by_rms` (torch.optim.RMSprop's state keys).",
 )

@@ -135,7 +135,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 RPROP = Algorithm(
     "Rprop",
     record="ScaleByRpropState",
-    module=__name__,
     fields={
         "step": step_count(),
         "prev": state("the previous gradients, zeroed where their sign changed."),

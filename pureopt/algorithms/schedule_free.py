@@ -163,7 +163,6 @@ def _zero(h: Any, device: torch.device) -> Tensor:
 SCHEDULE_FREE = Algorithm(
     "ScheduleFree",
     record="ScheduleFreeState",
-    module=__name__,
     fields={
         "step": Field(
             "per-parameter step counts for Adam's bias correction (AdamW)",

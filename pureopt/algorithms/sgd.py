@@ -162,7 +162,6 @@ def _sparse(
 SGD = Algorithm(
     "SGD",
     record="TraceState",
-    module=__name__,
     fields={
         "momentum_buffer": state("per-parameter momentum buffers.", when=lambda h: h.momentum != 0),
         "step": Field(
@@ -179,7 +178,6 @@ SGD = Algorithm(
     fused_state=("momentum_buffer",),
     fused_cpu_dtypes=(torch.float32, torch.float64),  # torch 2.13's CPU kernel skips bf16/fp16 (see fused_plan)
     fused_when=lambda h: h.momentum == 0 or h.dampening == 0,
-    neutral={"weight_decay": 0.0},
     sparse=_sparse,
     amp_native=True,
     doc="State of :func:`trace` and :func:`sgd` (torch.optim.SGD's state keys); a state never holds ``None`` "

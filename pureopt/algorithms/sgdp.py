@@ -58,11 +58,10 @@ def _math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, li
 SGDP = Algorithm(
     "SGDP",
     record="SGDPState",
-    module=__name__,
     dtensor=False,  # (its per-tensor / global values are plain tensors: tests/test_fsdp_registry.py)
     fields={"momentum": state("momentum buffers.")},
     math=_math,
-    neutral={"weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0},
+    neutral={"momentum": 0.0, "dampening": 0.0},
     needs_params=("weight_decay", "delta"),
     elementwise=False,
     check_order=("lr", "momentum", "weight_decay"),

@@ -69,10 +69,9 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 SIGNUM = Algorithm(
     "Signum",
     record="SignumState",
-    module=__name__,
     fields={"momentum_buffer": state("per-parameter EMAs of the gradient (Signum).", when=lambda h: h.momentum != 0)},
     math=_math,
-    neutral={"weight_decay": 0.0, "decoupled_weight_decay": False, "momentum": 0.0},
+    neutral={"decoupled_weight_decay": False, "momentum": 0.0},
     doc="State of :func:`sign_sgd`, :func:`signum` and the sign primitives.",
 )
 SignumState = SIGNUM.state

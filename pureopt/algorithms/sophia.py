@@ -78,7 +78,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 SOPHIA = Algorithm(
     "SophiaG",
     record="SophiaGState",
-    module=__name__,
     fields={
         "step": step_count(),
         "exp_avg": state("first moments."),
@@ -86,7 +85,6 @@ SOPHIA = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0},
     leaf_args=("hessian",),
     check_order=("lr", "betas", "rho", "weight_decay"),
     doc="State of :func:`sophia_g` and :func:`scale_by_sophia` (``sophia_opt.SophiaG``'s state keys).",

@@ -101,7 +101,6 @@ def _sparse(indices: Tensor, values: Tensor, like: Tensor) -> Tensor:
 SPARSE_ADAM = Algorithm(
     "SparseAdam",
     record="SparseAdamState",
-    module=__name__,
     fields={
         "step": step_count(
             "per-parameter step counts (0-d float tensors; torch keeps a Python int under the same key)."

@@ -72,7 +72,6 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 YOGI = Algorithm(
     "Yogi",
     record="ScaleByYogiState",
-    module=__name__,
     fields={
         "step": dataclasses.replace(
             step_count("per-parameter step counts for the bias correction."), when=lambda h: h.bias_correction
@@ -84,7 +83,6 @@ YOGI = Algorithm(
     },
     math=_math,
     scalars=_scalars,
-    neutral={"weight_decay": 0.0},
     check_order=("lr", "eps", "betas"),
     doc="State of :func:`yogi` and :func:`scale_by_yogi`.",
 )
