@@ -103,10 +103,7 @@ def _fused_math(k: Kernel, plan: _fused.Plan) -> Out:
             _fused.undo_steps(st, amp["found_inf"])
             return None
         assert ctx.grad_scale is None and ctx.found_inf is None
-        if h.maximize:
-            g = FOREACH.neg(g)
-        if h.weight_decay != 0:
-            g = FOREACH.add(g, cast_like(p, s), alpha=h.weight_decay, inplace=h.maximize)
+        g = _fused.folded_grads(g, p, h.maximize, h.weight_decay)
         updates = _fused.zeros_like_all(s)
         torch._fused_adagrad_(updates, g, s, st, lr=kernel_lr, lr_decay=kernel_decay, weight_decay=0.0, eps=h.eps,
                               maximize=False)  # fmt: skip

@@ -107,10 +107,8 @@ def _fused_math(k: Kernel, plan: _fused.Plan) -> Out:
             _fused.undo_steps(st, amp["found_inf"])
             return None
         assert ctx.grad_scale is None and ctx.found_inf is None
-        if h.maximize:
-            g = FOREACH.neg(g)
-        if h.weight_decay != 0 and not h.decoupled_weight_decay:
-            g = FOREACH.add(g, cast_like(p, mm), alpha=h.weight_decay, inplace=h.maximize)
+        coupled = 0.0 if h.decoupled_weight_decay else h.weight_decay
+        g = _fused.folded_grads(g, p, h.maximize, coupled)
         updates = _fused.zeros_like_all(mm)
         torch._fused_adam_(updates, g, mm, vv, vm, st, lr=_fused.fused_lr(kernel_lr, device), beta1=beta1,
                            beta2=beta2, weight_decay=0.0, eps=h.eps, amsgrad=h.amsgrad, maximize=False)  # fmt: skip

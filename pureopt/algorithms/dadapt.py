@@ -176,6 +176,12 @@ def _sgd_math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str
     return ops.sub(ops.lerp(k.p, moved, keep), k.p, inplace=own), {"s": s, "z": z, **globals_}
 
 
+_ESTIMATE = {  # (the values dadaptation keeps in its param groups)
+    "d": Global("the learning-rate estimate d (0-d, float64 where the device has it).", init=scalar0(lambda h: h.d0)),
+    "numerator_weighted": Global("the running numerator r of the estimate.", init=scalar0(0.0)),
+    "k": Global("the number of steps taken (DAdaptAdam's bias correction counts them).", init=scalar0(0.0)),
+}
+
 DADAPT_ADAM = Algorithm(
     "DAdaptAdam",
     record="DAdaptAdamState",
@@ -187,13 +193,7 @@ DADAPT_ADAM = Algorithm(
     },
     math=_adam_math,
     elementwise=False,
-    global_fields={
-        "d": Global(
-            "the learning-rate estimate d (0-d, float64 where the device has it).", init=scalar0(lambda h: h.d0)
-        ),
-        "numerator_weighted": Global("the running numerator r of the estimate.", init=scalar0(0.0)),
-        "k": Global("the number of steps taken (the bias correction's count).", init=scalar0(0.0)),
-    },
+    global_fields=_ESTIMATE,
     check_order=("d0", "lr", "eps", "betas"),
     doc="State of :func:`dadapt_adam` (``dadaptation``'s per-parameter state keys; its group values as global fields).",
 )
@@ -209,14 +209,7 @@ DADAPT_SGD = Algorithm(
     },
     math=_sgd_math,
     elementwise=False,
-    global_fields={
-        "d": Global(
-            "the learning-rate estimate d (0-d, float64 where the device has it).", init=scalar0(lambda h: h.d0)
-        ),
-        "numerator_weighted": Global("the running numerator r of the estimate.", init=scalar0(0.0)),
-        "k": Global("the number of steps taken.", init=scalar0(0.0)),
-        "g0_norm": Global("the norm of the first gradient.", init=scalar0(0.0)),
-    },
+    global_fields={**_ESTIMATE, "g0_norm": Global("the norm of the first gradient.", init=scalar0(0.0))},
     check_order=("d0", "lr"),
     doc="State of :func:`dadapt_sgd` (``dadaptation``'s per-parameter state keys; its group values as global fields).",
 )

@@ -35,7 +35,6 @@ from pureopt.algorithms.define import LR, Algorithm, Field, Hyper, Impl, Kernel,
 from pureopt.base import GradientTransformation, UpdateContext, add_inplace
 from pureopt.kernels import fused as _fused
 from pureopt.kernels.common import cast_like, per_tensor, scalars_for
-from pureopt.kernels.listops import FOREACH
 from pureopt.transforms._util import step_init
 
 __all__ = ["SGD", "SPARSE_WEIGHT_DECAY_ERROR", "TraceState", "sgd", "trace"]
@@ -115,10 +114,7 @@ def _fused_math(k: Kernel, plan: _fused.Plan) -> Out:
                               **_fused.amp_kwargs(ctx.grad_scale, ctx.found_inf, device))  # fmt: skip
             return None
         assert ctx.grad_scale is None and ctx.found_inf is None
-        if h.maximize:
-            g = FOREACH.neg(g)
-        if h.weight_decay != 0:
-            g = FOREACH.add(g, cast_like(p, ref), alpha=h.weight_decay, inplace=h.maximize)
+        g = _fused.folded_grads(g, p, h.maximize, h.weight_decay)
         updates = _fused.zeros_like_all(ref)
         torch._fused_sgd_(updates, g, b, weight_decay=0.0, momentum=h.momentum,
                           lr=_fused.fused_lr(kernel_lr, device), dampening=0.0, nesterov=h.nesterov,

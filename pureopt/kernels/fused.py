@@ -26,6 +26,7 @@ from torch import Tensor
 
 from pureopt.base import GradientTransformation, LeafUpdate
 from pureopt.kernels import select as _select
+from pureopt.kernels.listops import FOREACH
 from pureopt.kernels.select import _dtensor_note, functorch_active
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "group_indices",
     "fused_lr",
     "zeros_like_all",
+    "folded_grads",
     "clone_all",
     "run_grouped",
     "mark_amp_native",
@@ -220,6 +222,20 @@ def fused_lr(lr: float | Tensor, device: torch.device) -> float | Tensor:
 def zeros_like_all(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Fresh zero buffers shaped like ``tensors``."""
     return [torch.zeros_like(t) for t in tensors]
+
+
+def folded_grads(
+    grads: list[Tensor], params: Sequence[Tensor] | None, maximize: bool, weight_decay: float
+) -> list[Tensor]:
+    """The gradients with what torch's fused kernels fold in before their step, for a call on an update buffer
+    (the pure path): negated when maximizing, plus ``weight_decay * p`` (coupled decay; ``p`` cast to the gradient's
+    dtype). ``grads`` are never written."""
+    g = FOREACH.neg(grads) if maximize else grads
+    if weight_decay != 0:
+        assert params is not None
+        p = [q if q.dtype == x.dtype else q.to(x.dtype) for q, x in zip(params, g)]
+        g = FOREACH.add(g, p, alpha=weight_decay, inplace=maximize)
+    return g
 
 
 def clone_all(tensors: Sequence[Tensor]) -> list[Tensor]:
