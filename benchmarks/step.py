@@ -8,6 +8,8 @@ Implementations:
   pureopt-pure                               updates, state = tx.update(...); params = apply_updates(...)
   pureopt-step                               params, state = pureopt.step(tx, grads, state, params): as pure
                                              (inputs untouched), on copies with the donated kernels
+  pureopt-step-copies                        only the copies of params and state pureopt-step makes before its
+                                             in-place step (not a step: the floor of the copy-then-step road)
   pureopt-step-donate-state                  pureopt.step(..., donate="state"): the old state is handed over and
                                              reused (in place); only the parameters are copied
   pureopt-flatparams-step                    pureopt.step over pureopt.FlatParams buffers (one flat buffer per
@@ -229,6 +231,11 @@ def build_runners(algo: Algo, shapes: list[tuple[int, ...]]) -> dict[str, Callab
         stepped["params"], stepped["state"] = pureopt.step(tx, pure_grads, stepped["state"], stepped["params"])
 
     runners["pureopt-step"] = pure_fast_step
+
+    def copies_only() -> None:  # what pureopt.step does before its in-place step: copy the parameters and the state
+        stepped["copies"] = (pureopt.tree.tree_clone(stepped["params"]), pureopt.tree.tree_clone(stepped["state"]))
+
+    runners["pureopt-step-copies"] = copies_only
 
     # the same with the state donated (the caller never reads the old state again): only the parameters are copied
     half = {"params": {str(i): p for i, p in enumerate(make_tensors(shapes, seed=0))}}
