@@ -73,9 +73,10 @@ class FlatParams:
       max_buffer_bytes: an int cuts each group (between tensors) into buffers of at most this many bytes (a
         larger tensor gets a buffer of its own); ``None`` keeps one buffer per group. A step that is not donated
         allocates new buffers every step; glibc maps blocks above 32 MiB fresh (``mmap``) and the step faults them
-        in page by page (a compiled step over one 40 MB buffer: 5-6x torch's fused AdamW), while smaller buffers
-        come back from the heap (1.2-1.3x). Compile time grows with the number of buffers (1: 3 s, 10-20: 11-15 s,
-        ~150: 77 s of CPU on 2 cores), and a donated step allocates nothing, so it gains nothing from cutting.
+        in page by page (a compiled step over one 40 MB buffer: 4-7x torch's fused AdamW), while buffers of at
+        most 16 MiB come back from the heap (1.1-1.5x). Compile time grows with the number of buffers (one: 3-5 s,
+        11-24: 11-15 s, 94: 77 s of CPU on 2 cores), and a donated step allocates nothing, so it gains nothing
+        from cutting.
         ``"auto"`` (default): CPU groups larger than :data:`AUTO_BUFFER_BYTES` (16 MiB) are cut into buffers of
         at most ``max(16 MiB, group bytes / AUTO_MAX_BUFFERS)``, i.e. about 16 buffers at most; other groups (and
         every non-CPU group: the CUDA caching allocator reuses blocks) stay whole.
