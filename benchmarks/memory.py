@@ -67,6 +67,8 @@ STORAGES: dict[str, Any] = {
     # bf16 through the chunked encoding path (decode to fp32, step, round back); a bare torch.bfloat16 keeps the
     # state in bf16 and runs the math in bf16 on whole tensors
     "bf16-enc": FloatEncoding(torch.bfloat16),
+    # the same, written with stochastic rounding (random bits hashed per element and step)
+    "bf16-sr": "bf16-sr",
 }
 
 ALGOS: dict[str, Callable[[Any], pureopt.GradientTransformation]] = {

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from pureopt.kernels.dtensor import is_dtensor
-from pureopt.kernels.encoding import Encoding, FloatEncoding, encoding_for
+from pureopt.kernels.encoding import Encoding, FloatEncoding, compiling, encoding_for
 from pureopt.kernels.listops import ListOps
 
 __all__ = ["CHUNK_ELEMENTS", "compute_dtype", "parse_state_dtype", "run_chunks"]
@@ -150,7 +150,8 @@ def run_chunks(
         }
     updates = None if apply else [torch.empty_like(g, dtype=dt) for g, dt in zip(grads, dtypes)]
     written: set[str] = set()
-    for chunk in _plan([g.numel() for g in grads], splittable, align, elementwise):
+    # (traced by torch.compile: whole tensors, one chunk; inductor fuses decode, math and encode itself)
+    for chunk in _plan([g.numel() for g in grads], splittable, align, elementwise and not compiling()):
         g_c = [_view(grads[i], lo, hi, whole).to(dtypes[i]) for i, lo, hi, whole in chunk]
         p_views = None if params is None else [_view(params[i], lo, hi, whole) for i, lo, hi, whole in chunk]
         p_c = None if p_views is None else [v.to(dtypes[i]) for v, (i, *_) in zip(p_views, chunk)]

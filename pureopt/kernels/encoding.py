@@ -15,7 +15,6 @@ zero, because a second moment decoded as zero makes ``m / sqrt(v)`` blow up).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import torch
@@ -70,33 +69,38 @@ def linear_code(bits: int, zero: bool) -> list[float]:
     return [(i + 1) / n for i in range(n)]
 
 
-@functools.cache
-def _table(values: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    code = torch.tensor(values, dtype=torch.float32, device=device)
-    mids = (code[1:] + code[:-1]) / 2  # nearest value: the number of midpoints below it
-    return code, mids
-
-
 _SHIFTS = (16, 15, 14, 13, 12)
 
 PIECE_ELEMENTS = 1 << 16
 """Elements a block encoding decodes / encodes at a time (see :meth:`BlockEncoding._pieces`)."""
 
 
-@functools.cache
-def _lookup(values: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor, int] | None:
-    """A table that replaces the binary search for the nearest code value.
+class _Tables(NamedTuple):
+    code: Tensor  # the code values, float32
+    mids: Tensor  # midpoints between neighbours
+    padded: Tensor  # mids and +inf
+    lookup: Tensor | None  # see _build; None: search mids instead
+    shift: int
+    pairs: Tensor | None  # 16-value codes: the two values a byte of packed 4-bit codes holds, (256, 2)
+
+
+@torch.compiler.disable
+def _build(values: tuple[float, ...]) -> _Tables:
+    """The code's tables on the CPU.
 
     The top ``32 - shift`` bits of a float32 (sign, exponent, leading mantissa bits) name a bucket of floats;
-    ``table[bucket]`` is the number of midpoints below the bucket (uint8) and, when every bucket holds at most one
-    midpoint, the nearest value's index for ``x`` in the bucket is ``table[bucket] + (x > mids[table[bucket]])``
-    (``mids`` padded with ``+inf``): exactly ``torch.bucketize(x, mids)``, in two table reads. ``None`` when no
-    shift keeps buckets that narrow (a code with values too close together): the caller searches instead.
+    ``lookup[bucket]`` is the number of midpoints below the bucket (uint8) and, when every bucket holds at most one
+    midpoint, the nearest value's index for ``x`` in the bucket is ``lookup[bucket] + (x > mids[lookup[bucket]])``
+    (``mids`` padded with ``+inf``): exactly ``torch.bucketize(x, mids)``, in two table reads instead of a binary
+    search. ``lookup`` is ``None`` when no shift keeps buckets that narrow (a code with values too close together).
     """
-    _, mids = _table(values, device)
+    code = torch.tensor(values, dtype=torch.float32)
+    mids = (code[1:] + code[:-1]) / 2  # nearest value: the number of midpoints below it
     padded = torch.cat((mids, mids.new_full((1,), float("inf"))))
-    for shift in _SHIFTS:
-        keys = torch.arange(1 << (32 - shift), dtype=torch.int64, device=device)
+    byte = torch.arange(256)
+    pairs = torch.stack((code[byte & 0xF], code[byte >> 4]), dim=1) if len(values) == 16 else None
+    for shift in _SHIFTS if len(values) <= 256 else ():
+        keys = torch.arange(1 << (32 - shift), dtype=torch.int64)
         first = (keys << shift).to(torch.int32)  # wraps into the sign bit for the upper half: negative floats
         last = first | ((1 << shift) - 1)
         negative = keys >= 1 << (31 - shift)
@@ -105,24 +109,45 @@ def _lookup(values: tuple[float, ...], device: torch.device) -> tuple[Tensor, Te
         below, upto = torch.bucketize(lo, mids), torch.bucketize(hi, mids)
         finite = torch.isfinite(lo) & torch.isfinite(hi)
         if int((upto - below)[finite].max()) <= 1:
-            return below.to(torch.uint8), padded, shift
-    return None
+            return _Tables(code, mids, padded, below.to(torch.uint8), shift, pairs)
+    return _Tables(code, mids, padded, None, 0, pairs)
+
+
+_ON_DEVICE: dict[tuple[tuple[float, ...], torch.device], _Tables] = {}
+
+
+def _tables(values: tuple[float, ...], device: torch.device) -> _Tables:
+    """The code's tables on ``device``, built once (in eager mode: ``empty`` builds them when the state is created,
+    so a compiled step only reads them)."""
+    found = _ON_DEVICE.get((values, device))
+    if found is None:
+        cpu = _build(values)
+        found = _Tables(*(t.to(device) if isinstance(t, Tensor) else t for t in cpu))
+        _ON_DEVICE[(values, device)] = found
+    return found
 
 
 def nearest_index(x: Tensor, values: tuple[float, ...], out: Tensor | None = None) -> Tensor:
     """The index (uint8) of the nearest of the sorted ``values`` for each element of the flat float32 ``x``; a tie
     goes to the lower value (``torch.bucketize`` against the midpoints, which it equals bitwise). Written into
     ``out`` (uint8, like ``x``) if given."""
-    lookup = _lookup(values, x.device)
-    if lookup is None or len(values) > 256:
-        _, mids = _table(values, x.device)
-        idx = torch.bucketize(x, mids).to(torch.uint8)
+    t = _tables(values, x.device)
+    if t.lookup is None:
+        idx = torch.bucketize(x, t.mids).to(torch.uint8)
         return idx if out is None else out.copy_(idx)
-    table, padded, shift = lookup
-    key = torch.bitwise_right_shift(x.view(torch.int32), shift).bitwise_and_((1 << (32 - shift)) - 1)
-    below = torch.index_select(table, 0, key)
-    above = x > torch.index_select(padded, 0, key.copy_(below))
-    return below.add_(above) if out is None else torch.add(below, above, out=out)
+    key = torch.bitwise_right_shift(x.view(torch.int32), t.shift).bitwise_and_((1 << (32 - t.shift)) - 1)
+    below = torch.index_select(t.lookup, 0, key)
+    above = x > torch.index_select(t.padded, 0, below.to(torch.int32) if compiling() else key.copy_(below))
+    if out is None or compiling():
+        idx = below + above
+        return idx if out is None else out.copy_(idx)
+    return torch.add(below, above, out=out)
+
+
+def compiling() -> bool:
+    """Whether dynamo is tracing: the codecs then use functional forms (no ``out=``, no pieces) for inductor to
+    fuse."""
+    return torch.compiler.is_compiling()
 
 
 class Encoding:
@@ -219,42 +244,58 @@ class BlockEncoding(Encoding):
         if self.dtype is not None:
             codes = torch.zeros(n, dtype=self.dtype, device=p.device)
         else:
-            code, _ = _table(self.code, p.device)
-            zero = int(torch.argmin(code.abs()))  # the code nearest zero (zero itself where the code has it)
+            _tables(self.code, p.device)  # (built here, eagerly, for a compiled step to read)
+            zero = min(range(len(self.code)), key=lambda i: abs(self.code[i]))  # the code nearest zero
             fill = zero | (zero << 4) if self.bits == 4 else zero
             codes = torch.full((self._ncodes(n),), fill, dtype=torch.uint8, device=p.device)
         return Quantized(codes, torch.zeros(blocks, dtype=torch.float32, device=p.device))
 
     def _pieces(self, n: int) -> range:
         """Starts of the pieces a chunk is encoded / decoded in (whole blocks, about 64K elements): the integer
-        and float temporaries of the code search exist for one piece at a time."""
-        return range(0, n, max(self.block, PIECE_ELEMENTS // self.block * self.block))
+        and float temporaries of the code search exist for one piece at a time. One piece when compiling."""
+        return (
+            range(0, n, n or 1)
+            if compiling()
+            else range(0, n, max(self.block, PIECE_ELEMENTS // self.block * self.block))
+        )
 
     def decode(self, stored: Quantized, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
         n, b0, first = hi - lo, lo // self.block, lo % self.block
-        values = torch.empty(n, dtype=torch.float32, device=stored.codes.device)
         if self.dtype is not None:
-            values.copy_(stored.codes[lo:hi])
+            values = stored.codes[lo:hi].to(torch.float32)
+        elif compiling():
+            values = self._gather(stored.codes, lo, hi)
         else:
-            code, _ = _table(self.code, stored.codes.device)
+            values = torch.empty(n, dtype=torch.float32, device=stored.codes.device)
+            code = _tables(self.code, stored.codes.device).code
             step = self._pieces(n).step
             for start in self._pieces(n):
                 stop = min(n, start + step)
-                torch.index_select(code, 0, self._indices(stored.codes, lo + start, lo + stop), out=values[start:stop])
+                if self.bits == 8:
+                    torch.index_select(code, 0, stored.codes[lo + start : lo + stop].int(), out=values[start:stop])
+                else:
+                    values[start:stop] = self._gather(stored.codes, lo + start, lo + stop)
         if first:  # a slice starting inside a block: one scale per element
             scale = stored.scale[b0 : -(-hi // self.block)].repeat_interleave(self.block)[first : first + n]
             return (values * scale).to(dtype)
+        if compiling():  # functional, for inductor (which miscompiled repeat_interleave fused with the gather)
+            nb = -(-n // self.block)
+            padded = torch.nn.functional.pad(values, (0, nb * self.block - n)).view(nb, self.block)
+            return (padded * stored.scale[b0 : b0 + nb, None]).view(-1)[:n].to(dtype)
         full = n - n % self.block
         values[:full].view(-1, self.block).mul_(stored.scale[b0 : b0 + full // self.block, None])
         if full < n:
             values[full:].mul_(stored.scale[b0 + full // self.block])
         return values.to(dtype)
 
-    def _indices(self, codes: Tensor, lo: int, hi: int) -> Tensor:
+    def _gather(self, codes: Tensor, lo: int, hi: int) -> Tensor:
+        """The code values of elements ``lo:hi`` (float32, flat); 4-bit codes through a table of byte -> both
+        values (one read per byte; inductor also miscompiled an index built by interleaving the two nibbles)."""
+        t = _tables(self.code, codes.device)
         if self.bits == 8:
-            return codes[lo:hi].int()
-        packed = codes[lo // 2 : (hi + 1) // 2].int()
-        both = torch.stack(((packed & 0xF), (packed >> 4)), dim=1).reshape(-1)
+            return torch.index_select(t.code, 0, codes[lo:hi].int())
+        assert t.pairs is not None
+        both = torch.index_select(t.pairs, 0, codes[lo // 2 : (hi + 1) // 2].int()).view(-1)
         return both[lo % 2 : lo % 2 + hi - lo]
 
     def encode_into(
