@@ -122,7 +122,11 @@ def _tables(values: tuple[float, ...], device: torch.device) -> _Tables:
     found = _ON_DEVICE.get((values, device))
     if found is None:
         cpu = _build(values)
-        found = _Tables(*(t.to(device) if isinstance(t, Tensor) else t for t in cpu))
+        found = cpu._replace(
+            code=cpu.code.to(device), mids=cpu.mids.to(device), padded=cpu.padded.to(device),
+            lookup=None if cpu.lookup is None else cpu.lookup.to(device),
+            pairs=None if cpu.pairs is None else cpu.pairs.to(device),
+        )  # fmt: skip
         _ON_DEVICE[(values, device)] = found
     return found
 
@@ -235,6 +239,11 @@ class BlockEncoding(Encoding):
         self.code = None if code is None else tuple(code)
         self.top = float(torch.finfo(dtype).max) if dtype is not None else max(abs(v) for v in code or [1.0])
 
+    @property
+    def _code(self) -> tuple[float, ...]:
+        assert self.code is not None
+        return self.code
+
     def _ncodes(self, n: int) -> int:
         return (n + 1) // 2 if self.bits == 4 else n
 
@@ -244,8 +253,8 @@ class BlockEncoding(Encoding):
         if self.dtype is not None:
             codes = torch.zeros(n, dtype=self.dtype, device=p.device)
         else:
-            _tables(self.code, p.device)  # (built here, eagerly, for a compiled step to read)
-            zero = min(range(len(self.code)), key=lambda i: abs(self.code[i]))  # the code nearest zero
+            _tables(self._code, p.device)  # (built here, eagerly, for a compiled step to read)
+            zero = min(range(len(self._code)), key=lambda i: abs(self._code[i]))  # the code nearest zero
             fill = zero | (zero << 4) if self.bits == 4 else zero
             codes = torch.full((self._ncodes(n),), fill, dtype=torch.uint8, device=p.device)
         return Quantized(codes, torch.zeros(blocks, dtype=torch.float32, device=p.device))
@@ -267,7 +276,7 @@ class BlockEncoding(Encoding):
             values = self._gather(stored.codes, lo, hi)
         else:
             values = torch.empty(n, dtype=torch.float32, device=stored.codes.device)
-            code = _tables(self.code, stored.codes.device).code
+            code = _tables(self._code, stored.codes.device).code
             step = self._pieces(n).step
             for start in self._pieces(n):
                 stop = min(n, start + step)
@@ -291,7 +300,7 @@ class BlockEncoding(Encoding):
     def _gather(self, codes: Tensor, lo: int, hi: int) -> Tensor:
         """The code values of elements ``lo:hi`` (float32, flat); 4-bit codes through a table of byte -> both
         values (one read per byte; inductor also miscompiled an index built by interleaving the two nibbles)."""
-        t = _tables(self.code, codes.device)
+        t = _tables(self._code, codes.device)
         if self.bits == 8:
             return torch.index_select(t.code, 0, codes[lo:hi].int())
         assert t.pairs is not None
