@@ -7,6 +7,7 @@ value nearest to ``x / absmax`` (brute-force argmin over the code), decoded as `
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 import math
@@ -447,3 +448,39 @@ def test_encoded_state_compiles_with_inductor_without_recompiles(spec):
     assert err_compiled <= _Q_TOL[spec] * moved
     assert err_compiled <= 1.5 * err_eager + 1e-6
     assert isinstance(sc.exp_avg[0], Quantized) and sc.exp_avg[0].codes.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("save_flat,load_flat", [(True, True), (True, False), (False, True)])
+def test_flat_torch_optimizer_with_encoded_state_checkpoints_across_layouts(save_flat, load_flat):
+    # TorchOptimizer(flat=True) with q8 state: it tracks torch.optim.AdamW's fp32 run within the quantisation
+    # bound, and its checkpoint (per-parameter codes and scales) resumes bitwise the uninterrupted run, also into
+    # the other layout
+    torch.manual_seed(0)
+    data = [torch.randn(8, 30) for _ in range(6)]
+
+    def make(m, flat):
+        return pureopt.TorchOptimizer(m.parameters(), pureopt.adamw, lr=1e-2, state_dtype="q8", flat=flat)
+
+    def steps(model, opt, batch):
+        for x in batch:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+    init = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(20, 3))
+    clone = lambda: copy.deepcopy(init)
+    ref, torch_ref, first = clone(), clone(), clone()
+    steps(ref, make(ref, load_flat), data)  # uninterrupted, in the layout that resumes
+    steps(torch_ref, torch.optim.AdamW(torch_ref.parameters(), lr=1e-2), data)
+    moved = max((a - b).abs().max() for a, b in zip(torch_ref.parameters(), init.parameters()))
+    err = max((a - b).abs().max() for a, b in zip(ref.parameters(), torch_ref.parameters()))
+    assert err <= _Q_TOL["q8"] * moved
+    first_opt = make(first, save_flat)
+    steps(first, first_opt, data[:3])
+    saved = first_opt.state_dict()
+    assert saved["state"][0]["exp_avg.codes"].dtype == torch.uint8
+    resumed = copy.deepcopy(first)
+    resumed_opt = make(resumed, load_flat)
+    resumed_opt.load_state_dict(saved)
+    steps(resumed, resumed_opt, data[3:])
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), ref.parameters()))
