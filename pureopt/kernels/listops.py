@@ -60,43 +60,30 @@ class ListOps:
         self.inplace_ok = inplace_ok
 
     # --- binary with a scalar -------------------------------------------------------------------------------
+    def _map_scalar(self, name: str, xs: list[Tensor], s: Scalar, arg: Any, inplace: bool) -> list[Tensor]:
+        """``torch.<name>(x, s)`` of each tensor: one ``torch._foreach_<name>`` call with ``arg`` where it is not
+        ``None`` (the foreach backend, a scalar argument it takes), else tensor by tensor."""
+        in_place = inplace and self.inplace_ok
+        if arg is not None:
+            if in_place:
+                getattr(torch, f"_foreach_{name}_")(xs, arg)
+                return xs
+            return list(getattr(torch, f"_foreach_{name}")(xs, arg))
+        fn = getattr(Tensor, f"{name}_") if in_place else getattr(torch, name)
+        return [fn(x, v) for x, v in zip(xs, _per(s, len(xs)))]
+
     def mul(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
         """``x * s``."""
-        arg = _foreach_arg(s) if self.foreach else None
-        if arg is not None:
-            if inplace and self.inplace_ok:
-                torch._foreach_mul_(xs, arg)
-                return xs
-            return list(torch._foreach_mul(xs, arg))
-        per = _per(s, len(xs))
-        if inplace and self.inplace_ok:
-            return [x.mul_(v) for x, v in zip(xs, per)]
-        return [x * v for x, v in zip(xs, per)]
+        return self._map_scalar("mul", xs, s, _foreach_arg(s) if self.foreach else None, inplace)
 
     def div(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
         """``x / s``."""
-        arg = _foreach_arg(s) if self.foreach else None
-        if arg is not None:
-            if inplace and self.inplace_ok:
-                torch._foreach_div_(xs, arg)
-                return xs
-            return list(torch._foreach_div(xs, arg))
-        per = _per(s, len(xs))
-        if inplace and self.inplace_ok:
-            return [x.div_(v) for x, v in zip(xs, per)]
-        return [x / v for x, v in zip(xs, per)]
+        return self._map_scalar("div", xs, s, _foreach_arg(s) if self.foreach else None, inplace)
 
     def add_scalar(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
         """``x + s``."""
-        if self.foreach and (not _is_list(s) or not any(isinstance(v, Tensor) for v in s)):  # type: ignore[union-attr]
-            if inplace and self.inplace_ok:
-                torch._foreach_add_(xs, s)  # type: ignore[arg-type]
-                return xs
-            return list(torch._foreach_add(xs, s))  # type: ignore[arg-type]
-        per = _per(s, len(xs))
-        if inplace and self.inplace_ok:
-            return [x.add_(v) for x, v in zip(xs, per)]
-        return [x + v for x, v in zip(xs, per)]
+        numbers = not _is_list(s) or not any(isinstance(v, Tensor) for v in s)  # type: ignore[union-attr]
+        return self._map_scalar("add", xs, s, s if self.foreach and numbers else None, inplace)
 
     # --- binary with a list -----------------------------------------------------------------------------------
     def _map_lists(
