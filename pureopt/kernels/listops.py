@@ -363,28 +363,17 @@ class ScratchOps(ListOps):
         """``op(x)`` for each tensor, written into scratch memory."""
         return self._into(op, xs)
 
-    def mul(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
-        return super().mul(xs, s, True) if inplace else self._into(torch.mul, xs, _per(s, len(xs)))
-
-    def div(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
-        return super().div(xs, s, True) if inplace else self._into(torch.div, xs, _per(s, len(xs)))
-
-    def add_scalar(self, xs: list[Tensor], s: Scalar, inplace: bool = False) -> list[Tensor]:
-        return super().add_scalar(xs, s, True) if inplace else self._into(torch.add, xs, _per(s, len(xs)))
-
-    def add(self, xs: list[Tensor], ys: Sequence[Tensor], alpha: float = 1.0, inplace: bool = False) -> list[Tensor]:
+    def _map_scalar(self, name: str, xs: list[Tensor], s: Scalar, arg: Any, inplace: bool) -> list[Tensor]:
         if inplace:
-            return super().add(xs, ys, alpha, True)
-        return self._into(torch.add, xs, ys, alpha=[alpha] * len(xs))
+            return super()._map_scalar(name, xs, s, arg, True)
+        return self._into(getattr(torch, name), xs, _per(s, len(xs)))
 
-    def sub(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
-        return super().sub(xs, ys, True) if inplace else self._into(torch.sub, xs, ys)
-
-    def mul_list(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
-        return super().mul_list(xs, ys, True) if inplace else self._into(torch.mul, xs, ys)
-
-    def div_list(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
-        return super().div_list(xs, ys, True) if inplace else self._into(torch.div, xs, ys)
+    def _map_lists(
+        self, name: str, xs: list[Tensor], *others: Sequence[Tensor], inplace: bool, **kw: Any
+    ) -> list[Tensor]:
+        if inplace:
+            return super()._map_lists(name, xs, *others, inplace=True, **kw)
+        return self._into(getattr(torch, name), xs, *others, **{k: [v] * len(xs) for k, v in kw.items()})
 
     def lerp(
         self, xs: list[Tensor], ys: Sequence[Tensor], weight: float | Sequence[Tensor], inplace: bool = False
@@ -396,44 +385,15 @@ class ScratchOps(ListOps):
     def maximum(self, xs: list[Tensor], ys: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
         return super().maximum(xs, ys, True) if inplace else self._into(torch.maximum, xs, ys)
 
-    def addcmul(
-        self,
-        xs: list[Tensor],
-        ys: Sequence[Tensor],
-        zs: Sequence[Tensor],
-        value: float | Sequence[float] = 1.0,
-        inplace: bool = False,
+    def _addc(
+        self, name: str, xs: list[Tensor], ys: Sequence[Tensor], zs: Sequence[Tensor], value: Any, inplace: bool
     ) -> list[Tensor]:
         if inplace:
-            return super().addcmul(xs, ys, zs, value, True)
-        return self._into(torch.addcmul, xs, ys, zs, value=_values(value, len(xs)))
+            return super()._addc(name, xs, ys, zs, value, True)
+        return self._into(getattr(torch, name), xs, ys, zs, value=_values(value, len(xs)))
 
-    def addcdiv(
-        self,
-        xs: list[Tensor],
-        ys: Sequence[Tensor],
-        zs: Sequence[Tensor],
-        value: float | Sequence[float] = 1.0,
-        inplace: bool = False,
-    ) -> list[Tensor]:
-        if inplace:
-            return super().addcdiv(xs, ys, zs, value, True)
-        return self._into(torch.addcdiv, xs, ys, zs, value=_values(value, len(xs)))
-
-    def neg(self, xs: Sequence[Tensor], inplace: bool = False) -> list[Tensor]:
-        return super().neg(xs, True) if inplace else self._unary(torch.neg, xs)
-
-    def sqrt(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
-        return super().sqrt(xs, True) if inplace else self._unary(torch.sqrt, xs)
-
-    def abs(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
-        return super().abs(xs, True) if inplace else self._unary(torch.abs, xs)
-
-    def sign(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
-        return super().sign(xs, True) if inplace else self._unary(torch.sign, xs)
-
-    def reciprocal(self, xs: list[Tensor], inplace: bool = False) -> list[Tensor]:
-        return super().reciprocal(xs, True) if inplace else self._unary(torch.reciprocal, xs)
+    def _map_unary(self, name: str, xs: Sequence[Tensor], inplace: bool) -> list[Tensor]:
+        return super()._map_unary(name, xs, True) if inplace else self._unary(getattr(torch, name), xs)
 
     def pow(self, xs: list[Tensor], exponent: float, inplace: bool = False) -> list[Tensor]:
         return super().pow(xs, exponent, True) if inplace else self._into(torch.pow, xs, [exponent] * len(xs))
