@@ -64,6 +64,7 @@ from pureopt.adapters._state import (
     load_entries,
     migrate_entries,
 )
+from pureopt.adapters._tree_args import check_complete, read_tree_args
 from pureopt.base import GradientTransformation, OptState, UpdateContext, add_inplace
 from pureopt.hyperparams import check_lr
 from pureopt.kernels.fused import is_amp_native
@@ -109,6 +110,8 @@ class TorchOptimizer(torch.optim.Optimizer):
       ``amsgrad`` is switched on, starts at its initial value, or at the tensor a client put under that key);
     * ``step(closure)`` calls the closure once, as torch does, and L-BFGS (``pureopt.lbfgs``) calls it again for
       each re-evaluation, as ``torch.optim.LBFGS``; it returns the first loss;
+    * ``step(hessian=...)`` gives Sophia-G (``pureopt.sophia_g``) its Hessian-diagonal estimate, per parameter
+      (see :meth:`step`; the reference's ``update_hessian()`` has no counterpart: pass its estimate to the next step);
     * ``state[p]`` holds each parameter's state under torch's key names: the live tensors (unlike torch.optim,
       whose state is created at a parameter's first step, it holds the initial state from the start). Assigning
       a tensor to one of those keys writes it into the optimizer's state (same shape and kind of dtype, else a
@@ -469,12 +472,29 @@ class TorchOptimizer(torch.optim.Optimizer):
             for target, value in zip(lrs, self._lr_values()):
                 _fill_lr(target, value)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, **per_param: Any) -> Any:
         """One optimization step over every group; ``closure`` (re-evaluates the loss) is called first.
 
         L-BFGS also calls the closure at every re-evaluation of its step (as ``torch.optim.LBFGS``); other
         algorithms call it once. Returns the closure's first loss (``None`` without a closure).
+
+        Further keywords are per-parameter trees that the groups' algorithms declare as arguments of ``update``
+        (:mod:`pureopt.adapters._tree_args`): Sophia-G's ``hessian=``, the estimate of each parameter's Hessian
+        diagonal, used by this step (its running average moves only on steps that get one). Each is given as a
+        dict ``{param: tensor}`` or as a list aligned with ``[p for g in opt.param_groups for p in g["params"]]``
+        (``None`` for a parameter without one; ``hessian=None`` is a step without). A group gets an entry for
+        every parameter that has a gradient this step, or none; entries of parameters without a gradient are
+        skipped, as their gradients are. A keyword no group takes (``hessian=`` for AdamW), another kind of
+        value, a wrong length, a tensor of another shape or device and ``flat=True`` raise before the closure
+        runs; a group given entries for only some of its parameters with a gradient raises after it, before any
+        group steps. Nothing is changed when one does.
+
+        Example::
+
+            opt = TorchOptimizer(model.parameters(), pureopt.sophia_g, lr=2e-4, rho=0.05)
+            opt.step(hessian={p: bs * g_hat[p] ** 2 for p in model.parameters()})  # every k steps
         """
+        tree_args = read_tree_args(self._groups, per_param, self._kind, self._flat)
         if closure is None and any(g.needs_closure for g in self._groups):
             raise ValueError(
                 "L-BFGS re-evaluates the objective during its step: call step(closure), with a closure that clears "
@@ -484,6 +504,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if any(tree_args):
+            check_complete(self._groups, tree_args)
         if self._flat:
             self._check_flat_params()
         if any(group.get(GROUP_KEY) is not g.record for group, g in zip(self._param_groups, self._groups)):
@@ -496,7 +518,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._refill_lrs()
         # set by torch.amp.GradScaler around step() (see _step_supports_amp_scaling)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for g in self._groups:
+        for g, extra in zip(self._groups, tree_args):
             for grads in g.passes():
                 if all(x is None for x in grads):
                     continue
@@ -507,9 +529,17 @@ class TorchOptimizer(torch.optim.Optimizer):
                 # the structure is flattened here rather than cached: torch.compile traces optree's Python-level
                 # flattening but cannot call methods of a PyTreeSpec built outside the traced region
                 spec = _tree.flatten(g.params)[1]
-                ctx = UpdateContext(spec, donate=True, apply=True, grad_scale=grad_scale, found_inf=found_inf)
+                ctx = UpdateContext(
+                    spec,
+                    {k: tuple(v) for k, v in extra.items()},
+                    donate=True,
+                    apply=True,
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                )
                 if g.needs_closure and closure is not None:
-                    g._state = _closure_step(g, grads, ctx.but(extra_args=_closure_args(g, closure, loss)))
+                    args = {**ctx.extra_args, **_closure_args(g, closure, loss)}
+                    g._state = _closure_step(g, grads, ctx.but(extra_args=args))
                 else:
                     g._state = donated_step(g.update, grads, g._state, list(g.params), ctx)
         self._live.stale = True
