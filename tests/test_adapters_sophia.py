@@ -248,6 +248,20 @@ def test_refuses_a_hessian_with_flat_buffers():
     _assert_refused(opt, params, ValueError, r"flat=True: step\(hessian=...\) is not supported", hessian=_full(opt))
 
 
+def test_refuses_a_hessian_for_sophia_inside_a_partition():
+    """partition / masked give their inner transformations sub-trees but pass ``hessian`` on whole: refused."""
+    params = make_params()
+    tx = pureopt.partition(
+        {"s": pureopt.sgd(lr=0.1, momentum=0.9), "h": pureopt.sophia_g(lr=0.01)}, ("s", "h", "h", "s")
+    )
+    opt = pureopt.TorchOptimizer(list(params.values()), tx)
+    set_grads(params, 0)
+    opt.step()
+    set_grads(params, 1)
+    msg = "inside pureopt.partition or pureopt.masked"
+    _assert_refused(opt, params, ValueError, msg, hessian=[torch.ones_like(p) for p in params.values()])
+
+
 def test_refuses_a_repeated_parameter_with_two_estimates():
     p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     with pytest.warns(UserWarning):

@@ -5,7 +5,9 @@ A pure transformation takes trees like the gradients as keyword arguments of ``u
 declares them (``Algorithm(leaf_args=("hessian",))``, :mod:`pureopt.algorithms.define`); the math reads them from
 ``UpdateContext.extra_args``. Which ones a param group's transformation takes is read from its state: the state
 records of the algorithms it is made of (inside chains and wrappers too) name their algorithms, whose
-``leaf_args`` are the answer. Nothing is special-cased by algorithm name.
+``leaf_args`` are the answer. Nothing is special-cased by algorithm name. Records under ``pureopt.partition`` /
+``pureopt.masked`` do not count: those give their inner transformations sub-trees but pass such arguments on
+whole (the update would raise mid-step), so a keyword declared only there is refused.
 
 A ``TorchOptimizer`` user gives such an argument per parameter, as a dict ``{param: tensor}`` or as a list
 aligned with ``[p for g in opt.param_groups for p in g["params"]]``; :func:`read_tree_args` checks it whole
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from pureopt.adapters._groups import _Group
 from pureopt.algorithms.define import Algorithm
+from pureopt.combine import MaskedState, PartitionState
 
 __all__ = ["accepted_tree_args", "check_complete", "read_tree_args"]
 
@@ -42,9 +45,12 @@ def _declared_by(record: type) -> tuple[str, ...]:
     return ()
 
 
-def _records(node: Any, out: set[type]) -> None:
+def _records(node: Any, out: set[type], below_subtrees: set[type]) -> None:
+    """Collect the state record types in ``node``: into ``below_subtrees`` those under a partition or mask."""
     if isinstance(node, Tensor):
         return
+    if isinstance(node, (PartitionState, MaskedState)):
+        out = below_subtrees  # (their inner transformations see sub-trees; the tree arguments are not cut to them)
     if isinstance(node, tuple):
         if hasattr(type(node), "_fields"):  # a NamedTuple state record
             out.add(type(node))
@@ -56,15 +62,19 @@ def _records(node: Any, out: set[type]) -> None:
     else:
         return
     for child in children:
-        _records(child, out)
+        _records(child, out, below_subtrees)
 
 
-def accepted_tree_args(state: Any) -> frozenset[str]:
+def accepted_tree_args(state: Any) -> tuple[frozenset[str], frozenset[str]]:
     """The tree keyword arguments of ``update`` that the transformation keeping ``state`` takes: those declared by
-    the algorithms whose state records ``state`` holds (``{"hessian"}`` for Sophia-G, alone or in a chain)."""
+    the algorithms whose state records ``state`` holds (``{"hessian"}`` for Sophia-G, alone or in a chain); and
+    those declared only inside ``pureopt.partition`` / ``pureopt.masked``, which cannot be passed (they give their
+    inner transformations sub-trees but pass such arguments on whole)."""
     records: set[type] = set()
-    _records(state, records)
-    return frozenset(name for record in records for name in _declared_by(record))
+    hidden: set[type] = set()
+    _records(state, records, hidden)
+    taken = frozenset(name for record in records for name in _declared_by(record))
+    return taken, frozenset(name for record in hidden for name in _declared_by(record)) - taken
 
 
 def read_tree_args(
@@ -74,15 +84,17 @@ def read_tree_args(
     for group ``i``, ``{name: [value or None per distinct parameter]}``, only for names it has an entry for.
 
     Raises TypeError for a keyword no group's transformation takes and for a value that is neither a dict nor a
-    list/tuple; ValueError for ``flat=True``, a dict key that is not one of the optimizer's parameters, a list of
-    the wrong length or listing a repeated parameter with two values, an entry that is not a floating-point
-    tensor of its parameter's shape on its device, and an entry for a group whose transformation does not take it.
+    list/tuple; ValueError for one taken only inside a partition or mask, for ``flat=True``, a dict key that is not one
+    of the optimizer's parameters, a list of the wrong length or listing a repeated parameter with two values, an entry
+    that is not a floating-point tensor of its parameter's shape on its device, and an entry for a group whose
+    transformation does not take it.
     """
     out: list[dict[str, list[Tensor | None]]] = [{} for _ in groups]
     given = {name: value for name, value in given.items() if value is not None}
     if not given:
         return out
-    accepted = [accepted_tree_args(g.state) for g in groups]
+    found = [accepted_tree_args(g.state) for g in groups]
+    accepted = [taken for taken, _ in found]
     position: dict[int, tuple[int, int]] = {}  # id(param) -> (group, distinct index)
     listed: list[tuple[int, int]] = []  # (group, distinct index) of each entry of LISTING
     first: dict[tuple[int, int], int] = {}  # (group, distinct index) -> its first position in LISTING
@@ -95,6 +107,12 @@ def read_tree_args(
             listed.append(place)
     for name, value in given.items():
         takers = [gi for gi, names in enumerate(accepted) if name in names]
+        if not takers and any(name in hidden for _, hidden in found):
+            raise ValueError(
+                f"step({name}=...): the algorithm that takes it is inside pureopt.partition or pureopt.masked, which "
+                f"do not pass {name!r} on to their inner transformations (they would see the whole tree); use one "
+                "param group per transformation instead"
+            )
         if not takers:
             raise TypeError(
                 f"step() got an unexpected keyword argument {name!r}: the transformation of this {kind} optimizer "

@@ -480,14 +480,14 @@ class TorchOptimizer(torch.optim.Optimizer):
 
         Further keywords are per-parameter trees that the groups' algorithms declare as arguments of ``update``
         (:mod:`pureopt.adapters._tree_args`): Sophia-G's ``hessian=``, the estimate of each parameter's Hessian
-        diagonal, used by this step (its running average moves only on steps that get one). Each is given as a
-        dict ``{param: tensor}`` or as a list aligned with ``[p for g in opt.param_groups for p in g["params"]]``
-        (``None`` for a parameter without one; ``hessian=None`` is a step without). A group gets an entry for
-        every parameter that has a gradient this step, or none; entries of parameters without a gradient are
-        skipped, as their gradients are. A keyword no group takes (``hessian=`` for AdamW), another kind of
-        value, a wrong length, a tensor of another shape or device and ``flat=True`` raise before the closure
-        runs; a group given entries for only some of its parameters with a gradient raises after it, before any
-        group steps. Nothing is changed when one does.
+        diagonal, used by this step (its running average moves only on steps that get one). Each is given as a dict
+        ``{param: tensor}`` or as a list aligned with ``[p for g in opt.param_groups for p in g["params"]]`` (``None``
+        for a parameter without one; ``hessian=None`` is a step without). A group gets an entry for every parameter that
+        has a gradient this step, or none; entries of parameters without a gradient are skipped, as their gradients are.
+        A keyword no group takes (``hessian=`` for AdamW), another kind of value, a wrong length, a tensor of another
+        shape or device, ``flat=True`` and a Sophia inside ``pureopt.partition`` / ``masked`` raise before the closure
+        runs; a group given entries for only some of its parameters with a gradient raises after it, before any group
+        steps. Nothing is changed when one does.
 
         Example::
 
