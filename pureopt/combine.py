@@ -31,6 +31,7 @@ from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 import optree
+import torch
 
 from pureopt import tree as _tree
 from pureopt.base import (
@@ -312,6 +313,22 @@ def _broadcast(spec: PyTreeSpec, value: Any, out: list[Any]) -> bool:
     return all(_broadcast(child, sub, out) for child, sub in zip(children, sub_values))
 
 
+def restricted_context(ctx: UpdateContext, keep: list[bool]) -> UpdateContext:
+    """The context of an inner transformation that owns the leaves where ``keep`` is True (:func:`partition`,
+    :func:`masked`): its structure is :func:`sub_spec`, and every keyword argument of ``update`` that is a tree of
+    tensors shaped like the updates (Sophia's ``hessian``) is cut to the same leaves (other arguments, such as
+    L-BFGS's ``value_fn``, pass on whole)."""
+    inner = inner_context(ctx, sub_spec(ctx.spec, keep))
+    if all(keep) or not ctx.extra_args:
+        return inner
+    args = dict(ctx.extra_args)
+    for name, value in ctx.extra_args.items():
+        leaves, spec = _tree.flatten(value)
+        if spec == ctx.spec and all(leaf is None or isinstance(leaf, torch.Tensor) for leaf in leaves):
+            args[name] = restrict(ctx.spec, leaves, keep)
+    return inner.but(extra_args=args)
+
+
 def sub_spec(spec: PyTreeSpec, keep: list[bool]) -> PyTreeSpec:
     """The structure an inner transformation sees when it owns the leaves of ``spec`` where ``keep`` is True.
 
@@ -446,7 +463,7 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels: Lab
         for key in keys:
             idx = [i for i, label in enumerate(leaf_labels) if label == key]
             keep = [label == key for label in leaf_labels]
-            sub_ctx = inner_context(ctx, sub_spec(ctx.spec, keep))
+            sub_ctx = restricted_context(ctx, keep)
             sub_updates, new_inner[key] = fns[key](
                 [updates[i] for i in idx],
                 state.inner_states[key],
@@ -506,7 +523,7 @@ def masked(inner: GradientTransformation, mask: LabelTree) -> GradientTransforma
             raise ValueError(f"masked expects a MaskedState, got a {type(state).__name__}")
         keep = _mask_leaves(mask, ctx.spec, params if params is not None else updates, "masked")
         idx = [i for i, k in enumerate(keep) if k]
-        sub_ctx = inner_context(ctx, sub_spec(ctx.spec, keep))
+        sub_ctx = restricted_context(ctx, keep)
         sub_updates, new_inner = fn(
             [updates[i] for i in idx], state.inner_state, None if params is None else [params[i] for i in idx], sub_ctx
         )

@@ -248,18 +248,42 @@ def test_refuses_a_hessian_with_flat_buffers():
     _assert_refused(opt, params, ValueError, r"flat=True: step\(hessian=...\) is not supported", hessian=_full(opt))
 
 
-def test_refuses_a_hessian_for_sophia_inside_a_partition():
-    """partition / masked give their inner transformations sub-trees but pass ``hessian`` on whole: refused."""
-    params = make_params()
-    tx = pureopt.partition(
-        {"s": pureopt.sgd(lr=0.1, momentum=0.9), "h": pureopt.sophia_g(lr=0.01)}, ("s", "h", "h", "s")
-    )
-    opt = pureopt.TorchOptimizer(list(params.values()), tx)
-    set_grads(params, 0)
-    opt.step()
-    set_grads(params, 1)
-    msg = "inside pureopt.partition or pureopt.masked"
-    _assert_refused(opt, params, ValueError, msg, hessian=[torch.ones_like(p) for p in params.values()])
+@pytest.mark.parametrize("combinator", ["partition", "masked"])
+def test_sophia_inside_partition_or_masked_gets_its_part_of_the_hessian(combinator):
+    """partition / masked cut ``hessian`` to the parameters of the Sophia-G inside them: the ``"s"`` parameters step
+    as torch.optim.SGD (momentum), the ``"h"`` ones as the ``sophia-opt`` reference (same loop as above)."""
+    ref_mod = pytest.importorskip("sophia_opt")
+    labels = ("s", "h", "h", "s")  # w, b, v, gain
+    ref_params, mine = make_params(), make_params()
+    names = list(SHAPES)
+    pick = lambda ps, lab: [ps[k] for k, lb in zip(names, labels) if lb == lab]
+    ref_sgd = torch.optim.SGD(pick(ref_params, "s"), lr=0.1, momentum=0.9)
+    ref_sophia = ref_mod.SophiaG(pick(ref_params, "h"), lr=0.01)
+    if combinator == "partition":
+        tx = pureopt.partition({"s": pureopt.sgd(lr=0.1, momentum=0.9), "h": pureopt.sophia_g(lr=0.01)}, labels)
+    else:
+        is_h = tuple(lb == "h" for lb in labels)
+        tx = pureopt.chain(
+            pureopt.masked(pureopt.sgd(lr=0.1, momentum=0.9), tuple(not h for h in is_h)),
+            pureopt.masked(pureopt.sophia_g(lr=0.01), is_h),
+        )
+    opt = pureopt.TorchOptimizer([mine[k] for k in names], tx)
+    pending = None
+    for t in range(STEPS):
+        set_grads(ref_params, t)
+        ref_sgd.step()
+        ref_sophia.step(bs=B)
+        set_grads(mine, t)
+        opt.step(hessian=pending)
+        pending = None
+        for k, r in ref_params.items():
+            torch.testing.assert_close(mine[k], r, **TOL, msg=lambda m, k=k, t=t: f"{k} at step {t}: {m}")
+        if t % K == K - 1:
+            for k, p in ref_params.items():
+                p.grad = None if grad_of(k, p, t + 1) is None else sampled_grad(p, t)
+            ref_sophia.update_hessian()
+            skip = {id(mine[k]) for k in NONE_GRADS.get(t + 1, ())}
+            pending = estimate(opt, t, "list", skip)
 
 
 def test_refuses_a_repeated_parameter_with_two_estimates():

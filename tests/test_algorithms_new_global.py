@@ -222,6 +222,22 @@ def test_sophia_g_matches_sophia_opt(kw):
     )
 
 
+@pytest.mark.parametrize("combinator", ["partition", "masked"])
+def test_sophia_inside_partition_and_masked_gets_its_own_part_of_the_hessian(combinator):
+    """``partition`` / ``masked`` cut a tree argument shaped like the updates (``hessian=``) to each inner
+    transformation's parameters: two Sophia-G halves over disjoint parameter sets step exactly as one Sophia-G over
+    all of them, i.e. as the ``sophia-opt`` reference."""
+    ref = pytest.importorskip("sophia_opt")
+    names = list(SHAPES)
+    half = {k: i % 2 == 0 for i, k in enumerate(names)}
+    make = lambda: pureopt.sophia_g(lr=0.01, weight_decay=0.2, rho=0.1)
+    if combinator == "partition":
+        tx = pureopt.partition({"even": make(), "odd": make()}, {k: "even" if e else "odd" for k, e in half.items()})
+    else:
+        tx = pureopt.chain(pureopt.masked(make(), half), pureopt.masked(make(), {k: not e for k, e in half.items()}))
+    run_parity(lambda ps: ref.SophiaG(ps, lr=0.01, weight_decay=0.2, rho=0.1), tx, hessian_every=5, batch=64.0)
+
+
 def test_sophia_hessian_tree_is_checked_before_anything_changes():
     tx = pureopt.sophia_g(lr=0.01)
     params = make_params()

@@ -5,9 +5,9 @@ A pure transformation takes trees like the gradients as keyword arguments of ``u
 declares them (``Algorithm(leaf_args=("hessian",))``, :mod:`pureopt.algorithms.define`); the math reads them from
 ``UpdateContext.extra_args``. Which ones a param group's transformation takes is read from its state: the state
 records of the algorithms it is made of (inside chains and wrappers too) name their algorithms, whose
-``leaf_args`` are the answer. Nothing is special-cased by algorithm name. Records under ``pureopt.partition`` /
-``pureopt.masked`` do not count: those give their inner transformations sub-trees but pass such arguments on
-whole (the update would raise mid-step), so a keyword declared only there is refused.
+``leaf_args`` are the answer. Nothing is special-cased by algorithm name. Inside ``pureopt.partition`` /
+``pureopt.masked`` the argument is cut to each inner transformation's parameters
+(:func:`pureopt.combine.restricted_context`), so records there count like any other.
 
 A ``TorchOptimizer`` user gives such an argument per parameter, as a dict ``{param: tensor}`` or as a list
 aligned with ``[p for g in opt.param_groups for p in g["params"]]``; :func:`read_tree_args` checks it whole
@@ -27,7 +27,6 @@ from torch import Tensor
 
 from pureopt.adapters._groups import _Group
 from pureopt.algorithms.define import Algorithm
-from pureopt.combine import MaskedState, PartitionState
 
 __all__ = ["accepted_tree_args", "check_complete", "read_tree_args"]
 
@@ -45,12 +44,10 @@ def _declared_by(record: type) -> tuple[str, ...]:
     return ()
 
 
-def _records(node: Any, out: set[type], below_subtrees: set[type]) -> None:
-    """Collect the state record types in ``node``: into ``below_subtrees`` those under a partition or mask."""
+def _records(node: Any, out: set[type]) -> None:
+    """Collect the state record types in ``node``."""
     if isinstance(node, Tensor):
         return
-    if isinstance(node, (PartitionState, MaskedState)):
-        out = below_subtrees  # (their inner transformations see sub-trees; the tree arguments are not cut to them)
     if isinstance(node, tuple):
         if hasattr(type(node), "_fields"):  # a NamedTuple state record
             out.add(type(node))
@@ -62,19 +59,16 @@ def _records(node: Any, out: set[type], below_subtrees: set[type]) -> None:
     else:
         return
     for child in children:
-        _records(child, out, below_subtrees)
+        _records(child, out)
 
 
-def accepted_tree_args(state: Any) -> tuple[frozenset[str], frozenset[str]]:
+def accepted_tree_args(state: Any) -> frozenset[str]:
     """The tree keyword arguments of ``update`` that the transformation keeping ``state`` takes: those declared by
-    the algorithms whose state records ``state`` holds (``{"hessian"}`` for Sophia-G, alone or in a chain); and
-    those declared only inside ``pureopt.partition`` / ``pureopt.masked``, which cannot be passed (they give their
-    inner transformations sub-trees but pass such arguments on whole)."""
+    the algorithms whose state records ``state`` holds (``{"hessian"}`` for Sophia-G, alone, in a chain or inside
+    ``pureopt.partition`` / ``pureopt.masked``)."""
     records: set[type] = set()
-    hidden: set[type] = set()
-    _records(state, records, hidden)
-    taken = frozenset(name for record in records for name in _declared_by(record))
-    return taken, frozenset(name for record in hidden for name in _declared_by(record)) - taken
+    _records(state, records)
+    return frozenset(name for record in records for name in _declared_by(record))
 
 
 def read_tree_args(
@@ -84,7 +78,7 @@ def read_tree_args(
     for group ``i``, ``{name: [value or None per distinct parameter]}``, only for names it has an entry for.
 
     Raises TypeError for a keyword no group's transformation takes and for a value that is neither a dict nor a
-    list/tuple; ValueError for one taken only inside a partition or mask, for ``flat=True``, a dict key that is not one
+    list/tuple; ValueError for ``flat=True``, a dict key that is not one
     of the optimizer's parameters, a list of the wrong length or listing a repeated parameter with two values, an entry
     that is not a floating-point tensor of its parameter's shape on its device, and an entry for a group whose
     transformation does not take it.
@@ -93,8 +87,7 @@ def read_tree_args(
     given = {name: value for name, value in given.items() if value is not None}
     if not given:
         return out
-    found = [accepted_tree_args(g.state) for g in groups]
-    accepted = [taken for taken, _ in found]
+    accepted = [accepted_tree_args(g.state) for g in groups]
     position: dict[int, tuple[int, int]] = {}  # id(param) -> (group, distinct index)
     listed: list[tuple[int, int]] = []  # (group, distinct index) of each entry of LISTING
     first: dict[tuple[int, int], int] = {}  # (group, distinct index) -> its first position in LISTING
@@ -107,12 +100,6 @@ def read_tree_args(
             listed.append(place)
     for name, value in given.items():
         takers = [gi for gi, names in enumerate(accepted) if name in names]
-        if not takers and any(name in hidden for _, hidden in found):
-            raise ValueError(
-                f"step({name}=...): the algorithm that takes it is inside pureopt.partition or pureopt.masked, which "
-                f"do not pass {name!r} on to their inner transformations (they would see the whole tree); use one "
-                "param group per transformation instead"
-            )
         if not takers:
             raise TypeError(
                 f"step() got an unexpected keyword argument {name!r}: the transformation of this {kind} optimizer "
