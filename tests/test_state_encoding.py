@@ -484,3 +484,33 @@ def test_flat_torch_optimizer_with_encoded_state_checkpoints_across_layouts(save
     resumed_opt.load_state_dict(saved)
     steps(resumed, resumed_opt, data[3:])
     assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), ref.parameters()))
+
+
+@pytest.mark.parametrize("spec", ["q8", "q4", "fp8", "bf16-sr"])
+def test_encoded_state_under_vmap_steps_each_member_as_alone(spec):
+    # an ensemble of K models with encoded state, init and update vmapped: each member's updates track its own
+    # torch.optim.AdamW fp32 run within the quantisation bound, and equal the member stepped alone (the codecs take
+    # their functional forms under vmap; same ops per element, so bitwise)
+    k_members, steps = 3, 3
+    g = torch.Generator().manual_seed(11)
+    params = [torch.randn(k_members, 40, 30, generator=g), torch.randn(k_members, 300, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(steps)]
+    tx = pureopt.adamw(lr=1e-2, weight_decay=0.1, state_dtype=spec)
+    step = torch.func.vmap(lambda gr, s, p: pureopt.step(tx, gr, s, p))
+    mine, state = params, torch.func.vmap(tx.init)(params)
+    for gr in grads:
+        mine, state = step(gr, state, mine)
+    for k in range(k_members):
+        alone = [p[k] for p in params]
+        s = tx.init(alone)
+        ref = [p[k].clone().requires_grad_() for p in params]
+        opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
+        for gr in grads:
+            alone, s = pureopt.step(tx, [x[k] for x in gr], s, alone)
+            for r, x in zip(ref, gr):
+                r.grad = x[k]
+            opt.step()
+        assert all(torch.equal(m[k], a) for m, a in zip(mine, alone))
+        moved = max((r.detach() - p[k]).abs().max() for r, p in zip(ref, params))
+        err = max((m[k] - r.detach()).abs().max() for m, r in zip(mine, ref))
+        assert err <= _Q_TOL.get(spec, 0.1) * moved

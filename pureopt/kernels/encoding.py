@@ -149,9 +149,10 @@ def nearest_index(x: Tensor, values: tuple[float, ...], out: Tensor | None = Non
 
 
 def compiling() -> bool:
-    """Whether dynamo is tracing: the codecs then use functional forms (no ``out=``, no pieces) for inductor to
-    fuse."""
-    return torch.compiler.is_compiling()
+    """Whether dynamo is tracing or a ``torch.func`` transform (``vmap``) is active: the codecs then use functional
+    forms (no ``out=``, no in-place writes into fresh unbatched buffers, no pieces), which inductor fuses and
+    ``vmap`` batches."""
+    return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
 
 
 class Encoding:
@@ -248,16 +249,17 @@ class BlockEncoding(Encoding):
         return (n + 1) // 2 if self.bits == 4 else n
 
     def empty(self, p: Tensor) -> Quantized:
-        n = p.numel()
-        blocks = -(-n // self.block)
+        # (made *like* p's flat elements, so that under vmap the buffers are batched as p is)
+        flat = p.detach().reshape(-1)
+        blocks = -(-flat.numel() // self.block)
+        scale = torch.zeros_like(flat[:blocks], dtype=torch.float32)
         if self.dtype is not None:
-            codes = torch.zeros(n, dtype=self.dtype, device=p.device)
-        else:
-            _tables(self._code, p.device)  # (built here, eagerly, for a compiled step to read)
-            zero = min(range(len(self._code)), key=lambda i: abs(self._code[i]))  # the code nearest zero
-            fill = zero | (zero << 4) if self.bits == 4 else zero
-            codes = torch.full((self._ncodes(n),), fill, dtype=torch.uint8, device=p.device)
-        return Quantized(codes, torch.zeros(blocks, dtype=torch.float32, device=p.device))
+            return Quantized(torch.zeros_like(flat, dtype=self.dtype), scale)
+        _tables(self._code, p.device)  # (built here, eagerly, for a compiled step to read)
+        zero = min(range(len(self._code)), key=lambda i: abs(self._code[i]))  # the code nearest zero
+        fill = zero | (zero << 4) if self.bits == 4 else zero
+        codes = torch.full_like(flat[: self._ncodes(flat.numel())], fill, dtype=torch.uint8)
+        return Quantized(codes, scale)
 
     def _pieces(self, n: int) -> range:
         """Starts of the pieces a chunk is encoded / decoded in (whole blocks, about 64K elements): the integer
@@ -328,7 +330,7 @@ class BlockEncoding(Encoding):
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         normed = (blocks / safe[:, None]).view(-1)[:n]
         if self.dtype is not None:
-            stored.codes[lo : lo + n].copy_(normed.clamp_(-self.top, self.top))
+            stored.codes[lo : lo + n].copy_(normed.clamp(-self.top, self.top))
             return
         assert self.code is not None
         if self.bits == 8:
