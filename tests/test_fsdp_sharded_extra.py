@@ -200,6 +200,11 @@ def pure_flatten(rank: int) -> dict[str, Any]:
         out["lamb_error"] = None
     except ValueError as e:
         out["lamb_error"] = str(e)
+    try:  # encoded state is refused on DTensors at init, before any state exists
+        pureopt.adamw(lr=LR, state_dtype="q8").init(params)
+        out["encoded_error"] = None
+    except ValueError as e:
+        out["encoded_error"] = str(e)
     return out
 
 
@@ -483,6 +488,7 @@ def test_flatten_over_dtensors_lays_out_local_shards(job: list[dict[str, Any]]) 
         assert res["state_numels"] == [res["local_numel"]] * 2  # exp_avg, exp_avg_sq: local shards, not full size
         assert res["update_types"] == ["DTensor"]
         assert "DTensors split across ranks" in res["lamb_error"]
+        assert "does not support DTensor parameters yet" in res["encoded_error"]
 
 
 # --- single process: the owner plan and the batched iteration ---------------------------------------------------

@@ -242,6 +242,11 @@ def scalar_state(init: Callable[[Tensor], Tensor], doc: str) -> Field:
 
 def _encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None, p: Tensor) -> Any:
     """A field's initial value, stored in ``enc`` (computed in the compute dtype, then encoded)."""
+    if is_dtensor(p):
+        raise ValueError(
+            "encoded optimizer state (state_dtype=) does not support DTensor parameters yet (FSDP2 / tensor "
+            "parallel): give a float dtype, e.g. state_dtype=torch.bfloat16"
+        )
     stored = enc.empty(p)
     if init is not None:
         enc.encode_into(stored, 0, init(p.detach().to(compute_dtype(p))).reshape(-1))
