@@ -64,7 +64,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
         decay_params(ops, k.p, h.lr, h.weight_decay)
     m = new["exp_avg"] = ops.add(ops.mul(k.exp_avg, beta1, inplace=k.donate), g, alpha=1 - beta1, inplace=k.donate)
     ratio = ops.div_list(ops.abs(m), ops.add_scalar(ops.mul(hess, h.rho), h.eps, inplace=own), inplace=own)
-    ratio = [r.clamp_(max=1.0) if own else r.clamp(max=1.0) for r in ratio]
+    ratio = ops.clamp(ratio, hi=1.0, inplace=own)
     direction = ops.mul_list(ops.sign(m), ratio, inplace=own)  # (exact: a sign times the ratio)
     if k.apply:  # the reference's p.addcmul_(sign(m), ratio, value=-lr)
         return add_update(ops, k.p, direction, k.coef, owned=own), new
