@@ -60,6 +60,7 @@ def test_block_codes_match_the_reference_and_its_error_bound(name):
         assert err <= bound * (1 + 1e-5)  # (+ the float32 scale's rounding)
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("name", ["q8", "q8u", "q4", "q4u"])
 def test_table_lookup_finds_the_nearest_code_like_a_binary_search(name):
     # nearest_index replaces the binary search by two table reads; the reference is torch.bucketize against the
@@ -186,6 +187,7 @@ def test_state_bytes_per_parameter():
         assert total / params["w"].numel() <= limit
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("spec", ["q8", "q4", {"exp_avg": torch.bfloat16, "exp_avg_sq": "q8"}])
 def test_pure_update_leaves_inputs_unchanged_and_equals_the_donated_step(spec):
     params, grads = _problem(n_steps=3)
@@ -204,6 +206,7 @@ def test_pure_update_leaves_inputs_unchanged_and_equals_the_donated_step(spec):
         assert torch.equal(pure_p[k], own_p[k])
 
 
+@pytest.mark.bitwise
 def test_checkpoint_of_encoded_state_resumes_bitwise():
     params, grads = _problem(n_steps=10)
     tx = pureopt.adam(lr=1e-2, state_dtype="q8")
@@ -330,6 +333,7 @@ def test_stochastic_rounding_under_vmap_matches_per_member():
         assert torch.equal(batched[i], one(grads["w"][i], params["w"][i]))
 
 
+@pytest.mark.bitwise
 def test_torch_optimizer_saves_encoded_state_under_its_own_keys_and_resumes_bitwise():
     torch.manual_seed(0)
     make = lambda m: pureopt.TorchOptimizer(m.parameters(), pureopt.adamw, lr=1e-2, state_dtype={"exp_avg": "q8"})
@@ -386,6 +390,7 @@ def test_bf16_state_with_stochastic_rounding_follows_the_closed_form_where_neare
     assert not torch.equal(out["bf16-sr"], out["bfloat16-sr"])  # another seed, other bits
 
 
+@pytest.mark.bitwise
 def test_stochastically_rounded_state_is_reproducible_and_lands_on_a_neighbour():
     # the same seed and step give the same bits; every stored value is one of the two bf16 neighbours of the
     # float32 value written (the encoder's input, recomputed here from the float32 run's rule)
@@ -450,6 +455,7 @@ def test_encoded_state_compiles_with_inductor_without_recompiles(spec):
     assert isinstance(sc.exp_avg[0], Quantized) and sc.exp_avg[0].codes.dtype == torch.uint8
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("save_flat,load_flat", [(True, True), (True, False), (False, True)])
 def test_flat_torch_optimizer_with_encoded_state_checkpoints_across_layouts(save_flat, load_flat):
     # TorchOptimizer(flat=True) with q8 state: it tracks torch.optim.AdamW's fp32 run within the quantisation
@@ -486,6 +492,7 @@ def test_flat_torch_optimizer_with_encoded_state_checkpoints_across_layouts(save
     assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), ref.parameters()))
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("spec", ["q8", "q4", "fp8", "bf16-sr"])
 def test_encoded_state_under_vmap_steps_each_member_as_alone(spec):
     # an ensemble of K models with encoded state, init and update vmapped: each member's updates track its own

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["random_bits", "stochastic_round"]
+__all__ = ["fmix32", "random_bits", "stochastic_round"]
 
 _M32 = 0xFFFFFFFF
 
@@ -31,7 +31,9 @@ def _mul32(h: Tensor, c: int) -> Tensor:
     return (lo + hi) & _M32
 
 
-def _fmix(h: Tensor) -> Tensor:
+def fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser (a bijection of ``[0, 2**32)`` with good avalanche) on int64 tensors holding
+    values in that range."""
     h = h ^ (h >> 16)
     h = _mul32(h, 0x85EBCA6B)
     h = h ^ (h >> 13)
@@ -42,9 +44,9 @@ def _fmix(h: Tensor) -> Tensor:
 def random_bits(key: Tensor, counter: Tensor, offset: int, numel: int, device: torch.device) -> Tensor:
     """``numel`` pseudo-random integers in ``[0, 2**32)`` (int64) for elements ``offset ... offset + numel - 1``,
     a function of ``key`` and ``counter`` (0-d int64 tensors) only."""
-    seed = _fmix((_fmix(key.to(device, torch.int64) & _M32) ^ (counter.to(device, torch.int64) & _M32)) & _M32)
+    seed = fmix32((fmix32(key.to(device, torch.int64) & _M32) ^ (counter.to(device, torch.int64) & _M32)) & _M32)
     idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device) & _M32
-    return _fmix(_fmix(idx ^ seed) ^ ((seed * 0x9E37) & _M32))
+    return fmix32(fmix32(idx ^ seed) ^ ((seed * 0x9E37) & _M32))
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:

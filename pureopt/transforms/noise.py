@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from pureopt.base import GradientTransformation, LeafList, UpdateContext, leaf_transformation
+from pureopt.kernels.rounding import fmix32
 from pureopt.transforms._util import count_device, new_count
 from pureopt.tree import PyTreeSpec
 
@@ -30,21 +31,6 @@ class AddNoiseState(NamedTuple):
     seed: Tensor
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """``x * c mod 2**32`` for ``0 <= x < 2**32`` held in int64, without overflowing int64."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
-def _mix(x: Tensor) -> Tensor:
-    """MurmurHash3's 32-bit finaliser (a bijection of ``[0, 2**32)`` with good avalanche), on int64 tensors."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
 def counter_normal(key: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
     """``numel`` standard normal draws that are a pure function of ``key`` (a 0-d int64 tensor in ``[0, 2**32)``).
 
@@ -53,8 +39,8 @@ def counter_normal(key: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
     (a batched key gives each model its own draws) and ``torch.compile``.
     """
     index = torch.arange(numel, dtype=torch.int64, device=key.device)
-    h1 = _mix(key ^ _mix((2 * index) & _M32))
-    h2 = _mix(_mix(key ^ 0x9E3779B9) ^ _mix((2 * index + 1) & _M32))
+    h1 = fmix32(key ^ fmix32((2 * index) & _M32))
+    h2 = fmix32(fmix32(key ^ 0x9E3779B9) ^ fmix32((2 * index + 1) & _M32))
     scale = 2.0**-24
     u1 = ((h1 >> 8).to(dtype) + 1.0) * scale  # (0, 1]: log is finite
     u2 = (h2 >> 8).to(dtype) * scale  # [0, 1)
@@ -112,9 +98,9 @@ def add_noise(eta: float, gamma: float = 0.55, seed: int = 0) -> GradientTransfo
         t = state.num_updates + 1
         std = torch.sqrt(eta / torch.pow(t.to(torch.float64), gamma))
         seed_bits = state.seed & _M32
-        step_key = _mix(_mix(seed_bits) ^ ((state.seed >> 32) & _M32))
-        step_key = _mix(step_key ^ (t & _M32))
-        out = [None if u is None else noisy(u, _mix(step_key ^ i), std) for i, u in enumerate(updates)]
+        step_key = fmix32(fmix32(seed_bits) ^ ((state.seed >> 32) & _M32))
+        step_key = fmix32(step_key ^ (t & _M32))
+        out = [None if u is None else noisy(u, fmix32(step_key ^ i), std) for i, u in enumerate(updates)]
         return out, AddNoiseState(t, state.seed)
 
     return leaf_transformation(init_leaves, update_leaves)
