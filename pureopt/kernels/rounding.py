@@ -7,7 +7,7 @@ random 16-bit integer added to the float32 bit pattern before truncation (magnit
 pattern is sign-magnitude). float16 targets round the float32 value to the two float16 neighbours explicitly.
 
 The random bits are a hash of ``(key, counter, element index)`` computed with integer tensor ops (murmur3's 32-bit
-finaliser, with products kept below 2**63), so the same key and counter give the same bits on every run and
+finaliser, in int32 with wrap-around products), so the same key and counter give the same bits on every run and
 device, no generator state is consumed, and the function works under ``torch.func.vmap`` and ``torch.compile``.
 
 Gupta, Agrawal, Gopalakrishnan & Narayanan, "Deep Learning with Limited Numerical Precision", ICML 2015 (stochastic
@@ -22,42 +22,166 @@ from torch import Tensor
 __all__ = ["fmix32", "random_bits", "stochastic_round"]
 
 _M32 = 0xFFFFFFFF
+_INT32_END = 1 << 31
 
 
-def _mul32(h: Tensor, c: int) -> Tensor:
-    """``(h * c) mod 2**32`` for ``0 <= h < 2**32`` in int64 without overflow (16-bit halves)."""
-    lo = (h & 0xFFFF) * c
-    hi = (((h >> 16) * c) & 0xFFFF) << 16
-    return (lo + hi) & _M32
+def _const(v: int) -> Tensor:
+    """A 0-d int32 CPU constant. As an operand it is a scalar on every device, and on CPU the ops below run
+    markedly faster with it than with a Python int (which each op would wrap into a new tensor)."""
+    return torch.tensor(v, dtype=torch.int32, device="cpu")
+
+
+# murmur3's fmix32 multipliers as int32 (two's complement: the same low 32 bits), shifts, masks
+_C1, _C2 = _const(0x85EBCA6B - (1 << 32)), _const(0xC2B2AE35 - (1 << 32))
+_S13, _S16, _S31 = _const(13), _const(16), _const(31)
+_LOW16, _LOW19, _ABS, _NAN0 = _const(0xFFFF), _const(0x7FFFF), _const(0x7FFFFFFF), _const(0x7F800001)
+
+
+def _to_int32(t: Tensor, device: torch.device | None = None) -> Tensor:
+    """The low 32 bits of the integer tensor ``t`` as int32 (``t mod 2**32`` in two's complement). May be ``t``
+    itself: never write into the result."""
+    if t.is_floating_point() or t.is_complex():
+        t = t.to(device=device, dtype=torch.int64)
+    return t.to(device=device, dtype=torch.int32)
+
+
+def _xorshift16(h: Tensor) -> Tensor:
+    """``h ^ (h >>> 16)`` (logical shift) as a fresh tensor; ``h`` is not written. On int32 the arithmetic ``>>``
+    fills with copies of the sign bit, which the mask clears."""
+    t = h >> _S16
+    t &= _LOW16
+    t ^= h
+    return t
+
+
+def _fmix32_rest_(h: Tensor) -> Tensor:
+    """The steps of :func:`fmix32` after the first xor-shift, in place on ``h``: a fresh int32 temporary, never an
+    input (under ``torch.func.vmap`` a fresh result is batched exactly when what it was computed from is, so the
+    in-place ops stay valid; under ``torch.compile`` they are functionalised and fused). int32 ``*`` keeps the
+    low 32 bits of the product: ``mod 2**32``."""
+    h *= _C1
+    t = h >> _S13
+    t &= _LOW19
+    h ^= t
+    h *= _C2
+    t = h >> _S16
+    t &= _LOW16
+    h ^= t
+    return h
+
+
+def _fmix32_int32(h: Tensor) -> Tensor:
+    """:func:`fmix32` on int32 bit patterns, as a fresh int32 tensor (``h`` is not written)."""
+    return _fmix32_rest_(_xorshift16(h))
 
 
 def fmix32(h: Tensor) -> Tensor:
     """MurmurHash3's 32-bit finaliser (a bijection of ``[0, 2**32)`` with good avalanche) on int64 tensors holding
-    values in that range."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
+    values in that range; returns int64 in ``[0, 2**32)``.
+
+    Rule (products mod ``2**32``, logical shifts)::
+
+        h ^= h >> 16;  h *= 0x85EBCA6B;  h ^= h >> 13;  h *= 0xC2B2AE35;  h ^= h >> 16
+
+    Computed in int32 with wrap-around products after the first xor-shift (which runs in ``h``'s own dtype, so
+    every int64 input, in range or not, gives what the int64 formula gives). Example::
+
+        fmix32(torch.tensor(1))  # tensor(1364076727) == 0x514E28B7
+
+    Appleby, MurmurHash3 (public domain), ``fmix32``.
+    """
+    t = h >> _S16
+    t ^= h
+    out = _fmix32_rest_(_to_int32(t)).to(torch.int64)  # (_to_int32 of the fresh t is fresh)
+    out &= _M32
+    return out
+
+
+def _fmix32_int(h: int) -> int:
+    """:func:`fmix32` of a Python int in ``[0, 2**32)``."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
     return h ^ (h >> 16)
+
+
+def _plain_cpu(*ts: Tensor) -> bool:
+    """Whether the 0-d tensors ``ts`` can be read as Python ints for free: plain CPU tensors, eagerly (not under
+    dynamo, a ``torch.func`` transform, or a tracing tensor subclass)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
+        return False
+    return all(type(t) is Tensor and t.device.type == "cpu" and not t.is_floating_point() for t in ts)
+
+
+def _signed32(v: int) -> int:
+    """``v`` in ``[0, 2**32)`` as the int32 with the same bits."""
+    return v - (1 << 32) if v >= _INT32_END else v
 
 
 def random_bits(key: Tensor, counter: Tensor, offset: int, numel: int, device: torch.device) -> Tensor:
     """``numel`` pseudo-random integers in ``[0, 2**32)`` (int64) for elements ``offset ... offset + numel - 1``,
-    a function of ``key`` and ``counter`` (0-d int64 tensors) only."""
-    seed = fmix32((fmix32(key.to(device, torch.int64) & _M32) ^ (counter.to(device, torch.int64) & _M32)) & _M32)
-    idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device) & _M32
-    return fmix32(fmix32(idx ^ seed) ^ ((seed * 0x9E37) & _M32))
+    a function of ``key`` and ``counter`` (0-d int64 tensors) only.
+
+    Rule (:func:`fmix32`; ``key``, ``counter``, indices and products mod ``2**32``)::
+
+        seed = fmix32(fmix32(key) ^ counter)
+        bits[j] = fmix32(fmix32((offset + j) ^ seed) ^ (seed * 0x9E37))
+
+    Computed in int32 (wrap-around products); only the result is widened to int64. The 0-d ``seed`` is computed
+    with Python ints when ``key`` and ``counter`` are plain CPU tensors and nothing traces (its two dozen 0-d tensor
+    ops cost about a fifth of a 64K-element call on a CPU), else with tensor ops (batched under ``vmap``, traced under
+    ``torch.compile``). Example::
+
+        bits = random_bits(torch.tensor(1), torch.tensor(0), 0, 1024, torch.device("cpu"))
+    """
+    seed: Tensor | int
+    mixed: Tensor | int
+    if _plain_cpu(key, counter):
+        s = _fmix32_int(_fmix32_int(int(key) & _M32) ^ (int(counter) & _M32))
+        seed, mixed = _signed32(s), _signed32((s * 0x9E37) & _M32)
+    else:
+        # (out of place: under vmap the counter may be batched where the key's hash is not)
+        seed = _fmix32_int32(_fmix32_int32(_to_int32(key, device)) ^ _to_int32(counter, device))
+        mixed = seed * 0x9E37
+    if 0 <= offset and offset + numel <= _INT32_END:
+        idx = torch.arange(offset, offset + numel, dtype=torch.int32, device=device)
+    else:  # (indices mod 2**32)
+        idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device).to(torch.int32)
+    h = _fmix32_rest_(_xorshift16(idx ^ seed))
+    h ^= mixed
+    out = _fmix32_rest_(_xorshift16(h)).to(torch.int64)
+    out &= _M32
+    return out
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
     """``x`` (float32) rounded stochastically to ``dtype`` (``torch.bfloat16`` or ``torch.float16``) with the random
-    integers ``bits`` (one per element, as :func:`random_bits` gives; flat order)."""
+    integers ``bits`` (one per element, as :func:`random_bits` gives; flat order). Only the low 16 (bf16) or 24
+    (fp16) bits of each are used.
+
+    bf16 rule: ``(pattern(x) + (bits & 0xFFFF)) & ~0xFFFF`` on the float32 bit pattern, mod ``2**32`` (the carry
+    rounds the magnitude up with probability equal to the dropped fraction); non-finite ``x`` is cast as it is.
+    fp16 rule: of the two float16 neighbours ``low <= x < high``, ``high`` when ``(bits & 0xFFFFFF) / 2**24`` is
+    below ``(x - low) / (high - low)``. Example::
+
+        stochastic_round(x, torch.bfloat16, random_bits(key, counter, 0, x.numel(), x.device))
+    """
     x = x.to(torch.float32)
-    r = bits.view(x.shape)
+    r = _to_int32(bits.view(x.shape))
     if dtype == torch.bfloat16:
-        pattern = x.view(torch.int32).to(torch.int64)
-        rounded = ((pattern + (r & 0xFFFF)) & ~0xFFFF).to(torch.int32)  # carry into the kept bits, drop the rest
-        return torch.where(torch.isfinite(x), rounded.view(torch.float32), x).to(dtype)
+        # Integer passes only (on CPU a comparison or torch.where costs several times an int32 op): ``keep`` is
+        # 0xFFFF where x is not NaN (magnitude bits at most +inf's 0x7F800000), 0 where it is; a NaN keeps its
+        # pattern, an infinity has none of the dropped bits set, so both come out as ``x`` itself.
+        p = x.view(torch.int32)
+        keep = p & _ABS
+        keep -= _NAN0  # (no overflow)
+        keep >>= _S31
+        keep &= _LOW16
+        rounded = r & keep  # the random low bits (0 for NaN)
+        rounded += p  # carry into the kept bits (int32 wraps like the pattern mod 2**32)
+        rounded &= keep.bitwise_not_()  # drop the rest
+        return rounded.view(torch.float32).to(dtype)
     if dtype == torch.float16:
         down = x.to(dtype)
         low = torch.where(down.to(torch.float32) > x, torch.nextafter(down, torch.full_like(down, -torch.inf)), down)
