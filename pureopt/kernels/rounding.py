@@ -155,6 +155,30 @@ def random_bits(key: Tensor, counter: Tensor, offset: int, numel: int, device: t
     return out
 
 
+def _fp16_value(q: Tensor) -> Tensor:
+    """The float32 value of the float16 bit patterns ``q`` (int16; no NaN), by integer ops and one exact float
+    subtraction (no comparisons or ``where``: slow on CPU). The magnitude bits shifted up 13 and the exponent
+    rebiased by ``127 - 15``; infinities rebiased to 255 instead; a subnormal or zero ``m`` gets exponent 1 more
+    (``2**-14 * (1 + m / 2**10)``) and then ``2**-14`` taken off, leaving ``m * 2**-24`` exactly; the sign bit
+    copied last (so -0.0 stays negative)."""
+    qi = q.to(torch.int32)  # (sign-extended)
+    m = qi & 0x7FFF
+    sub = m - 0x400
+    sub >>= 31
+    sub &= 1  # 1 for a zero or subnormal (m < 0x400)
+    rebias = m + 0x400
+    rebias >>= 15  # 1 for an infinity (m >= 0x7C00)
+    rebias *= 112
+    rebias += sub
+    rebias += 112
+    rebias <<= 23
+    m <<= 13
+    m += rebias
+    mag = m.view(torch.float32) - sub.to(torch.float32) * 2.0**-14
+    out = mag.view(torch.int32) | (qi & -(1 << 31))
+    return out.view(torch.float32)
+
+
 def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
     """``x`` (float32) rounded stochastically to ``dtype`` (``torch.bfloat16`` or ``torch.float16``) with the random
     integers ``bits`` (one per element, as :func:`random_bits` gives; flat order). Only the low 16 (bf16) or 24
@@ -183,9 +207,16 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
         rounded &= keep.bitwise_not_()  # drop the rest
         return rounded.view(torch.float32).to(dtype)
     if dtype == torch.float16:
-        down = x.to(dtype)
-        low = torch.where(down.to(torch.float32) > x, torch.nextafter(down, torch.full_like(down, -torch.inf)), down)
-        high = torch.nextafter(low, torch.full_like(low, torch.inf))
+        # The neighbours by stepping float16 bit patterns (sign-magnitude: the magnitude one up or down, across
+        # zero by hand), as torch.nextafter steps them, and whether x was rounded up by comparing x with the float16
+        # value rebuilt from its bits: inductor keeps float16 intermediates in float32 precision, so there
+        # ``x.to(float16).to(float32)`` is ``x`` and a float16 nextafter is computed in float32 (returns its input).
+        q = x.to(dtype).view(torch.int16)
+        step = (q >> 15) | 1  # -1 where the sign bit is set, else 1: q - step is one magnitude step down-wards
+        lowq = torch.where(_fp16_value(q) > x, torch.where(q == 0, -32767, q - step), q)  # (+0: -2**-24)
+        step = (lowq >> 15) | 1
+        highq = torch.where(lowq == -32768, 1, lowq + step)  # toward +inf (-0.0: +2**-24; -2**-24: -0.0)
+        low, high = lowq.view(dtype), highq.view(dtype)
         gap = high.to(torch.float32) - low.to(torch.float32)
         frac = torch.where(gap > 0, (x - low.to(torch.float32)) / gap, torch.zeros_like(x))
         u = (r & 0xFFFFFF).to(torch.float32) / float(1 << 24)
