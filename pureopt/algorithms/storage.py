@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pureopt.kernels import codec_ops
 from pureopt.kernels.dtensor import is_dtensor
-from pureopt.kernels.encoding import Encoding, FloatEncoding, compiling, encoding_for
+from pureopt.kernels.encoding import Encoding, FloatEncoding, compiling, encoding_for, opaque_codecs
 from pureopt.kernels.listops import ListOps
 
 __all__ = ["CHUNK_ELEMENTS", "compute_dtype", "parse_state_dtype", "run_chunks"]
@@ -150,8 +151,14 @@ def run_chunks(
         }
     updates = None if apply else [torch.empty_like(g, dtype=dt) for g, dt in zip(grads, dtypes)]
     written: set[str] = set()
-    # (traced by torch.compile: whole tensors, one chunk; inductor fuses decode, math and encode itself)
-    for chunk in _plan([g.numel() for g in grads], splittable, align, elementwise and not compiling()):
+    # Traced by dynamo with block or stochastically rounded encodings: chunks as in eager mode, each one's decode /
+    # encode an opaque op, ordered by the tokens the last chunk's encodes returned (see pureopt.kernels.codec_ops).
+    # Under vmap, or with plain float encodings only: whole tensors in one chunk (inductor fuses decode, math and
+    # encode into one elementwise pass).
+    chunked = not compiling() or (opaque_codecs() and any(e.opaque for e in encodings.values()))
+    traced = chunked and compiling()  # (traced by dynamo, chunk by chunk: the parameters written by an opaque op)
+    after: list[Tensor] = []  # (traced: what the next chunk's decodes must follow, see pureopt.kernels.codec_ops)
+    for chunk in _plan([g.numel() for g in grads], splittable, align, elementwise and chunked):
         g_c = [_view(grads[i], lo, hi, whole).to(dtypes[i]) for i, lo, hi, whole in chunk]
         p_views = None if params is None else [_view(params[i], lo, hi, whole) for i, lo, hi, whole in chunk]
         p_c = None if p_views is None else [v.to(dtypes[i]) for v, (i, *_) in zip(p_views, chunk)]
@@ -164,27 +171,31 @@ def run_chunks(
                 f_c[key] = [v.to(dtypes[i], copy=True) for v, (i, *_) in zip(views, chunk)]
             else:
                 f_c[key] = [
-                    enc.decode(values[i], lo, hi, dtypes[i]).view(grads[i].shape if whole else (hi - lo,))
+                    enc.decode(values[i], lo, hi, dtypes[i], after).view(grads[i].shape if whole else (hi - lo,))
                     for i, lo, hi, whole in chunk
                 ]
         c_c = {name: [col[i] for i, *_ in chunk] for name, col in columns.items()}
-        u, new = body(ops, p_c, g_c, f_c, c_c, apply and own_p)  # type: ignore[arg-type]
+        u, new = body(ops, p_c, g_c, f_c, c_c, apply and own_p and not traced)  # type: ignore[arg-type]
         written.update(new)
+        after = []
+        for j, ((i, lo, hi, whole), v) in enumerate(zip(chunk, u or [])):
+            if updates is not None:
+                _view(updates[i], lo, hi, whole).copy_(v)
+            elif traced:  # (the parameters written by an opaque op: see codec_ops.add_at)
+                assert params is not None
+                codec_ops.add_at(params[i], lo, v)
+            else:  # the math could not write into the parameters (another dtype): add here, rounded to theirs
+                assert p_views is not None
+                p_views[j].add_(v)
+            after.append(v)
         for key, values in new.items():
             enc = encodings.get(key)
             for (i, lo, hi, whole), v in zip(chunk, values):
                 if enc is None:
                     _view(out[key][i], lo, hi, whole).copy_(v)
                 else:
-                    enc.encode_into(out[key][i], lo, v.reshape(-1), counter, i)
-        if u is None:
-            continue
-        for j, ((i, lo, hi, whole), v) in enumerate(zip(chunk, u)):
-            if updates is not None:
-                _view(updates[i], lo, hi, whole).copy_(v)
-            else:  # the math could not write into the parameters (another dtype): add here, rounded to theirs
-                assert p_views is not None
-                p_views[j].add_(v)
+                    token = enc.encode_into(out[key][i], lo, v.reshape(-1), counter, i)
+                    after += [] if token is None else [token]
     for key in fields:
         if key not in written:  # a field this step left as it was: the same stored values
             out[key] = list(fields[key])

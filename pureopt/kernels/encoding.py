@@ -15,11 +15,14 @@ zero, because a second moment decoded as zero makes ``m / sqrt(v)`` blow up).
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from pureopt.kernels import codec_ops
 from pureopt.kernels.rounding import random_bits, stochastic_round
 
 __all__ = [
@@ -41,14 +44,22 @@ class Quantized(NamedTuple):
     scale: Tensor
 
 
-def dynamic_code(bits: int, signed: bool) -> list[float]:
+def dynamic_code(bits: int, signed: bool, zero: bool = True) -> list[float]:
     """A non-linear code for values in ``[-1, 1]`` (``signed``) or ``[0, 1]``: ``2**bits`` values, dense near zero.
 
     Values are spread over ``bits - 1`` decades: decade ``d`` (magnitudes ``10**(d - bits + 2) * [0.1, 1]``) holds
     ``2**d`` linearly spaced values per sign (``2**(d + 1)`` unsigned), i.e. an exponent given by leading zeros and
     a linear fraction in the remaining bits — the dynamic tree code of Dettmers et al. 2022. So the relative
     error is roughly constant over ``bits - 1`` orders of magnitude. Zero and ``1`` are exact.
+
+    Without ``zero`` (unsigned only), zero's place holds the lowest decade's lower edge ``10**(2 - bits) * 0.1``
+    instead: a second moment then never decodes to 0 where its first moment does not (``m / sqrt(v)`` would be
+    ``m / eps``, a step thousands of times the learning rate: the zero-point problem of Li et al. 2023).
     """
+    if not zero:
+        if signed:
+            raise ValueError("a signed dynamic code keeps zero (first moments change sign through it)")
+        return [10.0 ** (2 - bits) * 0.1, *dynamic_code(bits, signed)[1:]]
     decades = bits - 1
     mags: list[float] = []
     for d in range(decades):
@@ -155,8 +166,18 @@ def compiling() -> bool:
     return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
 
 
+def opaque_codecs() -> bool:
+    """Whether dynamo is tracing outside any ``torch.func`` transform: block encodings then decode and encode
+    through the opaque ops of :mod:`pureopt.kernels.codec_ops`, chunk by chunk (see there why)."""
+    return torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is None
+
+
 class Encoding:
     """How one state field is stored (see module docstring)."""
+
+    #: whether a step traced by dynamo decodes and encodes it chunk by chunk through the opaque ops of
+    #: :mod:`pureopt.kernels.codec_ops` (the codecs inductor would otherwise give whole-state temporaries)
+    opaque: bool = False
 
     name: str = "encoding"
     block: int = 1
@@ -165,15 +186,20 @@ class Encoding:
         """A zero state for parameter ``p``."""
         raise NotImplementedError
 
-    def decode(self, stored: Any, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
-        """Elements ``lo:hi`` (flat order) in ``dtype``, as a flat tensor."""
+    def decode(self, stored: Any, lo: int, hi: int, dtype: torch.dtype, after: Sequence[Tensor] = ()) -> Tensor:
+        """Elements ``lo:hi`` (flat order) in ``dtype``, as a flat tensor; ``after``: tensors (tokens
+        :meth:`encode_into` returned, the last chunk's results) that a traced step reads them after (see
+        :mod:`pureopt.kernels.codec_ops`)."""
         raise NotImplementedError
 
-    def encode_into(self, stored: Any, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0) -> None:
+    def encode_into(
+        self, stored: Any, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0
+    ) -> Tensor | None:
         """Write the flat values ``x`` into elements ``lo:lo + x.numel()`` of ``stored`` (``lo`` a block start).
 
         ``counter`` (0-d int64, advancing every step) and ``stream`` (the tensor's position) key the random bits of
-        a stochastically rounding encoding; the others ignore them."""
+        a stochastically rounding encoding; the others ignore them. Returns an ordering token when the write is an
+        opaque op of a traced step, else ``None``."""
         raise NotImplementedError
 
     def like(self, stored: Any) -> Any:
@@ -197,24 +223,39 @@ class FloatEncoding(Encoding):
             raise ValueError(f"stochastic rounding stores bfloat16 or float16 state, not {dtype}")
         self.dtype, self.stochastic, self.seed = dtype, stochastic, seed
         self.name = str(dtype).replace("torch.", "") + ("-sr" if stochastic else "")
+        self.opaque = stochastic
+        if stochastic:
+            self.key = codec_ops.register(f"{self.name}/seed={seed}", self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # (unpickled: known to the opaque ops again)
+        self.__dict__.update(state)
+        if self.stochastic:
+            codec_ops.register(self.key, self)
 
     def empty(self, p: Tensor) -> Tensor:
         return torch.zeros_like(p, dtype=self.dtype)
 
-    def decode(self, stored: Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+    def decode(self, stored: Tensor, lo: int, hi: int, dtype: torch.dtype, after: Sequence[Tensor] = ()) -> Tensor:
+        if self.stochastic and opaque_codecs():
+            return codec_ops.float_decode(stored, lo, hi, after).to(dtype)
         return stored.reshape(-1)[lo:hi].to(dtype)
 
-    def encode_into(self, stored: Tensor, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0) -> None:
+    def encode_into(
+        self, stored: Tensor, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0
+    ) -> Tensor | None:
         out = stored.view(-1)[lo : lo + x.numel()]
         if not self.stochastic or counter is None:  # (initial values, written before any step: to nearest)
             out.copy_(x.reshape(-1))
-            return
+            return None
+        if opaque_codecs():
+            return codec_ops.float_encode(self.key, stored, lo, x.reshape(-1).to(torch.float32), counter, stream)
         key = torch.tensor((self.seed * 0x9E3779B1 + stream) & 0xFFFFFFFF, dtype=torch.int64, device=x.device)
         flat = x.reshape(-1)
         for start in range(0, flat.numel(), PIECE_ELEMENTS):  # (the hash's int64 temporaries: one piece at a time)
             part = flat[start : start + PIECE_ELEMENTS]
             bits = random_bits(key, counter, lo + start, part.numel(), x.device)
             out[start : start + part.numel()].copy_(stochastic_round(part, self.dtype, bits))
+        return None
 
     def like(self, stored: Tensor) -> Tensor:
         return torch.empty_like(stored)
@@ -226,11 +267,14 @@ class FloatEncoding(Encoding):
 class BlockEncoding(Encoding):
     """Block-wise quantisation: each block of ``block`` elements is scaled by its absolute maximum and every
     element stored as the index of the nearest value of ``code`` (``bits`` = 8 or 4), or, for an fp8 ``dtype``, as
-    that float8 value after scaling the block's maximum to the format's largest finite value."""
+    that float8 value after scaling the block's maximum to the format's largest finite value. ``nonzero`` (fp8, for
+    non-negative fields): values below the format's smallest subnormal are written as it, not as 0, so that a
+    second moment never decodes to 0 where its first moment does not (the zero-point problem: see
+    :func:`dynamic_code`; a code without zero does the same for the other block encodings)."""
 
     def __init__(
         self, name: str, *, bits: int = 8, code: list[float] | None = None, block: int = 2048,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, nonzero: bool = False,
     ) -> None:  # fmt: skip
         if code is None and dtype is None:
             raise ValueError("a block encoding needs a code or an fp8 dtype")
@@ -239,6 +283,18 @@ class BlockEncoding(Encoding):
         self.name, self.bits, self.block, self.dtype = name, bits, block, dtype
         self.code = None if code is None else tuple(code)
         self.top = float(torch.finfo(dtype).max) if dtype is not None else max(abs(v) for v in code or [1.0])
+        if nonzero and dtype is None:
+            raise ValueError("nonzero is for fp8 encodings; give a code without zero instead")
+        # (the smallest positive value of the fp8 format: the bit pattern 1)
+        self.least = float(torch.ones((), dtype=torch.uint8).view(dtype)) if nonzero and dtype is not None else None
+        digest = hashlib.sha256(repr((bits, block, dtype, self.code, self.least)).encode()).hexdigest()[:16]
+        self.key = codec_ops.register(f"{name}/{digest}", self)  # (names it to the opaque ops of a traced step)
+
+    opaque = True
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # (unpickled: known to the opaque ops again)
+        self.__dict__.update(state)
+        codec_ops.register(self.key, self)
 
     @property
     def _code(self) -> tuple[float, ...]:
@@ -270,7 +326,9 @@ class BlockEncoding(Encoding):
             else range(0, n, max(self.block, PIECE_ELEMENTS // self.block * self.block))
         )
 
-    def decode(self, stored: Quantized, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+    def decode(self, stored: Quantized, lo: int, hi: int, dtype: torch.dtype, after: Sequence[Tensor] = ()) -> Tensor:
+        if opaque_codecs():
+            return codec_ops.block_decode(self.key, stored.codes, stored.scale, lo, hi, after).to(dtype)
         n, b0, first = hi - lo, lo // self.block, lo % self.block
         if self.dtype is not None:
             values = stored.codes[lo:hi].to(torch.float32)
@@ -311,11 +369,14 @@ class BlockEncoding(Encoding):
 
     def encode_into(
         self, stored: Quantized, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0
-    ) -> None:
+    ) -> Tensor | None:
         x = x.reshape(-1)
+        if opaque_codecs():
+            return codec_ops.block_encode(self.key, stored.codes, stored.scale, lo, x.to(torch.float32))
         step = self._pieces(x.numel()).step
         for start in self._pieces(x.numel()):
             self._encode_piece(stored, lo + start, x[start : start + step].to(torch.float32))
+        return None
 
     def _encode_piece(self, stored: Quantized, lo: int, x: Tensor) -> None:
         n = x.numel()
@@ -330,7 +391,8 @@ class BlockEncoding(Encoding):
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         normed = (blocks / safe[:, None]).view(-1)[:n]
         if self.dtype is not None:
-            stored.codes[lo : lo + n].copy_(normed.clamp(-self.top, self.top))
+            low = -self.top if self.least is None else self.least  # (nonzero: a non-negative field)
+            stored.codes[lo : lo + n].copy_(normed.clamp(low, self.top))
             return
         assert self.code is not None
         if self.bits == 8:
@@ -353,12 +415,15 @@ def _named() -> dict[str, Encoding]:
     return {
         # 8-bit (Dettmers et al. 2022): dynamic code, blocks of 2048 (signed for first moments, unsigned for second)
         "q8": BlockEncoding("q8", bits=8, code=dynamic_code(8, signed=True), block=2048),
-        "q8u": BlockEncoding("q8u", bits=8, code=dynamic_code(8, signed=False), block=2048),
+        # (the second-moment codes exclude zero: see dynamic_code)
+        "q8u": BlockEncoding("q8u", bits=8, code=dynamic_code(8, signed=False, zero=False), block=2048),
         # 4-bit (Li et al. 2023): blocks of 128; second moments with the zero-free linear code
         "q4": BlockEncoding("q4", bits=4, code=dynamic_code(4, signed=True), block=128),
         "q4u": BlockEncoding("q4u", bits=4, code=linear_code(4, zero=False), block=128),
         "fp8": BlockEncoding("fp8", dtype=torch.float8_e4m3fn, block=2048),
         "fp8_e5m2": BlockEncoding("fp8_e5m2", dtype=torch.float8_e5m2, block=2048),
+        "fp8u": BlockEncoding("fp8u", dtype=torch.float8_e4m3fn, block=2048, nonzero=True),
+        "fp8_e5m2u": BlockEncoding("fp8_e5m2u", dtype=torch.float8_e5m2, block=2048, nonzero=True),
         # 16-bit floats, the math in float32 chunk by chunk; "-sr": written with stochastic rounding
         "bf16": FloatEncoding(torch.bfloat16),
         "fp16": FloatEncoding(torch.float16),
@@ -369,10 +434,12 @@ def _named() -> dict[str, Encoding]:
 
 NAMED = _named()
 """The named encodings: ``"q8"`` / ``"q4"`` (signed dynamic codes, for first moments and other signed state),
-``"q8u"`` / ``"q4u"`` (non-negative fields: second moments), ``"fp8"`` (e4m3 with a scale per block of 2048),
-``"fp8_e5m2"``, ``"bf16"`` / ``"fp16"`` (16-bit storage, float32 math; a bare ``torch.bfloat16`` as the whole
-``state_dtype`` computes in bf16 instead) and ``"bf16-sr"`` / ``"fp16-sr"`` (written with stochastic rounding).
-``"q8"`` / ``"q4"`` given for a field the algorithm declares non-negative take the ``u`` variant."""
+``"q8u"`` / ``"q4u"`` (non-negative fields: second moments; codes without zero), ``"fp8"`` (e4m3 with a scale per
+block of 2048), ``"fp8_e5m2"``, ``"fp8u"`` / ``"fp8_e5m2u"`` (non-negative fields: never written as zero),
+``"bf16"`` / ``"fp16"`` (16-bit storage, float32 math; a bare ``torch.bfloat16`` as the whole ``state_dtype``
+computes in bf16 instead) and ``"bf16-sr"`` / ``"fp16-sr"`` (written with stochastic rounding). ``"q8"`` /
+``"q4"`` / ``"fp8"`` / ``"fp8_e5m2"`` (or a float8 dtype) given for a field the algorithm declares non-negative take
+the ``u`` variant."""
 
 
 def encoding_for(spec: Any, nonneg: bool = False) -> Encoding | None:
@@ -384,12 +451,12 @@ def encoding_for(spec: Any, nonneg: bool = False) -> Encoding | None:
         return spec
     if isinstance(spec, torch.dtype):
         if spec in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return NAMED["fp8" if spec == torch.float8_e4m3fn else "fp8_e5m2"]
+            return encoding_for("fp8" if spec == torch.float8_e4m3fn else "fp8_e5m2", nonneg)
         if not spec.is_floating_point and not spec.is_complex:
             raise ValueError(f"state_dtype: {spec} is not a floating dtype (use 'q8' or 'q4' for quantised states)")
         return None  # plain float dtypes are the state dtype itself (no encoding step)
     if isinstance(spec, str):
-        key = spec + "u" if nonneg and spec in ("q8", "q4") else spec
+        key = spec + "u" if nonneg and spec in ("q8", "q4", "fp8", "fp8_e5m2") else spec
         if key not in NAMED:
             raise ValueError(f"state_dtype: unknown encoding {spec!r}; expected one of {sorted(NAMED)} or a dtype")
         return NAMED[key]
