@@ -82,6 +82,24 @@ def assert_trajectory_close(
             torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m, w=where: f"{w}: {m}")
 
 
+def unsharded_trajectory(
+    model: Any, make_opt: Any, batch: Any, loss_fn: Any, steps: int, before: Any = None
+) -> list[list[Any]]:
+    """The single-process reference: ``steps`` optimizer steps of ``make_opt(params)`` on ``model``, the whole
+    ``batch(step)`` each (``before(model, step)`` first, if given); the parameters after every step."""
+    opt = make_opt(list(model.parameters()))
+    out = []
+    for step in range(steps):
+        if before is not None:
+            before(model, step)
+        opt.zero_grad()
+        x, y = batch(step)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        out.append([p.detach().clone() for p in model.parameters()])
+    return out
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:

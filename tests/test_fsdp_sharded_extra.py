@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from _dist import WORLD, launch
+from _dist import WORLD, launch, unsharded_trajectory
 from _dist import assert_trajectory_close as assert_close
 from torch import nn
 
@@ -200,11 +200,6 @@ def pure_flatten(rank: int) -> dict[str, Any]:
         out["lamb_error"] = None
     except ValueError as e:
         out["lamb_error"] = str(e)
-    try:  # encoded state is refused on DTensors at init, before any state exists
-        pureopt.adamw(lr=LR, state_dtype="q8").init(params)
-        out["encoded_error"] = None
-    except ValueError as e:
-        out["encoded_error"] = str(e)
     return out
 
 
@@ -311,20 +306,14 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
 
 def reference(kind: str, make_opt: Any, edit: bool = False) -> list[list[torch.Tensor]]:
     """The unsharded single-process run on the whole batch."""
-    model = make_net(kind)
-    opt = make_opt(list(model.parameters()))
-    out = []
-    for step in range(STEPS):
+
+    def halve(model: nn.Module, step: int) -> None:
         if edit and step == EDIT_AT:
             with torch.no_grad():
                 for p in model.parameters():
                     p.mul_(0.5)
-        opt.zero_grad()
-        x, y = global_batch(step)
-        loss_fn(model(x), y).backward()
-        opt.step()
-        out.append([p.detach().clone() for p in model.parameters()])
-    return out
+
+    return unsharded_trajectory(make_net(kind), make_opt, global_batch, loss_fn, STEPS, halve)
 
 
 class NovoGradRule(torch.optim.Optimizer):
@@ -488,7 +477,6 @@ def test_flatten_over_dtensors_lays_out_local_shards(job: list[dict[str, Any]]) 
         assert res["state_numels"] == [res["local_numel"]] * 2  # exp_avg, exp_avg_sq: local shards, not full size
         assert res["update_types"] == ["DTensor"]
         assert "DTensors split across ranks" in res["lamb_error"]
-        assert "does not support DTensor parameters yet" in res["encoded_error"]
 
 
 # --- single process: the owner plan and the batched iteration ---------------------------------------------------

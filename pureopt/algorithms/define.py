@@ -46,8 +46,8 @@ from pureopt.hyperparams import check_betas, check_lr, check_nonneg, resolve
 from pureopt.kernels import fused as _fused
 from pureopt.kernels import select as _select
 from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
-from pureopt.kernels.dtensor import is_dtensor, run_on_local_shards
-from pureopt.kernels.encoding import Encoding
+from pureopt.kernels.dtensor import from_local_like, is_dtensor, run_on_local_shards
+from pureopt.kernels.encoding import BlockEncoding, Encoding
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import check_impl, choose_impl
 from pureopt.transforms._util import copy_of, full, kernel_transform, step_init, zeros
@@ -243,14 +243,48 @@ def scalar_state(init: Callable[[Tensor], Tensor], doc: str) -> Field:
 def _encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None, p: Tensor) -> Any:
     """A field's initial value, stored in ``enc`` (computed in the compute dtype, then encoded)."""
     if is_dtensor(p):
-        raise ValueError(
-            "encoded optimizer state (state_dtype=) does not support DTensor parameters yet (FSDP2 / tensor "
-            "parallel): give a float dtype, e.g. state_dtype=torch.bfloat16"
-        )
+        return _sharded_encoded_init(enc, init, p)
     stored = enc.empty(p)
     if init is not None:
         enc.encode_into(stored, 0, init(p.detach().to(compute_dtype(p))).reshape(-1))
     return stored
+
+
+def _sharded_encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None, p: Any) -> Any:
+    """The initial value of an encoded field of DTensor parameter ``p`` (sharded by rows: FSDP2, HSDP).
+
+    Made on the local shard and placed like ``p``: a float encoding's tensor shaped like ``p``; a block encoding's
+    codes and scales as 2-D DTensors with one row per row of ``p`` (blocks within rows, see
+    :meth:`~pureopt.kernels.encoding.BlockEncoding.for_rows`), so that every rank holds whole blocks and DCP
+    reshards the checkpoint to any world size; a 1-D parameter, or rows that cannot be blocked, keeps the field in
+    the compute dtype (a plain DTensor)."""
+    bad = [pl for pl in p.placements if pl.is_partial() or (pl.is_shard() and pl.dim % max(p.dim(), 1) != 0)]
+    if bad:
+        raise ValueError(
+            f"encoded optimizer state (state_dtype=) on DTensor parameters needs them sharded by rows (Shard(0), as "
+            f"FSDP2 does); a parameter of shape {tuple(p.shape)} is placed as {tuple(p.placements)}: give a float "
+            "dtype, e.g. state_dtype=torch.bfloat16"
+        )
+    local = p.to_local().detach()
+    value = init(local.to(compute_dtype(local))).reshape(-1) if init is not None else None
+    if not isinstance(enc, BlockEncoding):  # a float encoding: a tensor shaped like the parameter
+        stored = enc.empty(local)
+        if value is not None:
+            enc.encode_into(stored, 0, value)
+        return from_local_like(stored, p, p.shape)
+    width = p.numel() // p.shape[0] if p.dim() >= 2 and p.shape[0] else 0
+    block = enc.for_rows(width) if width else None
+    if block is None:  # kept in the compute dtype
+        kept = torch.zeros_like(local, dtype=compute_dtype(local)) if value is None else value.view(local.shape)
+        return from_local_like(kept.contiguous(), p, p.shape)
+    stored = block.empty(local)
+    if value is not None:
+        block.encode_into(stored, 0, value)
+    rows, cols, blocks = local.shape[0], (width + 1) // 2 if block.bits == 4 else width, width // block.block
+    return type(stored)(
+        from_local_like(stored.codes.view(rows, cols), p, (p.shape[0], cols)),
+        from_local_like(stored.scale.view(rows, blocks), p, (p.shape[0], blocks)),
+    )
 
 
 def _in_dtype(tensors: list[Tensor], dtype: torch.dtype | None) -> list[Tensor]:

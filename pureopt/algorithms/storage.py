@@ -72,22 +72,24 @@ def _view(t: Tensor, lo: int, hi: int, whole: bool) -> Tensor:
 
 
 def _plan(
-    sizes: Sequence[int], splittable: Sequence[bool], align: int, elementwise: bool
+    sizes: Sequence[int], splittable: Sequence[bool], align: int | Sequence[int], elementwise: bool
 ) -> Iterator[list[tuple[int, int, int, bool]]]:
     """Chunks as lists of ``(tensor, lo, hi, whole)``: flat slices of big splittable tensors (at multiples of
-    ``align``), small tensors grouped whole; everything in one chunk for non-elementwise math."""
+    ``align``, one for all tensors or one each), small tensors grouped whole; everything in one chunk for
+    non-elementwise math."""
     if not elementwise:
         yield [(i, 0, n, True) for i, n in enumerate(sizes)]
         return
-    width = max(align, CHUNK_ELEMENTS // align * align)
+    aligns = [align] * len(sizes) if isinstance(align, int) else list(align)
     chunk: list[tuple[int, int, int, bool]] = []
     acc = 0
     for i, n in enumerate(sizes):
+        width = max(aligns[i], CHUNK_ELEMENTS // aligns[i] * aligns[i])
         if n > width and splittable[i]:
             for lo in range(0, n, width):
                 yield [(i, lo, min(n, lo + width), False)]
             continue
-        if chunk and acc + n > width:  # a chunk never grows past the width (but for one unsplittable tensor)
+        if chunk and acc + n > CHUNK_ELEMENTS:  # a chunk never grows past the width (but for one big tensor)
             yield chunk
             chunk, acc = [], 0
         chunk.append((i, 0, n, True))
@@ -129,25 +131,36 @@ def run_chunks(
     if any(t.is_complex() for t in tensors):
         raise ValueError("encoded optimizer state (state_dtype=) does not support complex parameters")
     if any(map(is_dtensor, tensors)):
-        raise ValueError("encoded optimizer state (state_dtype=) does not support DTensor parameters yet")
+        raise ValueError(
+            "encoded optimizer state (state_dtype=) steps DTensor parameters on their local shards, which is not "
+            "possible here: under torch.compile or a torch.func transform, with Partial gradients, or with state "
+            "placed unlike its parameter"
+        )
     if any(g.is_sparse for g in grads):
         raise ValueError("encoded optimizer state (state_dtype=) does not support sparse gradients")
     like = params if params is not None else grads
     dtypes = [compute_dtype(t) for t in like]
-    plain = [key for key in fields if key not in encodings]
-    align = math.lcm(2, *(e.block for e in encodings.values()))
+    # each tensor's encoding (None: a plain tensor) and flat stored record, per field (see Encoding.local)
+    encs: dict[str, list[Encoding | None]] = {}
+    flat: dict[str, list[Any]] = {}
+    for key, values in fields.items():
+        enc = encodings.get(key)
+        pairs = [(None, v) if enc is None else enc.local(v) for v in values]
+        encs[key], flat[key] = [e for e, _ in pairs], [v for _, v in pairs]
+    blocks = [[e.block if e is not None else 1 for e in column] for column in encs.values()]
+    aligns = [math.lcm(2, *(column[i] for column in blocks)) for i in range(len(grads))]
     splittable = [
         g.is_contiguous() and (params is None or params[i].is_contiguous()) and all(
-            fields[key][i].is_contiguous() for key in plain)
+            flat[key][i].is_contiguous() for key in fields if encs[key][i] is None)
         for i, g in enumerate(grads)
     ]  # fmt: skip
     # outputs: the stored fields themselves when donated, else fresh buffers of the same encodings
     if donate:
-        out = {key: list(values) for key, values in fields.items()}
+        out_flat = flat
     else:
-        out = {
-            key: [encodings[key].like(v) if key in encodings else torch.empty_like(v) for v in values]
-            for key, values in fields.items()
+        out_flat = {
+            key: [torch.empty_like(v) if e is None else e.like(v) for e, v in zip(encs[key], flat[key])]
+            for key in fields
         }
     updates = None if apply else [torch.empty_like(g, dtype=dt) for g, dt in zip(grads, dtypes)]
     written: set[str] = set()
@@ -158,22 +171,19 @@ def run_chunks(
     chunked = not compiling() or (opaque_codecs() and any(e.opaque for e in encodings.values()))
     traced = chunked and compiling()  # (traced by dynamo, chunk by chunk: the parameters written by an opaque op)
     after: list[Tensor] = []  # (traced: what the next chunk's decodes must follow, see pureopt.kernels.codec_ops)
-    for chunk in _plan([g.numel() for g in grads], splittable, align, elementwise and chunked):
+    for chunk in _plan([g.numel() for g in grads], splittable, aligns, elementwise and chunked):
         g_c = [_view(grads[i], lo, hi, whole).to(dtypes[i]) for i, lo, hi, whole in chunk]
         p_views = None if params is None else [_view(params[i], lo, hi, whole) for i, lo, hi, whole in chunk]
         p_c = None if p_views is None else [v.to(dtypes[i]) for v, (i, *_) in zip(p_views, chunk)]
         own_p = p_views is not None and all(a is b for a, b in zip(p_c or [], p_views))  # parameters' own memory
         f_c: dict[str, list[Tensor]] = {}
-        for key, values in fields.items():
-            enc = encodings.get(key)
-            if enc is None:
-                views = [_view(values[i], lo, hi, whole) for i, lo, hi, whole in chunk]
-                f_c[key] = [v.to(dtypes[i], copy=True) for v, (i, *_) in zip(views, chunk)]
-            else:
-                f_c[key] = [
-                    enc.decode(values[i], lo, hi, dtypes[i], after).view(grads[i].shape if whole else (hi - lo,))
-                    for i, lo, hi, whole in chunk
-                ]
+        for key, values in flat.items():
+            f_c[key] = [
+                _view(values[i], lo, hi, whole).to(dtypes[i], copy=True)
+                if (enc := encs[key][i]) is None
+                else enc.decode(values[i], lo, hi, dtypes[i], after).view(grads[i].shape if whole else (hi - lo,))
+                for i, lo, hi, whole in chunk
+            ]
         c_c = {name: [col[i] for i, *_ in chunk] for name, col in columns.items()}
         u, new = body(ops, p_c, g_c, f_c, c_c, apply and own_p and not traced)  # type: ignore[arg-type]
         written.update(new)
@@ -189,14 +199,23 @@ def run_chunks(
                 p_views[j].add_(v)
             after.append(v)
         for key, values in new.items():
-            enc = encodings.get(key)
             for (i, lo, hi, whole), v in zip(chunk, values):
-                if enc is None:
-                    _view(out[key][i], lo, hi, whole).copy_(v)
+                if (enc := encs[key][i]) is None:
+                    _view(out_flat[key][i], lo, hi, whole).copy_(v)
                 else:
-                    token = enc.encode_into(out[key][i], lo, v.reshape(-1), counter, i)
+                    token = enc.encode_into(out_flat[key][i], lo, v.reshape(-1), counter, i)
                     after += [] if token is None else [token]
-    for key in fields:
-        if key not in written:  # a field this step left as it was: the same stored values
-            out[key] = list(fields[key])
+    out = {
+        key: list(values)
+        if donate or key not in written  # (a field this step left as it was: the same values)
+        else [_shaped_like(v, old) for v, old in zip(out_flat[key], values)]
+        for key, values in fields.items()
+    }
     return updates, out
+
+
+def _shaped_like(new: Any, old: Any) -> Any:
+    """A new stored value (flat record) shaped as the one it replaces (2-D codes and scales: row blocks)."""
+    if isinstance(new, Tensor) or new.codes.shape == old.codes.shape:
+        return new
+    return type(old)(new.codes.view(old.codes.shape), new.scale.view(old.scale.shape))

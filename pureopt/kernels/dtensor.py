@@ -14,7 +14,8 @@ state) computes the same numbers on any subset of the elements, so it can run on
   fused / foreach / loop on plain tensors as usual.
 * Results are wrapped back: a state tensor the kernel overwrote in place is the caller's DTensor itself; a new one
   (the pure path) becomes a DTensor placed like the state it replaces, so DCP saves it sharded like its parameter;
-  updates are placed like their gradient.
+  updates are placed like their gradient. An encoded field (a record of DTensors: codes and scales, shaped by the
+  parameter's rows) is unwrapped and wrapped part by part.
 
 Nothing converts while a ``torch.func`` transform is active, while autograd records the update, or while
 ``torch.compile`` traces (those keep the DTensor path), nor when any parameter's tensors disagree on placement: the
@@ -42,6 +43,7 @@ __all__ = [
     "zeros_reduced",
     "as_plain_scalar",
     "like_placed",
+    "from_local_like",
     "sharded_mesh_dims",
     "shard_norms",
 ]
@@ -103,12 +105,22 @@ def local_shard_problem(
     return None
 
 
+def _is_record(t: Any) -> bool:
+    """A state value stored as a record of tensors (an encoded field: ``codes`` and ``scale``)."""
+    return isinstance(t, tuple) and hasattr(type(t), "_fields")
+
+
 def _local(t: Any, dtensor: Any) -> Any:
+    if _is_record(t):  # (each part a DTensor: an encoded field, see pureopt.kernels.encoding)
+        return type(t)(*(_local(x, dtensor) for x in t))
     return t._local_tensor if isinstance(t, dtensor) else t
 
 
 def _wrap(local: Any, ref: Any, dtensor: Any) -> Any:
     """``local`` as a DTensor placed like ``ref`` (``ref`` itself where ``local`` is its own local tensor)."""
+    if _is_record(ref) and _is_record(local):
+        parts = [_wrap(a, b, dtensor) for a, b in zip(local, ref)]
+        return ref if all(a is b for a, b in zip(parts, ref)) else type(ref)(*parts)
     if local is None or not isinstance(ref, dtensor) or isinstance(local, dtensor):
         return local
     if local is ref._local_tensor:
@@ -119,6 +131,15 @@ def _wrap(local: Any, ref: Any, dtensor: Any) -> Any:
     else:  # a new contiguous tensor for a non-contiguous reference: contiguous global strides
         stride = torch.empty(ref.shape, device="meta").stride()
     return dtensor.from_local(local, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape, stride=stride)
+
+
+def from_local_like(local: Tensor, p: Any, shape: Sequence[int]) -> Any:
+    """The local tensor ``local`` (contiguous, rows of its first dimension = the local rows of DTensor ``p``) as
+    a DTensor of global ``shape`` on ``p``'s mesh with ``p``'s placements (which shard dimension 0 only)."""
+    stride = torch.empty(tuple(shape), device="meta").stride()
+    return dtensor_type().from_local(
+        local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=stride
+    )
 
 
 StepResult = tuple[list[Tensor] | None, dict[str, list[Tensor]]]

@@ -202,6 +202,11 @@ class Encoding:
         opaque op of a traced step, else ``None``."""
         raise NotImplementedError
 
+    def local(self, stored: Any) -> tuple[Encoding | None, Any]:
+        """How the stored value of one tensor is read: ``(encoding, flat record)``; the encoding is ``None`` for
+        a value kept as a plain tensor in the compute dtype (see :meth:`BlockEncoding.for_rows`)."""
+        return self, stored
+
     def like(self, stored: Any) -> Any:
         """An uninitialised stored field of the same size (the pure path writes the new state there)."""
         raise NotImplementedError
@@ -300,6 +305,41 @@ class BlockEncoding(Encoding):
     def _code(self) -> tuple[float, ...]:
         assert self.code is not None
         return self.code
+
+    def for_rows(self, width: int) -> BlockEncoding | None:
+        """This encoding with blocks that never cross a row of ``width`` elements, so that a parameter sharded by
+        rows (FSDP2's ``Shard(0)``) keeps whole blocks on every rank and a checkpoint means the same at any world
+        size: blocks of ``block`` elements where ``width`` is a multiple of it, of ``width`` where rows are
+        shorter, else of the largest divisor of ``width`` down to ``block / 4``; ``None`` where there is none, or
+        the blocks would be under 32 elements (the scales would cost as much as the codes save) or odd at 4 bits:
+        such a tensor's field is kept in the compute dtype instead (as bitsandbytes keeps small tensors' state in
+        32 bits)."""
+        sizes = [width] if width < self.block else range(self.block, self.block // 4 - 1, -1)
+        for b in sizes:
+            if width % b == 0 and b >= 32 and (self.bits != 4 or b % 2 == 0):
+                if b == self.block:
+                    return self
+                variants = self.__dict__.setdefault("_variants", {})
+                if b not in variants:
+                    code = None if self.code is None else list(self.code)
+                    variants[b] = BlockEncoding(
+                        self.name, bits=self.bits, code=code, block=b, dtype=self.dtype, nonzero=self.least is not None
+                    )
+                return variants[b]
+        return None
+
+    def local(self, stored: Any) -> tuple[Encoding | None, Any]:
+        # a plain tensor: kept in the compute dtype (rows that cannot be blocked); 2-D codes: one row per parameter
+        # row, blocks within rows (a DTensor parameter's local shard, see for_rows)
+        if isinstance(stored, Tensor):
+            return None, stored
+        if stored.codes.dim() == 1:
+            return self, stored
+        width = stored.codes.shape[1] * (2 if self.bits == 4 else 1)
+        enc = self.for_rows(width)
+        if enc is None:
+            raise ValueError(f"{self.name}: rows of {width} elements cannot be blocked (see for_rows)")
+        return enc, Quantized(stored.codes.view(-1), stored.scale.view(-1))
 
     def _ncodes(self, n: int) -> int:
         return (n + 1) // 2 if self.bits == 4 else n

@@ -1,0 +1,269 @@
+"""Encoded optimizer state (``state_dtype="q8"`` / ``"q4"`` / ``"bf16-sr"``) on FSDP2 parameters: 2 gloo ranks on
+127.0.0.1, each shards the same float32 MLP with ``fully_shard`` (rows split 2 ways; the head's single row leaves
+rank 1 an empty shard; the first layer's rows, 16 elements, are too short for a block: float32 state) and trains it
+on its half of every global batch.
+
+References, in the test process: torch.optim.AdamW's unsharded fp32 run (within the quantisation bound), and the
+unsharded run of the same encodings with the same blocks, one pure AdamW per parameter (blocks within rows of a
+2-D parameter are its flat blocks when the block is the row width; 1-D parameters keep float32 state), which the
+sharded run matches up to the gradients' summation order (FSDP2 reduces two half-batch gradients). A DCP
+checkpoint taken after ``RESUME_AT`` steps resumes the uninterrupted sharded run bitwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _dist import WORLD, launch, unsharded_trajectory
+from torch import nn
+
+import pureopt
+from pureopt.adapters.torch_optim import TorchOptimizer
+from pureopt.kernels.encoding import NAMED
+
+STEPS = 6
+RESUME_AT = 3
+LR = 1e-2
+GLOBAL_BATCH = 16
+SPECS = ["q8", "q4", "bf16-sr"]
+# L2 distance from torch.optim.AdamW's fp32 run / the distance that run moved the parameters
+TOL_FP32 = {"q8": 0.1, "q4": 0.5, "bf16-sr": 0.05}
+
+
+def make_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 1))
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(200 + step)
+    return torch.randn(GLOBAL_BATCH, 16, generator=g), torch.randn(GLOBAL_BATCH, 1, generator=g)
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).mean()
+
+
+# --- rank side ----------------------------------------------------------------------------------------------------
+
+
+def sharded_net(columns: bool = False, hsdp: bool = False) -> nn.Sequential:
+    """FSDP2 over the 2 ranks (HSDP: a 1 x 2 mesh, placements (Replicate, Shard(0))); ``columns``: the matrices
+    sharded by columns instead."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")) if hsdp else None
+    model = make_net()
+    by_columns = (lambda p: Shard(1) if p.dim() == 2 else Shard(0)) if columns else None
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh, shard_placement_fn=by_columns)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def batch_of(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = global_batch(step)
+    n = GLOBAL_BATCH // WORLD
+    return x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+
+
+def one_step(rank: int, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    opt.zero_grad(set_to_none=True)
+    x, y = batch_of(rank, step)
+    loss_fn(model(x), y).backward()
+    opt.step()
+
+
+def full(model: nn.Module) -> list[torch.Tensor]:
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def describe(opt: TorchOptimizer, model: nn.Module) -> list[dict[str, Any]]:
+    """Per parameter: how each field is stored (type, global shapes, placed like the parameter)."""
+    out = []
+    for p in model.parameters():
+        entry = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            # torch's per-parameter state names an encoded field's parts "<field>.codes" / "<field>.scale"
+            parts = [opt.state[p][k] for k in (key, f"{key}.codes", f"{key}.scale") if k in opt.state[p]]
+            entry[key] = {
+                "parts": len(parts),
+                "dtypes": [str(t.dtype) for t in parts],
+                "shapes": [tuple(t.shape) for t in parts],
+                "placed": all(type(t).__name__ == "DTensor" and t.placements == p.placements for t in parts),
+            }
+        out.append(entry)
+    return out
+
+
+def trained(rank: int, spec: str, path: Path, hsdp: bool = False, flat: bool = False) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def make() -> tuple[nn.Module, TorchOptimizer]:
+        model = sharded_net(hsdp=hsdp)
+        opt = TorchOptimizer(model.parameters(), pureopt.adamw, lr=LR, weight_decay=0.1, state_dtype=spec, flat=flat)
+        return model, opt
+
+    model, opt = make()
+    trajectory = []
+    for step in range(STEPS):
+        if step == RESUME_AT:
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+            keys = sorted(k for entry in optim_sd["state"].values() for k in entry)
+        one_step(rank, model, opt, step)
+        trajectory.append(full(model))
+    model2, opt2 = make()
+    model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+    loaded = {"model": model_sd2, "optim": optim_sd2}
+    dcp.load(loaded, checkpoint_id=str(path))
+    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    resumed = []
+    for step in range(RESUME_AT, STEPS):
+        one_step(rank, model2, opt2, step)
+        resumed.append(full(model2))
+    return {"trajectory": trajectory, "resumed": resumed, "layout": describe(opt, model), "keys": keys}
+
+
+def pure_steps(rank: int) -> list[list[torch.Tensor]]:
+    """``pureopt.step`` (pure: new parameters and state each step) over the DTensor parameters, q8."""
+    model = sharded_net()
+    params = dict(model.named_parameters())
+    tx = pureopt.adamw(lr=LR, weight_decay=0.1, state_dtype="q8")
+    state = tx.init(params)
+    trajectory = []
+    for step in range(STEPS):
+        model.zero_grad(set_to_none=True)
+        x, y = batch_of(rank, step)
+        loss_fn(model(x), y).backward()
+        with torch.no_grad():  # (autograd would record the step: encoded state refuses that)
+            new, state = pureopt.step(tx, {k: p.grad for k, p in params.items()}, state, params)
+            for k, p in params.items():
+                p.copy_(new[k])
+        trajectory.append(full(model))
+    return trajectory
+
+
+def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
+    del world
+    res: dict[str, Any] = {spec: trained(rank, spec, out / f"dcp-{spec}") for spec in SPECS}
+    res["q8-hsdp"] = trained(rank, "q8", out / "dcp-q8-hsdp", hsdp=True)
+    res["q8-flat"] = trained(rank, "q8", out / "dcp-q8-flat", flat=True)
+    res["pure-q8"] = pure_steps(rank)
+    try:  # sharded by columns: blocks within rows would cross ranks; refused at init
+        TorchOptimizer(sharded_net(columns=True).parameters(), pureopt.adamw, lr=LR, state_dtype="q8")
+        res["columns_error"] = None
+    except ValueError as e:
+        res["columns_error"] = str(e)
+    return res
+
+
+# --- test side ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return launch(__name__, "scenario", tmp_path_factory.mktemp("fsdp_encoded"), timeout=180)
+
+
+def unsharded(make_opt: Any) -> list[list[torch.Tensor]]:
+    return unsharded_trajectory(make_net(), make_opt, global_batch, loss_fn, STEPS)
+
+
+class RowBlockedAdamW(torch.optim.Optimizer):
+    """The reference: one pure pureopt AdamW per parameter, unsharded; a 2-D parameter's fields in ``spec``'s
+    encoding with one block per row (the sharded layout), 1-D ones in float32."""
+
+    def __init__(self, params: Any, spec: str) -> None:
+        super().__init__(params, {})
+        self.txs, self.states = [], []
+        for p in self.param_groups[0]["params"]:
+            first = NAMED[spec].for_rows(p.shape[1]) if p.dim() == 2 and spec != "bf16-sr" else None
+            second = NAMED[spec + "u"].for_rows(p.shape[1]) if first is not None else None
+            if first is not None and second is not None:
+                assert first.block == second.block == p.shape[1]
+                state_dtype: Any = {"exp_avg": first, "exp_avg_sq": second}
+            else:  # rows under 32 elements and 1-D parameters: float32
+                state_dtype = spec if spec == "bf16-sr" else None
+            tx = pureopt.adamw(lr=LR, weight_decay=0.1, state_dtype=state_dtype)
+            self.txs.append(tx)
+            self.states.append(tx.init([p.detach()]))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for i, p in enumerate(self.param_groups[0]["params"]):
+            new, self.states[i] = pureopt.step(self.txs[i], [p.grad], self.states[i], [p.detach()])
+            p.copy_(new[0])
+
+
+def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float(sum((x - y).square().sum() for x, y in zip(a, b)).sqrt())
+
+
+@pytest.mark.parametrize("run", [*SPECS, "q8-hsdp", "q8-flat"])
+def test_encoded_state_on_fsdp2_tracks_the_unsharded_runs(job: list[dict[str, Any]], run: str) -> None:
+    spec = run.split("-")[0] if run.startswith("q") else run
+    start = [p.detach().clone() for p in make_net().parameters()]
+    fp32 = unsharded(lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.1))
+    same_blocks = unsharded(lambda ps: RowBlockedAdamW(ps, spec))
+    for rank in range(WORLD):
+        got = job[rank][run]["trajectory"]
+        for step in range(STEPS):
+            moved = _distance(fp32[step], start)
+            assert _distance(got[step], fp32[step]) <= TOL_FP32[spec] * moved, (spec, step)
+            # the same encodings unsharded: only the gradients' summation order differs (a code may flip); not
+            # for stochastic rounding, whose random bits are keyed by the element's place in the local shard
+            if spec != "bf16-sr":
+                assert _distance(got[step], same_blocks[step]) <= 1e-3 * moved, (spec, step)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_encoded_state_on_fsdp2_is_stored_by_rows_and_placed_like_the_parameters(
+    job: list[dict[str, Any]], spec: str
+) -> None:
+    shapes = [(32, 16), (32,), (64, 32), (64,), (1, 64), (1,)]
+    for rank in range(WORLD):
+        layout = job[rank][spec]["layout"]
+        for shape, entry in zip(shapes, layout):
+            for key, stored in entry.items():
+                assert stored["placed"], (spec, shape, key)
+                if spec == "bf16-sr":
+                    assert stored["dtypes"] == ["torch.bfloat16"] and stored["shapes"] == [shape]
+                elif len(shape) == 1 or shape[1] < 32:  # 1-D, or rows too short for a block: kept in float32
+                    assert stored["dtypes"] == ["torch.float32"] and stored["shapes"] == [shape]
+                else:  # codes (one byte per element, two at 4 bits) and one scale per row (the row is one block)
+                    cols = shape[1] // 2 if spec == "q4" else shape[1]
+                    assert stored["shapes"] == [(shape[0], cols), (shape[0], 1)]
+                    assert stored["dtypes"] == ["torch.uint8", "torch.float32"]
+        if spec != "bf16-sr":
+            assert {"exp_avg.codes", "exp_avg.scale", "exp_avg_sq.codes", "exp_avg_sq.scale"} <= set(
+                job[rank][spec]["keys"]
+            )
+
+
+@pytest.mark.parametrize("run", [*SPECS, "q8-hsdp", "q8-flat"])
+def test_encoded_state_on_fsdp2_resumes_through_dcp_bitwise(job: list[dict[str, Any]], run: str) -> None:
+    for rank in range(WORLD):
+        res = job[rank][run]
+        for got, want in zip(res["resumed"], res["trajectory"][RESUME_AT:]):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_pure_step_with_encoded_state_on_fsdp2_tracks_the_unsharded_run(job: list[dict[str, Any]]) -> None:
+    start = [p.detach().clone() for p in make_net().parameters()]
+    same_blocks = unsharded(lambda ps: RowBlockedAdamW(ps, "q8"))
+    for rank in range(WORLD):
+        for step, got in enumerate(job[rank]["pure-q8"]):
+            assert _distance(got, same_blocks[step]) <= 1e-3 * _distance(same_blocks[step], start)
+
+
+def test_encoded_state_on_column_sharded_parameters_is_refused(job: list[dict[str, Any]]) -> None:
+    for rank in range(WORLD):
+        assert "sharded by rows" in job[rank]["columns_error"]
