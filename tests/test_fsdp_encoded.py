@@ -162,6 +162,11 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
         res["columns_error"] = None
     except ValueError as e:
         res["columns_error"] = str(e)
+    try:  # NovoGrad's math reaches over whole parameters (per-tensor norms): refused at init
+        TorchOptimizer(sharded_net().parameters(), pureopt.novograd, lr=LR, state_dtype="q8")
+        res["novograd_error"] = None
+    except ValueError as e:
+        res["novograd_error"] = str(e)
     return res
 
 
@@ -264,6 +269,9 @@ def test_pure_step_with_encoded_state_on_fsdp2_tracks_the_unsharded_run(job: lis
             assert _distance(got, same_blocks[step]) <= 1e-3 * _distance(same_blocks[step], start)
 
 
-def test_encoded_state_on_column_sharded_parameters_is_refused(job: list[dict[str, Any]]) -> None:
+def test_encoded_state_on_column_sharded_parameters_and_for_whole_tensor_math_is_refused(
+    job: list[dict[str, Any]],
+) -> None:
     for rank in range(WORLD):
         assert "sharded by rows" in job[rank]["columns_error"]
+        assert "NovoGrad's reaches over whole parameters" in job[rank]["novograd_error"]

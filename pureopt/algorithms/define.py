@@ -240,9 +240,15 @@ def scalar_state(init: Callable[[Tensor], Tensor], doc: str) -> Field:
     return Field(doc, lambda h, dtype: init, per_tensor=True)
 
 
-def _encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None, p: Tensor) -> Any:
-    """A field's initial value, stored in ``enc`` (computed in the compute dtype, then encoded)."""
+def _encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None, whole: str | None, p: Tensor) -> Any:
+    """A field's initial value, stored in ``enc`` (computed in the compute dtype, then encoded); ``whole``: the
+    name of an algorithm whose math is not elementwise (its encoded step decodes whole tensors: no DTensors)."""
     if is_dtensor(p):
+        if whole is not None:
+            raise ValueError(
+                f"encoded optimizer state (state_dtype=) on DTensor parameters needs elementwise math; {whole}'s "
+                "reaches over whole parameters: give a float dtype, e.g. state_dtype=torch.bfloat16"
+            )
         return _sharded_encoded_init(enc, init, p)
     stored = enc.empty(p)
     if init is not None:
@@ -571,7 +577,7 @@ class Algorithm:
             key: (f.init(h, state_dtype) if f.when is None or f.when(h) else None) for key, f in self.fields.items()
         }
         for key, enc in encodings.items():
-            inits[key] = functools.partial(_encoded_init, enc, inits[key])
+            inits[key] = functools.partial(_encoded_init, enc, inits[key], None if self.elementwise else self.name)
 
         def step(
             params: list[Tensor] | None,
