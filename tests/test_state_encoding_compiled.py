@@ -124,3 +124,27 @@ def test_second_moments_never_decode_to_zero_so_steps_keep_adams_bound(spec):
         assert (ref[0].detach() - ref_before).abs().max() <= bound * (1 + 1e-5)
         worst = float((params[0] - before).abs().max())
         assert worst <= 1.5 * bound, f"{spec}: a step of {worst / lr:.1f} lr"
+
+
+def test_compiled_torch_optimizer_step_with_encoded_state_tracks_torch_adamw():
+    # torch.compile(opt.step) on the drop-in optimizer (inductor), q8 state: within the quantisation bound of
+    # torch.optim.AdamW's fp32 run over 5 steps
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 8))
+    start = [p.detach().clone() for p in model.parameters()]
+    ref = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    opt = pureopt.TorchOptimizer(model.parameters(), pureopt.adamw, lr=1e-2, state_dtype="q8")
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="inductor")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p, r in zip(model.parameters(), ref):
+            p.grad = torch.randn(p.shape, generator=g)
+            r.grad = p.grad.clone()
+        step()
+        ref_opt.step()
+    moved = sum((r.detach() - s).square().sum() for r, s in zip(ref, start)).sqrt()
+    err = sum((p.detach() - r.detach()).square().sum() for p, r in zip(model.parameters(), ref)).sqrt()
+    assert err <= _TOL["q8"] * moved, (float(err), float(moved))
+    assert any(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in opt.state_dict()["state"][0].values())
