@@ -275,3 +275,26 @@ def test_encoded_state_on_column_sharded_parameters_and_for_whole_tensor_math_is
     for rank in range(WORLD):
         assert "sharded by rows" in job[rank]["columns_error"]
         assert "NovoGrad's reaches over whole parameters" in job[rank]["novograd_error"]
+
+
+@pytest.mark.parametrize(
+    "name,width,block",
+    [
+        ("q8", 4096, 2048),  # a multiple of the block: the block
+        ("q8", 768, 768),  # shorter rows: one block per row
+        ("q8", 3000, 1500),  # the largest divisor down to block / 4
+        ("q8", 4099, None),  # prime: no divisor in range
+        ("q8", 16, None),  # under 32 elements
+        ("q4", 4096, 128),
+        ("q4", 200, 100),
+        ("q4", 96, 96),
+        ("q4", 33, None),  # 4-bit blocks are even
+        ("q4", 130, None),  # 65 is odd, 26 under 32
+        ("fp8", 6144, 2048),
+    ],
+)
+def test_row_blocks_divide_the_rows(name: str, width: int, block: int | None) -> None:
+    enc = NAMED[name].for_rows(width)
+    assert (None if enc is None else enc.block) == block
+    if enc is not None:
+        assert width % enc.block == 0 and enc.name == name and enc.code == NAMED[name].code
