@@ -52,7 +52,8 @@ def make_zero(name: str, params: Any, bucket_view: bool = False) -> Any:
     if name == "sgd-schedule":  # lr = LR * 0.5 ** (num_updates // 2): the counter must survive the checkpoint
         tx = pureopt.sgd(lr=pureopt.schedules.step_lr(LR, 2, 0.5), momentum=0.9)
         return ZeroRedundancyOptimizer(params, optimizer_class=functools.partial(TorchOptimizer, tx_or_factory=tx))
-    local = functools.partial(TorchOptimizer, tx_or_factory=pureopt.adamw, flat=name == "adamw-flat")
+    encoded = {"state_dtype": "q8"} if name == "adamw-q8" else {}  # (8-bit state: each rank encodes what it owns)
+    local = functools.partial(TorchOptimizer, tx_or_factory=pureopt.adamw, flat=name == "adamw-flat", **encoded)
     return ZeroRedundancyOptimizer(
         params, optimizer_class=local, parameters_as_bucket_view=bucket_view, lr=LR, weight_decay=0.1
     )
@@ -155,6 +156,8 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
         results[name, "uninterrupted"] = uninterrupted(name, rank)
         if name != "torch-adamw":
             results[name, "resumed"] = resumed(name, rank, out / f"zero-{name}.pt")
+    results["adamw-q8", "uninterrupted"] = uninterrupted("adamw-q8", rank)
+    results["adamw-q8", "resumed"] = resumed("adamw-q8", rank, out / "zero-adamw-q8.pt")
     results["bucket-view"] = flat_under_bucket_views(rank)
     results["overlap"] = overlapped(rank)
     return results
@@ -211,6 +214,36 @@ def test_resumed_zero_run_equals_the_uninterrupted_one_bitwise(job: list[dict[st
     for rank in range(WORLD):
         got = job[rank][name, "resumed"]["trajectory"]
         assert_close(got, job[rank][name, "uninterrupted"][RESUME_AT:], f"{name} rank {rank}", rtol=0, atol=0)
+
+
+def test_zero_with_8bit_state_tracks_the_unsharded_runs_and_resumes_bitwise(job: list[dict[str, Any]]) -> None:
+    # ZeRO over TorchOptimizer(adamw, state_dtype="q8"): each rank keeps the codes and scales of the parameters it
+    # owns; the consolidated checkpoint (uint8 codes, float32 scales) resumes the uninterrupted run bit for bit. The
+    # run follows the unsharded single-process q8 run up to the gradients' summation order (DDP averages two
+    # halves), and torch.optim.AdamW's float64 run within the quantisation bound.
+    start = [p.detach().clone() for p in make_net().parameters()]
+    fp64 = reference("adamw")
+    model = make_net()
+    opt = TorchOptimizer(model.parameters(), pureopt.adamw, lr=LR, weight_decay=0.1, state_dtype="q8")
+    q8 = []
+    for step in range(STEPS):
+        x, y = global_batch(step)
+        opt.zero_grad(set_to_none=True)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        q8.append([p.detach().clone() for p in model.parameters()])
+
+    def dist(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        return float(sum((x - y).square().sum() for x, y in zip(a, b)).sqrt())
+
+    for rank in range(WORLD):
+        got = job[rank]["adamw-q8", "uninterrupted"]
+        for step in range(STEPS):
+            moved = dist(fp64[step], start)
+            assert dist(got[step], fp64[step]) <= 0.1 * moved
+            assert dist(got[step], q8[step]) <= 1e-6 * moved
+        resumed = job[rank]["adamw-q8", "resumed"]["trajectory"]
+        assert_close(resumed, got[RESUME_AT:], f"adamw-q8 rank {rank}", rtol=0, atol=0)
 
 
 def test_the_consolidated_checkpoint_carries_the_update_counter(job: list[dict[str, Any]]) -> None:
