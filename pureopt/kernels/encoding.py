@@ -424,8 +424,7 @@ class BlockEncoding(Encoding):
         nb = -(-n // self.block)
         pad = nb * self.block - n
         blocks = (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(nb, self.block)
-        least, most = torch.aminmax(blocks, dim=1)
-        absmax = torch.maximum(most, least.neg_())
+        absmax = blocks.abs().amax(dim=1)  # (torch.aminmax over rows is ~10x slower on CPU)
         scale = absmax / self.top
         stored.scale[b0 : b0 + nb].copy_(scale)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
