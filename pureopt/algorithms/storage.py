@@ -11,6 +11,12 @@ then decoded whole).
 On the pure path the new state is written into fresh encoded buffers (the inputs stay bitwise unchanged); on the
 donated path into the stored buffers themselves, and, with ``apply``, the update goes into the parameters' own memory
 chunk by chunk.
+
+Traced by ``torch.compile``, the chunks stay and block or stochastically rounded fields are decoded and encoded by
+opaque ops (:mod:`pureopt.kernels.codec_ops`), so the compiled step keeps this memory bound; under ``torch.func``
+transforms the codecs take functional forms over whole tensors. Each tensor's stored record says how it is read
+(:meth:`~pureopt.kernels.encoding.Encoding.local`): flat codes, codes by rows (a DTensor parameter's local shard,
+blocks within rows), or a plain tensor (rows too short to block).
 """
 
 from __future__ import annotations
