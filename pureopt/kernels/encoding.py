@@ -91,6 +91,7 @@ class _Tables(NamedTuple):
     mids: Tensor  # midpoints between neighbours
     padded: Tensor  # mids and +inf
     lookup: Tensor | None  # see _build; None: search mids instead
+    bound: Tensor | None  # padded[lookup]: the midpoint a bucket's floats are compared with (float32)
     shift: int
     pairs: Tensor | None  # 16-value codes: the two values a byte of packed 4-bit codes holds, (256, 2)
 
@@ -102,8 +103,9 @@ def _build(values: tuple[float, ...]) -> _Tables:
     The top ``32 - shift`` bits of a float32 (sign, exponent, leading mantissa bits) name a bucket of floats;
     ``lookup[bucket]`` is the number of midpoints below the bucket (uint8) and, when every bucket holds at most one
     midpoint, the nearest value's index for ``x`` in the bucket is ``lookup[bucket] + (x > mids[lookup[bucket]])``
-    (``mids`` padded with ``+inf``): exactly ``torch.bucketize(x, mids)``, in two table reads instead of a binary
-    search. ``lookup`` is ``None`` when no shift keeps buckets that narrow (a code with values too close together).
+    (``mids`` padded with ``+inf``; ``bound = mids[lookup]`` read with the same index as ``lookup``): exactly
+    ``torch.bucketize(x, mids)``, in two independent table reads instead of a binary search. ``lookup`` is
+    ``None`` when no shift keeps buckets that narrow (a code with values too close together).
     """
     code = torch.tensor(values, dtype=torch.float32)
     mids = (code[1:] + code[:-1]) / 2  # nearest value: the number of midpoints below it
@@ -120,8 +122,9 @@ def _build(values: tuple[float, ...]) -> _Tables:
         below, upto = torch.bucketize(lo, mids), torch.bucketize(hi, mids)
         finite = torch.isfinite(lo) & torch.isfinite(hi)
         if int((upto - below)[finite].max()) <= 1:
-            return _Tables(code, mids, padded, below.to(torch.uint8), shift, pairs)
-    return _Tables(code, mids, padded, None, 0, pairs)
+            bound = torch.index_select(padded, 0, below)
+            return _Tables(code, mids, padded, below.to(torch.uint8), bound, shift, pairs)
+    return _Tables(code, mids, padded, None, None, 0, pairs)
 
 
 _ON_DEVICE: dict[tuple[tuple[float, ...], torch.device], _Tables] = {}
@@ -136,6 +139,7 @@ def _tables(values: tuple[float, ...], device: torch.device) -> _Tables:
         found = cpu._replace(
             code=cpu.code.to(device), mids=cpu.mids.to(device), padded=cpu.padded.to(device),
             lookup=None if cpu.lookup is None else cpu.lookup.to(device),
+            bound=None if cpu.bound is None else cpu.bound.to(device),
             pairs=None if cpu.pairs is None else cpu.pairs.to(device),
         )  # fmt: skip
         _ON_DEVICE[(values, device)] = found
@@ -151,8 +155,9 @@ def nearest_index(x: Tensor, values: tuple[float, ...], out: Tensor | None = Non
         idx = torch.bucketize(x, t.mids).to(torch.uint8)
         return idx if out is None else out.copy_(idx)
     key = torch.bitwise_right_shift(x.view(torch.int32), t.shift).bitwise_and_((1 << (32 - t.shift)) - 1)
+    assert t.bound is not None
     below = torch.index_select(t.lookup, 0, key)
-    above = x > torch.index_select(t.padded, 0, below.to(torch.int32) if compiling() else key.copy_(below))
+    above = x > torch.index_select(t.bound, 0, key)
     if out is None or compiling():
         idx = below + above
         return idx if out is None else out.copy_(idx)
