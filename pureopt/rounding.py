@@ -8,7 +8,9 @@ stochastically (:func:`pureopt.kernels.rounding.stochastic_round`), with random 
 key kept in the state, the step count and the element's index: the same seed gives the same bits, no global RNG
 is consumed, and it works under ``torch.func.vmap`` and ``torch.compile``.
 
-Parameters of other dtypes (float32, float64) are left to ``apply_updates`` as usual.
+Parameters of other dtypes (float32, float64) are left to ``apply_updates`` as usual. DTensor parameters sharded by
+rows (FSDP2, HSDP) are rounded shard by shard with the random bits of each element's place in the whole parameter,
+so a sharded run rounds exactly as an unsharded one would (other placements are refused before anything changes).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pureopt.base import (
     leaf_transformation,
 )
 from pureopt.combine import inner_context, returned
+from pureopt.kernels.dtensor import from_local_like, is_dtensor, like_placed, local_flat_offset
 from pureopt.kernels.rounding import random_bits, stochastic_round
 from pureopt.transforms._util import count_device, new_count
 from pureopt.tree import PyTreeSpec
@@ -34,6 +37,11 @@ from pureopt.tree import PyTreeSpec
 __all__ = ["StochasticRoundingState", "stochastic_rounding"]
 
 _ROUNDED = (torch.bfloat16, torch.float16)
+
+
+def _local(t: Any) -> Tensor:
+    """A DTensor's local shard (its own storage); a plain tensor as it is."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 class StochasticRoundingState(NamedTuple):
@@ -87,6 +95,9 @@ def stochastic_rounding(inner: GradientTransformation, seed: int = 0) -> Gradien
             raise ValueError(f"stochastic_rounding expects a StochasticRoundingState, got {type(state).__name__}")
         if params is None:
             raise ValueError("stochastic_rounding needs the parameters: call update(grads, state, params)")
+        # (DTensor parameters: each rank rounds its local shard with the bits of those elements' global places,
+        # so a sharded run rounds as the unsharded one; checked for every parameter before anything is written)
+        starts = [local_flat_offset(p) if is_dtensor(p) and p.dtype in _ROUNDED else 0 for p in params]
         inner_updates, new_inner = fn(updates, state.inner_state, params, inner_context(ctx, allow_apply=False))
         out = list(returned(inner_updates))
         apply = ctx.apply and ctx.donate
@@ -94,14 +105,18 @@ def stochastic_rounding(inner: GradientTransformation, seed: int = 0) -> Gradien
         for i, (p, u) in enumerate(zip(params, out)):
             if u is None or p is None or p.dtype not in _ROUNDED:
                 continue
-            bits = random_bits(state.key, state.counter, offset, p.numel(), p.device)
+            sharded = is_dtensor(p)
+            here = _local(p) if sharded else p
+            step = _local(like_placed(u, p)) if sharded else u
+            bits = random_bits(state.key, state.counter, offset + starts[i], here.numel(), here.device)
             offset += p.numel()
-            new_p = stochastic_round(p.to(torch.float32) + u.to(torch.float32), p.dtype, bits)
+            new_p = stochastic_round(here.to(torch.float32) + step.to(torch.float32), p.dtype, bits)
             if apply:
-                p.copy_(new_p)
+                here.copy_(new_p)
                 out[i] = None  # written: nothing left to add
             else:
-                out[i] = new_p.to(torch.float32) - p.to(torch.float32)
+                diff = new_p.to(torch.float32) - here.to(torch.float32)
+                out[i] = from_local_like(diff, p, p.shape) if sharded else diff
         new_state = StochasticRoundingState(state.key, state.counter + 1, new_inner)
         if apply:  # the rest are added by the caller, like any returned update
             add_inplace(params, out)

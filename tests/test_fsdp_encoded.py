@@ -151,12 +151,64 @@ def pure_steps(rank: int) -> list[list[torch.Tensor]]:
     return trajectory
 
 
+SR_SHAPES = [(5, 8), (1, 16), (7,)]  # rows split 3 + 2, one row (rank 1's shard empty), 1-D split 4 + 3
+SR_STEPS = 4
+
+
+def sr_problem() -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """bf16 parameters and float32 gradients (whole tensors) whose SGD steps are about a bf16 gap."""
+    g = torch.Generator().manual_seed(11)
+    params = [torch.randn(shape, generator=g).to(torch.bfloat16) for shape in SR_SHAPES]
+    grads = [[torch.randn(shape, generator=g) for shape in SR_SHAPES] for _ in range(SR_STEPS)]
+    return params, grads
+
+
+def sr_transform() -> Any:
+    return pureopt.stochastic_rounding(pureopt.sgd(lr=2e-3), seed=7)
+
+
+def sr_params(rank: int) -> dict[str, Any]:
+    """``stochastic_rounding`` over bf16 DTensor parameters (Shard(0)), donated and pure; a Shard(1) one refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full_params, full_grads = sr_problem()
+    tx = sr_transform()
+    runs: dict[str, Any] = {}
+    for mode in ("donated", "pure"):
+        params = [distribute_tensor(p.clone(), mesh, [Shard(0)]) for p in full_params]
+        state = tx.init(params)
+        trajectory = []
+        for grads in full_grads:
+            dgrads = [distribute_tensor(g, mesh, [Shard(0)]) for g in grads]
+            if mode == "donated":
+                state = pureopt.inplace_step(tx, dgrads, state, params)
+            else:
+                params, state = pureopt.step(tx, dgrads, state, params)
+            trajectory.append([p.full_tensor() for p in params])
+        runs[mode] = trajectory
+    columns = [distribute_tensor(full_params[0].clone(), mesh, [Shard(0)]),
+               distribute_tensor(full_params[1].clone(), mesh, [Shard(1)])]  # fmt: skip
+    before = [p.full_tensor() for p in columns]
+    try:
+        grads = [distribute_tensor(full_grads[0][0], mesh, [Shard(0)]),
+                 distribute_tensor(full_grads[0][1], mesh, [Shard(1)])]  # fmt: skip
+        pureopt.inplace_step(tx, grads, tx.init(columns), columns)
+        runs["columns_error"] = None
+    except ValueError as e:
+        runs["columns_error"] = str(e)
+    runs["columns_unchanged"] = all(torch.equal(a, p.full_tensor()) for a, p in zip(before, columns))
+    return runs
+
+
 def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
     del world
     res: dict[str, Any] = {spec: trained(rank, spec, out / f"dcp-{spec}") for spec in SPECS}
     res["q8-hsdp"] = trained(rank, "q8", out / "dcp-q8-hsdp", hsdp=True)
     res["q8-flat"] = trained(rank, "q8", out / "dcp-q8-flat", flat=True)
     res["pure-q8"] = pure_steps(rank)
+    res["sr-params"] = sr_params(rank)
     try:  # sharded by columns: blocks within rows would cross ranks; refused at init
         TorchOptimizer(sharded_net(columns=True).parameters(), pureopt.adamw, lr=LR, state_dtype="q8")
         res["columns_error"] = None
@@ -298,3 +350,25 @@ def test_row_blocks_divide_the_rows(name: str, width: int, block: int | None) ->
     assert (None if enc is None else enc.block) == block
     if enc is not None:
         assert width % enc.block == 0 and enc.name == name and enc.code == NAMED[name].code
+
+
+@pytest.mark.bitwise
+def test_stochastic_rounding_of_sharded_bf16_parameters_equals_the_unsharded_rounding(
+    job: list[dict[str, Any]],
+) -> None:
+    # each rank rounds its shard with the random bits of its elements' places in the whole parameter: the sharded
+    # run (uneven rows, an empty shard, a 1-D parameter) is the unsharded run bit for bit, donated and pure
+    full_params, full_grads = sr_problem()
+    tx = sr_transform()
+    params, state = [p.clone() for p in full_params], tx.init(full_params)
+    want = []
+    for grads in full_grads:
+        params, state = pureopt.step(tx, grads, state, params)
+        want.append(params)
+    assert any(not torch.equal(a, b) for a, b in zip(want[-1], full_params))
+    for rank in range(WORLD):
+        for mode in ("donated", "pure"):
+            for step, (got, ref) in enumerate(zip(job[rank]["sr-params"][mode], want)):
+                assert all(a.dtype == torch.bfloat16 and torch.equal(a, b) for a, b in zip(got, ref)), (mode, step)
+        assert "not sharded by rows" in job[rank]["sr-params"]["columns_error"]
+        assert job[rank]["sr-params"]["columns_unchanged"]

@@ -44,6 +44,7 @@ __all__ = [
     "as_plain_scalar",
     "like_placed",
     "from_local_like",
+    "local_flat_offset",
     "sharded_mesh_dims",
     "shard_norms",
 ]
@@ -140,6 +141,23 @@ def from_local_like(local: Tensor, p: Any, shape: Sequence[int]) -> Any:
     return dtensor_type().from_local(
         local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=stride
     )
+
+
+def local_flat_offset(t: Any) -> int:
+    """The index, in the global flat (row-major) order of DTensor ``t``, of its local shard's first element, for a
+    DTensor sharded by rows (every ``Shard`` placement on dimension 0: FSDP2, HSDP), whose local shard is a run of
+    consecutive global elements. Raises a ValueError naming the placements otherwise."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(pl.is_partial() or (pl.is_shard() and pl.dim % max(t.dim(), 1) != 0) for pl in t.placements):
+        raise ValueError(
+            f"a DTensor of shape {tuple(t.shape)} placed as {tuple(t.placements)} is not sharded by rows (Shard(0)): "
+            "its local elements are not consecutive in the whole tensor"
+        )
+    if t.dim() == 0:
+        return 0
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return int(offset[0]) * (t.numel() // t.shape[0] if t.shape[0] else 0)
 
 
 StepResult = tuple[list[Tensor] | None, dict[str, list[Tensor]]]
