@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from pureopt.kernels import codec_ops
-from pureopt.kernels.dtensor import is_dtensor
+from pureopt.kernels.dtensor import is_dtensor, shard_starts
 from pureopt.kernels.encoding import Encoding, FloatEncoding, compiling, encoding_for, opaque_codecs
 from pureopt.kernels.listops import ListOps
 
@@ -160,6 +160,9 @@ def run_chunks(
             flat[key][i].is_contiguous() for key in fields if encs[key][i] is None)
         for i, g in enumerate(grads)
     ]  # fmt: skip
+    # (on local shards: each shard's place in its whole tensor, so stochastic rounding keys bits as unsharded)
+    starts = (None if torch.compiler.is_compiling() else shard_starts()) or []  # (traced: never on local shards)
+    starts = starts if len(starts) == len(grads) else [0] * len(grads)
     # outputs: the stored fields themselves when donated, else fresh buffers of the same encodings
     if donate:
         out_flat = flat
@@ -209,7 +212,7 @@ def run_chunks(
                 if (enc := encs[key][i]) is None:
                     _view(out_flat[key][i], lo, hi, whole).copy_(v)
                 else:
-                    token = enc.encode_into(out_flat[key][i], lo, v.reshape(-1), counter, i)
+                    token = enc.encode_into(out_flat[key][i], lo, v.reshape(-1), counter, i, starts[i])
                     after += [] if token is None else [token]
     out = {
         key: list(values)

@@ -73,13 +73,13 @@ def _(stored: Tensor, after: list[Tensor], lo: int, hi: int) -> Tensor:
 
 
 @torch.library.custom_op("pureopt::float_encode", mutates_args=("stored",))
-def _float_encode(stored: Tensor, x: Tensor, counter: Tensor, key: str, lo: int, stream: int) -> Tensor:
-    _ENCODINGS[key].encode_into(stored, lo, x, counter, stream)
+def _float_encode(stored: Tensor, x: Tensor, counter: Tensor, key: str, lo: int, stream: int, at: int) -> Tensor:
+    _ENCODINGS[key].encode_into(stored, lo, x, counter, stream, at)
     return x.new_zeros(())
 
 
 @_float_encode.register_fake
-def _(stored: Tensor, x: Tensor, counter: Tensor, key: str, lo: int, stream: int) -> Tensor:
+def _(stored: Tensor, x: Tensor, counter: Tensor, key: str, lo: int, stream: int, at: int) -> Tensor:
     return x.new_empty(())
 
 
@@ -108,10 +108,10 @@ def float_decode(stored: Tensor, lo: int, hi: int, after: Sequence[Tensor]) -> T
     return torch.ops.pureopt.float_decode(stored, list(after), lo, hi)
 
 
-def float_encode(key: str, stored: Tensor, lo: int, x: Tensor, counter: Tensor, stream: int) -> Tensor:
+def float_encode(key: str, stored: Tensor, lo: int, x: Tensor, counter: Tensor, stream: int, at: int = 0) -> Tensor:
     """Write ``x`` (float32, flat) into elements ``lo:`` of a stochastically rounded field (random bits keyed by
-    ``counter`` and ``stream``); returns the ordering token."""
-    return torch.ops.pureopt.float_encode(stored, x, counter, key, lo, stream)
+    ``counter``, ``stream`` and the places ``at + lo + k``); returns the ordering token."""
+    return torch.ops.pureopt.float_encode(stored, x, counter, key, lo, stream, at)
 
 
 def add_at(target: Tensor, lo: int, x: Tensor) -> None:

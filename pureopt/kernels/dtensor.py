@@ -25,6 +25,7 @@ trust ratios) are not elementwise and never take this path: DTensor reduces them
 
 from __future__ import annotations
 
+import contextvars
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = [
     "like_placed",
     "from_local_like",
     "local_flat_offset",
+    "shard_starts",
     "sharded_mesh_dims",
     "shard_norms",
 ]
@@ -160,6 +162,25 @@ def local_flat_offset(t: Any) -> int:
     return int(offset[0]) * (t.numel() // t.shape[0] if t.shape[0] else 0)
 
 
+_SHARD_STARTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("pureopt_shard_starts", default=None)
+
+
+def _start(t: Any, dtensor: Any) -> int:
+    if not isinstance(t, dtensor):
+        return 0
+    try:
+        return local_flat_offset(t)
+    except ValueError:  # (not sharded by rows: no consecutive run of global places; nothing keyed by them runs)
+        return 0
+
+
+def shard_starts() -> list[int] | None:
+    """While :func:`run_on_local_shards` runs a step on local shards: for each tensor, the place of its shard's
+    first element in the whole tensor (:func:`local_flat_offset`; 0 for plain tensors), so that what is keyed by
+    an element's place (stochastic rounding's random bits) is the same sharded or not. ``None`` otherwise."""
+    return _SHARD_STARTS.get()
+
+
 StepResult = tuple[list[Tensor] | None, dict[str, list[Tensor]]]
 
 
@@ -185,12 +206,16 @@ def run_on_local_shards(
         return step(params, grads, state, *args)
     local_params = None if params is None else [_local(p, dtensor) for p in params]
     local_grads = [_local(g, dtensor) for g in grads]
+    starts = _SHARD_STARTS.set([_start(g, dtensor) for g in grads])
     # (a global field, one 0-d value for the whole transformation, is not a list and passes as it is)
     glob = {name for name, values in state.items() if isinstance(values, Tensor)}
     local_state = {
         name: values if name in glob else [_local(t, dtensor) for t in values] for name, values in state.items()
     }
-    updates, new_state = step(local_params, local_grads, local_state, *args)
+    try:
+        updates, new_state = step(local_params, local_grads, local_state, *args)
+    finally:
+        _SHARD_STARTS.reset(starts)
     if updates is not None:
         updates = [_wrap(u, g, dtensor) for u, g in zip(updates, grads)]
     wrapped = {}

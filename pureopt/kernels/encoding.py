@@ -198,13 +198,14 @@ class Encoding:
         raise NotImplementedError
 
     def encode_into(
-        self, stored: Any, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0
+        self, stored: Any, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0, at: int = 0
     ) -> Tensor | None:
         """Write the flat values ``x`` into elements ``lo:lo + x.numel()`` of ``stored`` (``lo`` a block start).
 
-        ``counter`` (0-d int64, advancing every step) and ``stream`` (the tensor's position) key the random bits of
-        a stochastically rounding encoding; the others ignore them. Returns an ordering token when the write is an
-        opaque op of a traced step, else ``None``."""
+        ``counter`` (0-d int64, advancing every step), ``stream`` (the tensor's position) and the elements' places
+        ``at + lo + k`` in the whole tensor (``at``: a shard's offset) key the random bits of a stochastically
+        rounding encoding; the others ignore them. Returns an ordering token when the write is an opaque op of a
+        traced step, else ``None``."""
         raise NotImplementedError
 
     def local(self, stored: Any) -> tuple[Encoding | None, Any]:
@@ -251,19 +252,19 @@ class FloatEncoding(Encoding):
         return stored.reshape(-1)[lo:hi].to(dtype)
 
     def encode_into(
-        self, stored: Tensor, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0
+        self, stored: Tensor, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0, at: int = 0
     ) -> Tensor | None:
         out = stored.view(-1)[lo : lo + x.numel()]
         if not self.stochastic or counter is None:  # (initial values, written before any step: to nearest)
             out.copy_(x.reshape(-1))
             return None
         if opaque_codecs():
-            return codec_ops.float_encode(self.key, stored, lo, x.reshape(-1).to(torch.float32), counter, stream)
+            return codec_ops.float_encode(self.key, stored, lo, x.reshape(-1).to(torch.float32), counter, stream, at)
         key = torch.tensor((self.seed * 0x9E3779B1 + stream) & 0xFFFFFFFF, dtype=torch.int64, device=x.device)
         flat = x.reshape(-1)
         for start in range(0, flat.numel(), PIECE_ELEMENTS):  # (the hash's int64 temporaries: one piece at a time)
             part = flat[start : start + PIECE_ELEMENTS]
-            bits = random_bits(key, counter, lo + start, part.numel(), x.device)
+            bits = random_bits(key, counter, at + lo + start, part.numel(), x.device)
             out[start : start + part.numel()].copy_(stochastic_round(part, self.dtype, bits))
         return None
 
@@ -413,7 +414,7 @@ class BlockEncoding(Encoding):
         return both[lo % 2 : lo % 2 + hi - lo]
 
     def encode_into(
-        self, stored: Quantized, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0
+        self, stored: Quantized, lo: int, x: Tensor, counter: Tensor | None = None, stream: int = 0, at: int = 0
     ) -> Tensor | None:
         x = x.reshape(-1)
         if opaque_codecs():
