@@ -222,3 +222,33 @@ def test_checkpoint_and_resume_with_ckpt_path(tmp_path: Path) -> None:
             assert torch.equal(value, _params(whole[kind])[name]), name
     assert isinstance(resumed["pureopt"].trainer.optimizers[0], TorchOptimizer)
     _assert_same_run(resumed["pureopt"], resumed["torch"], start)
+
+
+def test_checkpoint_and_resume_with_8bit_state(tmp_path: Path) -> None:
+    """TorchOptimizer with q8 AdamW state in Lightning: the checkpoint carries the codes (uint8) and scales, a resumed
+    run equals the uninterrupted one bitwise, and both track torch.optim.AdamW (fp32 state) within the quantisation
+    bound (L2 distance at most 0.1 of the distance torch's run moved the parameters)."""
+
+    def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        return TorchOptimizer(groups, pureopt.adamw, lr=LR, weight_decay=WD, state_dtype="q8")
+
+    module = _Net(make, generators=False)
+    start = _params(module)
+    _fit(module, tmp_path / "whole", max_epochs=2)
+    first = _Net(make, generators=False)
+    trainer = _fit(first, tmp_path / "first", max_epochs=1)
+    ckpt = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["state"][0]
+    assert saved["exp_avg.codes"].dtype == torch.uint8 and saved["exp_avg_sq.scale"].dtype == torch.float32
+    second = _Net(make, generators=False, seed=1)
+    _fit(second, tmp_path / "second", max_epochs=2, ckpt_path=ckpt)
+    assert first.losses + second.losses == module.losses
+    for name, value in _params(second).items():
+        assert torch.equal(value, _params(module)[name]), name
+
+    reference = _Net(ADAMW["torch"], generators=False)
+    _fit(reference, tmp_path / "torch", max_epochs=2)
+    got, want = _params(module), _params(reference)
+    moved = sum((want[k] - start[k]).square().sum() for k in want).sqrt()
+    assert sum((got[k] - want[k]).square().sum() for k in want).sqrt() <= 0.1 * moved
