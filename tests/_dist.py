@@ -100,6 +100,28 @@ def unsharded_trajectory(
     return out
 
 
+def dcp_save(model: Any, opt: Any, path: Path) -> dict[str, Any]:
+    """Inside a rank: the model and optimizer saved with DCP (sharded) through torch's state-dict API; returns the
+    optimizer state dict it saved."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    return optim_sd
+
+
+def dcp_load(model: Any, opt: Any, path: Path) -> None:
+    """Inside a rank: a DCP checkpoint of :func:`dcp_save` loaded into ``model`` and ``opt`` (fresh ones)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:

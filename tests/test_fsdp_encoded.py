@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from _dist import WORLD, launch, unsharded_trajectory
+from _dist import WORLD, dcp_load, dcp_save, launch, unsharded_trajectory
 from torch import nn
 
 import pureopt
@@ -107,9 +107,6 @@ def describe(opt: TorchOptimizer, model: nn.Module) -> list[dict[str, Any]]:
 
 
 def trained(rank: int, spec: str, path: Path, hsdp: bool = False, flat: bool = False) -> dict[str, Any]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     def make() -> tuple[nn.Module, TorchOptimizer]:
         model = sharded_net(hsdp=hsdp)
         opt = TorchOptimizer(model.parameters(), pureopt.adamw, lr=LR, weight_decay=0.1, state_dtype=spec, flat=flat)
@@ -119,16 +116,12 @@ def trained(rank: int, spec: str, path: Path, hsdp: bool = False, flat: bool = F
     trajectory = []
     for step in range(STEPS):
         if step == RESUME_AT:
-            model_sd, optim_sd = get_state_dict(model, opt)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+            optim_sd = dcp_save(model, opt, path)
             keys = sorted(k for entry in optim_sd["state"].values() for k in entry)
         one_step(rank, model, opt, step)
         trajectory.append(full(model))
     model2, opt2 = make()
-    model_sd2, optim_sd2 = get_state_dict(model2, opt2)
-    loaded = {"model": model_sd2, "optim": optim_sd2}
-    dcp.load(loaded, checkpoint_id=str(path))
-    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    dcp_load(model2, opt2, path)
     resumed = []
     for step in range(RESUME_AT, STEPS):
         one_step(rank, model2, opt2, step)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from _dist import WORLD, launch, unsharded_trajectory
+from _dist import WORLD, dcp_load, dcp_save, launch, unsharded_trajectory
 from _dist import assert_trajectory_close as assert_close
 from torch import nn
 
@@ -232,8 +232,6 @@ RESUME_AT = 3
 
 def dcp_flat(rank: int, path: Path) -> dict[str, Any]:
     """``flat=True`` AdamW: ``RESUME_AT`` steps, DCP save (sharded), load into a fresh model and optimizer, go on."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     def one_step(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
         opt.zero_grad(set_to_none=False)
@@ -247,13 +245,9 @@ def dcp_flat(rank: int, path: Path) -> dict[str, Any]:
     model, opt = make()
     for step in range(RESUME_AT):
         one_step(model, opt, step)
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    dcp_save(model, opt, path)
     model2, opt2 = make()
-    model_sd2, optim_sd2 = get_state_dict(model2, opt2)
-    loaded = {"model": model_sd2, "optim": optim_sd2}
-    dcp.load(loaded, checkpoint_id=str(path))
-    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    dcp_load(model2, opt2, path)
     trajectory = []
     for step in range(RESUME_AT, STEPS):
         one_step(model2, opt2, step)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from _dist import WORLD, launch
+from _dist import WORLD, launch, unsharded_trajectory
 from _dist import assert_trajectory_close as assert_close
 from torch import nn
 
@@ -223,15 +223,13 @@ def test_zero_with_8bit_state_tracks_the_unsharded_runs_and_resumes_bitwise(job:
     # halves), and torch.optim.AdamW's float64 run within the quantisation bound.
     start = [p.detach().clone() for p in make_net().parameters()]
     fp64 = reference("adamw")
-    model = make_net()
-    opt = TorchOptimizer(model.parameters(), pureopt.adamw, lr=LR, weight_decay=0.1, state_dtype="q8")
-    q8 = []
-    for step in range(STEPS):
-        x, y = global_batch(step)
-        opt.zero_grad(set_to_none=True)
-        ((model(x) - y) ** 2).mean().backward()
-        opt.step()
-        q8.append([p.detach().clone() for p in model.parameters()])
+    q8 = unsharded_trajectory(
+        make_net(),
+        lambda ps: TorchOptimizer(ps, pureopt.adamw, lr=LR, weight_decay=0.1, state_dtype="q8"),
+        global_batch,
+        lambda out, y: ((out - y) ** 2).mean(),
+        STEPS,
+    )
 
     def dist(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         return float(sum((x - y).square().sum() for x, y in zip(a, b)).sqrt())

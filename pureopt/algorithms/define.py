@@ -46,7 +46,7 @@ from pureopt.hyperparams import check_betas, check_lr, check_nonneg, resolve
 from pureopt.kernels import fused as _fused
 from pureopt.kernels import select as _select
 from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
-from pureopt.kernels.dtensor import from_local_like, is_dtensor, run_on_local_shards
+from pureopt.kernels.dtensor import from_local_like, is_dtensor, row_sharding_problem, run_on_local_shards
 from pureopt.kernels.encoding import BlockEncoding, Encoding
 from pureopt.kernels.listops import ListOps, ops_for
 from pureopt.kernels.select import check_impl, choose_impl
@@ -264,12 +264,10 @@ def _sharded_encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None
     :meth:`~pureopt.kernels.encoding.BlockEncoding.for_rows`), so that every rank holds whole blocks and DCP
     reshards the checkpoint to any world size; a 1-D parameter, or rows that cannot be blocked, keeps the field in
     the compute dtype (a plain DTensor)."""
-    bad = [pl for pl in p.placements if pl.is_partial() or (pl.is_shard() and pl.dim % max(p.dim(), 1) != 0)]
-    if bad:
+    if (problem := row_sharding_problem(p)) is not None:
         raise ValueError(
             f"encoded optimizer state (state_dtype=) on DTensor parameters needs them sharded by rows (Shard(0), as "
-            f"FSDP2 does); a parameter of shape {tuple(p.shape)} is placed as {tuple(p.placements)}: give a float "
-            "dtype, e.g. state_dtype=torch.bfloat16"
+            f"FSDP2 does); {problem}: give a float dtype, e.g. state_dtype=torch.bfloat16"
         )
     local = p.to_local().detach()
     value = init(local.to(compute_dtype(local))).reshape(-1) if init is not None else None

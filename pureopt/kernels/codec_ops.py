@@ -63,12 +63,12 @@ def _(codes: Tensor, scale: Tensor, x: Tensor, key: str, lo: int) -> Tensor:
 
 
 @torch.library.custom_op("pureopt::float_decode", mutates_args=())
-def _float_decode(stored: Tensor, after: list[Tensor], lo: int, hi: int) -> Tensor:
-    return stored.reshape(-1)[lo:hi].to(torch.float32)
+def _float_decode(stored: Tensor, after: list[Tensor], key: str, lo: int, hi: int) -> Tensor:
+    return _ENCODINGS[key].decode(stored, lo, hi, torch.float32)
 
 
 @_float_decode.register_fake
-def _(stored: Tensor, after: list[Tensor], lo: int, hi: int) -> Tensor:
+def _(stored: Tensor, after: list[Tensor], key: str, lo: int, hi: int) -> Tensor:
     return stored.new_empty(hi - lo, dtype=torch.float32)
 
 
@@ -103,9 +103,9 @@ def block_encode(key: str, codes: Tensor, scale: Tensor, lo: int, x: Tensor) -> 
     return torch.ops.pureopt.block_encode(codes, scale, x, key, lo)
 
 
-def float_decode(stored: Tensor, lo: int, hi: int, after: Sequence[Tensor]) -> Tensor:
+def float_decode(key: str, stored: Tensor, lo: int, hi: int, after: Sequence[Tensor]) -> Tensor:
     """Elements ``lo:hi`` of a float-stored field, float32 (flat), read after the tensors ``after`` exist."""
-    return torch.ops.pureopt.float_decode(stored, list(after), lo, hi)
+    return torch.ops.pureopt.float_decode(stored, list(after), key, lo, hi)
 
 
 def float_encode(key: str, stored: Tensor, lo: int, x: Tensor, counter: Tensor, stream: int, at: int = 0) -> Tensor:

@@ -46,6 +46,7 @@ __all__ = [
     "like_placed",
     "from_local_like",
     "local_flat_offset",
+    "row_sharding_problem",
     "shard_starts",
     "sharded_mesh_dims",
     "shard_norms",
@@ -145,17 +146,21 @@ def from_local_like(local: Tensor, p: Any, shape: Sequence[int]) -> Any:
     )
 
 
+def row_sharding_problem(t: Any) -> str | None:
+    """Why DTensor ``t`` is not sharded by rows (every ``Shard`` placement on dimension 0, none ``Partial``: FSDP2,
+    HSDP), so that its local shard is whole rows, a run of consecutive global elements; ``None`` if it is."""
+    if any(pl.is_partial() or (pl.is_shard() and pl.dim % max(t.dim(), 1) != 0) for pl in t.placements):
+        return f"a DTensor of shape {tuple(t.shape)} placed as {tuple(t.placements)} is not sharded by rows (Shard(0))"
+    return None
+
+
 def local_flat_offset(t: Any) -> int:
     """The index, in the global flat (row-major) order of DTensor ``t``, of its local shard's first element, for a
-    DTensor sharded by rows (every ``Shard`` placement on dimension 0: FSDP2, HSDP), whose local shard is a run of
-    consecutive global elements. Raises a ValueError naming the placements otherwise."""
+    DTensor sharded by rows (:func:`row_sharding_problem`). Raises a ValueError naming the placements otherwise."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if any(pl.is_partial() or (pl.is_shard() and pl.dim % max(t.dim(), 1) != 0) for pl in t.placements):
-        raise ValueError(
-            f"a DTensor of shape {tuple(t.shape)} placed as {tuple(t.placements)} is not sharded by rows (Shard(0)): "
-            "its local elements are not consecutive in the whole tensor"
-        )
+    if (problem := row_sharding_problem(t)) is not None:
+        raise ValueError(f"{problem}: its local elements are not consecutive in the whole tensor")
     if t.dim() == 0:
         return 0
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)

@@ -248,7 +248,7 @@ class FloatEncoding(Encoding):
 
     def decode(self, stored: Tensor, lo: int, hi: int, dtype: torch.dtype, after: Sequence[Tensor] = ()) -> Tensor:
         if self.stochastic and opaque_codecs():
-            return codec_ops.float_decode(stored, lo, hi, after).to(dtype)
+            return codec_ops.float_decode(self.key, stored, lo, hi, after).to(dtype)
         return stored.reshape(-1)[lo:hi].to(dtype)
 
     def encode_into(
