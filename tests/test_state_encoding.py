@@ -202,8 +202,13 @@ def test_pure_update_leaves_inputs_unchanged_and_equals_the_donated_step(spec):
         assert all(torch.equal(a, b) for a, b in zip(snapshot, pureopt.tree.leaves((pure_p, pure_s, g))))
         pure_p, pure_s = pureopt.apply_updates(pure_p, updates), new_s
         own_s = pureopt.inplace_step(tx, g, own_s, own_p)
-    for k in params:  # the same chunks, the same math: the donated step writes what the pure one returns
-        assert torch.equal(pure_p[k], own_p[k])
+    # The same chunks and math; the donated step runs torch's fused AdamW on the parameters where the pure one adds
+    # the same kernel's update to them: the parameters agree to rounding (AdamW's decay is decoupled, so the moments
+    # never read them), the encoded state bitwise.
+    for k in params:
+        torch.testing.assert_close(own_p[k], pure_p[k], rtol=2.4e-7, atol=2e-6)  # (an ulp of ~8)
+    for mine, theirs in zip(pureopt.tree.leaves(own_s), pureopt.tree.leaves(pure_s)):
+        assert torch.equal(mine, theirs)
 
 
 @pytest.mark.bitwise
@@ -497,7 +502,8 @@ def test_flat_torch_optimizer_with_encoded_state_checkpoints_across_layouts(save
 def test_encoded_state_under_vmap_steps_each_member_as_alone(spec):
     # an ensemble of K models with encoded state, init and update vmapped: each member's updates track its own
     # torch.optim.AdamW fp32 run within the quantisation bound, and equal the member stepped alone (the codecs take
-    # their functional forms under vmap; same ops per element, so bitwise)
+    # their functional forms under vmap; same ops per element as the foreach math, so bitwise; the eager default runs
+    # torch's fused kernel on each chunk instead, which rounds differently)
     k_members, steps = 3, 3
     g = torch.Generator().manual_seed(11)
     params = [torch.randn(k_members, 40, 30, generator=g), torch.randn(k_members, 300, generator=g)]
@@ -507,13 +513,14 @@ def test_encoded_state_under_vmap_steps_each_member_as_alone(spec):
     mine, state = params, torch.func.vmap(tx.init)(params)
     for gr in grads:
         mine, state = step(gr, state, mine)
+    alone_tx = pureopt.adamw(lr=1e-2, weight_decay=0.1, state_dtype=spec, impl="foreach")
     for k in range(k_members):
         alone = [p[k] for p in params]
-        s = tx.init(alone)
+        s = alone_tx.init(alone)
         ref = [p[k].clone().requires_grad_() for p in params]
         opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
         for gr in grads:
-            alone, s = pureopt.step(tx, [x[k] for x in gr], s, alone)
+            alone, s = pureopt.step(alone_tx, [x[k] for x in gr], s, alone)
             for r, x in zip(ref, gr):
                 r.grad = x[k]
             opt.step()

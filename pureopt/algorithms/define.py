@@ -256,6 +256,10 @@ def _encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None, whole:
     return stored
 
 
+_STEPS_BEFORE = "_steps_before"
+"""(a column of the encoded step: the step counts before it, for torch's fused kernel)"""
+
+
 def _sharded_encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None, p: Any) -> Any:
     """The initial value of an encoded field of DTensor parameter ``p`` (sharded by rows: FSDP2, HSDP).
 
@@ -641,11 +645,30 @@ class Algorithm:
         for key, values in (self.scalars(k0, out.get("step", [])) if self.scalars is not None else {}).items():
             (out if key in self.fields else columns)[key] = values
         globals_out: dict[str, Any] = {}
+        # torch's fused kernel on each chunk's decoded state where it would run on plain state (one call instead of
+        # a dozen list ops); it advances the step counts itself, so it gets the ones before this step
+        fused = (
+            self.fused is not None and impl == "auto" and (self.fused_when is None or self.fused_when(h))
+            and "step" in s and not shared and ctx.grad_scale is None and ctx.found_inf is None
+        )  # fmt: skip
+        if fused:
+            columns[_STEPS_BEFORE] = s["step"] if not donate else [t - 1 for t in out["step"]]
 
         def body(
             ops: ListOps, p: list[Tensor], g: list[Tensor], fields: dict[str, list[Tensor]],
             cols: dict[str, list[Any]], applies: bool,
         ) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:  # fmt: skip
+            before = cols.pop(_STEPS_BEFORE, None)
+            if before is not None and self.fused is not None:
+                lists = [fields[key] for key in self.fused_state if key in fields]
+                plan = _fused.fused_plan(
+                    [*g, *(p or [])], *lists, devices=self.fused_devices, cpu_dtypes=self.fused_cpu_dtypes
+                )
+                if plan is not None:
+                    k = Kernel(h=h, p=p, g=g, donate=True, apply=applies, coef=coef, ctx=ctx,
+                               step=[t.clone() for t in before], **fields)  # fmt: skip
+                    updates, new = self.fused(k, plan)
+                    return updates, {key: v for key, v in new.items() if key in fields}
             target = p if applies else None
             k = Kernel(ops=ops, h=h, p=p, g=g, donate=True, own=True, apply=applies, coef=coef, target=target,
                        segments=None, extra=ctx.extra_args, **shared, **fields, **cols)  # fmt: skip

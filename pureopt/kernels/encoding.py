@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from pureopt.kernels import codec_ops
-from pureopt.kernels.rounding import random_bits, stochastic_round
+from pureopt.kernels import codec_ops, native
+from pureopt.kernels.rounding import plain_seeds, random_bits, stochastic_round
 
 __all__ = [
     "Encoding",
@@ -128,6 +128,7 @@ def _build(values: tuple[float, ...]) -> _Tables:
 
 
 _ON_DEVICE: dict[tuple[tuple[float, ...], torch.device], _Tables] = {}
+_FP8_VALUES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
 
 def _tables(values: tuple[float, ...], device: torch.device) -> _Tables:
@@ -262,6 +263,11 @@ class FloatEncoding(Encoding):
             return codec_ops.float_encode(self.key, stored, lo, x.reshape(-1).to(torch.float32), counter, stream, at)
         key = torch.tensor((self.seed * 0x9E3779B1 + stream) & 0xFFFFFFFF, dtype=torch.int64, device=x.device)
         flat = x.reshape(-1)
+        if self.dtype == torch.bfloat16 and native.available(out, flat):  # (one pass: see pureopt.kernels.native)
+            seeds = plain_seeds(key, counter)
+            if seeds is not None:
+                native.stochastic_bf16(flat.to(torch.float32), out, at + lo, *seeds)
+                return None
         for start in range(0, flat.numel(), PIECE_ELEMENTS):  # (the hash's int64 temporaries: one piece at a time)
             part = flat[start : start + PIECE_ELEMENTS]
             bits = random_bits(key, counter, at + lo + start, part.numel(), x.device)
@@ -376,6 +382,11 @@ class BlockEncoding(Encoding):
         if opaque_codecs():
             return codec_ops.block_decode(self.key, stored.codes, stored.scale, lo, hi, after).to(dtype)
         n, b0, first = hi - lo, lo // self.block, lo % self.block
+        if native.available(stored.codes, stored.scale):  # (one pass, the same bits: see pureopt.kernels.native)
+            out = torch.empty(n, dtype=torch.float32, device=stored.codes.device)
+            table = self._native_table(stored.codes.device)
+            native.decode(stored.codes, stored.scale, table, out, lo, self.block, self.bits)
+            return out.to(dtype)
         if self.dtype is not None:
             values = stored.codes[lo:hi].to(torch.float32)
         elif compiling():
@@ -403,6 +414,16 @@ class BlockEncoding(Encoding):
             values[full:].mul_(stored.scale[b0 + full // self.block])
         return values.to(dtype)
 
+    def _native_table(self, device: torch.device) -> Tensor:
+        """The values of the ``2**bits`` codes (fp8: of the 256 bit patterns, as the cast reads them), float32."""
+        if self.dtype is None:
+            return _tables(self._code, device).code
+        found = _FP8_VALUES.get((self.dtype, device))
+        if found is None:
+            found = torch.arange(256, dtype=torch.uint8).view(self.dtype).to(torch.float32).to(device)
+            _FP8_VALUES[(self.dtype, device)] = found
+        return found
+
     def _gather(self, codes: Tensor, lo: int, hi: int) -> Tensor:
         """The code values of elements ``lo:hi`` (float32, flat); 4-bit codes through a table of byte -> both
         values (one read per byte; inductor also miscompiled an index built by interleaving the two nibbles)."""
@@ -419,6 +440,13 @@ class BlockEncoding(Encoding):
         x = x.reshape(-1)
         if opaque_codecs():
             return codec_ops.block_encode(self.key, stored.codes, stored.scale, lo, x.to(torch.float32))
+        if self.code is not None and native.available(stored.codes, stored.scale):
+            t = _tables(self._code, stored.codes.device)
+            if t.lookup is not None and (self.bits == 8 or self.block <= native.MAX_BLOCK):
+                xs = x.to(torch.float32).contiguous()
+                native.encode(xs, stored.codes, stored.scale, t.lookup, t.padded, lo, self.block, self.top, t.shift,
+                              self.bits)  # fmt: skip
+                return None
         step = self._pieces(x.numel()).step
         for start in self._pieces(x.numel()):
             self._encode_piece(stored, lo + start, x[start : start + step].to(torch.float32))

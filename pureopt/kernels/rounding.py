@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fmix32", "random_bits", "stochastic_round"]
+__all__ = ["fmix32", "plain_seeds", "random_bits", "stochastic_round"]
 
 _M32 = 0xFFFFFFFF
 _INT32_END = 1 << 31
@@ -119,6 +119,15 @@ def _signed32(v: int) -> int:
     return v - (1 << 32) if v >= _INT32_END else v
 
 
+def plain_seeds(key: Tensor, counter: Tensor) -> tuple[int, int] | None:
+    """``(seed, seed * 0x9E37 mod 2**32)`` of :func:`random_bits` as Python ints, when ``key`` and ``counter`` are
+    plain CPU tensors and nothing traces; else ``None``."""
+    if not _plain_cpu(key, counter):
+        return None
+    s = _fmix32_int(_fmix32_int(int(key) & _M32) ^ (int(counter) & _M32))
+    return s, (s * 0x9E37) & _M32
+
+
 def random_bits(key: Tensor, counter: Tensor, offset: int, numel: int, device: torch.device) -> Tensor:
     """``numel`` pseudo-random integers in ``[0, 2**32)`` (int64) for elements ``offset ... offset + numel - 1``,
     a function of ``key`` and ``counter`` (0-d int64 tensors) only.
@@ -137,9 +146,9 @@ def random_bits(key: Tensor, counter: Tensor, offset: int, numel: int, device: t
     """
     seed: Tensor | int
     mixed: Tensor | int
-    if _plain_cpu(key, counter):
-        s = _fmix32_int(_fmix32_int(int(key) & _M32) ^ (int(counter) & _M32))
-        seed, mixed = _signed32(s), _signed32((s * 0x9E37) & _M32)
+    plain = plain_seeds(key, counter)
+    if plain is not None:
+        seed, mixed = _signed32(plain[0]), _signed32(plain[1])
     else:
         # (out of place: under vmap the counter may be batched where the key's hash is not)
         seed = _fmix32_int32(_fmix32_int32(_to_int32(key, device)) ^ _to_int32(counter, device))

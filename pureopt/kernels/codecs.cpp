@@ -1,0 +1,295 @@
+// Block codecs of pureopt.kernels.encoding in one pass over a chunk (see pureopt/kernels/native.py).
+//
+// One entry point, `kernel`, for every codec (the Python binding that builds it takes one function):
+//
+//   op 0  decode, 8-bit codes: out[k] = table[codes[lo + k]] * scale[(lo + k) / block]        (fp8: table = the
+//         256 values of the format)
+//   op 1  encode, 8-bit codes: per block starting at lo + k: s = max |x| / top (NaN if any x is NaN),
+//         scale[b] = s; v = x / (s > 0 ? s : 1); codes = lookup[key(v)] + (v > mids[lookup[key(v)]]),
+//         key(v) = (bits of v >> shift) & (2**(32 - shift) - 1): the nearest code value, ties to the lower one
+//   op 2  decode, 4-bit codes (two per byte, element 2i in the low nibble): table = the 16 values
+//   op 3  encode, 4-bit codes (an odd count leaves the last byte's high nibble 0)
+//   op 4  round x stochastically to bfloat16 into `codes` (as uint16): the random bits of element k are
+//         fmix32(fmix32((lo + k) ^ seed) ^ mixed) (pureopt.kernels.rounding.random_bits; seed in `block`, mixed in
+//         `shift`, places mod 2**32) and the rounding that of pureopt.kernels.rounding.stochastic_round
+//   op | 16: the portable loop instead of the AVX2 one (a CPU without AVX2, or ATEN_CPU_CAPABILITY=default)
+//
+// Each element goes through the same IEEE operations as the torch-op codecs (a product, a quotient, a maximum,
+// a comparison), so both write the same bits on every CPU.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PUREOPT_X86 1
+#endif
+
+namespace {
+
+inline uint32_t float_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u;
+}
+
+// the block's scale (absmax / top, NaN if an element is NaN) and the divisor its elements are normalised by
+inline float block_scale_scalar(const float* x, int64_t n, float top) {
+  float m = 0.0f;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    nan = nan || std::isnan(a);
+    m = a > m ? a : m;
+  }
+  return nan ? NAN : m / top;
+}
+
+inline uint8_t nearest(float v, const uint8_t* lookup, const float* mids, int shift, uint32_t mask) {
+  const uint32_t below = lookup[(float_bits(v) >> shift) & mask];
+  return static_cast<uint8_t>(below + (v > mids[below] ? 1 : 0));
+}
+
+// murmur3's 32-bit finaliser and the random bits of pureopt.kernels.rounding.random_bits for element place j
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+// x rounded stochastically to bfloat16 (its bit pattern) with the random bits r: pureopt.kernels.rounding's rule;
+// NaN becomes torch's bfloat16 NaN 0x7FC0
+inline uint16_t round_bf16(float x, uint32_t r) {
+  const uint32_t p = float_bits(x);
+  if ((p & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>(((r & 0xFFFFu) + p) >> 16);
+}
+
+void stochastic_bf16_scalar(const float* x, uint16_t* out, int64_t n, uint32_t first, uint32_t seed, uint32_t mixed) {
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t r = fmix32(fmix32((first + static_cast<uint32_t>(k)) ^ seed) ^ mixed);
+    out[k] = round_bf16(x[k], r);
+  }
+}
+
+// out[k] = value(lo + k) * the scale of element lo + k's block, a block at a time
+template <typename Value>
+void decode_scalar(const float* scale, float* out, int64_t lo, int64_t n, int64_t block, Value value) {
+  for (int64_t k = 0; k < n;) {
+    const int64_t b = (lo + k) / block;
+    const int64_t end = std::min(n, (b + 1) * block - lo);
+    const float s = scale[b];
+    for (; k < end; ++k) out[k] = value(lo + k) * s;
+  }
+}
+
+void decode8_scalar(const uint8_t* codes, const float* scale, const float* table, float* out, int64_t lo, int64_t n,
+                    int64_t block) {
+  decode_scalar(scale, out, lo, n, block, [=](int64_t j) { return table[codes[j]]; });
+}
+
+void decode4_scalar(const uint8_t* codes, const float* scale, const float* table, float* out, int64_t lo, int64_t n,
+                    int64_t block) {
+  decode_scalar(scale, out, lo, n, block, [=](int64_t j) {
+    const uint8_t byte = codes[j >> 1];
+    return table[(j & 1) ? (byte >> 4) : (byte & 15)];
+  });
+}
+
+// encode one block of n elements at element `at` (a block start) into `idx` (one index per element)
+void encode_block_scalar(const float* x, int64_t n, float top, float* scale_out, uint8_t* idx, const uint8_t* lookup,
+                         const float* mids, int shift) {
+  const uint32_t mask = (uint32_t(1) << (32 - shift)) - 1;
+  const float s = block_scale_scalar(x, n, top);
+  *scale_out = s;
+  const float safe = s > 0.0f ? s : 1.0f;
+  for (int64_t i = 0; i < n; ++i) idx[i] = nearest(x[i] / safe, lookup, mids, shift, mask);
+}
+
+#ifdef PUREOPT_X86
+
+__attribute__((target("avx2"))) float block_scale_avx2(const float* x, int64_t n, float top) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  __m256 vnan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), absmask);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    vmax = _mm256_max_ps(vmax, a);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float m = 0.0f;
+  bool nan = _mm256_movemask_ps(vnan) != 0;
+  for (float lane : lanes) m = lane > m ? lane : m;
+  for (; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    nan = nan || std::isnan(a);
+    m = a > m ? a : m;
+  }
+  return nan ? NAN : m / top;
+}
+
+__attribute__((target("avx2"))) void decode8_avx2(const uint8_t* codes, const float* scale, const float* table,
+                                                  float* out, int64_t lo, int64_t n, int64_t block) {
+  int64_t k = 0;
+  while (k < n) {
+    const int64_t b = (lo + k) / block;
+    const int64_t end = std::min(n, (b + 1) * block - lo);
+    const float s = scale[b];
+    const __m256 vs = _mm256_set1_ps(s);
+    for (; k + 8 <= end; k += 8) {
+      const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + lo + k));
+      const __m256 v = _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(c), 4);
+      _mm256_storeu_ps(out + k, _mm256_mul_ps(v, vs));
+    }
+    for (; k < end; ++k) out[k] = table[codes[lo + k]] * s;
+  }
+}
+
+__attribute__((target("avx2"))) void decode4_avx2(const uint8_t* codes, const float* scale, const float* table,
+                                                  float* out, int64_t lo, int64_t n, int64_t block) {
+  // pairs[byte] = (table[byte & 15], table[byte >> 4]): one 64-bit gather gives two elements
+  alignas(32) float pairs[512];
+  for (int byte = 0; byte < 256; ++byte) {
+    pairs[2 * byte] = table[byte & 15];
+    pairs[2 * byte + 1] = table[byte >> 4];
+  }
+  int64_t k = 0;
+  if (lo & 1) {  // (an odd first element: the high nibble of its byte)
+    decode4_scalar(codes, scale, table, out, lo, 1, block);
+    k = 1;
+  }
+  while (k < n) {
+    const int64_t b = (lo + k) / block;
+    const int64_t end = std::min(n, (b + 1) * block - lo);
+    const float s = scale[b];
+    const __m256 vs = _mm256_set1_ps(s);
+    for (; k + 8 <= end; k += 8) {  // (lo + k even here)
+      int32_t four;
+      std::memcpy(&four, codes + ((lo + k) >> 1), 4);
+      const __m128i idx = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(four));
+      const __m256i both = _mm256_i32gather_epi64(reinterpret_cast<const long long*>(pairs), idx, 8);
+      _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_castsi256_ps(both), vs));
+    }
+    if (k < end) {
+      decode4_scalar(codes, scale, table, out + k, lo + k, end - k, block);
+      k = end;
+    }
+  }
+}
+
+// (quotients, bucket keys and comparisons 8 at a time; the two table reads element by element: AVX2 gathers from the
+// tables were slower on AMD EPYC)
+__attribute__((target("avx2"))) void encode_block_avx2(const float* x, int64_t n, float top, float* scale_out,
+                                                       uint8_t* idx, const uint8_t* lookup, const float* mids,
+                                                       int shift) {
+  const float s = block_scale_avx2(x, n, top);
+  *scale_out = s;
+  const float safe = s > 0.0f ? s : 1.0f;
+  const __m256 vsafe = _mm256_set1_ps(safe);
+  const __m128i vshift = _mm_cvtsi32_si128(shift);
+  const uint32_t smask = (uint32_t(1) << (32 - shift)) - 1;
+  const __m256i mask = _mm256_set1_epi32(static_cast<int>(smask));
+  alignas(32) int32_t key[8];
+  alignas(32) int32_t below[8];
+  alignas(32) float bound[8];
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i), vsafe);
+    const __m256i k = _mm256_and_si256(_mm256_srl_epi32(_mm256_castps_si256(v), vshift), mask);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(key), k);
+    for (int j = 0; j < 8; ++j) below[j] = lookup[key[j]];
+    for (int j = 0; j < 8; ++j) bound[j] = mids[below[j]];
+    // (v > bound: all ones, i.e. -1, where true: subtracting it adds one)
+    const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_load_ps(bound), _CMP_GT_OQ));
+    const __m256i q = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(below)), up);
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(idx + i), _mm_packus_epi16(w, w));
+  }
+  for (; i < n; ++i) idx[i] = nearest(x[i] / safe, lookup, mids, shift, smask);
+}
+
+__attribute__((target("avx2"))) inline __m256i fmix32_avx2(__m256i h) {
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+__attribute__((target("avx2"))) void stochastic_bf16_avx2(const float* x, uint16_t* out, int64_t n, uint32_t first,
+                                                          uint32_t seed, uint32_t mixed) {
+  const __m256i vseed = _mm256_set1_epi32(static_cast<int>(seed));
+  const __m256i vmixed = _mm256_set1_epi32(static_cast<int>(mixed));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
+  const __m256i inf = _mm256_set1_epi32(0x7F800000);
+  const __m256i nan16 = _mm256_set1_epi32(0x7FC0);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first + static_cast<uint32_t>(k))), lanes);
+    const __m256i r = fmix32_avx2(_mm256_xor_si256(fmix32_avx2(_mm256_xor_si256(idx, vseed)), vmixed));
+    const __m256i p = _mm256_castps_si256(_mm256_loadu_ps(x + k));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(p, magnitude), inf);  // (magnitudes are non-negative)
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_and_si256(r, low16), p), 16);
+    const __m256i q = _mm256_blendv_epi8(rounded, nan16, nan);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
+                     _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+  }
+  stochastic_bf16_scalar(x + k, out + k, n - k, first + static_cast<uint32_t>(k), seed, mixed);
+}
+
+#endif
+
+using EncodeBlock = void (*)(const float*, int64_t, float, float*, uint8_t*, const uint8_t*, const float*, int);
+
+void encode(const float* x, uint8_t* codes, float* scale, const uint8_t* lookup, const float* mids, int64_t lo,
+            int64_t n, int64_t block, float top, int shift, bool four, EncodeBlock encode_block) {
+  uint8_t idx[4096];  // (one block's indices at a time: blocks hold at most 4096 elements, see native.py)
+  for (int64_t k = 0; k < n; k += block) {
+    const int64_t m = std::min(block, n - k);
+    encode_block(x + k, m, top, scale + (lo + k) / block, four ? idx : codes + lo + k, lookup, mids, shift);
+    if (four) {
+      uint8_t* dst = codes + (lo + k) / 2;
+      for (int64_t i = 0; i + 1 < m; i += 2) dst[i / 2] = static_cast<uint8_t>(idx[i] | (idx[i + 1] << 4));
+      if (m & 1) dst[m / 2] = idx[m - 1];
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" void kernel(int64_t op, float* x, uint8_t* codes, float* scale, const void* t1, const void* t2, int64_t lo,
+                       int64_t n, int64_t block, float top, int64_t shift) {
+  const bool portable = (op & 16) != 0;
+  if ((op & 15) == 4) {  // (lo: the first element's place mod 2**32, block: the seed, shift: the mixed seed)
+    uint16_t* out = reinterpret_cast<uint16_t*>(codes);
+    const auto first = static_cast<uint32_t>(lo), seed = static_cast<uint32_t>(block);
+    const auto mixed = static_cast<uint32_t>(shift);
+#ifdef PUREOPT_X86
+    if (!portable) return stochastic_bf16_avx2(x, out, n, first, seed, mixed);
+#endif
+    return stochastic_bf16_scalar(x, out, n, first, seed, mixed);
+  }
+  const int64_t which = op & 15;
+  const float* table = static_cast<const float*>(t1);
+  const uint8_t* lookup = static_cast<const uint8_t*>(t1);
+  const float* mids = static_cast<const float*>(t2);
+#ifdef PUREOPT_X86
+  if (!portable) {
+    if (which == 0) return decode8_avx2(codes, scale, table, x, lo, n, block);
+    if (which == 2) return decode4_avx2(codes, scale, table, x, lo, n, block);
+    return encode(x, codes, scale, lookup, mids, lo, n, block, top, static_cast<int>(shift), which == 3,
+                  encode_block_avx2);
+  }
+#endif
+  if (which == 0) return decode8_scalar(codes, scale, table, x, lo, n, block);
+  if (which == 2) return decode4_scalar(codes, scale, table, x, lo, n, block);
+  encode(x, codes, scale, lookup, mids, lo, n, block, top, static_cast<int>(shift), which == 3, encode_block_scalar);
+}
