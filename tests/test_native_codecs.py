@@ -20,7 +20,9 @@ import pureopt
 from pureopt.kernels import native
 from pureopt.kernels.encoding import NAMED, BlockEncoding, Quantized
 
-pytestmark = pytest.mark.skipif(native._kernel() is None, reason="no C++ toolchain for the native codecs here")
+pytestmark = pytest.mark.skipif(
+    native._kernel() is None, reason="native codecs unavailable here (no C++ toolchain, or PUREOPT_NATIVE=0)"
+)
 
 _AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 _PATHS = [pytest.param("avx2", marks=pytest.mark.skipif(not _AVX2, reason="no AVX2 here")), "portable"]
@@ -193,3 +195,62 @@ def test_native_codecs_can_be_switched_off(monkeypatch):
         monkeypatch.delenv("PUREOPT_NATIVE")
         native._kernel.cache_clear()
     assert native.available(torch.zeros(4))
+
+
+@pytest.mark.bitwise
+@pytest.mark.parametrize("name", ["fp8", "fp8u", "fp8_e5m2", "fp8_e5m2u"])
+def test_fp8_encode_rounds_as_the_cast_at_every_value_and_tie(name, path):
+    # a block whose maximum is the format's largest value (scale 1): every finite value of the format, every midpoint
+    # between neighbours (ties: to the even pattern) and the floats just beside each midpoint
+    enc = NAMED[name]
+    assert isinstance(enc, BlockEncoding) and enc.dtype is not None
+    values = torch.arange(256, dtype=torch.uint8).view(enc.dtype).to(torch.float32)
+    values = values[values.isfinite()].unique()  # (sorted)
+    mids = (values[1:] + values[:-1]) / 2
+    inf = torch.tensor(float("inf"))
+    x = torch.cat((values, mids, torch.nextafter(mids, inf), torch.nextafter(mids, -inf)))
+    if name.endswith("u"):
+        x = x.abs()
+    x = torch.cat((torch.tensor([enc.top]), x))
+    assert x.numel() <= enc.block
+    stored = enc.empty(x)
+    enc.encode_into(stored, 0, x)
+    assert float(stored.scale[0]) == 1.0
+    low = -enc.top if enc.least is None else enc.least
+    want = x.clamp(low, enc.top).to(enc.dtype).view(torch.uint8)
+    assert torch.equal(stored.codes.view(torch.uint8), want)
+
+
+@pytest.mark.bitwise
+@pytest.mark.parametrize("donate", [True, False])
+def test_stochastic_rounding_of_bf16_params_follows_the_rule(donate, path):
+    # stochastic_rounding(sgd) on bf16 parameters: p <- SR(float32(p) - lr * float32(g)) with the bits of place
+    # offset + k (offset: the elements of the parameters before it), key = seed, counter = the step
+    seed, lr = 77, 0.25  # (a power of two: the inner bf16 update -lr * g is exact)
+    g = torch.Generator().manual_seed(5)
+    params = {"a": torch.randn(33, generator=g).bfloat16(), "b": torch.randn(20, 51, generator=g).bfloat16()}
+    grads = {k: torch.randn(v.shape, generator=g).bfloat16() for k, v in params.items()}
+    tx = pureopt.stochastic_rounding(pureopt.sgd(lr=lr), seed=seed)
+    mine = {k: v.clone() for k, v in params.items()}
+    state = tx.init(mine)
+    for _ in range(2):  # (the second step: counter 1)
+        if donate:
+            state = pureopt.inplace_step(tx, grads, state, mine)
+        else:
+            updates, state = tx.update(grads, state, mine)
+            mine = pureopt.apply_updates(mine, updates)
+    want = {k: v.clone() for k, v in params.items()}
+    for counter in range(2):
+        s = _fmix32(_fmix32(seed) ^ counter)
+        offset = 0
+        for k in ("a", "b"):
+            total = (want[k].float() - lr * grads[k].float()).reshape(-1)
+            pattern = total.view(torch.int32).tolist()
+            out = []
+            for j, pat in enumerate(pattern):
+                r = _fmix32(_fmix32((offset + j) ^ s) ^ ((s * 0x9E37) & 0xFFFFFFFF))
+                out.append((((pat & 0xFFFFFFFF) + (r & 0xFFFF)) >> 16) & 0xFFFF)
+            offset += total.numel()
+            want[k] = torch.tensor(out, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).view(want[k].shape)
+    for k in params:
+        assert torch.equal(mine[k].view(torch.int16), want[k].view(torch.int16)), k

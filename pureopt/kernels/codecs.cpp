@@ -12,6 +12,8 @@
 //   op 4  round x stochastically to bfloat16 into `codes` (as uint16): the random bits of element k are
 //         fmix32(fmix32((lo + k) ^ seed) ^ mixed) (pureopt.kernels.rounding.random_bits; seed in `block`, mixed in
 //         `shift`, places mod 2**32) and the rounding that of pureopt.kernels.rounding.stochastic_round
+//   op 5  encode, fp8: per block as op 1, then v clamped to [low, top] (low: *t1) and cast to float8 with `shift`
+//         mantissa bits (3: e4m3fn, 2: e5m2), to nearest, ties to even
 //   op | 16: the portable loop instead of the AVX2 one (a CPU without AVX2, or ATEN_CPU_CAPABILITY=default)
 //
 // Each element goes through the same IEEE operations as the torch-op codecs (a product, a quotient, a maximum,
@@ -107,6 +109,42 @@ void encode_block_scalar(const float* x, int64_t n, float top, float* scale_out,
   *scale_out = s;
   const float safe = s > 0.0f ? s : 1.0f;
   for (int64_t i = 0; i < n; ++i) idx[i] = nearest(x[i] / safe, lookup, mids, shift, mask);
+}
+
+// v (finite, within the format's range, or NaN) as a float8 bit pattern with `mbits` mantissa bits and exponent bias
+// `bias` (e4m3fn: 3, 7; e5m2: 2, 15), rounded to nearest, ties to even, as torch's cast rounds; NaN -> 0x7F | sign
+inline uint8_t to_float8(float v, int mbits, int bias, float min_normal, float per_unit) {
+  const uint32_t bits = float_bits(v);
+  const auto sign = static_cast<uint8_t>((bits >> 24) & 0x80);
+  const uint32_t mag = bits & 0x7FFFFFFFu;
+  if (mag > 0x7F800000u) return sign | 0x7F;
+  const float a = std::fabs(v);
+  if (a < min_normal) {  // subnormal (or the smallest normal, reached by rounding up): units of the least step
+    return sign | static_cast<uint8_t>(std::nearbyint(a * per_unit));  // (an exact product: a power of two)
+  }
+  const int drop = 23 - mbits;  // round the float32 mantissa to mbits bits (a carry moves into the exponent)
+  uint32_t r = mag + ((1u << (drop - 1)) - 1) + ((mag >> drop) & 1);
+  r >>= drop;
+  r -= static_cast<uint32_t>(127 - bias) << mbits;  // rebias the exponent
+  return sign | static_cast<uint8_t>(r);
+}
+
+using BlockScale = float (*)(const float*, int64_t, float);
+
+// one fp8 block: scale, v = x / scale clamped to [low, top] (NaN stays NaN), the float8 pattern of v
+void encode_fp8_block(const float* x, int64_t n, float top, float* scale_out, uint8_t* out, float low, int mbits,
+                      BlockScale block_scale) {
+  const int bias = mbits == 3 ? 7 : 15;
+  const float min_normal = std::ldexp(1.0f, 1 - bias), per_unit = std::ldexp(1.0f, bias - 1 + mbits);
+  const float s = block_scale(x, n, top);
+  *scale_out = s;
+  const float safe = s > 0.0f ? s : 1.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i] / safe;
+    v = v < low ? low : v;
+    v = v > top ? top : v;
+    out[i] = to_float8(v, mbits, bias, min_normal, per_unit);
+  }
 }
 
 #ifdef PUREOPT_X86
@@ -268,6 +306,18 @@ void encode(const float* x, uint8_t* codes, float* scale, const uint8_t* lookup,
 extern "C" void kernel(int64_t op, float* x, uint8_t* codes, float* scale, const void* t1, const void* t2, int64_t lo,
                        int64_t n, int64_t block, float top, int64_t shift) {
   const bool portable = (op & 16) != 0;
+  if ((op & 15) == 5) {  // (t1: the lowest value (float32), shift: the mantissa bits)
+    const float low = *static_cast<const float*>(t1);
+    BlockScale block_scale = block_scale_scalar;
+#ifdef PUREOPT_X86
+    if (!portable) block_scale = block_scale_avx2;
+#endif
+    for (int64_t k = 0; k < n; k += block) {
+      encode_fp8_block(x + k, std::min(block, n - k), top, scale + (lo + k) / block, codes + lo + k, low,
+                       static_cast<int>(shift), block_scale);
+    }
+    return;
+  }
   if ((op & 15) == 4) {  // (lo: the first element's place mod 2**32, block: the seed, shift: the mixed seed)
     uint16_t* out = reinterpret_cast<uint16_t*>(codes);
     const auto first = static_cast<uint32_t>(lo), seed = static_cast<uint32_t>(block);

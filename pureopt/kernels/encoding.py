@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from pureopt.kernels import codec_ops, native
-from pureopt.kernels.rounding import plain_seeds, random_bits, stochastic_round
+from pureopt.kernels.rounding import PIECE_ELEMENTS, stochastic_round_into
 
 __all__ = [
     "Encoding",
@@ -82,9 +82,6 @@ def linear_code(bits: int, zero: bool) -> list[float]:
 
 _SHIFTS = (16, 15, 14, 13, 12)
 
-PIECE_ELEMENTS = 1 << 16
-"""Elements a block encoding decodes / encodes at a time (see :meth:`BlockEncoding._pieces`)."""
-
 
 class _Tables(NamedTuple):
     code: Tensor  # the code values, float32
@@ -129,6 +126,7 @@ def _build(values: tuple[float, ...]) -> _Tables:
 
 _ON_DEVICE: dict[tuple[tuple[float, ...], torch.device], _Tables] = {}
 _FP8_VALUES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+_NATIVE_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)  # (the formats codecs.cpp writes)
 
 
 def _tables(values: tuple[float, ...], device: torch.device) -> _Tables:
@@ -262,16 +260,7 @@ class FloatEncoding(Encoding):
         if opaque_codecs():
             return codec_ops.float_encode(self.key, stored, lo, x.reshape(-1).to(torch.float32), counter, stream, at)
         key = torch.tensor((self.seed * 0x9E3779B1 + stream) & 0xFFFFFFFF, dtype=torch.int64, device=x.device)
-        flat = x.reshape(-1)
-        if self.dtype == torch.bfloat16 and native.available(out, flat):  # (one pass: see pureopt.kernels.native)
-            seeds = plain_seeds(key, counter)
-            if seeds is not None:
-                native.stochastic_bf16(flat.to(torch.float32), out, at + lo, *seeds)
-                return None
-        for start in range(0, flat.numel(), PIECE_ELEMENTS):  # (the hash's int64 temporaries: one piece at a time)
-            part = flat[start : start + PIECE_ELEMENTS]
-            bits = random_bits(key, counter, at + lo + start, part.numel(), x.device)
-            out[start : start + part.numel()].copy_(stochastic_round(part, self.dtype, bits))
+        stochastic_round_into(out, x.reshape(-1).to(torch.float32), key, counter, at + lo)
         return None
 
     def like(self, stored: Tensor) -> Tensor:
@@ -440,6 +429,11 @@ class BlockEncoding(Encoding):
         x = x.reshape(-1)
         if opaque_codecs():
             return codec_ops.block_encode(self.key, stored.codes, stored.scale, lo, x.to(torch.float32))
+        if self.dtype is not None and self.dtype in _NATIVE_FP8 and native.available(stored.codes, stored.scale):
+            low = -self.top if self.least is None else self.least
+            xs = x.to(torch.float32).contiguous()
+            native.encode_fp8(xs, stored.codes, stored.scale, lo, self.block, self.top, low)
+            return None
         if self.code is not None and native.available(stored.codes, stored.scale):
             t = _tables(self._code, stored.codes.device)
             if t.lookup is not None and (self.bits == 8 or self.block <= native.MAX_BLOCK):

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["available", "decode", "encode", "stochastic_bf16"]
+__all__ = ["available", "decode", "encode", "encode_fp8", "stochastic_bf16"]
 
 _log = logging.getLogger(__name__)
 
-_DECODE8, _ENCODE8, _DECODE4, _ENCODE4, _ROUND_BF16, _PORTABLE = 0, 1, 2, 3, 4, 16
+_DECODE8, _ENCODE8, _DECODE4, _ENCODE4, _ROUND_BF16, _ENCODE_FP8, _PORTABLE = 0, 1, 2, 3, 4, 5, 16
 
 MAX_BLOCK = 4096
 """Largest block the 4-bit encoder takes (its per-block index buffer); bigger blocks keep the torch ops."""
@@ -88,6 +88,17 @@ def encode(
     assert lookup.dtype == torch.uint8 and lookup.numel() == 1 << (32 - shift) and mids.dtype == torch.float32
     op = (_ENCODE8 if bits == 8 else _ENCODE4) | _vector_flag()
     kernel(op, x, codes, scale, lookup, mids, lo, x.numel(), block, top, shift)
+
+
+def encode_fp8(x: Tensor, codes: Tensor, scale: Tensor, lo: int, block: int, top: float, low: float) -> None:
+    """Encode the float32 ``x`` into the float8 ``codes`` (e4m3fn or e5m2) at elements ``lo:`` (``lo`` a block
+    start): each block's scale ``max |x| / top`` and ``(x / scale).clamp(low, top)`` cast to the format."""
+    _check(codes, scale, x, lo, block, 8)
+    kernel = _kernel()
+    assert kernel is not None and lo % block == 0 and codes.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    mbits = 3 if codes.dtype == torch.float8_e4m3fn else 2
+    low_t = torch.tensor([low], dtype=torch.float32)
+    kernel(_ENCODE_FP8 | _vector_flag(), x, codes, scale, low_t, low_t, lo, x.numel(), block, top, mbits)
 
 
 def stochastic_bf16(x: Tensor, out: Tensor, first: int, seed: int, mixed: int) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fmix32", "plain_seeds", "random_bits", "stochastic_round"]
+from pureopt.kernels import native
+
+__all__ = ["fmix32", "plain_seeds", "random_bits", "stochastic_round", "stochastic_round_into"]
 
 _M32 = 0xFFFFFFFF
 _INT32_END = 1 << 31
@@ -231,3 +233,24 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
         u = (r & 0xFFFFFF).to(torch.float32) / float(1 << 24)
         return torch.where(torch.isfinite(x), torch.where(u < frac, high, low), x.to(dtype))
     raise ValueError(f"stochastic rounding targets bfloat16 or float16, not {dtype}")
+
+
+PIECE_ELEMENTS = 1 << 16
+"""Elements the torch-op codecs work on at a time (:func:`stochastic_round_into`, the block encodings of
+:mod:`pureopt.kernels.encoding`): their integer temporaries exist for one piece at a time."""
+
+
+def stochastic_round_into(out: Tensor, x: Tensor, key: Tensor, counter: Tensor, offset: int) -> None:
+    """Write the flat float32 ``x`` rounded stochastically into the flat ``out`` (bfloat16 or float16, as many
+    elements) with the random bits of places ``offset + k``: :func:`stochastic_round` with :func:`random_bits`, a
+    piece at a time, or in one native pass (:mod:`pureopt.kernels.native`) for bfloat16 on the CPU when ``key`` and
+    ``counter`` are plain CPU tensors (the same bits; a NaN comes out as bfloat16's canonical NaN)."""
+    if out.dtype == torch.bfloat16 and native.available(out, x):
+        seeds = plain_seeds(key, counter)
+        if seeds is not None:
+            native.stochastic_bf16(x, out, offset, *seeds)
+            return
+    for start in range(0, x.numel(), PIECE_ELEMENTS):
+        part = x[start : start + PIECE_ELEMENTS]
+        bits = random_bits(key, counter, offset + start, part.numel(), x.device)
+        out[start : start + part.numel()].copy_(stochastic_round(part, out.dtype, bits))
