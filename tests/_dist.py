@@ -36,8 +36,9 @@ def _result_path(out: Path, function: str, rank: int) -> Path:
 
 
 @contextlib.contextmanager
-def joined_group(rank: int, port: int, log: str) -> Iterator[None]:
-    """Inside a rank process: output to ``log``, one intra-op thread, a gloo group on 127.0.0.1 (60 s timeout).
+def joined_group(rank: int, port: int, log: str, world: int = WORLD) -> Iterator[None]:
+    """Inside a rank process: output to ``log``, one intra-op thread, a gloo group of ``world`` processes on
+    127.0.0.1 (60 s timeout).
 
     On exit, garbage (DDP reducers and FSDP state sit in reference cycles holding gloo work) is collected while the
     group is still alive, then the group is destroyed.
@@ -52,7 +53,7 @@ def joined_group(rank: int, port: int, log: str) -> Iterator[None]:
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
-        world_size=WORLD,
+        world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
     try:
@@ -62,10 +63,12 @@ def joined_group(rank: int, port: int, log: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _rank_main(module: str, function: str, rank: int, port: int, out: str, args: tuple[Any, ...], log: str) -> None:
-    with joined_group(rank, port, log):
+def _rank_main(
+    module: str, function: str, rank: int, port: int, out: str, args: tuple[Any, ...], log: str, world: int
+) -> None:
+    with joined_group(rank, port, log, world):
         fn = getattr(importlib.import_module(module), function)
-        result = fn(rank, WORLD, Path(out), *args)
+        result = fn(rank, world, Path(out), *args)
         torch.save(result, _result_path(Path(out), function, rank))
 
 
@@ -133,22 +136,23 @@ def _tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
 
 
-def launch(module: str, function: str, out: Path, *args: Any, timeout: float = 240.0) -> list[Any]:
-    """Run ``module.function(rank, world, out, *args)`` on 2 rank processes; return each rank's result."""
+def launch(module: str, function: str, out: Path, *args: Any, timeout: float = 240.0, world: int = WORLD) -> list[Any]:
+    """Run ``module.function(rank, world, out, *args)`` on ``world`` rank processes (2; 1 to load a 2-rank
+    checkpoint at another world size); return each rank's result."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    logs = [out / f"{function}-rank{rank}.log" for rank in range(WORLD)]
+    logs = [out / f"{function}-rank{rank}.log" for rank in range(world)]
     procs = [
         _MP.Process(
-            target=_rank_main, args=(module, function, rank, port, str(out), args, str(logs[rank])), daemon=True
+            target=_rank_main, args=(module, function, rank, port, str(out), args, str(logs[rank]), world), daemon=True
         )
-        for rank in range(WORLD)
+        for rank in range(world)
     ]
     for p in procs:
         p.start()
 
     def logs_text() -> str:
-        return "\n".join(f"--- rank {r} ---\n{_tail(logs[r])}" for r in range(WORLD))
+        return "\n".join(f"--- rank {r} ---\n{_tail(logs[r])}" for r in range(world))
 
     deadline = time.monotonic() + timeout
     try:
@@ -167,4 +171,4 @@ def launch(module: str, function: str, out: Path, *args: Any, timeout: float = 2
             p.join(timeout=30)
     for rank, p in enumerate(procs):
         assert p.exitcode == 0, f"rank {rank} of {function} exited with {p.exitcode}:\n{logs_text()}"
-    return [torch.load(_result_path(out, function, rank), weights_only=False) for rank in range(WORLD)]
+    return [torch.load(_result_path(out, function, rank), weights_only=False) for rank in range(world)]

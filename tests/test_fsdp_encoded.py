@@ -8,7 +8,8 @@ unsharded run of the same encodings with the same blocks, one pure AdamW per par
 2-D parameter are its flat blocks when the block is the row width; 1-D parameters keep float32 state; bf16-sr's
 random bits keyed by each element's place in the whole parameter), which the sharded run matches up to the
 gradients' summation order (FSDP2 reduces two half-batch gradients). A DCP
-checkpoint taken after ``RESUME_AT`` steps resumes the uninterrupted sharded run bitwise.
+checkpoint taken after ``RESUME_AT`` steps resumes the uninterrupted sharded run bitwise, and resumes it on one rank
+(world size 1, whole batches) up to the summation order.
 """
 
 from __future__ import annotations
@@ -219,12 +220,45 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
     return res
 
 
+def resumed_on_one_rank(rank: int, world: int, out: Path) -> dict[str, Any]:
+    """World size 1: FSDP2 over one rank loads each 2-rank DCP checkpoint of :func:`trained` (taken after
+    ``RESUME_AT`` steps) and runs the remaining steps on whole global batches."""
+    assert rank == 0 and world == 1
+    res: dict[str, Any] = {}
+    for run in [*SPECS, "q8-flat"]:
+        spec = run.split("-")[0] if run.startswith("q") else run
+        model = sharded_net()
+        opt = TorchOptimizer(
+            model.parameters(), pureopt.adamw, lr=LR, weight_decay=0.1, state_dtype=spec, flat=run.endswith("flat")
+        )
+        dcp_load(model, opt, out / f"dcp-{run}")
+        resumed = []
+        for step in range(RESUME_AT, STEPS):
+            opt.zero_grad(set_to_none=True)
+            x, y = global_batch(step)
+            loss_fn(model(x), y).backward()
+            opt.step()
+            resumed.append(full(model))
+        res[run] = resumed
+    return res
+
+
 # --- test side ----------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return launch(__name__, "scenario", tmp_path_factory.mktemp("fsdp_encoded"), timeout=180)
+def job_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fsdp_encoded")
+
+
+@pytest.fixture(scope="module")
+def job(job_dir: Path) -> list[dict[str, Any]]:
+    return launch(__name__, "scenario", job_dir, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def one_rank(job: list[dict[str, Any]], job_dir: Path) -> dict[str, Any]:
+    return launch(__name__, "resumed_on_one_rank", job_dir, timeout=120, world=1)[0]
 
 
 def unsharded(make_opt: Any) -> list[list[torch.Tensor]]:
@@ -320,6 +354,20 @@ def test_encoded_state_on_fsdp2_resumes_through_dcp_bitwise(job: list[dict[str, 
         res = job[rank][run]
         for got, want in zip(res["resumed"], res["trajectory"][RESUME_AT:]):
             assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("run", [*SPECS, "q8-flat"])
+def test_encoded_state_checkpoint_from_two_ranks_resumes_on_one(
+    job: list[dict[str, Any]], one_rank: dict[str, Any], run: str
+) -> None:
+    # DCP reshards the row-blocked records (codes, scales: DTensors placed like the parameters) from 2 ranks to 1;
+    # the resumed run follows the uninterrupted 2-rank one up to the gradients' summation order (whole batches here,
+    # two half-batch means there)
+    spec = run.split("-")[0] if run.startswith("q") else run
+    start = [p.detach().clone() for p in make_net().parameters()]
+    want = job[0][run]["trajectory"][RESUME_AT:]
+    for got, ref in zip(one_rank[run], want):
+        assert _distance(got, ref) <= TOL_SAME[spec] * _distance(ref, start), run
 
 
 def test_pure_step_with_encoded_state_on_fsdp2_tracks_the_unsharded_run(job: list[dict[str, Any]]) -> None:
