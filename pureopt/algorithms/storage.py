@@ -180,18 +180,27 @@ def run_chunks(
     chunked = not compiling() or (opaque_codecs() and any(e.opaque for e in encodings.values()))
     traced = chunked and compiling()  # (traced by dynamo, chunk by chunk: the parameters written by an opaque op)
     after: list[Tensor] = []  # (traced: what the next chunk's decodes must follow, see pureopt.kernels.codec_ops)
-    for chunk in _plan([g.numel() for g in grads], splittable, aligns, elementwise and chunked):
+    plan = list(_plan([g.numel() for g in grads], splittable, aligns, elementwise and chunked))
+    # Eagerly, each field's chunks are decoded into one scratch buffer per compute dtype, reused chunk after chunk
+    # (a fresh chunk-sized buffer per chunk costs page faults on every step where the allocator hands memory back)
+    scratch = None if compiling() else _Scratch(plan, dtypes, grads[0].device if grads else None)
+    for chunk in plan:
         g_c = [_view(grads[i], lo, hi, whole).to(dtypes[i]) for i, lo, hi, whole in chunk]
         p_views = None if params is None else [_view(params[i], lo, hi, whole) for i, lo, hi, whole in chunk]
         p_c = None if p_views is None else [v.to(dtypes[i]) for v, (i, *_) in zip(p_views, chunk)]
         own_p = p_views is not None and all(a is b for a, b in zip(p_c or [], p_views))  # parameters' own memory
         f_c: dict[str, list[Tensor]] = {}
-        for key, values in flat.items():
+        for k, (key, values) in enumerate(flat.items()):
+            bufs = scratch.buffers(k, chunk) if scratch is not None else [None] * len(chunk)
             f_c[key] = [
-                _view(values[i], lo, hi, whole).to(dtypes[i], copy=True)
+                (
+                    _view(values[i], lo, hi, whole).to(dtypes[i], copy=True)
+                    if buf is None
+                    else buf.view(_view(values[i], lo, hi, whole).shape).copy_(_view(values[i], lo, hi, whole))
+                )
                 if (enc := encs[key][i]) is None
-                else enc.decode(values[i], lo, hi, dtypes[i], after).view(grads[i].shape if whole else (hi - lo,))
-                for i, lo, hi, whole in chunk
+                else enc.decode(values[i], lo, hi, dtypes[i], after, buf).view(grads[i].shape if whole else (hi - lo,))
+                for (i, lo, hi, whole), buf in zip(chunk, bufs)
             ]
         c_c = {name: [col[i] for i, *_ in chunk] for name, col in columns.items()}
         u, new = body(ops, p_c, g_c, f_c, c_c, apply and own_p and not traced)  # type: ignore[arg-type]
@@ -221,6 +230,35 @@ def run_chunks(
         for key, values in fields.items()
     }
     return updates, out
+
+
+class _Scratch:
+    """Per field and compute dtype, one flat buffer as long as the longest chunk's elements of that dtype, allocated
+    on first use; :meth:`buffers` hands out a chunk's slices (one per tensor, in chunk order)."""
+
+    def __init__(self, plan: list[list[tuple[int, int, int, bool]]], dtypes: list[torch.dtype], device: Any) -> None:
+        self.dtypes, self.device = dtypes, device
+        self.need: dict[torch.dtype, int] = {}
+        for chunk in plan:
+            per: dict[torch.dtype, int] = {}
+            for i, lo, hi, _ in chunk:
+                per[dtypes[i]] = per.get(dtypes[i], 0) + hi - lo
+            for dt, n in per.items():
+                self.need[dt] = max(self.need.get(dt, 0), n)
+        self.held: dict[tuple[int, torch.dtype], Tensor] = {}
+
+    def buffers(self, field: int, chunk: list[tuple[int, int, int, bool]]) -> list[Tensor]:
+        out: list[Tensor] = []
+        used: dict[torch.dtype, int] = {}
+        for i, lo, hi, _ in chunk:
+            dt = self.dtypes[i]
+            buf = self.held.get((field, dt))
+            if buf is None:
+                buf = self.held[(field, dt)] = torch.empty(self.need[dt], dtype=dt, device=self.device)
+            start = used.get(dt, 0)
+            out.append(buf[start : start + hi - lo])
+            used[dt] = start + hi - lo
+        return out
 
 
 def _shaped_like(new: Any, old: Any) -> Any:

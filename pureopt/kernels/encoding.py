@@ -190,10 +190,13 @@ class Encoding:
         """A zero state for parameter ``p``."""
         raise NotImplementedError
 
-    def decode(self, stored: Any, lo: int, hi: int, dtype: torch.dtype, after: Sequence[Tensor] = ()) -> Tensor:
+    def decode(
+        self, stored: Any, lo: int, hi: int, dtype: torch.dtype, after: Sequence[Tensor] = (), out: Tensor | None = None
+    ) -> Tensor:
         """Elements ``lo:hi`` (flat order) in ``dtype``, as a flat tensor; ``after``: tensors (tokens
         :meth:`encode_into` returned, the last chunk's results) that a traced step reads them after (see
-        :mod:`pureopt.kernels.codec_ops`)."""
+        :mod:`pureopt.kernels.codec_ops`); ``out``: a flat buffer of ``hi - lo`` elements of ``dtype`` the eager
+        codecs may write the result into (and return), instead of allocating one."""
         raise NotImplementedError
 
     def encode_into(
@@ -245,9 +248,19 @@ class FloatEncoding(Encoding):
     def empty(self, p: Tensor) -> Tensor:
         return torch.zeros_like(p, dtype=self.dtype)
 
-    def decode(self, stored: Tensor, lo: int, hi: int, dtype: torch.dtype, after: Sequence[Tensor] = ()) -> Tensor:
+    def decode(
+        self,
+        stored: Tensor,
+        lo: int,
+        hi: int,
+        dtype: torch.dtype,
+        after: Sequence[Tensor] = (),
+        out: Tensor | None = None,
+    ) -> Tensor:
         if self.stochastic and opaque_codecs():
             return codec_ops.float_decode(self.key, stored, lo, hi, after).to(dtype)
+        if out is not None and not compiling():
+            return out.copy_(stored.reshape(-1)[lo:hi])
         return stored.reshape(-1)[lo:hi].to(dtype)
 
     def encode_into(
@@ -367,15 +380,19 @@ class BlockEncoding(Encoding):
             else range(0, n, max(self.block, PIECE_ELEMENTS // self.block * self.block))
         )
 
-    def decode(self, stored: Quantized, lo: int, hi: int, dtype: torch.dtype, after: Sequence[Tensor] = ()) -> Tensor:
+    def decode(
+        self, stored: Quantized, lo: int, hi: int, dtype: torch.dtype, after: Sequence[Tensor] = (),
+        out: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         if opaque_codecs():
             return codec_ops.block_decode(self.key, stored.codes, stored.scale, lo, hi, after).to(dtype)
         n, b0, first = hi - lo, lo // self.block, lo % self.block
         if native.available(stored.codes, stored.scale):  # (one pass, the same bits: see pureopt.kernels.native)
-            out = torch.empty(n, dtype=torch.float32, device=stored.codes.device)
+            into = out if out is not None and out.dtype == torch.float32 else None
+            values = torch.empty(n, dtype=torch.float32, device=stored.codes.device) if into is None else into
             table = self._native_table(stored.codes.device)
-            native.decode(stored.codes, stored.scale, table, out, lo, self.block, self.bits)
-            return out.to(dtype)
+            native.decode(stored.codes, stored.scale, table, values, lo, self.block, self.bits)
+            return values if into is not None else values.to(dtype)
         if self.dtype is not None:
             values = stored.codes[lo:hi].to(torch.float32)
         elif compiling():
