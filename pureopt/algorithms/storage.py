@@ -1,9 +1,11 @@
 """Encoded state: an algorithm's math run chunk by chunk over state stored in another encoding (issue 16).
 
 ``state_dtype`` chooses, per state field, how it is stored (:mod:`pureopt.kernels.encoding`): a float dtype, fp8
-with a scale per block, or block-wise 8-bit / 4-bit codes. The math is the algorithm's own, unchanged: each chunk of
-about :data:`CHUNK_ELEMENTS` elements is decoded into the compute dtype (float32 for 16-bit parameters, else the
-parameter's), stepped, and encoded back, so no full-precision copy of a whole state field exists at any time.
+with a scale per block, or block-wise 8-bit / 4-bit codes. The math is the algorithm's own, unchanged (its
+``math``, or its ``fused`` kernel call where the plain-state step would make it: see
+``Algorithm._run_encoded``): each chunk of about :data:`CHUNK_ELEMENTS` elements is decoded into the compute dtype
+(float32 for 16-bit parameters, else the parameter's), stepped, and encoded back, so no full-precision copy of a
+whole state field exists at any time. Eagerly the decoded chunks of a field share one scratch buffer.
 Big parameters are cut into flat slices at block boundaries; small ones are grouped whole. Math with reductions
 over a tensor or over all tensors (``elementwise=False``) runs on whole tensors in one chunk instead (its state is
 then decoded whole).
@@ -37,7 +39,7 @@ __all__ = ["CHUNK_ELEMENTS", "compute_dtype", "parse_state_dtype", "run_chunks"]
 
 CHUNK_ELEMENTS = 1 << 17
 """Elements per chunk (0.5 MiB of float32 per decoded field): a chunk's decoded state and temporaries stay in cache,
-and the step's peak transient memory is about 1.4 MiB per encoded field whatever the model's size."""
+and the step's peak transient memory is about one decoded chunk per encoded field whatever the model's size."""
 
 
 def compute_dtype(p: Tensor) -> torch.dtype:
