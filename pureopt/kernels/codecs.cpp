@@ -189,14 +189,12 @@ __attribute__((target("avx2"))) void decode8_avx2(const uint8_t* codes, const fl
   }
 }
 
+// 4-bit codes: the 16 values sit in two registers; each lane picks its value with a permute (no table reads)
 __attribute__((target("avx2"))) void decode4_avx2(const uint8_t* codes, const float* scale, const float* table,
                                                   float* out, int64_t lo, int64_t n, int64_t block) {
-  // pairs[byte] = (table[byte & 15], table[byte >> 4]): one 64-bit gather gives two elements
-  alignas(32) float pairs[512];
-  for (int byte = 0; byte < 256; ++byte) {
-    pairs[2 * byte] = table[byte & 15];
-    pairs[2 * byte + 1] = table[byte >> 4];
-  }
+  const __m256 low8 = _mm256_loadu_ps(table), high8 = _mm256_loadu_ps(table + 8);
+  const __m256i twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);  // (byte i feeds elements 2i and 2i + 1)
+  const __m256i nibble = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
   int64_t k = 0;
   if (lo & 1) {  // (an odd first element: the high nibble of its byte)
     decode4_scalar(codes, scale, table, out, lo, 1, block);
@@ -205,20 +203,48 @@ __attribute__((target("avx2"))) void decode4_avx2(const uint8_t* codes, const fl
   while (k < n) {
     const int64_t b = (lo + k) / block;
     const int64_t end = std::min(n, (b + 1) * block - lo);
-    const float s = scale[b];
-    const __m256 vs = _mm256_set1_ps(s);
+    const __m256 vs = _mm256_set1_ps(scale[b]);
     for (; k + 8 <= end; k += 8) {  // (lo + k even here)
       int32_t four;
       std::memcpy(&four, codes + ((lo + k) >> 1), 4);
-      const __m128i idx = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(four));
-      const __m256i both = _mm256_i32gather_epi64(reinterpret_cast<const long long*>(pairs), idx, 8);
-      _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_castsi256_ps(both), vs));
+      const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi32_si128(four)), twice);
+      const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(bytes, nibble), _mm256_set1_epi32(15));
+      const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));  // (sign bit: index >= 8)
+      const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low8, idx), _mm256_permutevar8x32_ps(high8, idx),
+                                        upper);
+      _mm256_storeu_ps(out + k, _mm256_mul_ps(v, vs));
     }
     if (k < end) {
       decode4_scalar(codes, scale, table, out + k, lo + k, end - k, block);
       k = end;
     }
   }
+}
+
+// one block of a 16-value code: the index is the number of the 15 midpoints below v, 15 comparisons per 8 elements
+// (torch.bucketize's count); a NaN quotient (an infinite or NaN block) takes the bucket table's index, as elsewhere
+__attribute__((target("avx2"))) void encode_block16_avx2(const float* x, int64_t n, float top, float* scale_out,
+                                                         uint8_t* idx, const uint8_t* lookup, const float* mids,
+                                                         int shift) {
+  const float s = block_scale_avx2(x, n, top);
+  *scale_out = s;
+  const float safe = s > 0.0f ? s : 1.0f;
+  const __m256 vsafe = _mm256_set1_ps(safe);
+  const uint32_t smask = (uint32_t(1) << (32 - shift)) - 1;
+  __m256 m[15];
+  for (int j = 0; j < 15; ++j) m[j] = _mm256_set1_ps(mids[j]);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i), vsafe);
+    __m256i q = _mm256_setzero_si256();
+    for (int j = 0; j < 15; ++j) q = _mm256_sub_epi32(q, _mm256_castps_si256(_mm256_cmp_ps(v, m[j], _CMP_GT_OQ)));
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(idx + i), _mm_packus_epi16(w, w));
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) {
+      for (int j = 0; j < 8; ++j) idx[i + j] = nearest(x[i + j] / safe, lookup, mids, shift, smask);
+    }
+  }
+  for (; i < n; ++i) idx[i] = nearest(x[i] / safe, lookup, mids, shift, smask);
 }
 
 // (quotients, bucket keys and comparisons 8 at a time; the two table reads element by element: AVX2 gathers from the
@@ -336,7 +362,7 @@ extern "C" void kernel(int64_t op, float* x, uint8_t* codes, float* scale, const
     if (which == 0) return decode8_avx2(codes, scale, table, x, lo, n, block);
     if (which == 2) return decode4_avx2(codes, scale, table, x, lo, n, block);
     return encode(x, codes, scale, lookup, mids, lo, n, block, top, static_cast<int>(shift), which == 3,
-                  encode_block_avx2);
+                  which == 3 ? encode_block16_avx2 : encode_block_avx2);
   }
 #endif
   if (which == 0) return decode8_scalar(codes, scale, table, x, lo, n, block);
