@@ -221,61 +221,75 @@ __attribute__((target("avx2"))) void decode4_avx2(const uint8_t* codes, const fl
   }
 }
 
-// one block of a 16-value code: the index is the number of the 15 midpoints below v, 15 comparisons per 8 elements
-// (torch.bucketize's count); a NaN quotient (an infinite or NaN block) takes the bucket table's index, as elsewhere
-__attribute__((target("avx2"))) void encode_block16_avx2(const float* x, int64_t n, float top, float* scale_out,
-                                                         uint8_t* idx, const uint8_t* lookup, const float* mids,
-                                                         int shift) {
+// One block, AVX2: the block's scale, the quotients 8 at a time, `indices(v)` (int32 lanes) packed to bytes, the
+// tail element by element; a NaN quotient (an infinite or NaN block) takes the bucket table's index, as elsewhere.
+template <typename Indices>
+__attribute__((target("avx2"))) void encode_block_avx2(const float* x, int64_t n, float top, float* scale_out,
+                                                       uint8_t* idx, const uint8_t* lookup, const float* mids,
+                                                       int shift, const Indices& indices) {
   const float s = block_scale_avx2(x, n, top);
   *scale_out = s;
   const float safe = s > 0.0f ? s : 1.0f;
   const __m256 vsafe = _mm256_set1_ps(safe);
-  const uint32_t smask = (uint32_t(1) << (32 - shift)) - 1;
-  __m256 m[15];
-  for (int j = 0; j < 15; ++j) m[j] = _mm256_set1_ps(mids[j]);
+  const uint32_t mask = (uint32_t(1) << (32 - shift)) - 1;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i), vsafe);
-    __m256i q = _mm256_setzero_si256();
-    for (int j = 0; j < 15; ++j) q = _mm256_sub_epi32(q, _mm256_castps_si256(_mm256_cmp_ps(v, m[j], _CMP_GT_OQ)));
+    const __m256i q = indices(v);
     const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(idx + i), _mm_packus_epi16(w, w));
     if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) {
-      for (int j = 0; j < 8; ++j) idx[i + j] = nearest(x[i + j] / safe, lookup, mids, shift, smask);
+      for (int j = 0; j < 8; ++j) idx[i + j] = nearest(x[i + j] / safe, lookup, mids, shift, mask);
     }
   }
-  for (; i < n; ++i) idx[i] = nearest(x[i] / safe, lookup, mids, shift, smask);
+  for (; i < n; ++i) idx[i] = nearest(x[i] / safe, lookup, mids, shift, mask);
 }
 
-// (quotients, bucket keys and comparisons 8 at a time; the two table reads element by element: AVX2 gathers from the
-// tables were slower on AMD EPYC)
-__attribute__((target("avx2"))) void encode_block_avx2(const float* x, int64_t n, float top, float* scale_out,
-                                                       uint8_t* idx, const uint8_t* lookup, const float* mids,
-                                                       int shift) {
-  const float s = block_scale_avx2(x, n, top);
-  *scale_out = s;
-  const float safe = s > 0.0f ? s : 1.0f;
-  const __m256 vsafe = _mm256_set1_ps(safe);
-  const __m128i vshift = _mm_cvtsi32_si128(shift);
-  const uint32_t smask = (uint32_t(1) << (32 - shift)) - 1;
-  const __m256i mask = _mm256_set1_epi32(static_cast<int>(smask));
-  alignas(32) int32_t key[8];
-  alignas(32) int32_t below[8];
-  alignas(32) float bound[8];
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i), vsafe);
-    const __m256i k = _mm256_and_si256(_mm256_srl_epi32(_mm256_castps_si256(v), vshift), mask);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(key), k);
+// 16-value codes: the number of the 15 midpoints below v, by 15 comparisons (torch.bucketize's count)
+struct Below16 {
+  __m256 m[15];
+  __attribute__((target("avx2"))) explicit Below16(const float* mids) {
+    for (int j = 0; j < 15; ++j) m[j] = _mm256_set1_ps(mids[j]);
+  }
+  __attribute__((target("avx2"))) __m256i operator()(__m256 v) const {
+    __m256i q = _mm256_setzero_si256();  // (v > mid: all ones, i.e. -1, where true: subtracting it adds one)
+    for (int j = 0; j < 15; ++j) q = _mm256_sub_epi32(q, _mm256_castps_si256(_mm256_cmp_ps(v, m[j], _CMP_GT_OQ)));
+    return q;
+  }
+};
+
+// 256-value codes: bucket keys and the comparison 8 at a time, the two table reads element by element (AVX2
+// gathers from the tables were slower on AMD EPYC)
+struct BelowTable {
+  const uint8_t* lookup;
+  const float* mids;
+  __m128i shift;
+  __m256i mask;
+  __attribute__((target("avx2"))) __m256i operator()(__m256 v) const {
+    alignas(32) int32_t key[8];
+    alignas(32) int32_t below[8];
+    alignas(32) float bound[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(key),
+                       _mm256_and_si256(_mm256_srl_epi32(_mm256_castps_si256(v), shift), mask));
     for (int j = 0; j < 8; ++j) below[j] = lookup[key[j]];
     for (int j = 0; j < 8; ++j) bound[j] = mids[below[j]];
-    // (v > bound: all ones, i.e. -1, where true: subtracting it adds one)
     const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_load_ps(bound), _CMP_GT_OQ));
-    const __m256i q = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(below)), up);
-    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(idx + i), _mm_packus_epi16(w, w));
+    return _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(below)), up);
   }
-  for (; i < n; ++i) idx[i] = nearest(x[i] / safe, lookup, mids, shift, smask);
+};
+
+__attribute__((target("avx2"))) void encode_block16_avx2(const float* x, int64_t n, float top, float* scale_out,
+                                                         uint8_t* idx, const uint8_t* lookup, const float* mids,
+                                                         int shift) {
+  encode_block_avx2(x, n, top, scale_out, idx, lookup, mids, shift, Below16(mids));
+}
+
+__attribute__((target("avx2"))) void encode_block256_avx2(const float* x, int64_t n, float top, float* scale_out,
+                                                          uint8_t* idx, const uint8_t* lookup, const float* mids,
+                                                          int shift) {
+  const BelowTable below{lookup, mids, _mm_cvtsi32_si128(shift),
+                         _mm256_set1_epi32(static_cast<int>((uint32_t(1) << (32 - shift)) - 1))};
+  encode_block_avx2(x, n, top, scale_out, idx, lookup, mids, shift, below);
 }
 
 __attribute__((target("avx2"))) inline __m256i fmix32_avx2(__m256i h) {
@@ -362,7 +376,7 @@ extern "C" void kernel(int64_t op, float* x, uint8_t* codes, float* scale, const
     if (which == 0) return decode8_avx2(codes, scale, table, x, lo, n, block);
     if (which == 2) return decode4_avx2(codes, scale, table, x, lo, n, block);
     return encode(x, codes, scale, lookup, mids, lo, n, block, top, static_cast<int>(shift), which == 3,
-                  which == 3 ? encode_block16_avx2 : encode_block_avx2);
+                  which == 3 ? encode_block16_avx2 : encode_block256_avx2);
   }
 #endif
   if (which == 0) return decode8_scalar(codes, scale, table, x, lo, n, block);
