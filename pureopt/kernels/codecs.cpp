@@ -18,6 +18,14 @@
 //
 // Each element goes through the same IEEE operations as the torch-op codecs (a product, a quotient, a maximum,
 // a comparison), so both write the same bits on every CPU.
+// (exact IEEE semantics whatever flags the toolchain passes: no fast-math rewrites, no contraction into FMAs)
+#if defined(__clang__)
+#pragma float_control(precise, on)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("no-fast-math", "no-unsafe-math-optimizations", "signed-zeros", "fp-contract=off")
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
