@@ -315,10 +315,21 @@ class BlockEncoding(Encoding):
         self.__dict__.update(state)
         codec_ops.register(self.key, self)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_by_device"}  # (tables: rebuilt where used)
+
     @property
     def _code(self) -> tuple[float, ...]:
         assert self.code is not None
         return self.code
+
+    def _tables(self, device: torch.device) -> _Tables:
+        """The code's tables on ``device`` (kept on the encoding too: the module cache's key hashes every value of
+        the code, a cost paid per call otherwise)."""
+        found = self.__dict__.setdefault("_by_device", {}).get(device)
+        if found is None:
+            found = self.__dict__["_by_device"][device] = _tables(self._code, device)
+        return found
 
     def for_rows(self, width: int) -> BlockEncoding | None:
         """This encoding with blocks that never cross a row of ``width`` elements, so that a parameter sharded by
@@ -399,7 +410,7 @@ class BlockEncoding(Encoding):
             values = self._gather(stored.codes, lo, hi)
         else:
             values = torch.empty(n, dtype=torch.float32, device=stored.codes.device)
-            code = _tables(self._code, stored.codes.device).code
+            code = self._tables(stored.codes.device).code
             step = self._pieces(n).step
             for start in self._pieces(n):
                 stop = min(n, start + step)
@@ -423,7 +434,7 @@ class BlockEncoding(Encoding):
     def _native_table(self, device: torch.device) -> Tensor:
         """The values of the ``2**bits`` codes (fp8: of the 256 bit patterns, as the cast reads them), float32."""
         if self.dtype is None:
-            return _tables(self._code, device).code
+            return self._tables(device).code
         found = _FP8_VALUES.get((self.dtype, device))
         if found is None:
             found = torch.arange(256, dtype=torch.uint8).view(self.dtype).to(torch.float32).to(device)
@@ -452,7 +463,7 @@ class BlockEncoding(Encoding):
             native.encode_fp8(xs, stored.codes, stored.scale, lo, self.block, self.top, low)
             return None
         if self.code is not None and native.available(stored.codes, stored.scale):
-            t = _tables(self._code, stored.codes.device)
+            t = self._tables(stored.codes.device)
             if t.lookup is not None and (self.bits == 8 or self.block <= native.MAX_BLOCK):
                 xs = x.to(torch.float32).contiguous()
                 native.encode(xs, stored.codes, stored.scale, t.lookup, t.padded, lo, self.block, self.top, t.shift,

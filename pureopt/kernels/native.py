@@ -51,8 +51,14 @@ def _kernel() -> Callable[..., Any] | None:
         return None
 
 
-def _vector_flag() -> int:
+@functools.cache
+def _capability_flag() -> int:
+    # (ATEN_CPU_CAPABILITY is read once, at startup, by torch too)
     return 0 if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else _PORTABLE
+
+
+def _vector_flag() -> int:
+    return _capability_flag()
 
 
 def available(*tensors: Tensor) -> bool:
@@ -60,8 +66,9 @@ def available(*tensors: Tensor) -> bool:
     tensors) and the kernel builds here."""
     if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
         return False
-    if not all(type(t) is Tensor and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
-        return False
+    for t in tensors:  # (a loop, not all(...): this runs four times per chunk)
+        if type(t) is not Tensor or not t.is_cpu or not t.is_contiguous():
+            return False
     return _kernel() is not None
 
 
