@@ -254,3 +254,27 @@ def test_stochastic_rounding_of_bf16_params_follows_the_rule(donate, path):
             want[k] = torch.tensor(out, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).view(want[k].shape)
     for k in params:
         assert torch.equal(mine[k].view(torch.int16), want[k].view(torch.int16)), k
+
+
+@pytest.mark.bitwise
+@pytest.mark.parametrize("bits,size", [(4, 9), (8, 16)])
+def test_codes_of_other_sizes_round_trip_as_the_reference(bits, size, path):
+    # a user's code with fewer than 2**bits values: the codecs must not read past it (the native kernels take only
+    # full-size codes; the others keep the torch ops)
+    code = [i / (size - 1) * 2 - 1 for i in range(size)]
+    enc = BlockEncoding("custom", bits=bits, code=code, block=64)
+    x = _data(300, 1, nonneg=False)
+    stored = enc.empty(x)
+    enc.encode_into(stored, 0, x)
+    scales, idx = _reference_encode(x, enc)
+    assert torch.equal(stored.scale, scales)
+    assert torch.equal(_indices(stored, enc, x.numel()), idx)
+    got = enc.decode(stored, 0, x.numel(), torch.float32)
+    assert torch.equal(got, _reference_decode(stored, enc, 0, x.numel()))
+
+
+def test_a_code_that_does_not_fit_its_bits_is_refused():
+    with pytest.raises(ValueError, match="4-bit code holds 2 to 16 values, not 17"):
+        BlockEncoding("custom", bits=4, code=[i / 16 for i in range(17)], block=64)
+    with pytest.raises(ValueError, match="8-bit or 4-bit codes, not 2-bit"):
+        BlockEncoding("custom", bits=2, code=[0.0, 1.0], block=64)

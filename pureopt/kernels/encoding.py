@@ -90,7 +90,7 @@ class _Tables(NamedTuple):
     lookup: Tensor | None  # see _build; None: search mids instead
     bound: Tensor | None  # padded[lookup]: the midpoint a bucket's floats are compared with (float32)
     shift: int
-    pairs: Tensor | None  # 16-value codes: the two values a byte of packed 4-bit codes holds, (256, 2)
+    pairs: Tensor | None  # codes of up to 16 values: the two values a byte of packed 4-bit codes holds, (256, 2)
 
 
 @torch.compiler.disable
@@ -108,7 +108,8 @@ def _build(values: tuple[float, ...]) -> _Tables:
     mids = (code[1:] + code[:-1]) / 2  # nearest value: the number of midpoints below it
     padded = torch.cat((mids, mids.new_full((1,), float("inf"))))
     byte = torch.arange(256)
-    pairs = torch.stack((code[byte & 0xF], code[byte >> 4]), dim=1) if len(values) == 16 else None
+    short = torch.cat((code, code.new_zeros(16 - len(values)))) if len(values) <= 16 else None  # (to 16 values)
+    pairs = None if short is None else torch.stack((short[byte & 0xF], short[byte >> 4]), dim=1)
     for shift in _SHIFTS if len(values) <= 256 else ():
         keys = torch.arange(1 << (32 - shift), dtype=torch.int64)
         first = (keys << shift).to(torch.int32)  # wraps into the sign bit for the upper half: negative floats
@@ -299,6 +300,10 @@ class BlockEncoding(Encoding):
             raise ValueError("a block encoding needs a code or an fp8 dtype")
         if bits == 4 and block % 2:
             raise ValueError("4-bit blocks must hold an even number of elements")
+        if bits not in (4, 8):
+            raise ValueError(f"a block encoding stores 8-bit or 4-bit codes, not {bits}-bit")
+        if code is not None and not 2 <= len(code) <= 1 << bits:
+            raise ValueError(f"a {bits}-bit code holds 2 to {1 << bits} values, not {len(code)}")
         self.name, self.bits, self.block, self.dtype = name, bits, block, dtype
         self.code = None if code is None else tuple(code)
         self.top = float(torch.finfo(dtype).max) if dtype is not None else max(abs(v) for v in code or [1.0])
@@ -398,7 +403,7 @@ class BlockEncoding(Encoding):
         if opaque_codecs():
             return codec_ops.block_decode(self.key, stored.codes, stored.scale, lo, hi, after).to(dtype)
         n, b0, first = hi - lo, lo // self.block, lo % self.block
-        if native.available(stored.codes, stored.scale):  # (one pass, the same bits: see pureopt.kernels.native)
+        if self._native_fits() and native.available(stored.codes, stored.scale):  # (one pass: pureopt.kernels.native)
             into = out if out is not None and out.dtype == torch.float32 else None
             values = torch.empty(n, dtype=torch.float32, device=stored.codes.device) if into is None else into
             table = self._native_table(stored.codes.device)
@@ -431,6 +436,12 @@ class BlockEncoding(Encoding):
             values[full:].mul_(stored.scale[b0 + full // self.block])
         return values.to(dtype)
 
+    def _native_fits(self) -> bool:
+        """Whether the native kernels take this encoding: fp8 formats they know, or a code of ``2**bits`` values."""
+        if self.dtype is not None:
+            return self.dtype in _NATIVE_FP8
+        return self.code is not None and len(self.code) == 1 << self.bits
+
     def _native_table(self, device: torch.device) -> Tensor:
         """The values of the ``2**bits`` codes (fp8: of the 256 bit patterns, as the cast reads them), float32."""
         if self.dtype is None:
@@ -462,7 +473,7 @@ class BlockEncoding(Encoding):
             xs = x.to(torch.float32).contiguous()
             native.encode_fp8(xs, stored.codes, stored.scale, lo, self.block, self.top, low)
             return None
-        if self.code is not None and native.available(stored.codes, stored.scale):
+        if self.code is not None and self._native_fits() and native.available(stored.codes, stored.scale):
             t = self._tables(stored.codes.device)
             if t.lookup is not None and (self.bits == 8 or self.block <= native.MAX_BLOCK):
                 xs = x.to(torch.float32).contiguous()
