@@ -185,7 +185,7 @@ def run_chunks(
     plan = list(_plan([g.numel() for g in grads], splittable, aligns, elementwise and chunked))
     # Eagerly, each field's chunks are decoded into one scratch buffer per compute dtype, reused chunk after chunk
     # (a fresh chunk-sized buffer per chunk costs page faults on every step where the allocator hands memory back)
-    scratch = None if compiling() else _Scratch(plan, dtypes, grads[0].device if grads else None)
+    scratch = None if compiling() else _Scratch(plan, [(dt, g.device) for dt, g in zip(dtypes, grads)])
     for chunk in plan:
         g_c = [_view(grads[i], lo, hi, whole).to(dtypes[i]) for i, lo, hi, whole in chunk]
         p_views = None if params is None else [_view(params[i], lo, hi, whole) for i, lo, hi, whole in chunk]
@@ -235,31 +235,31 @@ def run_chunks(
 
 
 class _Scratch:
-    """Per field and compute dtype, one flat buffer as long as the longest chunk's elements of that dtype, allocated
-    on first use; :meth:`buffers` hands out a chunk's slices (one per tensor, in chunk order)."""
+    """Per field, compute dtype and device, one flat buffer as long as the longest chunk's elements of that kind,
+    allocated on first use; :meth:`buffers` hands out a chunk's slices (one per tensor, in chunk order)."""
 
-    def __init__(self, plan: list[list[tuple[int, int, int, bool]]], dtypes: list[torch.dtype], device: Any) -> None:
-        self.dtypes, self.device = dtypes, device
-        self.need: dict[torch.dtype, int] = {}
+    def __init__(self, plan: list[list[tuple[int, int, int, bool]]], kinds: list[tuple[torch.dtype, Any]]) -> None:
+        self.kinds = kinds
+        self.need: dict[tuple[torch.dtype, Any], int] = {}
         for chunk in plan:
-            per: dict[torch.dtype, int] = {}
+            per: dict[tuple[torch.dtype, Any], int] = {}
             for i, lo, hi, _ in chunk:
-                per[dtypes[i]] = per.get(dtypes[i], 0) + hi - lo
-            for dt, n in per.items():
-                self.need[dt] = max(self.need.get(dt, 0), n)
-        self.held: dict[tuple[int, torch.dtype], Tensor] = {}
+                per[kinds[i]] = per.get(kinds[i], 0) + hi - lo
+            for kind, n in per.items():
+                self.need[kind] = max(self.need.get(kind, 0), n)
+        self.held: dict[tuple[int, torch.dtype, Any], Tensor] = {}
 
     def buffers(self, field: int, chunk: list[tuple[int, int, int, bool]]) -> list[Tensor]:
         out: list[Tensor] = []
-        used: dict[torch.dtype, int] = {}
+        used: dict[tuple[torch.dtype, Any], int] = {}
         for i, lo, hi, _ in chunk:
-            dt = self.dtypes[i]
-            buf = self.held.get((field, dt))
+            kind = self.kinds[i]
+            buf = self.held.get((field, *kind))
             if buf is None:
-                buf = self.held[(field, dt)] = torch.empty(self.need[dt], dtype=dt, device=self.device)
-            start = used.get(dt, 0)
+                buf = self.held[(field, *kind)] = torch.empty(self.need[kind], dtype=kind[0], device=kind[1])
+            start = used.get(kind, 0)
             out.append(buf[start : start + hi - lo])
-            used[dt] = start + hi - lo
+            used[kind] = start + hi - lo
         return out
 
 
