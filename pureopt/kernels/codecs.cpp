@@ -14,6 +14,8 @@
 //         `shift`, places mod 2**32) and the rounding that of pureopt.kernels.rounding.stochastic_round
 //   op 5  encode, fp8: per block as op 1, then v clamped to [low, top] (low: *t1) and cast to float8 with `shift`
 //         mantissa bits (3: e4m3fn, 2: e5m2), to nearest, ties to even
+//   op 6  decode, fp8 (e4m3fn: shift = 3, e5m2: shift = 2): the format's value times the block's scale, as op 0 with
+//         the cast's table
 //   op | 16: the portable loop instead of the AVX2 one (a CPU without AVX2, or ATEN_CPU_CAPABILITY=default)
 //
 // Each element goes through the same IEEE operations as the torch-op codecs (a product, a quotient, a maximum,
@@ -99,6 +101,34 @@ void decode_scalar(const float* scale, float* out, int64_t lo, int64_t n, int64_
 void decode8_scalar(const uint8_t* codes, const float* scale, const float* table, float* out, int64_t lo, int64_t n,
                     int64_t block) {
   decode_scalar(scale, out, lo, n, block, [=](int64_t j) { return table[codes[j]]; });
+}
+
+// the float32 value of the float8 pattern b (`mbits` mantissa bits, exponent bias `bias`; e5m2 keeps infinities),
+// as torch's cast gives it: normal values rebiased, subnormals m * 2**(1 - bias - mbits), NaN for NaN patterns
+inline float from_float8(uint8_t b, int mbits, int bias) {
+  const uint32_t sign = static_cast<uint32_t>(b & 0x80) << 24;
+  const uint32_t e = (b & 0x7F) >> mbits, m = b & ((1u << mbits) - 1);
+  const uint32_t top = (1u << (7 - mbits)) - 1;  // (the largest exponent field)
+  uint32_t bits;
+  if (mbits == 3 && (b & 0x7F) == 0x7F) {
+    bits = 0x7FC00000u;  // (e4m3fn: NaN)
+  } else if (mbits == 2 && e == top) {
+    bits = m ? 0x7FC00000u : 0x7F800000u;  // (e5m2: NaN or infinity)
+  } else if (e == 0) {
+    return (sign ? -1.0f : 1.0f) * (static_cast<float>(m) * std::ldexp(1.0f, 1 - bias - mbits));
+  } else {
+    bits = ((e + 127 - bias) << 23) | (m << (23 - mbits));
+  }
+  bits |= sign;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+void decode_fp8_scalar(const uint8_t* codes, const float* scale, float* out, int64_t lo, int64_t n, int64_t block,
+                       int mbits) {
+  const int bias = mbits == 3 ? 7 : 15;
+  decode_scalar(scale, out, lo, n, block, [=](int64_t j) { return from_float8(codes[j], mbits, bias); });
 }
 
 void decode4_scalar(const uint8_t* codes, const float* scale, const float* table, float* out, int64_t lo, int64_t n,
@@ -198,6 +228,43 @@ __attribute__((target("avx2"))) void decode8_avx2(const uint8_t* codes, const fl
       _mm256_storeu_ps(out + k, _mm256_mul_ps(v, vs));
     }
     for (; k < end; ++k) out[k] = table[codes[lo + k]] * s;
+  }
+}
+
+// fp8 codes: from_float8 on 8 lanes (integer steps; subnormals by an exact int -> float conversion and product)
+__attribute__((target("avx2"))) void decode_fp8_avx2(const uint8_t* codes, const float* scale, float* out, int64_t lo,
+                                                     int64_t n, int64_t block, int mbits) {
+  const int bias = mbits == 3 ? 7 : 15;
+  const __m128i vm = _mm_cvtsi32_si128(mbits), vshift = _mm_cvtsi32_si128(23 - mbits);
+  const __m256i low7 = _mm256_set1_epi32(0x7F), mmask = _mm256_set1_epi32((1 << mbits) - 1);
+  const __m256i top = _mm256_set1_epi32((1 << (7 - mbits)) - 1), rebias = _mm256_set1_epi32(127 - bias);
+  const __m256 unit = _mm256_set1_ps(std::ldexp(1.0f, 1 - bias - mbits));
+  const __m256i nan = _mm256_set1_epi32(0x7FC00000), inf = _mm256_set1_epi32(0x7F800000);
+  const __m256i zero = _mm256_setzero_si256();
+  int64_t k = 0;
+  while (k < n) {
+    const int64_t b = (lo + k) / block;
+    const int64_t end = std::min(n, (b + 1) * block - lo);
+    const float s = scale[b];
+    const __m256 vs = _mm256_set1_ps(s);
+    for (; k + 8 <= end; k += 8) {
+      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + lo + k)));
+      const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(c, 7), 31);
+      const __m256i mag = _mm256_and_si256(c, low7);
+      const __m256i e = _mm256_srl_epi32(mag, vm), m = _mm256_and_si256(mag, mmask);
+      __m256i bits = _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(e, rebias), 23), _mm256_sll_epi32(m, vshift));
+      const __m256i sub = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(m), unit));  // (exact)
+      bits = _mm256_blendv_epi8(bits, sub, _mm256_cmpeq_epi32(e, zero));
+      if (mbits == 3) {
+        bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(mag, low7));
+      } else {
+        const __m256i special = _mm256_blendv_epi8(inf, nan, _mm256_cmpgt_epi32(m, zero));
+        bits = _mm256_blendv_epi8(bits, special, _mm256_cmpeq_epi32(e, top));
+      }
+      const __m256 v = _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
+      _mm256_storeu_ps(out + k, _mm256_mul_ps(v, vs));
+    }
+    for (; k < end; ++k) out[k] = from_float8(codes[lo + k], mbits, bias) * s;
   }
 }
 
@@ -417,12 +484,14 @@ extern "C" void kernel(int64_t op, float* x, uint8_t* codes, float* scale, const
   const float* mids = static_cast<const float*>(t2);
 #ifdef PUREOPT_X86
   if (!portable) {
+    if (which == 6) return decode_fp8_avx2(codes, scale, x, lo, n, block, static_cast<int>(shift));
     if (which == 0) return decode8_avx2(codes, scale, table, x, lo, n, block);
     if (which == 2) return decode4_avx2(codes, scale, table, x, lo, n, block);
     return encode(x, codes, scale, lookup, mids, lo, n, block, top, static_cast<int>(shift), which == 3,
                   which == 3 ? encode_block16_avx2 : encode_block256_avx2);
   }
 #endif
+  if (which == 6) return decode_fp8_scalar(codes, scale, x, lo, n, block, static_cast<int>(shift));
   if (which == 0) return decode8_scalar(codes, scale, table, x, lo, n, block);
   if (which == 2) return decode4_scalar(codes, scale, table, x, lo, n, block);
   encode(x, codes, scale, lookup, mids, lo, n, block, top, static_cast<int>(shift), which == 3, encode_block_scalar);

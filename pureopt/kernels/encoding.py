@@ -126,7 +126,6 @@ def _build(values: tuple[float, ...]) -> _Tables:
 
 
 _ON_DEVICE: dict[tuple[tuple[float, ...], torch.device], _Tables] = {}
-_FP8_VALUES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 _NATIVE_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)  # (the formats codecs.cpp writes)
 
 
@@ -406,8 +405,11 @@ class BlockEncoding(Encoding):
         if self._native_fits() and native.available(stored.codes, stored.scale):  # (one pass: pureopt.kernels.native)
             into = out if out is not None and out.dtype == torch.float32 else None
             values = torch.empty(n, dtype=torch.float32, device=stored.codes.device) if into is None else into
-            table = self._native_table(stored.codes.device)
-            native.decode(stored.codes, stored.scale, table, values, lo, self.block, self.bits)
+            if self.dtype is not None:
+                native.decode_fp8(stored.codes, stored.scale, values, lo, self.block)
+            else:
+                native.decode(stored.codes, stored.scale, self._tables(stored.codes.device).code, values, lo,
+                              self.block, self.bits)  # fmt: skip
             return values if into is not None else values.to(dtype)
         if self.dtype is not None:
             values = stored.codes[lo:hi].to(torch.float32)
@@ -441,16 +443,6 @@ class BlockEncoding(Encoding):
         if self.dtype is not None:
             return self.dtype in _NATIVE_FP8
         return self.code is not None and len(self.code) == 1 << self.bits
-
-    def _native_table(self, device: torch.device) -> Tensor:
-        """The values of the ``2**bits`` codes (fp8: of the 256 bit patterns, as the cast reads them), float32."""
-        if self.dtype is None:
-            return self._tables(device).code
-        found = _FP8_VALUES.get((self.dtype, device))
-        if found is None:
-            found = torch.arange(256, dtype=torch.uint8).view(self.dtype).to(torch.float32).to(device)
-            _FP8_VALUES[(self.dtype, device)] = found
-        return found
 
     def _gather(self, codes: Tensor, lo: int, hi: int) -> Tensor:
         """The code values of elements ``lo:hi`` (float32, flat); 4-bit codes through a table of byte -> both

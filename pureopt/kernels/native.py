@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["available", "decode", "encode", "encode_fp8", "stochastic_bf16"]
+__all__ = ["available", "decode", "decode_fp8", "encode", "encode_fp8", "stochastic_bf16"]
 
 _log = logging.getLogger(__name__)
 
-_DECODE8, _ENCODE8, _DECODE4, _ENCODE4, _ROUND_BF16, _ENCODE_FP8, _PORTABLE = 0, 1, 2, 3, 4, 5, 16
+_DECODE8, _ENCODE8, _DECODE4, _ENCODE4, _ROUND_BF16, _ENCODE_FP8, _DECODE_FP8, _PORTABLE = 0, 1, 2, 3, 4, 5, 6, 16
 
 MAX_BLOCK = 4096
 """Largest block the 4-bit encoder takes (its per-block index buffer); bigger blocks keep the torch ops."""
@@ -95,6 +95,16 @@ def encode(
     assert lookup.dtype == torch.uint8 and lookup.numel() == 1 << (32 - shift) and mids.dtype == torch.float32
     op = (_ENCODE8 if bits == 8 else _ENCODE4) | _vector_flag()
     kernel(op, x, codes, scale, lookup, mids, lo, x.numel(), block, top, shift)
+
+
+def decode_fp8(codes: Tensor, scale: Tensor, out: Tensor, lo: int, block: int) -> None:
+    """``out[k]`` = the float8 ``codes``' value of element ``lo + k`` (e4m3fn or e5m2, as the cast reads it) times
+    its block's scale (float32)."""
+    _check(codes, scale, out, lo, block, 8)
+    kernel = _kernel()
+    assert kernel is not None and codes.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    mbits = 3 if codes.dtype == torch.float8_e4m3fn else 2
+    kernel(_DECODE_FP8 | _vector_flag(), out, codes, scale, scale, scale, lo, out.numel(), block, 1.0, mbits)
 
 
 def encode_fp8(x: Tensor, codes: Tensor, scale: Tensor, lo: int, block: int, top: float, low: float) -> None:
