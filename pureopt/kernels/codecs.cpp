@@ -214,58 +214,75 @@ __attribute__((target("avx2"))) float block_scale_avx2(const float* x, int64_t n
   return nan ? NAN : m / top;
 }
 
-__attribute__((target("avx2"))) void decode8_avx2(const uint8_t* codes, const float* scale, const float* table,
-                                                  float* out, int64_t lo, int64_t n, int64_t block) {
+// out[k] = value of element lo + k times its block's scale, a block at a time: `lanes(j)` gives elements j..j+7,
+// `one(j)` element j (a block's last elements)
+template <typename Lanes, typename One>
+__attribute__((target("avx2"))) void decode_blocks_avx2(const float* scale, float* out, int64_t lo, int64_t n,
+                                                        int64_t block, const Lanes& lanes, const One& one) {
   int64_t k = 0;
   while (k < n) {
     const int64_t b = (lo + k) / block;
     const int64_t end = std::min(n, (b + 1) * block - lo);
     const float s = scale[b];
     const __m256 vs = _mm256_set1_ps(s);
-    for (; k + 8 <= end; k += 8) {
-      const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + lo + k));
-      const __m256 v = _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(c), 4);
-      _mm256_storeu_ps(out + k, _mm256_mul_ps(v, vs));
-    }
-    for (; k < end; ++k) out[k] = table[codes[lo + k]] * s;
+    for (; k + 8 <= end; k += 8) _mm256_storeu_ps(out + k, _mm256_mul_ps(lanes(lo + k), vs));
+    for (; k < end; ++k) out[k] = one(lo + k) * s;
   }
 }
 
+// 8-bit codes: a gather from the code table
+struct Table8 {
+  const uint8_t* codes;
+  const float* table;
+  __attribute__((target("avx2"))) __m256 operator()(int64_t j) const {
+    const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j));
+    return _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(c), 4);
+  }
+};
+
 // fp8 codes: from_float8 on 8 lanes (integer steps; subnormals by an exact int -> float conversion and product)
+struct Float8Lanes {
+  const uint8_t* codes;
+  int mbits;
+  __m128i vm, vshift;
+  __m256i low7, mmask, top, rebias, nan, inf, zero;
+  __m256 unit;
+  __attribute__((target("avx2"))) Float8Lanes(const uint8_t* codes_, int mbits_) : codes(codes_), mbits(mbits_) {
+    const int bias = mbits == 3 ? 7 : 15;
+    vm = _mm_cvtsi32_si128(mbits), vshift = _mm_cvtsi32_si128(23 - mbits);
+    low7 = _mm256_set1_epi32(0x7F), mmask = _mm256_set1_epi32((1 << mbits) - 1);
+    top = _mm256_set1_epi32((1 << (7 - mbits)) - 1), rebias = _mm256_set1_epi32(127 - bias);
+    nan = _mm256_set1_epi32(0x7FC00000), inf = _mm256_set1_epi32(0x7F800000), zero = _mm256_setzero_si256();
+    unit = _mm256_set1_ps(std::ldexp(1.0f, 1 - bias - mbits));
+  }
+  __attribute__((target("avx2"))) __m256 operator()(int64_t j) const {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j)));
+    const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(c, 7), 31);
+    const __m256i mag = _mm256_and_si256(c, low7);
+    const __m256i e = _mm256_srl_epi32(mag, vm), m = _mm256_and_si256(mag, mmask);
+    __m256i bits = _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(e, rebias), 23), _mm256_sll_epi32(m, vshift));
+    const __m256i sub = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(m), unit));  // (exact)
+    bits = _mm256_blendv_epi8(bits, sub, _mm256_cmpeq_epi32(e, zero));
+    if (mbits == 3) {
+      bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(mag, low7));
+    } else {
+      const __m256i special = _mm256_blendv_epi8(inf, nan, _mm256_cmpgt_epi32(m, zero));
+      bits = _mm256_blendv_epi8(bits, special, _mm256_cmpeq_epi32(e, top));
+    }
+    return _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
+  }
+};
+
+__attribute__((target("avx2"))) void decode8_avx2(const uint8_t* codes, const float* scale, const float* table,
+                                                  float* out, int64_t lo, int64_t n, int64_t block) {
+  decode_blocks_avx2(scale, out, lo, n, block, Table8{codes, table}, [=](int64_t j) { return table[codes[j]]; });
+}
+
 __attribute__((target("avx2"))) void decode_fp8_avx2(const uint8_t* codes, const float* scale, float* out, int64_t lo,
                                                      int64_t n, int64_t block, int mbits) {
   const int bias = mbits == 3 ? 7 : 15;
-  const __m128i vm = _mm_cvtsi32_si128(mbits), vshift = _mm_cvtsi32_si128(23 - mbits);
-  const __m256i low7 = _mm256_set1_epi32(0x7F), mmask = _mm256_set1_epi32((1 << mbits) - 1);
-  const __m256i top = _mm256_set1_epi32((1 << (7 - mbits)) - 1), rebias = _mm256_set1_epi32(127 - bias);
-  const __m256 unit = _mm256_set1_ps(std::ldexp(1.0f, 1 - bias - mbits));
-  const __m256i nan = _mm256_set1_epi32(0x7FC00000), inf = _mm256_set1_epi32(0x7F800000);
-  const __m256i zero = _mm256_setzero_si256();
-  int64_t k = 0;
-  while (k < n) {
-    const int64_t b = (lo + k) / block;
-    const int64_t end = std::min(n, (b + 1) * block - lo);
-    const float s = scale[b];
-    const __m256 vs = _mm256_set1_ps(s);
-    for (; k + 8 <= end; k += 8) {
-      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + lo + k)));
-      const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(c, 7), 31);
-      const __m256i mag = _mm256_and_si256(c, low7);
-      const __m256i e = _mm256_srl_epi32(mag, vm), m = _mm256_and_si256(mag, mmask);
-      __m256i bits = _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(e, rebias), 23), _mm256_sll_epi32(m, vshift));
-      const __m256i sub = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(m), unit));  // (exact)
-      bits = _mm256_blendv_epi8(bits, sub, _mm256_cmpeq_epi32(e, zero));
-      if (mbits == 3) {
-        bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(mag, low7));
-      } else {
-        const __m256i special = _mm256_blendv_epi8(inf, nan, _mm256_cmpgt_epi32(m, zero));
-        bits = _mm256_blendv_epi8(bits, special, _mm256_cmpeq_epi32(e, top));
-      }
-      const __m256 v = _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
-      _mm256_storeu_ps(out + k, _mm256_mul_ps(v, vs));
-    }
-    for (; k < end; ++k) out[k] = from_float8(codes[lo + k], mbits, bias) * s;
-  }
+  decode_blocks_avx2(scale, out, lo, n, block, Float8Lanes(codes, mbits),
+                     [=](int64_t j) { return from_float8(codes[j], mbits, bias); });
 }
 
 // 4-bit codes: the 16 values sit in two registers; each lane picks its value with a permute (no table reads)
