@@ -30,7 +30,7 @@ from pureopt.base import (
 )
 from pureopt.combine import inner_context, returned
 from pureopt.kernels.dtensor import from_local_like, is_dtensor, like_placed, local_flat_offset
-from pureopt.kernels.rounding import random_bits, stochastic_round, stochastic_round_into
+from pureopt.kernels.rounding import stochastic_round_into
 from pureopt.transforms._util import count_device, new_count
 from pureopt.tree import PyTreeSpec
 
@@ -109,14 +109,13 @@ def stochastic_rounding(inner: GradientTransformation, seed: int = 0) -> Gradien
             here = _local(p) if sharded else p
             step = _local(like_placed(u, p)) if sharded else u
             total = here.to(torch.float32) + step.to(torch.float32)
-            if here.is_contiguous():  # (piece by piece, or one native pass: see stochastic_round_into)
-                new_p = here if apply else torch.empty_like(here)
-                stochastic_round_into(new_p.view(-1), total.view(-1), state.key, state.counter, offset + starts[i])
-            else:
-                bits = random_bits(state.key, state.counter, offset + starts[i], here.numel(), here.device)
-                new_p = stochastic_round(total, p.dtype, bits)
-                if apply:
-                    here.copy_(new_p)
+            # (rounded into the parameter itself where it is one flat run of memory, else into a contiguous copy;
+            # elements in their logical order either way, which keys their random bits)
+            into = here.is_contiguous() and apply
+            new_p = here if into else torch.empty_like(here, memory_format=torch.contiguous_format)
+            stochastic_round_into(new_p.view(-1), total.reshape(-1), state.key, state.counter, offset + starts[i])
+            if apply and not into:
+                here.copy_(new_p)
             offset += p.numel()
             if apply:
                 out[i] = None  # written: nothing left to add

@@ -223,12 +223,15 @@ def test_fp8_encode_rounds_as_the_cast_at_every_value_and_tie(name, path):
 
 @pytest.mark.bitwise
 @pytest.mark.parametrize("donate", [True, False])
-def test_stochastic_rounding_of_bf16_params_follows_the_rule(donate, path):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_stochastic_rounding_of_bf16_params_follows_the_rule(donate, transposed, path):
     # stochastic_rounding(sgd) on bf16 parameters: p <- SR(float32(p) - lr * float32(g)) with the bits of place
-    # offset + k (offset: the elements of the parameters before it), key = seed, counter = the step
+    # offset + k (offset: the elements of the parameters before it; k in the logical order, also for a transposed
+    # parameter), key = seed, counter = the step
     seed, lr = 77, 0.25  # (a power of two: the inner bf16 update -lr * g is exact)
     g = torch.Generator().manual_seed(5)
-    params = {"a": torch.randn(33, generator=g).bfloat16(), "b": torch.randn(20, 51, generator=g).bfloat16()}
+    b = torch.randn(51, 20, generator=g).bfloat16().t() if transposed else torch.randn(20, 51, generator=g).bfloat16()
+    params = {"a": torch.randn(33, generator=g).bfloat16(), "b": b}
     grads = {k: torch.randn(v.shape, generator=g).bfloat16() for k, v in params.items()}
     tx = pureopt.stochastic_rounding(pureopt.sgd(lr=lr), seed=seed)
     mine = {k: v.clone() for k, v in params.items()}

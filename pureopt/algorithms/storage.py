@@ -195,11 +195,7 @@ def run_chunks(
         for k, (key, values) in enumerate(flat.items()):
             bufs = scratch.buffers(k, chunk) if scratch is not None else [None] * len(chunk)
             f_c[key] = [
-                (
-                    _view(values[i], lo, hi, whole).to(dtypes[i], copy=True)
-                    if buf is None
-                    else buf.view(_view(values[i], lo, hi, whole).shape).copy_(_view(values[i], lo, hi, whole))
-                )
+                _plain_copy(_view(values[i], lo, hi, whole), dtypes[i], buf)
                 if (enc := encs[key][i]) is None
                 else enc.decode(values[i], lo, hi, dtypes[i], after, buf).view(grads[i].shape if whole else (hi - lo,))
                 for (i, lo, hi, whole), buf in zip(chunk, bufs)
@@ -232,6 +228,12 @@ def run_chunks(
         for key, values in fields.items()
     }
     return updates, out
+
+
+def _plain_copy(t: Tensor, dtype: torch.dtype, buf: Tensor | None) -> Tensor:
+    """A field kept as a plain tensor, copied in ``dtype`` (into the scratch slice ``buf`` when there is one): the
+    chunk's math may write into it."""
+    return t.to(dtype, copy=True) if buf is None else buf.view(t.shape).copy_(t)
 
 
 class _Scratch:
