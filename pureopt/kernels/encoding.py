@@ -438,6 +438,11 @@ class BlockEncoding(Encoding):
             values[full:].mul_(stored.scale[b0 + full // self.block])
         return values.to(dtype)
 
+    @property
+    def _low(self) -> float:
+        """fp8: the lowest value written (``-top``; for ``nonzero``, a non-negative field, the least subnormal)."""
+        return -self.top if self.least is None else self.least
+
     def _native_fits(self) -> bool:
         """Whether the native kernels take this encoding: fp8 formats they know, or a code of ``2**bits`` values."""
         if self.dtype is not None:
@@ -460,15 +465,13 @@ class BlockEncoding(Encoding):
         x = x.reshape(-1)
         if opaque_codecs():
             return codec_ops.block_encode(self.key, stored.codes, stored.scale, lo, x.to(torch.float32))
-        if self.dtype is not None and self.dtype in _NATIVE_FP8 and native.available(stored.codes, stored.scale):
-            low = -self.top if self.least is None else self.least
+        if self._native_fits() and native.available(stored.codes, stored.scale):  # (one pass: pureopt.kernels.native)
             xs = x.to(torch.float32).contiguous()
-            native.encode_fp8(xs, stored.codes, stored.scale, lo, self.block, self.top, low)
-            return None
-        if self.code is not None and self._native_fits() and native.available(stored.codes, stored.scale):
+            if self.dtype is not None:
+                native.encode_fp8(xs, stored.codes, stored.scale, lo, self.block, self.top, self._low)
+                return None
             t = self._tables(stored.codes.device)
             if t.lookup is not None and (self.bits == 8 or self.block <= native.MAX_BLOCK):
-                xs = x.to(torch.float32).contiguous()
                 native.encode(xs, stored.codes, stored.scale, t.lookup, t.padded, lo, self.block, self.top, t.shift,
                               self.bits)  # fmt: skip
                 return None
@@ -489,8 +492,7 @@ class BlockEncoding(Encoding):
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         normed = (blocks / safe[:, None]).view(-1)[:n]
         if self.dtype is not None:
-            low = -self.top if self.least is None else self.least  # (nonzero: a non-negative field)
-            stored.codes[lo : lo + n].copy_(normed.clamp(low, self.top))
+            stored.codes[lo : lo + n].copy_(normed.clamp(self._low, self.top))
             return
         assert self.code is not None
         if self.bits == 8:
