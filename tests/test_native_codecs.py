@@ -281,3 +281,62 @@ def test_a_code_that_does_not_fit_its_bits_is_refused():
         BlockEncoding("custom", bits=4, code=[i / 16 for i in range(17)], block=64)
     with pytest.raises(ValueError, match="8-bit or 4-bit codes, not 2-bit"):
         BlockEncoding("custom", bits=2, code=[0.0, 1.0], block=64)
+
+
+@pytest.fixture
+def two_threads():
+    """Run the kernels with two intra-op threads (torch.set_num_threads; the kernels' OpenMP follows it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fmix32_tensor(h: torch.Tensor) -> torch.Tensor:
+    # _fmix32 on int64 tensors holding 32-bit values (products split in 16-bit halves: no int64 overflow)
+    def mul(a: torch.Tensor, c: int) -> torch.Tensor:
+        return ((a & 0xFFFF) * c + (((a >> 16) * c & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+    h = h ^ (h >> 16)
+    h = mul(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = mul(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+@pytest.mark.bitwise
+@pytest.mark.parametrize("name", ["q8", "q8u", "q4", "q4u", "fp8", "fp8_e5m2u"])
+def test_codecs_over_several_threads_match_the_reference(name, path, two_threads):
+    # chunks of two grains (2**15 elements) or more are split over the threads at block starts: every block is
+    # still written by one thread through the same operations, so the bits are the reference's
+    enc = NAMED[name]
+    assert isinstance(enc, BlockEncoding)
+    n, lo = 3 * 2**15 + 777, 5 * enc.block
+    x = _data(n, 11, name.endswith("u"))
+    stored = enc.empty(torch.zeros(lo + n))
+    enc.encode_into(stored, lo, x)
+    scales, idx = _reference_encode(x, enc)
+    assert torch.equal(stored.scale[lo // enc.block :], scales)
+    assert torch.equal(_indices(stored, enc, lo + n)[lo:], idx)
+    for a, b in [(lo, lo + n), (lo + 3, lo + n - 5), (1, lo + n)]:
+        got = enc.decode(stored, a, b, torch.float32)
+        want = _reference_decode(stored, enc, a, b)
+        assert torch.equal(got, want), (a, b)
+
+
+@pytest.mark.bitwise
+def test_stochastic_bf16_over_several_threads_follows_the_rule(path, two_threads):
+    enc = NAMED["bf16-sr"]
+    n, stream, counter, lo, at = 3 * 2**15 + 101, 1, 9, 3, (1 << 32) - 70000
+    x = torch.randn(n, generator=torch.Generator().manual_seed(8))
+    stored = enc.empty(torch.zeros(lo + n))
+    enc.encode_into(stored, lo, x, torch.tensor(counter), stream, at)
+    key = (enc.seed * 0x9E3779B1 + stream) & 0xFFFFFFFF
+    seed = _fmix32(_fmix32(key) ^ counter)
+    mixed = (seed * 0x9E37) & 0xFFFFFFFF
+    places = (at + lo + torch.arange(n, dtype=torch.int64)) & 0xFFFFFFFF
+    r = _fmix32_tensor(_fmix32_tensor(places ^ seed) ^ mixed)
+    pattern = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    want = ((pattern + (r & 0xFFFF)) >> 16) & 0xFFFF
+    got = stored[lo:].view(torch.int16).to(torch.int64) & 0xFFFF
+    assert torch.equal(got, want)

@@ -2,9 +2,11 @@
 
 The torch-op codecs of :mod:`pureopt.kernels.encoding` take about ten passes over a chunk (a gather, a broadcast
 product, the block maxima, a bit shift, two table reads, a comparison, an add, ...), each a separate call; the
-chunk's codecs then cost ten to twenty times the fp32 step itself. ``codecs.cpp`` does each codec in one pass, with
-AVX2 gathers where the CPU has them, through exactly the same IEEE operations per element, so that both paths write
-the same bits (the tests hold them to it): this is a kernel choice like fused / foreach, not a second definition.
+chunk's codecs then cost ten to twenty times the fp32 step itself. ``codecs.cpp`` does each codec in one pass, eight
+lanes at a time where the CPU has AVX2, through exactly the same IEEE operations per element, so that both paths
+write the same bits (the tests hold them to it): this is a kernel choice like fused / foreach, not a second
+definition. A chunk of at least two 32K-element grains is split at block starts over torch's intra-op threads
+(``torch.set_num_threads``; each block is written by one thread, so the bits do not depend on the thread count).
 
 It is built on first use with the C++ toolchain ``torch.compile`` uses on the CPU (inductor's
 ``CppPythonBindingsCodeCache``: the same compiler, flags and on-disk cache), once per machine. Where that is not
