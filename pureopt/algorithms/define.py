@@ -44,11 +44,12 @@ from pureopt.algorithms.storage import compute_dtype, parse_state_dtype, run_chu
 from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_betas, check_lr, check_nonneg, resolve
 from pureopt.kernels import fused as _fused
+from pureopt.kernels import onepass
 from pureopt.kernels import select as _select
 from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
 from pureopt.kernels.dtensor import from_local_like, is_dtensor, row_sharding_problem, run_on_local_shards
 from pureopt.kernels.encoding import BlockEncoding, Encoding
-from pureopt.kernels.listops import ListOps, ops_for
+from pureopt.kernels.listops import FOREACH, ListOps, ops_for
 from pureopt.kernels.select import check_impl, choose_impl
 from pureopt.transforms._util import copy_of, full, kernel_transform, step_init, zeros
 
@@ -645,6 +646,16 @@ class Algorithm:
         for key, values in (self.scalars(k0, out.get("step", [])) if self.scalars is not None else {}).items():
             (out if key in self.fields else columns)[key] = values
         globals_out: dict[str, Any] = {}
+        fields = {key: s[key] for key in elem}
+        if impl == "auto" and self.elementwise and not shared and not self.leaf_args and ctx.grad_scale is None \
+                and ctx.found_inf is None:  # fmt: skip
+            # the math traced into one native pass per tensor (decode, step, encode each tile in cache), where it can
+            make = functools.partial(Kernel, ops=FOREACH, h=h, donate=True, own=True, apply=apply, coef=coef,
+                                     segments=None, extra=ctx.extra_args)  # fmt: skip
+            done = onepass.run(self.math, make, params, grads, fields, encodings, columns, donate=donate, apply=apply,
+                               counter=counter)  # fmt: skip
+            if done is not None:
+                return done[0], {**out, **done[1]}
         # torch's fused kernel on each chunk's decoded state where it would run on plain state (one call instead of
         # a dozen list ops); it advances the step counts itself, so it gets the ones before this step
         fused = (
@@ -676,7 +687,6 @@ class Algorithm:
             globals_out.update({key: new[key] for key in shared if key in new})
             return updates, {key: v for key, v in new.items() if key in fields}
 
-        fields = {key: s[key] for key in elem}
         updates, new_fields = run_chunks(
             body, ops, params, grads, fields, encodings, columns, donate=donate, apply=apply,
             elementwise=self.elementwise, counter=counter,

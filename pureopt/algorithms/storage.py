@@ -32,7 +32,7 @@ from torch import Tensor
 
 from pureopt.kernels import codec_ops
 from pureopt.kernels.dtensor import is_dtensor, shard_starts
-from pureopt.kernels.encoding import Encoding, FloatEncoding, compiling, encoding_for, opaque_codecs
+from pureopt.kernels.encoding import Encoding, FloatEncoding, compiling, encoding_for, opaque_codecs, shaped_like
 from pureopt.kernels.listops import ListOps
 
 __all__ = ["CHUNK_ELEMENTS", "compute_dtype", "parse_state_dtype", "run_chunks"]
@@ -224,7 +224,7 @@ def run_chunks(
     out = {
         key: list(values)
         if donate or key not in written  # (a field this step left as it was: the same values)
-        else [_shaped_like(v, old) for v, old in zip(out_flat[key], values)]
+        else [shaped_like(v, old) for v, old in zip(out_flat[key], values)]
         for key, values in fields.items()
     }
     return updates, out
@@ -263,10 +263,3 @@ class _Scratch:
             out.append(buf[start : start + hi - lo])
             used[kind] = start + hi - lo
         return out
-
-
-def _shaped_like(new: Any, old: Any) -> Any:
-    """A new stored value (flat record) shaped as the one it replaces (2-D codes and scales: row blocks)."""
-    if isinstance(new, Tensor) or new.codes.shape == old.codes.shape:
-        return new
-    return type(old)(new.codes.view(old.codes.shape), new.scale.view(old.scale.shape))

@@ -545,6 +545,7 @@ void run(int64_t op, float* x, uint8_t* codes, float* scale, const void* t1, con
 
 }  // namespace
 
+#ifndef PUREOPT_CODECS_ONLY  // (onepass.cpp includes these codecs with its own entry point)
 extern "C" void kernel(int64_t op, float* x, uint8_t* codes, float* scale, const void* t1, const void* t2, int64_t lo,
                        int64_t n, int64_t block, float top, int64_t shift) {
   if ((op & 15) == 4) {  // (any split: element lo + a has place lo + a; the values x and out start at element 0)
@@ -558,3 +559,4 @@ extern "C" void kernel(int64_t op, float* x, uint8_t* codes, float* scale, const
   segments(lo, n, block,
            [&](int64_t a, int64_t m) { run(op, x + a, codes, scale, t1, t2, lo + a, m, block, top, shift); });
 }
+#endif

@@ -33,6 +33,7 @@ __all__ = [
     "dynamic_code",
     "linear_code",
     "encoding_for",
+    "shaped_like",
     "stored_bytes",
 ]
 
@@ -561,6 +562,14 @@ def encoding_for(spec: Any, nonneg: bool = False) -> Encoding | None:
             raise ValueError(f"state_dtype: unknown encoding {spec!r}; expected one of {sorted(NAMED)} or a dtype")
         return NAMED[key]
     raise TypeError(f"state_dtype: expected a torch.dtype, an encoding name or an Encoding, got {type(spec).__name__}")
+
+
+def shaped_like(new: Any, old: Any) -> Any:
+    """A new stored value (a tensor, or a flat record as the step writes it) shaped as the one it replaces: a record
+    of row blocks keeps its 2-D codes and scales."""
+    if isinstance(new, Tensor) or new.codes.shape == old.codes.shape:
+        return new
+    return type(old)(new.codes.view(old.codes.shape), new.scale.view(old.scale.shape))
 
 
 def stored_bytes(stored: Any) -> int:
