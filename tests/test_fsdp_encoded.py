@@ -34,8 +34,9 @@ SPECS = ["q8", "q4", "bf16-sr"]
 # L2 distance from torch.optim.AdamW's fp32 run / the distance that run moved the parameters
 TOL_FP32 = {"q8": 0.1, "q4": 0.5, "bf16-sr": 0.05}
 # ... and from the unsharded run of the same encodings: a code flip from the gradients' summation order moves an
-# element by up to a code step; stochastic rounding (the same bits) only by a rounding of a gradient's ulp
-TOL_SAME = {"q8": 1e-3, "q4": 1e-3, "bf16-sr": 1e-5}
+# element by up to a code step; stochastic rounding (the same bits) flips a rounding where the value it rounds moved by
+# an ulp with probability ~2**-16 per ulp, element and step (measured: none in one run, two in another, 3e-5 apart)
+TOL_SAME = {"q8": 1e-3, "q4": 1e-3, "bf16-sr": 1e-4}
 
 
 def make_net() -> nn.Sequential:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
@@ -499,29 +500,53 @@ def _field_row(
         if not (_plain_ok(stored, n) and _plain_ok(out, n)):
             return None
         return [_PLAIN, 1, 0, stored.data_ptr(), 0, out.data_ptr(), 0, 0, 0, 0], [0.0, 0.0]
-    if not isinstance(enc, BlockEncoding) or not enc._native_fits():
+    spec = _block_spec(enc) if isinstance(enc, BlockEncoding) else None
+    if spec is None:
         return None
+    kind, block, shift, dtype, tables, vals = spec
     codes, scale = stored
-    ok = all(
-        type(t) is Tensor and t.is_cpu and t.is_contiguous() and t.dim() == 1 for t in (codes, scale, *out)
-    ) and scale.dtype == torch.float32 and out[1].dtype == torch.float32  # fmt: skip
-    blocks = -(-n // enc.block)
-    ncodes = (n + 1) // 2 if enc.bits == 4 else n
-    if not ok or min(codes.numel(), out[0].numel()) < ncodes or min(scale.numel(), out[1].numel()) < blocks:
+    ncodes, blocks = ((n + 1) // 2 if kind == _CODE4 else n), -(-n // block)
+    if not (_flat(codes, dtype, ncodes) and _flat(scale, torch.float32, blocks)):
         return None
-    ptrs = [codes.data_ptr(), scale.data_ptr(), out[0].data_ptr(), out[1].data_ptr()]
-    if enc.dtype is not None:
-        if codes.dtype != enc.dtype or out[0].dtype != enc.dtype:
-            return None
-        return [_FLOAT8, enc.block, _MBITS[enc.dtype], *ptrs, 0, 0, 0], [enc.top, enc._low]
-    t = enc._tables(codes.device)
-    if t.lookup is None or codes.dtype != torch.uint8 or out[0].dtype != torch.uint8 or enc.block > MAX_TILE:
+    if out is not stored and not (_flat(out[0], dtype, ncodes) and _flat(out[1], torch.float32, blocks)):
         return None
-    kind = _CODE8 if enc.bits == 8 else _CODE4
-    return [kind, enc.block, t.shift, *ptrs, t.code.data_ptr(), t.lookup.data_ptr(), t.padded.data_ptr()], [
-        enc.top,
-        0.0,
-    ]
+    return [kind, block, shift, codes.data_ptr(), scale.data_ptr(), out[0].data_ptr(), out[1].data_ptr(), *tables], vals
+
+
+def _as_floats(values: Sequence[Any]) -> list[float]:
+    """A column's per-tensor values (numbers or 0-d tensors) as Python floats, tensors read in one call."""
+    if values and all(isinstance(v, Tensor) for v in values):
+        return torch.stack([v.detach().to(device="cpu", dtype=torch.float64) for v in values]).tolist()
+    return [float(v) for v in values]
+
+
+def _flat(t: Any, dtype: torch.dtype, least: int) -> bool:
+    return (
+        type(t) is Tensor and t.dtype == dtype and t.is_cpu and t.dim() == 1 and t.is_contiguous()
+        and t.numel() >= least
+    )  # fmt: skip
+
+
+_Spec = tuple[int, int, int, torch.dtype, list[int], list[float]]
+_SPECS: weakref.WeakKeyDictionary[BlockEncoding, _Spec | None] = weakref.WeakKeyDictionary()
+
+
+def _block_spec(enc: BlockEncoding) -> _Spec | None:
+    """What the kernel needs of a block encoding (kind, block, shift, codes dtype, table pointers, top and low), or
+    ``None`` where it cannot take it; once per encoding (the tables live as long as the process)."""
+    if enc in _SPECS:
+        return _SPECS[enc]
+    spec: _Spec | None = None
+    if enc._native_fits() and enc.block <= MAX_TILE:
+        if enc.dtype is not None:
+            spec = (_FLOAT8, enc.block, _MBITS[enc.dtype], enc.dtype, [0, 0, 0], [enc.top, enc._low])
+        else:
+            t = enc._tables(torch.device("cpu"))
+            if t.lookup is not None:
+                ptrs = [t.code.data_ptr(), t.lookup.data_ptr(), t.padded.data_ptr()]
+                spec = (_CODE8 if enc.bits == 8 else _CODE4, enc.block, t.shift, torch.uint8, ptrs, [enc.top, 0.0])
+    _SPECS[enc] = spec
+    return spec
 
 
 def eligible(params: list[Tensor] | None, grads: list[Tensor]) -> bool:
@@ -564,6 +589,7 @@ def run(
         return None
     writes = [o is not None and o != 2 + j for j, o in enumerate(traced.outputs[1:])]
     base = list(traced.graph.slots)
+    numbers = [_as_floats(values) for values in columns.values()]
     starts = shard_starts() or []
     starts = starts if len(starts) == len(grads) else [0] * len(grads)
     updates = None if apply else [torch.empty_like(g) for g in grads]
@@ -574,9 +600,8 @@ def run(
         n = g.numel()
         row_ints: list[int] = []
         row_vals = list(base)
-        for slot, values in enumerate(columns.values()):  # (the columns hold the first slots: see trace)
-            v = values[i]
-            row_vals[slot] = float(v.item() if isinstance(v, Tensor) else v)
+        for slot, values in enumerate(numbers):  # (the columns hold the first slots: see trace)
+            row_vals[slot] = values[i]
         tiles = [1]
         for j, key in enumerate(keys):
             stored = fields[key][i]
