@@ -301,3 +301,29 @@ def test_every_elementwise_algorithm_with_state_either_traces_or_falls_back(kern
         "lion", "nadam", "radam", "rmsprop", "sgd", "signum", "yogi",
     }, traced  # fmt: skip
     assert set(fell_back) == {"rprop", "madgrad", "schedule_free_adamw", "schedule_free_sgd"}, fell_back
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_bf16_parameters_step_as_the_torch_op_path(rounding, kernels):
+    # bf16 parameters and gradients, q8 state: the kernel reads them as float32; the math's update is added and
+    # rounded to nearest (p.add_(u)), or handed to stochastic_rounding, which rounds p + u stochastically
+    params, grads = _problem(5)
+    params = {k: v.bfloat16() for k, v in params.items()}
+    grads = [{k: v.bfloat16() for k, v in g.items()} for g in grads]
+
+    def make(impl: str):
+        inner = pureopt.adamw(lr=1e-2, weight_decay=0.1, state_dtype="q8", impl=impl)
+        return inner if rounding == "nearest" else pureopt.stochastic_rounding(inner, seed=3)
+
+    mine, ref = make("auto"), make("foreach")
+    state = mine.init(params)
+    for g in grads:
+        (p1, _), (p2, s2) = [
+            pureopt.step(tx, g, _copy(state), _copy(params), donate=("params", "state")) for tx in (mine, ref)
+        ]
+        for k in params:  # (equal but where the float32 sum, an ulp apart, rounds to the neighbouring bfloat16)
+            assert p1[k].dtype == torch.bfloat16
+            assert int(_ulps(p1[k].float(), p2[k].float()).max()) <= 1 << 16
+            assert int((p1[k] != p2[k]).sum()) <= max(2, p1[k].numel() // 1000)
+        params, state = p2, s2
+    assert len(kernels) == len(grads)

@@ -650,7 +650,7 @@ class Algorithm:
         if impl == "auto" and self.elementwise and not shared and not self.leaf_args and ctx.grad_scale is None \
                 and ctx.found_inf is None:  # fmt: skip
             # the math traced into one native pass per tensor (decode, step, encode each tile in cache), where it can
-            make = functools.partial(Kernel, ops=FOREACH, h=h, donate=True, own=True, apply=apply, coef=coef,
+            make = functools.partial(Kernel, ops=FOREACH, h=h, donate=True, own=True, coef=coef,
                                      segments=None, extra=ctx.extra_args)  # fmt: skip
             done = onepass.run(self.math, make, params, grads, fields, encodings, columns, donate=donate, apply=apply,
                                counter=counter)  # fmt: skip

@@ -88,7 +88,9 @@ __attribute__((target("avx2"))) int64_t bf16_encode_avx2(const float* x, uint16_
 // --- the driver --------------------------------------------------------------------------------------------------
 
 enum Kind : int64_t { kPlain = 0, kCode8 = 1, kCode4 = 2, kFloat8 = 3, kBf16 = 4, kBf16Stochastic = 5 };
-constexpr int64_t kTile = 4096, kHead = 5, kFieldInts = 10, kFieldVals = 2;
+constexpr int64_t kTile = 4096, kHead = 7, kFieldInts = 10, kFieldVals = 2;
+// how the parameter and the gradient are stored (kHead's last two), and where the math's first output goes
+enum Tensors : int64_t { kFloat32 = 0, kBfloat16 = 1, kBfloat16Add = 2 };
 
 // a field of one tensor: kind, block, shift (float8: mantissa bits), stored values in and out (plain: float32
 // values in `codes_*`, bfloat16: their bits), the code's tables, its largest value and (float8) lowest written value;
@@ -206,15 +208,30 @@ void encode_tile(const Field& f, int64_t lo, int64_t n, const float* x, bool por
          block);
 }
 
-// one tile: elements lo:lo + n of the tensor in `row`
+// one tile: elements lo:lo + n of the tensor in `row` (bfloat16 parameters and gradients read as float32; with
+// kBfloat16Add the math's first output is the update, added to the bfloat16 parameter and rounded to nearest, as
+// torch's p.add_(u))
 void run_tile(const int64_t* row, const double* vals, int64_t lo, int64_t n, bool portable) {
   alignas(32) float bufs[kFields][kTile];
+  alignas(32) float pbuf[kTile], gbuf[kTile], ubuf[kTile];
   const float* in[2 + kFields];
   float* out[1 + kFields];
-  const auto* p = reinterpret_cast<const float*>(row[1]);
-  in[0] = p ? p + lo : nullptr;
-  in[1] = reinterpret_cast<const float*>(row[2]) + lo;
-  out[0] = reinterpret_cast<float*>(row[3]) + lo;
+  const int64_t pkind = row[5], gkind = row[6];
+  if (row[1] == 0) {
+    in[0] = nullptr;
+  } else if (pkind == kFloat32) {
+    in[0] = reinterpret_cast<const float*>(row[1]) + lo;
+  } else {
+    bf16_decode(reinterpret_cast<const uint16_t*>(row[1]) + lo, pbuf, n, portable);
+    in[0] = pbuf;
+  }
+  if (gkind == kFloat32) {
+    in[1] = reinterpret_cast<const float*>(row[2]) + lo;
+  } else {
+    bf16_decode(reinterpret_cast<const uint16_t*>(row[2]) + lo, gbuf, n, portable);
+    in[1] = gbuf;
+  }
+  out[0] = pkind == kBfloat16Add ? ubuf : reinterpret_cast<float*>(row[3]) + lo;
   Field fields[kFields];
   for (int64_t j = 0; j < kFields; ++j) {
     fields[j] = field(row, vals, j);
@@ -229,6 +246,10 @@ void run_tile(const int64_t* row, const double* vals, int64_t lo, int64_t n, boo
   if (!portable) done = avx::math(in, out, 0, n, s);
 #endif
   portable::math(in, out, done, n, s);
+  if (pkind == kBfloat16Add) {
+    for (int64_t k = 0; k < n; ++k) pbuf[k] += ubuf[k];
+    bf16_encode(pbuf, reinterpret_cast<uint16_t*>(row[3]) + lo, n, portable);
+  }
   for (int64_t j = 0; j < kFields; ++j) {
     if (kWrites[j]) encode_tile(fields[j], lo, n, bufs[j], portable);
   }
@@ -236,8 +257,8 @@ void run_tile(const int64_t* row, const double* vals, int64_t lo, int64_t n, boo
 
 }  // namespace
 
-// desc: per tensor, kHead ints (elements, parameter, gradient, destination of the new parameter or the update, tile)
-// and kFieldInts per field; vals: per tensor, the math's kSlots scalars, then (top, low) per field
+// desc: per tensor, kHead ints (elements, parameter, gradient, destination of the new parameter or the update, tile,
+// how the parameter and the gradient are stored) and kFieldInts per field; vals: per tensor, the math's kSlots scalars, then (top, low) per field
 extern "C" void kernel(const int64_t* desc, const double* vals, int64_t tensors, int64_t portable) {
   const int64_t rows = kHead + kFields * kFieldInts, cols = kSlots + kFields * kFieldVals;
   std::vector<int64_t> first(tensors + 1, 0);  // (each tensor's first tile among all)

@@ -322,7 +322,7 @@ def trace(
     syms = {key: Sym(graph, 2 + j) for j, key in enumerate(fields)}
     cols = {name: [Column(graph, graph.const(0.0))] for name in columns}  # (slot values filled per tensor)
     k = make_kernel(
-        p=None if p is None else [p], g=[g], target=[p] if apply and p is not None else None,
+        p=None if p is None else [p], g=[g], apply=apply, target=[p] if apply and p is not None else None,
         **{key: [s] for key, s in syms.items()}, **cols,
     )  # fmt: skip
     try:
@@ -441,6 +441,7 @@ def _emit(graph: _Graph, nfields: int, outputs: list[int | None]) -> str:
 
 _PLAIN, _CODE8, _CODE4, _FLOAT8, _BF16, _BF16_STOCHASTIC = 0, 1, 2, 3, 4, 5
 _M32 = 0xFFFFFFFF
+_F32_IN, _BF16_IN, _BF16_ADD = 0, 1, 2  # (how the parameter / gradient is stored: onepass.cpp's Tensors)
 _MBITS = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}
 _BUILT: dict[str, Callable[..., Any] | None] = {}
 
@@ -550,12 +551,19 @@ def _block_spec(enc: BlockEncoding) -> _Spec | None:
 
 
 def eligible(params: list[Tensor] | None, grads: list[Tensor]) -> bool:
-    """Whether a step over these tensors can take the one-pass kernel: float32 CPU tensors, contiguous, eager (not
-    traced by dynamo, not under a ``torch.func`` transform)."""
+    """Whether a step over these tensors can take the one-pass kernel: float32 or bfloat16 CPU tensors, contiguous,
+    eager (not traced by dynamo, not under a ``torch.func`` transform)."""
     if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
         return False
     tensors = [*grads, *(params or [])]
-    return all(_plain_ok(t, t.numel()) and not t.requires_grad for t in tensors) and native.available(*tensors[:1])
+    return all(_dense_ok(t) for t in tensors) and native.available(*tensors[:1])
+
+
+def _dense_ok(t: Any) -> bool:
+    return (
+        type(t) is Tensor and t.layout == torch.strided and t.dtype in (torch.float32, torch.bfloat16) and t.is_cpu
+        and t.is_contiguous() and not t.requires_grad
+    )  # fmt: skip
 
 
 def run(
@@ -578,9 +586,13 @@ def run(
     (with the tensor's position and each element's place, as there)."""
     if not eligible(params, grads) or (params is not None and len(params) != len(grads)):
         return None
+    # bfloat16 parameters: the math returns the update, which the kernel adds and rounds to nearest (p.add_(u))
+    low = params is not None and any(p.dtype == torch.bfloat16 for p in params)
+    if low and apply and any(p.dtype != torch.bfloat16 for p in params or []):
+        return None
     keys = list(fields)
     try:
-        traced = trace(math_fn, make_kernel, keys, list(columns), params is not None, apply)
+        traced = trace(math_fn, make_kernel, keys, list(columns), params is not None, apply and not low)
     except Untraceable as exc:
         _log.debug("pureopt: one-pass kernel not used: %s", exc)
         return None
@@ -592,7 +604,7 @@ def run(
     numbers = [_as_floats(values) for values in columns.values()]
     starts = shard_starts() or []
     starts = starts if len(starts) == len(grads) else [0] * len(grads)
-    updates = None if apply else [torch.empty_like(g) for g in grads]
+    updates = None if apply else [torch.empty_like(g, dtype=torch.float32) for g in grads]
     new: dict[str, list[Any]] = {}
     desc: list[list[int]] = []
     vals: list[list[float]] = []
@@ -633,7 +645,9 @@ def run(
             return None
         p = 0 if params is None else params[i].data_ptr()
         dst = params[i].data_ptr() if apply and params is not None else updates[i].data_ptr()  # type: ignore[index]
-        desc.append([n, p, g.data_ptr(), dst, tile, *row_ints])
+        bf16 = params is not None and params[i].dtype == torch.bfloat16
+        kinds = [(_BF16_ADD if apply else _BF16_IN) if bf16 else _F32_IN, _BF16_IN if g.dtype == torch.bfloat16 else 0]
+        desc.append([n, p, g.data_ptr(), dst, tile, *kinds, *row_ints])
         vals.append(row_vals)
     if not desc:
         return updates, {key: list(v) for key, v in fields.items()}
