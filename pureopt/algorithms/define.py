@@ -629,7 +629,8 @@ class Algorithm:
         shared: dict[str, Any],
         counter: Tensor | None,
     ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
-        """The step with some fields encoded: the math chunk by chunk on decoded state (:func:`run_chunks`)."""
+        """The step with some fields encoded: the math traced into one native pass per tensor where
+        :mod:`pureopt.kernels.onepass` can take it, else chunk by chunk on decoded state (:func:`run_chunks`)."""
         if _select.autograd_recording([*grads, *(params or [])]):
             raise RuntimeError("encoded optimizer state (state_dtype=) cannot be differentiated through")
         ops = ops_for(choose_impl(impl, grads))

@@ -6,6 +6,8 @@ with a scale per block, or block-wise 8-bit / 4-bit codes. The math is the algor
 ``Algorithm._run_encoded``): each chunk of about :data:`CHUNK_ELEMENTS` elements is decoded into the compute dtype
 (float32 for 16-bit parameters, else the parameter's), stepped, and encoded back, so no full-precision copy of a
 whole state field exists at any time. Eagerly the decoded chunks of a field share one scratch buffer.
+On the CPU, eagerly, ``Algorithm._run_encoded`` first offers the step to :mod:`pureopt.kernels.onepass` (the math
+traced into one native pass per tensor, tile by tile); this chunked path runs wherever that cannot.
 Big parameters are cut into flat slices at block boundaries; small ones are grouped whole. Math with reductions
 over a tensor or over all tensors (``elementwise=False``) runs on whole tensors in one chunk instead (its state is
 then decoded whole).

@@ -473,6 +473,8 @@ void encode(const float* x, uint8_t* codes, float* scale, const uint8_t* lookup,
   }
 }
 
+#ifndef PUREOPT_CODECS_ONLY  // (onepass.cpp includes these codecs with its own entry point)
+
 // Runs f(a, m) over [0, n) in segments on torch's intra-op threads (OpenMP: torch.set_num_threads): each segment
 // after the first starts at a block start (element lo + a), so that every block is written by one thread and the
 // result is the same bits whatever the thread count. Chunks under two grains run on the calling thread.
@@ -543,9 +545,11 @@ void run(int64_t op, float* x, uint8_t* codes, float* scale, const void* t1, con
   encode(x, codes, scale, lookup, mids, lo, n, block, top, static_cast<int>(shift), which == 3, encode_block_scalar);
 }
 
+#endif
+
 }  // namespace
 
-#ifndef PUREOPT_CODECS_ONLY  // (onepass.cpp includes these codecs with its own entry point)
+#ifndef PUREOPT_CODECS_ONLY
 extern "C" void kernel(int64_t op, float* x, uint8_t* codes, float* scale, const void* t1, const void* t2, int64_t lo,
                        int64_t n, int64_t block, float top, int64_t shift) {
   if ((op & 15) == 4) {  // (any split: element lo + a has place lo + a; the values x and out start at element 0)
