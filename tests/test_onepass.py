@@ -269,7 +269,11 @@ def test_tracing_refuses_what_it_cannot_follow():
             pass
         return k.f, {}
 
-    for math in (branch, lambda k: (torch._foreach_exp(k.f), {}), lambda k: (torch._foreach_pow(k.f, 0.3), {})):
+    def compare(k):
+        return (k.f if k.f[0] == 0 else k.g), {}  # (== on a tensor compares values: refused, not identity)
+
+    refused = (branch, compare, lambda k: (torch._foreach_exp(k.f), {}), lambda k: (torch._foreach_pow(k.f, 0.3), {}))
+    for math in refused:
         with pytest.raises(onepass.Untraceable):
             onepass.trace(math, make, ["f"], [], False, False)
 
@@ -327,3 +331,15 @@ def test_bf16_parameters_step_as_the_torch_op_path(rounding, kernels):
             assert int((p1[k] != p2[k]).sum()) <= max(2, p1[k].numel() // 1000)
         params, state = p2, s2
     assert len(kernels) == len(grads)
+
+
+def test_without_the_native_kernels_the_step_takes_the_chunked_path(kernels, monkeypatch):
+    # (PUREOPT_NATIVE=0, or no C++ toolchain: native.available is false, and the torch-op codecs run chunk by chunk)
+    monkeypatch.setattr(native, "available", lambda *tensors: False)
+    params, grads = _problem(6)
+    mine, ref = pureopt.adamw(lr=1e-2, state_dtype="q8"), pureopt.adamw(lr=1e-2, state_dtype="q8", impl="foreach")
+    p1, s1 = pureopt.step(mine, grads[0], mine.init(params), _copy(params), donate=("params", "state"))
+    p2, _ = pureopt.step(ref, grads[0], ref.init(params), _copy(params), donate=("params", "state"))
+    assert kernels == [] and all(isinstance(v, Quantized) for v in s1.exp_avg.values())
+    for k in params:  # (auto: torch's fused AdamW on each chunk; foreach: the same math op by op)
+        _close(p1[k], p2[k])

@@ -125,6 +125,12 @@ class Sym:
     def __bool__(self) -> bool:
         raise Untraceable("a branch on tensor values")
 
+    def _compare(self, other: Any) -> Any:  # (a tensor comparison: values, not identity; not traced)
+        raise Untraceable("a comparison of tensor values")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _compare
+    __hash__ = object.__hash__
+
 
 def _value(graph: _Graph, x: Any) -> int:
     """The node of an operand: a traced value, or a scalar broadcast."""
