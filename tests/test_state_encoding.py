@@ -202,9 +202,10 @@ def test_pure_update_leaves_inputs_unchanged_and_equals_the_donated_step(spec):
         assert all(torch.equal(a, b) for a, b in zip(snapshot, pureopt.tree.leaves((pure_p, pure_s, g))))
         pure_p, pure_s = pureopt.apply_updates(pure_p, updates), new_s
         own_s = pureopt.inplace_step(tx, g, own_s, own_p)
-    # The same chunks and math; the donated step runs torch's fused AdamW on the parameters where the pure one adds
-    # the same kernel's update to them: the parameters agree to rounding (AdamW's decay is decoupled, so the moments
-    # never read them), the encoded state bitwise.
+    # The same math: where the step is chunked, the donated one runs torch's fused AdamW on the parameters and the
+    # pure one adds the same kernel's update to them (on the CPU both take the one-pass kernel, which writes p + u
+    # either way): the parameters agree to rounding (AdamW's decay is decoupled, so the moments never read them),
+    # the encoded state bitwise.
     for k in params:
         torch.testing.assert_close(own_p[k], pure_p[k], rtol=2.4e-7, atol=2e-6)  # (an ulp of ~8)
     for mine, theirs in zip(pureopt.tree.leaves(own_s), pureopt.tree.leaves(pure_s)):

@@ -273,9 +273,14 @@ class FloatEncoding(Encoding):
             return None
         if opaque_codecs():
             return codec_ops.float_encode(self.key, stored, lo, x.reshape(-1).to(torch.float32), counter, stream, at)
-        key = torch.tensor((self.seed * 0x9E3779B1 + stream) & 0xFFFFFFFF, dtype=torch.int64, device=x.device)
+        key = torch.tensor(self.stream_key(stream), dtype=torch.int64, device=x.device)
         stochastic_round_into(out, x.reshape(-1).to(torch.float32), key, counter, at + lo)
         return None
+
+    def stream_key(self, stream: int) -> int:
+        """The stochastic rounding key of the tensor at position ``stream`` of a step (with the update count and the
+        element's place it keys the random bits: :func:`pureopt.kernels.rounding.random_bits`)."""
+        return (self.seed * 0x9E3779B1 + stream) & 0xFFFFFFFF
 
     def like(self, stored: Tensor) -> Tensor:
         return torch.empty_like(stored)

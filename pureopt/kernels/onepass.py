@@ -59,7 +59,7 @@ class _Graph:
 
     def __init__(self, inputs: int) -> None:
         self.nodes: list[tuple[Any, ...]] = [("in", k) for k in range(inputs)]
-        self.slots: list[Any] = []  # per slot: a float (this step's value) or a Column
+        self.slots: list[float] = []  # per slot: this step's value (a column's slot: filled per tensor by run)
 
     def node(self, *op: Any) -> int:
         self.nodes.append(op)
@@ -306,9 +306,9 @@ def _dispatch(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
 class Traced:
     """A traced step: its graph, which inputs it reads and which fields it writes, and its C++ source."""
 
-    def __init__(self, graph: _Graph, fields: list[str], outputs: list[int | None]) -> None:
-        self.graph, self.fields, self.outputs = graph, fields, outputs
-        self.source = _emit(graph, len(fields), outputs)
+    def __init__(self, graph: _Graph, nfields: int, outputs: list[int | None]) -> None:
+        self.graph, self.outputs = graph, outputs
+        self.source = _emit(graph, nfields, outputs)
 
 
 def trace(
@@ -357,7 +357,7 @@ def trace(
     extra = [key for key in new if key not in fields]
     if extra:
         raise Untraceable(f"the math changes {extra[0]}, which is not a per-element field")
-    return Traced(graph, list(fields), outputs)
+    return Traced(graph, len(fields), outputs)
 
 
 # --- C++ -----------------------------------------------------------------------------------------------------------
@@ -477,18 +477,17 @@ def _kernel(source: str) -> Callable[..., Any] | None:
     return fn
 
 
-def _plain_ok(t: Any, n: int) -> bool:
+def _dense(t: Any, dtypes: tuple[torch.dtype, ...], n: int | None = None, least: int | None = None) -> bool:
+    """A plain, contiguous CPU tensor of one of ``dtypes`` that autograd does not record, with exactly ``n`` (or at
+    least ``least``, flat) elements: what the kernel may read and write through a raw pointer."""
     return (
-        type(t) is Tensor and t.layout == torch.strided and t.dtype == torch.float32 and t.is_cpu
-        and t.is_contiguous() and t.numel() == n
+        type(t) is Tensor and t.layout == torch.strided and t.dtype in dtypes and t.is_cpu and t.is_contiguous()
+        and not t.requires_grad and (n is None or t.numel() == n)
+        and (least is None or (t.dim() == 1 and t.numel() >= least))
     )  # fmt: skip
 
 
-def _bf16_ok(t: Any, n: int) -> bool:
-    return (
-        type(t) is Tensor and t.layout == torch.strided and t.dtype == torch.bfloat16 and t.is_cpu
-        and t.is_contiguous() and t.numel() == n
-    )  # fmt: skip
+_F32, _BF16_DTYPE = (torch.float32,), (torch.bfloat16,)
 
 
 def _field_row(
@@ -497,14 +496,14 @@ def _field_row(
     """A field's kFieldInts and kFieldVals for one tensor (see onepass.cpp), or ``None`` if the kernel cannot take
     it. ``rounding``: for stochastically rounded bfloat16, ``(seed, mixed seed, place of element 0)``."""
     if isinstance(enc, FloatEncoding) and enc.dtype == torch.bfloat16:
-        if not (_bf16_ok(stored, n) and _bf16_ok(out, n)):
+        if not (_dense(stored, _BF16_DTYPE, n) and _dense(out, _BF16_DTYPE, n)):
             return None
         ptrs = [stored.data_ptr(), 0, out.data_ptr(), 0]
         if enc.stochastic and rounding is not None:
             return [_BF16_STOCHASTIC, 1, 0, *ptrs, *rounding], [0.0, 0.0]
         return [_BF16, 1, 0, *ptrs, 0, 0, 0], [0.0, 0.0]
     if enc is None or (isinstance(enc, FloatEncoding) and enc.dtype == torch.float32 and not enc.stochastic):
-        if not (_plain_ok(stored, n) and _plain_ok(out, n)):
+        if not (_dense(stored, _F32, n) and _dense(out, _F32, n)):
             return None
         return [_PLAIN, 1, 0, stored.data_ptr(), 0, out.data_ptr(), 0, 0, 0, 0], [0.0, 0.0]
     spec = _block_spec(enc) if isinstance(enc, BlockEncoding) else None
@@ -513,9 +512,9 @@ def _field_row(
     kind, block, shift, dtype, tables, vals = spec
     codes, scale = stored
     ncodes, blocks = ((n + 1) // 2 if kind == _CODE4 else n), -(-n // block)
-    if not (_flat(codes, dtype, ncodes) and _flat(scale, torch.float32, blocks)):
+    if not (_dense(codes, (dtype,), least=ncodes) and _dense(scale, _F32, least=blocks)):
         return None
-    if out is not stored and not (_flat(out[0], dtype, ncodes) and _flat(out[1], torch.float32, blocks)):
+    if out is not stored and not (_dense(out[0], (dtype,), least=ncodes) and _dense(out[1], _F32, least=blocks)):
         return None
     return [kind, block, shift, codes.data_ptr(), scale.data_ptr(), out[0].data_ptr(), out[1].data_ptr(), *tables], vals
 
@@ -525,13 +524,6 @@ def _as_floats(values: Sequence[Any]) -> list[float]:
     if values and all(isinstance(v, Tensor) for v in values):
         return torch.stack([v.detach().to(device="cpu", dtype=torch.float64) for v in values]).tolist()
     return [float(v) for v in values]
-
-
-def _flat(t: Any, dtype: torch.dtype, least: int) -> bool:
-    return (
-        type(t) is Tensor and t.dtype == dtype and t.is_cpu and t.dim() == 1 and t.is_contiguous()
-        and t.numel() >= least
-    )  # fmt: skip
 
 
 _Spec = tuple[int, int, int, torch.dtype, list[int], list[float]]
@@ -562,14 +554,7 @@ def eligible(params: list[Tensor] | None, grads: list[Tensor]) -> bool:
     if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
         return False
     tensors = [*grads, *(params or [])]
-    return all(_dense_ok(t) for t in tensors) and native.available(*tensors[:1])
-
-
-def _dense_ok(t: Any) -> bool:
-    return (
-        type(t) is Tensor and t.layout == torch.strided and t.dtype in (torch.float32, torch.bfloat16) and t.is_cpu
-        and t.is_contiguous() and not t.requires_grad
-    )  # fmt: skip
+    return all(_dense(t, (torch.float32, torch.bfloat16)) for t in tensors) and native.available(*tensors[:1])
 
 
 def run(
@@ -633,8 +618,7 @@ def run(
                 out = local_enc.like(local)
             rounding = None
             if isinstance(local_enc, FloatEncoding) and local_enc.stochastic and counter is not None:
-                stream = torch.tensor((local_enc.seed * 0x9E3779B1 + i) & _M32, dtype=torch.int64)
-                seeds = plain_seeds(stream, counter)
+                seeds = plain_seeds(torch.tensor(local_enc.stream_key(i), dtype=torch.int64), counter)
                 if seeds is None:
                     return None
                 rounding = (*seeds, starts[i] & _M32)
