@@ -36,7 +36,7 @@ from pureopt.base import (
     is_segmentwise,
     leaf_transformation,
 )
-from pureopt.kernels.dtensor import dtensor_type
+from pureopt.kernels.dtensor import dtensor_type, is_split
 from pureopt.tree import PyTreeSpec
 
 __all__ = ["FlatLayout", "FlatGroup", "flatten"]
@@ -71,7 +71,7 @@ class FlatGroup:
     @property
     def sharded(self) -> bool:
         """Whether the group's tensors are DTensors split over some mesh dimension (a ``Shard`` placement)."""
-        return self.placements is not None and any(p.is_shard() for p in self.placements)
+        return self.placements is not None and any(is_split(p) for p in self.placements)
 
 
 def local_tensor(t: Tensor) -> Tensor:

@@ -10,6 +10,11 @@ random bits keyed by each element's place in the whole parameter), which the sha
 gradients' summation order (FSDP2 reduces two half-batch gradients). A DCP
 checkpoint taken after ``RESUME_AT`` steps resumes the uninterrupted sharded run bitwise, and resumes it on one rank
 (world size 1, whole batches) up to the summation order.
+
+Matrices sharded by columns (FSDP2's ``shard_placement_fn``: ``Shard(1)``, as tensor parallelism's row-wise layers):
+a wider MLP whose middle matrix (8 x 256) leaves each rank runs of 128 elements per row, so the blocks are 128 (q8:
+not the 256 of the whole row; q4: its own 128); the same references, and at world size 1 the q4 checkpoint (the same
+blocks) resumes while the q8 one (256-element blocks there) is refused by DCP for its scales' shape.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 
 import pureopt
 from pureopt.adapters.torch_optim import TorchOptimizer
-from pureopt.kernels.encoding import NAMED
+from pureopt.kernels.encoding import NAMED, BlockEncoding
 
 STEPS = 6
 RESUME_AT = 3
@@ -39,9 +44,28 @@ TOL_FP32 = {"q8": 0.1, "q4": 0.5, "bf16-sr": 0.05}
 TOL_SAME = {"q8": 1e-3, "q4": 1e-3, "bf16-sr": 1e-4}
 
 
-def make_net() -> nn.Sequential:
+COLUMN_SPECS = ["q8", "q4", "bf16"]
+TOL_FP32["bf16"], TOL_SAME["bf16"] = 0.05, 1e-3
+
+
+def spec_of(run: str) -> str:
+    """The state_dtype of a run ("q8-hsdp", "q4-columns", "bf16-sr", ...)."""
+    return run.split("-")[0] if run.startswith("q") or run.endswith("columns") else run
+
+
+def make_net(columns: bool = False) -> nn.Sequential:
+    """The MLP; ``columns``: the one whose matrices are sharded by columns (wider: its middle rows can be blocked)."""
     torch.manual_seed(0)
+    if columns:
+        return nn.Sequential(nn.Linear(16, 256), nn.Tanh(), nn.Linear(256, 8), nn.Tanh(), nn.Linear(8, 1))
     return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 1))
+
+
+def column_blocks(spec: str, shape: tuple[int, ...]) -> int | None:
+    """The block of ``spec`` for a parameter of the column-sharded MLP over 2 ranks, by hand: the 8 x 256 matrix
+    has runs of 128 elements per row (q8's rule for 256-element rows gives 256, which does not divide them: 128;
+    q4's gives 128); the other matrices' runs are 8 and 4 elements (under 32: float32), vectors are float32."""
+    return 128 if shape == (8, 256) and spec in ("q8", "q4") else None
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +88,7 @@ def sharded_net(columns: bool = False, hsdp: bool = False) -> nn.Sequential:
     from torch.distributed.tensor import Shard
 
     mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")) if hsdp else None
-    model = make_net()
+    model = make_net(columns)
     by_columns = (lambda p: Shard(1) if p.dim() == 2 else Shard(0)) if columns else None
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -108,9 +132,11 @@ def describe(opt: TorchOptimizer, model: nn.Module) -> list[dict[str, Any]]:
     return out
 
 
-def trained(rank: int, spec: str, path: Path, hsdp: bool = False, flat: bool = False) -> dict[str, Any]:
+def trained(
+    rank: int, spec: str, path: Path, hsdp: bool = False, flat: bool = False, columns: bool = False
+) -> dict[str, Any]:
     def make() -> tuple[nn.Module, TorchOptimizer]:
-        model = sharded_net(hsdp=hsdp)
+        model = sharded_net(columns=columns, hsdp=hsdp)
         opt = TorchOptimizer(model.parameters(), pureopt.adamw, lr=LR, weight_decay=0.1, state_dtype=spec, flat=flat)
         return model, opt
 
@@ -208,11 +234,10 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
     res["q8-flat"] = trained(rank, "q8", out / "dcp-q8-flat", flat=True)
     res["pure-q8"] = pure_steps(rank)
     res["sr-params"] = sr_params(rank)
-    try:  # sharded by columns: blocks within rows would cross ranks; refused at init
-        TorchOptimizer(sharded_net(columns=True).parameters(), pureopt.adamw, lr=LR, state_dtype="q8")
-        res["columns_error"] = None
-    except ValueError as e:
-        res["columns_error"] = str(e)
+    for spec in COLUMN_SPECS:
+        res[f"{spec}-columns"] = trained(rank, spec, out / f"dcp-{spec}-columns", columns=True)
+    res["refused"] = refused(rank)
+    res["strided-norm"] = strided_norm(rank)
     try:  # NovoGrad's math reaches over whole parameters (per-tensor norms): refused at init
         TorchOptimizer(sharded_net().parameters(), pureopt.novograd, lr=LR, state_dtype="q8")
         res["novograd_error"] = None
@@ -221,18 +246,75 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
     return res
 
 
+def refused(rank: int) -> dict[str, str | None]:
+    """What encoded state refuses on DTensors (at init, before anything is made): stochastically rounded state on
+    matrices sharded by columns (its random bits are keyed by places in the whole parameter), and block encodings
+    on a tensor split within its rows other than by a matrix's columns (a 3-D tensor by its last dimension)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    out: dict[str, str | None] = {}
+    mesh = init_device_mesh("cpu", (WORLD,))
+    cube = distribute_tensor(torch.randn(4, 6, 64), mesh, [Shard(2)])
+    # rows split as FSDP2 splits a tensor-parallel Shard(0) matrix: each rank's rows are not consecutive, so rows
+    # are whole (blocks work) but the elements' places are not one run (stochastic rounding cannot key them)
+    strided = _StridedShard(0, split_factor=2)
+    rows = distribute_tensor(torch.randn(8, 64), mesh, [strided])
+    bf16_rows = distribute_tensor(torch.randn(8, 64).to(torch.bfloat16), mesh, [strided])
+    sr = pureopt.stochastic_rounding(pureopt.sgd(lr=1e-3), seed=0)
+    cases = {
+        "q8-strided-rows": lambda: pureopt.adamw(lr=LR, state_dtype="q8").init([rows]),
+        "sr-strided-rows": lambda: pureopt.inplace_step(
+            sr, [distribute_tensor(torch.randn(8, 64), mesh, [strided])], sr.init([bf16_rows]), [bf16_rows]
+        ),
+        "bf16-sr-columns": lambda: TorchOptimizer(
+            sharded_net(columns=True).parameters(), pureopt.adamw, lr=LR, state_dtype="bf16-sr"
+        ),
+        "q8-last-dim": lambda: pureopt.adamw(lr=LR, state_dtype="q8").init([cube]),
+    }
+    for name, make in cases.items():
+        try:
+            make()
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def strided_norm(rank: int) -> list[float]:
+    """The norm of a matrix whose rows are split as FSDP2 splits a tensor-parallel ``Shard(0)`` one (a strided shard:
+    not a ``Shard`` to torch), through ``shard_norms`` (NovoGrad's per-layer norms on sharded parameters)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from pureopt.kernels.dtensor import shard_norms
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full = torch.arange(8 * 6, dtype=torch.float32).view(8, 6) / 7
+    rows = distribute_tensor(full, mesh, [_StridedShard(0, split_factor=2)])
+    return [float(shard_norms([rows])[0]), float(rows.to_local().norm())]
+
+
 def resumed_on_one_rank(rank: int, world: int, out: Path) -> dict[str, Any]:
     """World size 1: FSDP2 over one rank loads each 2-rank DCP checkpoint of :func:`trained` (taken after
     ``RESUME_AT`` steps) and runs the remaining steps on whole global batches."""
+    from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
+
     assert rank == 0 and world == 1
     res: dict[str, Any] = {}
-    for run in [*SPECS, "q8-flat"]:
-        spec = run.split("-")[0] if run.startswith("q") else run
-        model = sharded_net()
+    for run in [*SPECS, "q8-flat", *(f"{spec}-columns" for spec in COLUMN_SPECS)]:
+        model = sharded_net(columns=run.endswith("columns"))
         opt = TorchOptimizer(
-            model.parameters(), pureopt.adamw, lr=LR, weight_decay=0.1, state_dtype=spec, flat=run.endswith("flat")
-        )
-        dcp_load(model, opt, out / f"dcp-{run}")
+            model.parameters(), pureopt.adamw, lr=LR, weight_decay=0.1, state_dtype=spec_of(run),
+            flat=run.endswith("flat"),
+        )  # fmt: skip
+        try:
+            dcp_load(model, opt, out / f"dcp-{run}")
+        except CheckpointException as e:  # (DCP's planner refuses a record of another shape)
+            res[run] = f"{type(e).__name__}: {e}"
+            continue
         resumed = []
         for step in range(RESUME_AT, STEPS):
             opt.zero_grad(set_to_none=True)
@@ -262,27 +344,34 @@ def one_rank(job: list[dict[str, Any]], job_dir: Path) -> dict[str, Any]:
     return launch(__name__, "resumed_on_one_rank", job_dir, timeout=120, world=1)[0]
 
 
-def unsharded(make_opt: Any) -> list[list[torch.Tensor]]:
-    return unsharded_trajectory(make_net(), make_opt, global_batch, loss_fn, STEPS)
+def unsharded(make_opt: Any, columns: bool = False) -> list[list[torch.Tensor]]:
+    return unsharded_trajectory(make_net(columns), make_opt, global_batch, loss_fn, STEPS)
+
+
+def row_blocks(spec: str, shape: tuple[int, ...]) -> int | None:
+    """The block of ``spec`` for a parameter of the row-sharded MLP, by hand: every matrix's rows (16, 32, 64
+    elements) are shorter than the block, so a row is one block where it is 32 elements or more; vectors float32."""
+    return shape[1] if len(shape) == 2 and shape[1] >= 32 else None
 
 
 class RowBlockedAdamW(torch.optim.Optimizer):
     """The reference: one pure pureopt AdamW per parameter, unsharded; a 2-D parameter's fields in ``spec``'s
-    encoding with one block per row (the sharded layout), 1-D ones in float32 ("bf16-sr": one AdamW over all the
-    parameters, whose positions key the random bits as in the sharded optimizer)."""
+    encoding with the blocks ``blocks(spec, shape)`` gives (flat blocks that lie within rows, as the sharded ones),
+    the others in float32 ("bf16-sr", "bf16": one AdamW over all the parameters, whose positions key the random
+    bits as in the sharded optimizer)."""
 
-    def __init__(self, params: Any, spec: str) -> None:
+    def __init__(self, params: Any, spec: str, blocks: Any = row_blocks) -> None:
         super().__init__(params, {})
         self.txs, self.states = [], []
-        if spec == "bf16-sr":
+        if spec.startswith("bf16"):
             self.txs.append(pureopt.adamw(lr=LR, weight_decay=0.1, state_dtype=spec))
             self.states.append(self.txs[0].init([p.detach() for p in self.param_groups[0]["params"]]))
             return
         for p in self.param_groups[0]["params"]:
-            first = NAMED[spec].for_rows(p.shape[1]) if p.dim() == 2 else None
-            second = NAMED[spec + "u"].for_rows(p.shape[1]) if first is not None else None
-            if first is not None and second is not None:
-                assert first.block == second.block == p.shape[1]
+            block = blocks(spec, tuple(p.shape))
+            if block is not None:
+                first, second = (BlockEncoding(name, bits=NAMED[name].bits, code=list(NAMED[name].code or []),
+                                               block=block) for name in (spec, spec + "u"))  # fmt: skip
                 state_dtype: Any = {"exp_avg": first, "exp_avg_sq": second}
             else:  # rows under 32 elements and 1-D parameters: float32
                 state_dtype = None
@@ -309,12 +398,16 @@ def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(sum((x - y).square().sum() for x, y in zip(a, b)).sqrt())
 
 
-@pytest.mark.parametrize("run", [*SPECS, "q8-hsdp", "q8-flat"])
+RUNS = [*SPECS, "q8-hsdp", "q8-flat", *(f"{spec}-columns" for spec in COLUMN_SPECS)]
+
+
+@pytest.mark.parametrize("run", RUNS)
 def test_encoded_state_on_fsdp2_tracks_the_unsharded_runs(job: list[dict[str, Any]], run: str) -> None:
-    spec = run.split("-")[0] if run.startswith("q") else run
-    start = [p.detach().clone() for p in make_net().parameters()]
-    fp32 = unsharded(lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.1))
-    same_blocks = unsharded(lambda ps: RowBlockedAdamW(ps, spec))
+    spec, columns = spec_of(run), run.endswith("columns")
+    start = [p.detach().clone() for p in make_net(columns).parameters()]
+    fp32 = unsharded(lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.1), columns)
+    blocks = column_blocks if columns else row_blocks
+    same_blocks = unsharded(lambda ps: RowBlockedAdamW(ps, spec, blocks), columns)
     for rank in range(WORLD):
         got = job[rank][run]["trajectory"]
         for step in range(STEPS):
@@ -349,7 +442,47 @@ def test_encoded_state_on_fsdp2_is_stored_by_rows_and_placed_like_the_parameters
             )
 
 
-@pytest.mark.parametrize("run", [*SPECS, "q8-hsdp", "q8-flat"])
+@pytest.mark.parametrize("spec", COLUMN_SPECS)
+def test_encoded_state_of_matrices_sharded_by_columns_is_stored_by_runs_of_rows(
+    job: list[dict[str, Any]], spec: str
+) -> None:
+    shapes = [(256, 16), (256,), (8, 256), (8,), (1, 8), (1,)]
+    for rank in range(WORLD):
+        layout = job[rank][f"{spec}-columns"]["layout"]
+        for shape, entry in zip(shapes, layout):
+            block = column_blocks(spec, shape)
+            for key, stored in entry.items():
+                assert stored["placed"], (spec, shape, key)  # (Shard(1) for the matrices, as their parameters)
+                if spec == "bf16":
+                    assert stored["dtypes"] == ["torch.bfloat16"] and stored["shapes"] == [shape]
+                elif block is None:
+                    assert stored["dtypes"] == ["torch.float32"] and stored["shapes"] == [shape]
+                else:  # codes by rows, and per row one scale per block: two blocks of 128, one on each rank
+                    cols = shape[1] // 2 if spec == "q4" else shape[1]
+                    assert stored["shapes"] == [(shape[0], cols), (shape[0], shape[1] // block)], (spec, shape)
+                    assert stored["dtypes"] == ["torch.uint8", "torch.float32"]
+
+
+def test_norms_of_strided_shards_reduce_over_the_ranks(job: list[dict[str, Any]]) -> None:
+    # the whole matrix's norm (written out: the same values as the rank made), not the rank's own rows'
+    want = float((torch.arange(8 * 6, dtype=torch.float32) / 7).square().sum().sqrt())
+    for rank in range(WORLD):
+        got, local = job[rank]["strided-norm"]
+        assert abs(got - want) <= 1e-6 * want and local < 0.99 * want, (got, local, want)
+
+
+def test_encoded_state_refusals_on_dtensors_name_the_placement(job: list[dict[str, Any]]) -> None:
+    for rank in range(WORLD):
+        refusals = job[rank]["refused"]
+        assert "keyed by each element's place" in refusals["bf16-sr-columns"]
+        assert "Shard(dim=1)" in refusals["bf16-sr-columns"] and "'bf16'" in refusals["bf16-sr-columns"]
+        assert "split within its rows" in refusals["q8-last-dim"] and "Shard(dim=2)" in refusals["q8-last-dim"]
+        assert refusals["q8-strided-rows"] is None
+        assert "not sharded by rows" in (refusals["sr-strided-rows"] or ""), refusals["sr-strided-rows"]
+        assert "NovoGrad's reaches over whole parameters" in job[rank]["novograd_error"]
+
+
+@pytest.mark.parametrize("run", RUNS)
 def test_encoded_state_on_fsdp2_resumes_through_dcp_bitwise(job: list[dict[str, Any]], run: str) -> None:
     for rank in range(WORLD):
         res = job[rank][run]
@@ -357,18 +490,25 @@ def test_encoded_state_on_fsdp2_resumes_through_dcp_bitwise(job: list[dict[str, 
             assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-@pytest.mark.parametrize("run", [*SPECS, "q8-flat"])
+@pytest.mark.parametrize("run", [*SPECS, "q8-flat", "q4-columns", "bf16-columns"])
 def test_encoded_state_checkpoint_from_two_ranks_resumes_on_one(
     job: list[dict[str, Any]], one_rank: dict[str, Any], run: str
 ) -> None:
     # DCP reshards the row-blocked records (codes, scales: DTensors placed like the parameters) from 2 ranks to 1;
     # the resumed run follows the uninterrupted 2-rank one up to the gradients' summation order (whole batches here,
     # two half-batch means there)
-    spec = run.split("-")[0] if run.startswith("q") else run
-    start = [p.detach().clone() for p in make_net().parameters()]
+    spec = spec_of(run)
+    start = [p.detach().clone() for p in make_net(run.endswith("columns")).parameters()]
     want = job[0][run]["trajectory"][RESUME_AT:]
     for got, ref in zip(one_rank[run], want):
         assert _distance(got, ref) <= TOL_SAME[spec] * _distance(ref, start), run
+
+
+def test_column_sharded_checkpoint_with_other_blocks_at_one_rank_is_refused(one_rank: dict[str, Any]) -> None:
+    # q8 blocks the 256-element rows whole at world size 1 (the 2-rank runs were 128): the scales' shapes differ
+    # ((8, 1) there, (8, 2) saved) and DCP's planner refuses the load rather than read other blocks' scales
+    refusal = one_rank["q8-columns"]
+    assert isinstance(refusal, str) and "Size mismatch" in refusal and "exp_avg.scale" in refusal, refusal
 
 
 def test_pure_step_with_encoded_state_on_fsdp2_tracks_the_unsharded_run(job: list[dict[str, Any]]) -> None:
@@ -377,14 +517,6 @@ def test_pure_step_with_encoded_state_on_fsdp2_tracks_the_unsharded_run(job: lis
     for rank in range(WORLD):
         for step, got in enumerate(job[rank]["pure-q8"]):
             assert _distance(got, same_blocks[step]) <= 1e-3 * _distance(same_blocks[step], start)
-
-
-def test_encoded_state_on_column_sharded_parameters_and_for_whole_tensor_math_is_refused(
-    job: list[dict[str, Any]],
-) -> None:
-    for rank in range(WORLD):
-        assert "sharded by rows" in job[rank]["columns_error"]
-        assert "NovoGrad's reaches over whole parameters" in job[rank]["novograd_error"]
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import math
 import textwrap
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -47,8 +48,15 @@ from pureopt.kernels import fused as _fused
 from pureopt.kernels import onepass
 from pureopt.kernels import select as _select
 from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
-from pureopt.kernels.dtensor import from_local_like, is_dtensor, row_sharding_problem, run_on_local_shards
-from pureopt.kernels.encoding import BlockEncoding, Encoding
+from pureopt.kernels.dtensor import (
+    from_local_like,
+    is_dtensor,
+    row_run_widths,
+    row_runs_problem,
+    row_sharding_problem,
+    run_on_local_shards,
+)
+from pureopt.kernels.encoding import BlockEncoding, Encoding, FloatEncoding
 from pureopt.kernels.listops import FOREACH, ListOps, ops_for
 from pureopt.kernels.select import check_impl, choose_impl
 from pureopt.transforms._util import copy_of, full, kernel_transform, step_init, zeros
@@ -262,17 +270,25 @@ _STEPS_BEFORE = "_steps_before"
 
 
 def _sharded_encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None, p: Any) -> Any:
-    """The initial value of an encoded field of DTensor parameter ``p`` (sharded by rows: FSDP2, HSDP).
+    """The initial value of an encoded field of DTensor parameter ``p`` (sharded by rows: FSDP2, HSDP; or, a
+    matrix, by runs of columns: tensor parallelism's row-wise layers, FSDP2's ``shard_placement_fn``).
 
     Made on the local shard and placed like ``p``: a float encoding's tensor shaped like ``p``; a block encoding's
-    codes and scales as 2-D DTensors with one row per row of ``p`` (blocks within rows, see
-    :meth:`~pureopt.kernels.encoding.BlockEncoding.for_rows`), so that every rank holds whole blocks and DCP
-    reshards the checkpoint to any world size; a 1-D parameter, or rows that cannot be blocked, keeps the field in
-    the compute dtype (a plain DTensor)."""
-    if (problem := row_sharding_problem(p)) is not None:
+    codes and scales as 2-D DTensors with one row per row of ``p`` (blocks within rows, see :func:`_row_block`),
+    so that every rank holds whole blocks and DCP reshards the checkpoint to any world size that keeps the block;
+    a 1-D parameter, or rows that cannot be blocked, keeps the field in the compute dtype (a plain DTensor)."""
+    if isinstance(enc, FloatEncoding) and enc.stochastic:
+        if (problem := row_sharding_problem(p)) is not None:
+            raise ValueError(
+                f"stochastically rounded optimizer state (state_dtype={enc.name!r}) on DTensor parameters needs "
+                f"them sharded by rows (Shard(0), as FSDP2 does): its random bits are keyed by each element's place "
+                f"in the whole parameter; {problem}: give state rounded to nearest instead, e.g. state_dtype='bf16'"
+            )
+    elif (problem := row_runs_problem(p)) is not None:
         raise ValueError(
-            f"encoded optimizer state (state_dtype=) on DTensor parameters needs them sharded by rows (Shard(0), as "
-            f"FSDP2 does); {problem}: give a float dtype, e.g. state_dtype=torch.bfloat16"
+            "encoded optimizer state (state_dtype=) on DTensor parameters needs each rank's shard to hold whole "
+            f"rows or, for a matrix, whole runs of its rows (Shard(0), Shard(1)); {problem}: give a float dtype, "
+            "e.g. state_dtype=torch.bfloat16"
         )
     local = p.to_local().detach()
     value = init(local.to(compute_dtype(local))).reshape(-1) if init is not None else None
@@ -281,19 +297,45 @@ def _sharded_encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None
         if value is not None:
             enc.encode_into(stored, 0, value)
         return from_local_like(stored, p, p.shape)
-    width = p.numel() // p.shape[0] if p.dim() >= 2 and p.shape[0] else 0
-    block = enc.for_rows(width) if width else None
+    block = _row_block(enc, p)
     if block is None:  # kept in the compute dtype
         kept = torch.zeros_like(local, dtype=compute_dtype(local)) if value is None else value.view(local.shape)
         return from_local_like(kept.contiguous(), p, p.shape)
     stored = block.empty(local)
     if value is not None:
         block.encode_into(stored, 0, value)
-    rows, cols, blocks = local.shape[0], (width + 1) // 2 if block.bits == 4 else width, width // block.block
+    rows, run = local.shape[0], math.prod(local.shape[1:])
+    width = p.numel() // p.shape[0]
+    half = block.bits == 4
     return type(stored)(
-        from_local_like(stored.codes.view(rows, cols), p, (p.shape[0], cols)),
-        from_local_like(stored.scale.view(rows, blocks), p, (p.shape[0], blocks)),
+        from_local_like(
+            stored.codes.view(rows, run // 2 if half else run), p, (p.shape[0], width // 2 if half else width)
+        ),
+        from_local_like(stored.scale.view(rows, run // block.block), p, (p.shape[0], width // block.block)),
     )
+
+
+def _row_block(enc: BlockEncoding, p: Any) -> BlockEncoding | None:
+    """``enc`` with the blocks of DTensor parameter ``p``'s encoded fields (``None``: kept in the compute dtype):
+    those of :meth:`~pureopt.kernels.encoding.BlockEncoding.for_rows` for ``p``'s rows (the first dimension, the
+    others flattened; a 1-D parameter has none) where they divide every rank's run of a row, else those for the
+    greatest common divisor of the runs (a matrix sharded by columns). DTensor must split the codes and the scales
+    (shaped ``rows x width``, ``rows x width / block``) as it splits ``p``, else the field is kept too."""
+    if p.dim() < 2 or not p.shape[0]:
+        return None
+    width = p.numel() // p.shape[0]
+    runs = row_run_widths(p)
+    common = math.gcd(width, *runs)
+    block = enc.for_rows(width)
+    if block is None or common % block.block:
+        block = enc.for_rows(common) if common < width else None
+    if block is None or runs == [width]:
+        return block
+    per_code = 2 if block.bits == 4 else 1
+    for divisor in (per_code, block.block):
+        if row_run_widths(p, (p.shape[0], width // divisor)) != [run // divisor for run in runs]:
+            return None
+    return block
 
 
 def _in_dtype(tensors: list[Tensor], dtype: torch.dtype | None) -> list[Tensor]:

@@ -26,6 +26,8 @@ trust ratios) are not elementwise and never take this path: DTensor reduces them
 from __future__ import annotations
 
 import contextvars
+import itertools
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,6 +49,9 @@ __all__ = [
     "from_local_like",
     "local_flat_offset",
     "row_sharding_problem",
+    "is_split",
+    "row_runs_problem",
+    "row_run_widths",
     "shard_starts",
     "sharded_mesh_dims",
     "shard_norms",
@@ -138,20 +143,77 @@ def _wrap(local: Any, ref: Any, dtensor: Any) -> Any:
 
 
 def from_local_like(local: Tensor, p: Any, shape: Sequence[int]) -> Any:
-    """The local tensor ``local`` (contiguous, rows of its first dimension = the local rows of DTensor ``p``) as
-    a DTensor of global ``shape`` on ``p``'s mesh with ``p``'s placements (which shard dimension 0 only)."""
+    """The local tensor ``local`` (contiguous, laid out like DTensor ``p``'s local shard: its rows and, for a
+    matrix sharded by columns, its run of columns) as a DTensor of global ``shape`` on ``p``'s mesh with ``p``'s
+    placements."""
     stride = torch.empty(tuple(shape), device="meta").stride()
     return dtensor_type().from_local(
         local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=stride
     )
 
 
+def _strided(pl: Any) -> bool:
+    """Whether placement ``pl`` is a strided shard (FSDP2 over tensor parallelism on the same dimension: a rank's
+    slices of that dimension are not consecutive)."""
+    return type(pl).__name__ == "_StridedShard"
+
+
+def is_split(pl: Any) -> bool:
+    """Whether placement ``pl`` splits a dimension (``pl.dim``) over its mesh dimension: ``Shard``, or the strided
+    shard of FSDP2 over tensor parallelism (which is not a ``Shard``, nor ``is_shard()``, in torch 2.13)."""
+    return bool(pl.is_shard()) or _strided(pl)
+
+
 def row_sharding_problem(t: Any) -> str | None:
-    """Why DTensor ``t`` is not sharded by rows (every ``Shard`` placement on dimension 0, none ``Partial``: FSDP2,
-    HSDP), so that its local shard is whole rows, a run of consecutive global elements; ``None`` if it is."""
-    if any(pl.is_partial() or (pl.is_shard() and pl.dim % max(t.dim(), 1) != 0) for pl in t.placements):
+    """Why DTensor ``t`` is not sharded by rows (every ``Shard`` placement on dimension 0, none strided or
+    ``Partial``: FSDP2, HSDP), so that its local shard is whole rows, a run of consecutive global elements;
+    ``None`` if it is."""
+    if any(
+        pl.is_partial() or (is_split(pl) and (pl.dim % max(t.dim(), 1) != 0 or _strided(pl))) for pl in t.placements
+    ):
         return f"a DTensor of shape {tuple(t.shape)} placed as {tuple(t.placements)} is not sharded by rows (Shard(0))"
     return None
+
+
+def row_runs_problem(t: Any) -> str | None:
+    """Why the local shard of DTensor ``t`` is not, in each of ``t``'s rows (its first dimension, the others
+    flattened), one run of consecutive elements: ``Shard`` placements on dimension 0 (of any kind: rows are kept
+    whole) and, for a matrix, plain ``Shard(1)`` (tensor parallelism's row-wise layers, FSDP2's
+    ``shard_placement_fn``) leave runs; ``Partial`` and other dimensions do not. ``None`` if it is."""
+    for pl in t.placements:
+        if pl.is_partial():
+            return f"a DTensor placed as {tuple(t.placements)} is a pending reduction (Partial)"
+        if is_split(pl):
+            dim = pl.dim % max(t.dim(), 1)
+            if dim != 0 and not (dim == 1 and t.dim() == 2 and not _strided(pl)):
+                return (
+                    f"a DTensor of shape {tuple(t.shape)} placed as {tuple(t.placements)} is split within its rows "
+                    "other than by whole runs of a matrix's columns (Shard(1))"
+                )
+    return None
+
+
+def row_run_widths(t: Any, shape: Sequence[int] | None = None) -> list[int]:
+    """For DTensor ``t`` that passes :func:`row_runs_problem`: the length of each rank's run of every row (the
+    row's whole width where no placement shards dimension 1), by mesh coordinates along the mesh dimensions that
+    shard dimension 1, in order. ``shape``: the same for a matrix of that global shape placed as ``t`` is (how
+    DTensor would split a record shaped by ``t``'s rows, e.g. codes or per-block scales)."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    shape = tuple(t.shape) if shape is None else tuple(shape)
+    width = math.prod(shape[1:]) if shape else 1
+    dims = [d for d, pl in enumerate(t.placements) if is_split(pl) and t.dim() == 2 and pl.dim % 2 == 1]
+    if not dims:
+        return [width]
+    mesh_shape = tuple(t.device_mesh.shape)
+    widths = []
+    for picked in itertools.product(*(range(mesh_shape[d]) for d in dims)):
+        coordinate = [0] * len(mesh_shape)
+        for d, c in zip(dims, picked):
+            coordinate[d] = c
+        local, _ = _compute_local_shape_and_global_offset(shape, mesh_shape, coordinate, t.placements, True)
+        widths.append(int(local[1]))
+    return widths
 
 
 def local_flat_offset(t: Any) -> int:
@@ -246,7 +308,7 @@ def reduced_placements(t: Any, dim: int) -> tuple[Any, ...]:
     from torch.distributed.tensor import Replicate
 
     dim = dim % t.dim()
-    return tuple(Replicate() if p.is_shard() and p.dim % t.dim() == dim else p for p in t.placements)
+    return tuple(Replicate() if is_split(p) and p.dim % t.dim() == dim else p for p in t.placements)
 
 
 def zeros_reduced(p: Any, dim: int, dtype: torch.dtype) -> Any:
@@ -278,13 +340,14 @@ def like_placed(x: Tensor, ref: Any) -> Tensor:
 
 
 def sharded_mesh_dims(t: Any) -> tuple[int, ...]:
-    """The mesh dimensions over which DTensor ``t`` is split (its ``Shard`` placements; ``Replicate`` ones hold
-    copies). Raises a ValueError for a ``Partial`` placement (a pending reduction, not a split)."""
+    """The mesh dimensions over which DTensor ``t`` is split (its ``Shard`` placements, strided ones too:
+    :func:`is_split`; ``Replicate`` ones hold copies). Raises a ValueError for a ``Partial`` placement (a pending
+    reduction, not a split)."""
     dims = []
     for d, p in enumerate(t.placements):
         if p.is_partial():
             raise ValueError(f"a DTensor with a Partial placement ({t.placements}) has no exact local reduction")
-        if p.is_shard():
+        if is_split(p):
             dims.append(d)
     return tuple(dims)
 

@@ -350,31 +350,44 @@ class BlockEncoding(Encoding):
         such a tensor's field is kept in the compute dtype instead (as bitsandbytes keeps small tensors' state in
         32 bits)."""
         sizes = [width] if width < self.block else range(self.block, self.block // 4 - 1, -1)
-        for b in sizes:
-            if width % b == 0 and b >= 32 and (self.bits != 4 or b % 2 == 0):
-                if b == self.block:
-                    return self
-                variants = self.__dict__.setdefault("_variants", {})
-                if b not in variants:
-                    code = None if self.code is None else list(self.code)
-                    variants[b] = BlockEncoding(
-                        self.name, bits=self.bits, code=code, block=b, dtype=self.dtype, nonzero=self.least is not None
-                    )
-                return variants[b]
-        return None
+        return next((self.with_block(b) for b in sizes if width % b == 0 and self._fits(b)), None)
+
+    def _fits(self, block: int) -> bool:
+        """Whether blocks of ``block`` elements are worth their scales (32 or more) and whole bytes at 4 bits."""
+        return block >= 32 and (self.bits != 4 or block % 2 == 0)
+
+    def with_block(self, block: int) -> BlockEncoding:
+        """This encoding with blocks of ``block`` elements (the same code; kept, so that each size is one encoding
+        and its tables are built once)."""
+        if block == self.block:
+            return self
+        variants = self.__dict__.setdefault("_variants", {})
+        if block not in variants:
+            code = None if self.code is None else list(self.code)
+            variants[block] = BlockEncoding(
+                self.name, bits=self.bits, code=code, block=block, dtype=self.dtype, nonzero=self.least is not None
+            )
+        return variants[block]
 
     def local(self, stored: Any) -> tuple[Encoding | None, Any]:
         # a plain tensor: kept in the compute dtype (rows that cannot be blocked); 2-D codes: one row per parameter
-        # row, blocks within rows (a DTensor parameter's local shard, see for_rows)
+        # row (or per run of a row, for a matrix sharded by columns), its blocks within it and their scales in the
+        # scale's row (a DTensor parameter's local shard, see for_rows): the block size is the codes' row over the
+        # scales' row
         if isinstance(stored, Tensor):
             return None, stored
         if stored.codes.dim() == 1:
             return self, stored
-        width = stored.codes.shape[1] * (2 if self.bits == 4 else 1)
-        enc = self.for_rows(width)
-        if enc is None:
-            raise ValueError(f"{self.name}: rows of {width} elements cannot be blocked (see for_rows)")
-        return enc, Quantized(stored.codes.view(-1), stored.scale.view(-1))
+        width, per_row = stored.codes.shape[1] * (2 if self.bits == 4 else 1), stored.scale.shape[1]
+        flat = Quantized(stored.codes.view(-1), stored.scale.view(-1))
+        if stored.codes.numel() == 0:  # (an empty shard: nothing to read)
+            return self, flat
+        if not per_row or width % per_row or not self._fits(width // per_row):
+            raise ValueError(
+                f"{self.name}: rows of {width} elements stored with {per_row} scales each are not whole blocks of 32 "
+                "or more elements (see for_rows)"
+            )
+        return self.with_block(width // per_row), flat
 
     def _ncodes(self, n: int) -> int:
         return (n + 1) // 2 if self.bits == 4 else n
