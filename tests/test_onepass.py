@@ -199,28 +199,105 @@ def test_encoded_adamw_steps_as_the_torch_op_path_within_the_codes(spec, kernels
         (p1, s1), (p2, s2) = [
             pureopt.step(tx, g, _copy(state), _copy(params), donate=("params", "state")) for tx in (mine, ref)
         ]
-        for k in params:
-            _close(p1[k], p2[k])
-        for field in ("exp_avg", "exp_avg_sq"):
-            for k in params:
-                a, b = getattr(s1, field)[k], getattr(s2, field)[k]
-                if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16:
-                    # (equal but where the float32 value, an ulp apart, rounds to the neighbouring bfloat16)
-                    assert int(_ulps(a.float(), b.float()).max()) <= 1 << 16
-                    assert int((a != b).sum()) <= max(2, a.numel() // 1000)
-                    continue
-                if not isinstance(a, Quantized):
-                    _close(a, b)
-                    continue
-                # same scales to the ulp; codes equal but where a value sat on a midpoint within that ulp: one step
-                torch.testing.assert_close(a.scale, b.scale, rtol=1e-6, atol=0)
-                ca, cb = a.codes.view(torch.uint8).long(), b.codes.view(torch.uint8).long()
-                if isinstance(spec, str) and spec == "q4":
-                    ca, cb = torch.stack((ca & 15, ca >> 4)), torch.stack((cb & 15, cb >> 4))
-                assert int((ca - cb).abs().max()) <= 1
-                assert int((ca != cb).sum()) <= max(2, ca.numel() // 1000)
+        _within_the_codes(p1, s1, p2, s2, spec)
         params, state = p2, s2
     assert len(kernels) == len(grads)
+
+
+def _within_the_codes(p1, s1, p2, s2, spec) -> None:
+    """AdamW's parameters within a few ulps and its fields within their encoding's rounding of each other."""
+    for k in p2:
+        _close(p1[k], p2[k])
+    for field in ("exp_avg", "exp_avg_sq"):
+        for k in p2:
+            a, b = getattr(s1, field)[k], getattr(s2, field)[k]
+            if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16:
+                # (equal but where the float32 value, an ulp apart, rounds to the neighbouring bfloat16)
+                assert int(_ulps(a.float(), b.float()).max()) <= 1 << 16
+                assert int((a != b).sum()) <= max(2, a.numel() // 1000)
+                continue
+            if not isinstance(a, Quantized):
+                _close(a, b)
+                continue
+            # same scales to the ulp; codes equal but where a value sat on a midpoint within that ulp: one step
+            torch.testing.assert_close(a.scale, b.scale, rtol=1e-6, atol=0)
+            ca, cb = a.codes.view(torch.uint8).long(), b.codes.view(torch.uint8).long()
+            if isinstance(spec, str) and spec == "q4":
+                ca, cb = torch.stack((ca & 15, ca >> 4)), torch.stack((cb & 15, cb >> 4))
+            assert int((ca - cb).abs().max()) <= 1
+            assert int((ca != cb).sum()) <= max(2, ca.numel() // 1000)
+
+
+def _compiled(step):
+    """``torch.compile(step, fullgraph=True)`` with inductor, and the names of the ops dynamo's graphs call."""
+    from torch._inductor.compile_fx import compile_fx
+
+    called: list[str] = []
+
+    def backend(gm, example_inputs):
+        called.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(step, fullgraph=True, backend=backend), called
+
+
+@pytest.mark.parametrize("spec,lr", [("q8", "tensor"), ("q8", "schedule"), ("q8", "number schedule"),
+                                     ("q4", "tensor"), ("fp8", "tensor"), ("bf16-sr", "tensor")])  # fmt: skip
+def test_compiled_donated_encoded_step_is_one_opaque_op_stepping_as_the_torch_op_path(spec, lr, kernels):
+    # under torch.compile (inductor, fullgraph) the donated step is one opaque op (pureopt::inplace_step) running
+    # the one-pass kernel, not the chunked codec ops; a learning rate changed in place between steps (or a schedule)
+    # reaches it without recompiles; each step from the same inputs as the torch-op path's, within the codes
+    params, grads = _problem(4)
+    rate = torch.tensor(1e-2)
+    # (a schedule of the count gives a tensor; one that ignores it, a Python number, which travels as a float64)
+    schedules = {"schedule": lambda count: 1e-2 / (1.0 + count), "number schedule": lambda count: 3e-3}
+    lr_arg = rate if lr == "tensor" else schedules[lr]
+    mine = pureopt.adamw(lr=lr_arg, weight_decay=0.1, state_dtype=spec)
+    ref = pureopt.adamw(lr=lr_arg, weight_decay=0.1, state_dtype=spec, impl="foreach")
+    compiled, called = _compiled(lambda g, s, p: pureopt.step(mine, g, s, p, donate=("params", "state")))
+    state = mine.init(params)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i, g in enumerate(grads):
+            rate.fill_(1e-2 * (i + 1))
+            p1, s1 = compiled(g, _copy(state), _copy(params))
+            p2, s2 = pureopt.step(ref, g, _copy(state), _copy(params), donate=("params", "state"))
+            _within_the_codes(p1, s1, p2, s2, spec)
+            params, state = p2, s2
+    assert [name for name in called if name.startswith("pureopt.")] == ["pureopt.inplace_step"], called
+    assert len(kernels) == len(grads), "the op did not take the one-pass kernel"
+
+
+def test_compiled_pure_encoded_step_keeps_the_traced_chunks():
+    # the pure step must not overwrite its inputs: traced, its codecs as chunk-sized opaque ops (no inplace_step)
+    params, grads = _problem(5)
+    tx = pureopt.adamw(lr=1e-2, state_dtype="q8")
+    compiled, called = _compiled(lambda g, s, p: pureopt.step(tx, g, s, p))
+    before = _copy(params)
+    compiled(grads[0], tx.init(params), params)
+    assert "pureopt.inplace_step" not in called and "pureopt.block_encode" in called, called
+    assert all(torch.equal(params[k], before[k]) for k in params)
+
+
+@pytest.mark.bitwise
+def test_compiled_donated_step_of_untraceable_math_steps_as_torch_optim(kernels):
+    # Rprop (a comparison: no one-pass kernel) with float32 fields, compiled donated: the op runs the chunked eager
+    # step, which steps as torch.optim.Rprop bit for bit
+    params, grads = _problem(6)
+    spec = dict.fromkeys(_fields(lambda sd: pureopt.rprop(lr=1e-2, state_dtype=sd)), torch.float32)
+    mine = pureopt.rprop(lr=1e-2, state_dtype=spec)
+    compiled, called = _compiled(lambda g, s, p: pureopt.step(mine, g, s, p, donate=("params", "state")))
+    p, s = _copy(params), mine.init(params)
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.Rprop(list(ref.values()), lr=1e-2, foreach=True)
+    for g in grads:
+        p, s = compiled(g, s, p)
+        for k, v in ref.items():
+            v.grad = g[k].clone()
+        opt.step()
+    assert kernels == [] and "pureopt.inplace_step" in called
+    for k in params:
+        torch.testing.assert_close(p[k], ref[k].detach(), rtol=0, atol=0)
 
 
 @pytest.mark.bitwise

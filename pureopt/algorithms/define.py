@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import inspect
 import math
 import textwrap
@@ -41,11 +42,12 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
+from pureopt import tree
 from pureopt.algorithms.storage import compute_dtype, parse_state_dtype, run_chunks
 from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_betas, check_lr, check_nonneg, resolve
 from pureopt.kernels import fused as _fused
-from pureopt.kernels import onepass
+from pureopt.kernels import onepass, step_op
 from pureopt.kernels import select as _select
 from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
 from pureopt.kernels.dtensor import (
@@ -56,7 +58,7 @@ from pureopt.kernels.dtensor import (
     row_sharding_problem,
     run_on_local_shards,
 )
-from pureopt.kernels.encoding import BlockEncoding, Encoding, FloatEncoding
+from pureopt.kernels.encoding import BlockEncoding, Encoding, FloatEncoding, Quantized
 from pureopt.kernels.listops import FOREACH, ListOps, ops_for
 from pureopt.kernels.select import check_impl, choose_impl
 from pureopt.transforms._util import copy_of, full, kernel_transform, step_init, zeros
@@ -265,6 +267,9 @@ def _encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None, whole:
     return stored
 
 
+_Plan = tuple[str, tuple[str, ...]]
+"""(an encoded step's key for :mod:`pureopt.kernels.step_op`, the names of its hyperparameters passed per call)"""
+
 _STEPS_BEFORE = "_steps_before"
 """(a column of the encoded step: the step counts before it, for torch's fused kernel)"""
 
@@ -336,6 +341,14 @@ def _row_block(enc: BlockEncoding, p: Any) -> BlockEncoding | None:
         if row_run_widths(p, (p.shape[0], width // divisor)) != [run // divisor for run in runs]:
             return None
     return block
+
+
+def _static(value: Any) -> bool:
+    """Whether a hyperparameter's value is a constant that names itself by ``repr`` (a number, flag, string,
+    dtype, ``None``, or a tuple of those)."""
+    if isinstance(value, tuple):
+        return all(map(_static, value))
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype))
 
 
 def _in_dtype(tensors: list[Tensor], dtype: torch.dtype | None) -> list[Tensor]:
@@ -623,6 +636,7 @@ class Algorithm:
         }
         for key, enc in encodings.items():
             inits[key] = functools.partial(_encoded_init, enc, inits[key], None if self.elementwise else self.name)
+        opaque = self._opaque_plan(given, encodings) if encodings and impl == "auto" else None
 
         def step(
             params: list[Tensor] | None,
@@ -640,7 +654,9 @@ class Algorithm:
                     return self.run(hs, impl, p, g, st, ctx, encodings, compute_dtype=compute, dtensors=dtensors)
 
                 return run_on_local_shards(local, params, grads, s)
-            return self.run(hs, impl, params, grads, s, ctx, encodings, compute_dtype=compute, counter=num_updates)
+            return self.run(
+                hs, impl, params, grads, s, ctx, encodings, compute_dtype=compute, counter=num_updates, opaque=opaque
+            )
 
         shared: dict[str, Callable[[torch.device], Tensor]] = {
             key: functools.partial(f.init, h) for key, f in self.globals.items()
@@ -657,6 +673,126 @@ class Algorithm:
         return _fused.mark_amp_native(tx) if self.amp_native else tx
 
     # --- the kernel -----------------------------------------------------------------------------------------------
+
+    def _opaque_plan(self, given: Mapping[str, Any], encodings: Mapping[str, Encoding]) -> _Plan | None:
+        """The encoded step of these hyperparameters and encodings registered as an opaque op's plan
+        (:mod:`pureopt.kernels.step_op`), named by everything static in them, and the names of the hyperparameters
+        given as tensors or schedules (their values travel with each call). ``None`` where some hyperparameter is
+        neither (the step is then traced)."""
+        static: dict[str, Any] = {}
+        dynamic: list[str] = []
+        for key, value in given.items():
+            if isinstance(value, Tensor) or callable(value):
+                dynamic.append(key)
+            elif _static(value):
+                static[key] = value
+            else:
+                return None
+        names = sorted((key, getattr(enc, "key", enc.name)) for key, enc in encodings.items())
+        math_name = f"{self.math.__module__}.{self.math.__qualname__}"
+        digest = hashlib.sha256(repr((math_name, sorted(static.items()), dynamic, names)).encode()).hexdigest()[:16]
+        body = functools.partial(self._opaque_body, static, dict(encodings))
+        return step_op.register(f"{self.name}/{digest}", body), tuple(dynamic)
+
+    def _opaque_step(
+        self,
+        plan: _Plan,
+        h: Hyper,
+        params: list[Tensor] | None,
+        grads: list[Tensor],
+        s: Mapping[str, list[Any]],
+        ctx: UpdateContext,
+        elem: list[str],
+        shared: Mapping[str, Any],
+        counter: Tensor | None,
+    ) -> tuple[list[Tensor] | None, dict[str, list[Any]]] | None:
+        """Under ``torch.compile``: the donated encoded step as one opaque op (:mod:`pureopt.kernels.step_op`),
+        which runs the eager step (one native pass per tile where :mod:`pureopt.kernels.onepass` takes the math)
+        and overwrites the parameters and the state; ``None`` where the step must be traced instead (not donated
+        or not applied, a torch.func transform, GradScaler, whole-tensor math, global state, leaf arguments,
+        DTensors, other devices)."""
+        if not (ctx.donate and ctx.apply and params is not None and self.elementwise and not shared):
+            return None
+        if self.leaf_args or ctx.extra_args or ctx.grad_scale is not None or ctx.found_inf is not None:
+            return None
+        if torch._C._functorch.maybe_current_level() is not None:
+            return None
+        tensors = [*params, *grads] + ([counter] if counter is not None else [])
+        if any(is_dtensor(t) or t.device.type != "cpu" for t in tensors):
+            return None
+        plan_key, dynamic = plan
+        extras: list[Tensor] = []
+        kinds = []
+        for key in dynamic:
+            value = getattr(h, key)
+            if isinstance(value, Tensor):
+                extras.append(value)
+                kinds.append(f"{key}:t")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                extras.append(torch.tensor(value, dtype=torch.float64))
+                kinds.append(f"{key}:f")
+            else:
+                return None
+        if counter is not None:
+            extras.append(counter)
+        state: list[Tensor] = []
+        entries = []
+        for key, values in s.items():
+            marks = ""
+            for v in values:
+                if isinstance(v, Tensor):
+                    state.append(v)
+                    marks += "t"
+                elif isinstance(v, Quantized):
+                    state.extend(v)
+                    marks += "q"
+                else:
+                    return None
+            entries.append(f"{key}:{marks}")
+        layout = "|".join([",".join(kinds), str(int(counter is not None)), ",".join(elem), ",".join(entries)])
+        step_op.inplace_step(plan_key, layout, params, grads, state, extras)
+        return None, dict(s)
+
+    def _opaque_body(
+        self,
+        static: dict[str, Any],
+        encodings: dict[str, Encoding],
+        layout: str,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: list[Tensor],
+        extras: list[Tensor],
+    ) -> None:
+        """The opaque op's eager step: the records rebuilt from ``layout`` (see :meth:`_opaque_step`), the donated
+        encoded step run, and whatever it returned as new tensors written into the ones passed in."""
+        kinds, has_counter, elem_names, entries = layout.split("|")
+        values = dict(static)
+        for spec, value in zip(filter(None, kinds.split(",")), extras):
+            key, kind = spec.split(":")
+            values[key] = value if kind == "t" else value.item()
+        counter = extras[-1] if has_counter == "1" else None
+        s: dict[str, list[Any]] = {}
+        at = 0
+        for entry in filter(None, entries.split(",")):
+            key, marks = entry.split(":")
+            s[key] = []
+            for mark in marks:
+                width = 2 if mark == "q" else 1
+                part = state[at : at + width]
+                s[key].append(Quantized(*part) if mark == "q" else part[0])
+                at += width
+        ctx = UpdateContext(tree.flatten(params)[1], donate=True, apply=True)
+        elem = list(filter(None, elem_names.split(",")))
+        updates, new = self._run_encoded(Hyper(**values), "auto", params, grads, s, ctx, encodings, elem, {}, counter)
+        if updates is not None:
+            torch._foreach_add_(params, updates)
+        for key, news in new.items():
+            if key not in s:
+                raise RuntimeError(f"{self.name}'s encoded step returned a field ({key}) its state does not keep")
+            for old, now in zip(s[key], news):
+                for a, b in zip(*((old, now) if isinstance(old, Quantized) else ((old,), (now,)))):
+                    if b is not a:
+                        a.copy_(b)
 
     def _run_encoded(
         self,
@@ -748,11 +884,13 @@ class Algorithm:
         compute_dtype: torch.dtype | None = None,
         dtensors: list[Tensor] | None = None,
         counter: Tensor | None = None,
+        opaque: _Plan | None = None,
     ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         """One step over the leaves that have a gradient (``s``: the kept state fields' lists; ``encodings``: how
         the encoded ones are stored, see :mod:`pureopt.algorithms.storage`; ``compute_dtype``: the dtype to compute
         in where no per-element field fixes it, i.e. ``state_dtype`` of an algorithm that keeps none; ``dtensors``:
-        see ``local_shards``; ``counter``: the update count, keying stochastically rounded state)."""
+        see ``local_shards``; ``counter``: the update count, keying stochastically rounded state; ``opaque``: the
+        plan of the encoded step as one opaque op under ``torch.compile``, see :meth:`_opaque_plan`)."""
         if not self.dtensor and any(map(is_dtensor, grads)):
             raise NotImplementedError(
                 f"{self.name} does not support DTensor (FSDP2 / tensor-parallel) parameters yet: its math mixes "
@@ -787,6 +925,10 @@ class Algorithm:
         if encodings:
             if impl == "fused":
                 raise RuntimeError("impl='fused' is not available with encoded state (state_dtype=); use 'auto'")
+            if opaque is not None and torch.compiler.is_compiling():
+                taken = self._opaque_step(opaque, h, params, grads, s, ctx, elem, shared, counter)
+                if taken is not None:
+                    return taken
             return self._run_encoded(h, impl, params, grads, s, ctx, encodings, elem, shared, counter)
         if self.fused is not None and impl in ("auto", "fused") and (self.fused_when is None or self.fused_when(h)):
             lists = [s[key] for key in self.fused_state if key in s] or [grads]  # (no state kept: plan on grads)
