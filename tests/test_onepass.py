@@ -268,15 +268,25 @@ def test_compiled_donated_encoded_step_is_one_opaque_op_stepping_as_the_torch_op
     assert len(kernels) == len(grads), "the op did not take the one-pass kernel"
 
 
-def test_compiled_pure_encoded_step_keeps_the_traced_chunks():
-    # the pure step must not overwrite its inputs: traced, its codecs as chunk-sized opaque ops (no inplace_step)
+@pytest.mark.parametrize("spec", ["q8", "bf16-sr"])
+def test_compiled_pure_encoded_step_is_one_op_returning_new_state(spec, kernels):
+    # the pure step, compiled: one opaque op (pureopt::step) that runs the eager pure step and returns the updates
+    # and the new state; nothing passed in changes; each step within the codes of the torch-op path's
     params, grads = _problem(5)
-    tx = pureopt.adamw(lr=1e-2, state_dtype="q8")
-    compiled, called = _compiled(lambda g, s, p: pureopt.step(tx, g, s, p))
-    before = _copy(params)
-    compiled(grads[0], tx.init(params), params)
-    assert "pureopt.inplace_step" not in called and "pureopt.block_encode" in called, called
-    assert all(torch.equal(params[k], before[k]) for k in params)
+    mine = pureopt.adamw(lr=1e-2, weight_decay=0.1, state_dtype=spec)
+    ref = pureopt.adamw(lr=1e-2, weight_decay=0.1, state_dtype=spec, impl="foreach")
+    compiled, called = _compiled(lambda g, s, p: pureopt.step(mine, g, s, p))
+    state = mine.init(params)
+    for g in grads:
+        before = (_copy(params), _copy(state))
+        p1, s1 = compiled(g, state, params)
+        same = pureopt.tree.tree_map(lambda a, b: torch.equal(a, b), (params, state), before)
+        assert all(pureopt.tree.flatten(same)[0]), "the pure step wrote its inputs"
+        p2, s2 = pureopt.step(ref, g, _copy(state), _copy(params))
+        _within_the_codes(p1, s1, p2, s2, spec)
+        params, state = p2, s2
+    assert [name for name in called if name.startswith("pureopt.")] == ["pureopt.step"], called
+    assert len(kernels) == len(grads)
 
 
 @pytest.mark.bitwise

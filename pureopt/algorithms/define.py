@@ -343,6 +343,11 @@ def _row_block(enc: BlockEncoding, p: Any) -> BlockEncoding | None:
     return block
 
 
+def _parts(entry: Any) -> tuple[Tensor, ...]:
+    """The tensors of a state entry: a record's parts, or the tensor itself."""
+    return tuple(entry) if isinstance(entry, Quantized) else (entry,)
+
+
 def _static(value: Any) -> bool:
     """Whether a hyperparameter's value is a constant that names itself by ``repr`` (a number, flag, string,
     dtype, ``None``, or a tuple of those)."""
@@ -706,20 +711,23 @@ class Algorithm:
         shared: Mapping[str, Any],
         counter: Tensor | None,
     ) -> tuple[list[Tensor] | None, dict[str, list[Any]]] | None:
-        """Under ``torch.compile``: the donated encoded step as one opaque op (:mod:`pureopt.kernels.step_op`),
-        which runs the eager step (one native pass per tile where :mod:`pureopt.kernels.onepass` takes the math)
-        and overwrites the parameters and the state; ``None`` where the step must be traced instead (not donated
-        or not applied, a torch.func transform, GradScaler, whole-tensor math, global state, leaf arguments,
-        DTensors, other devices)."""
-        if not (ctx.donate and ctx.apply and params is not None and self.elementwise and not shared):
+        """Under ``torch.compile``: the encoded step as one opaque op (:mod:`pureopt.kernels.step_op`), which runs
+        the eager step (one native pass per tile where :mod:`pureopt.kernels.onepass` takes the math): donated and
+        applied, overwriting the parameters and the state; pure (float32 parameters), returning the updates and
+        the new state. ``None`` where the step must be traced instead (donated but not applied, a torch.func
+        transform, autograd, GradScaler, whole-tensor math, global state, leaf arguments, DTensors, other
+        devices)."""
+        if not (params is not None and self.elementwise and not shared) or ctx.donate != ctx.apply:
             return None
         if self.leaf_args or ctx.extra_args or ctx.grad_scale is not None or ctx.found_inf is not None:
             return None
-        if torch._C._functorch.maybe_current_level() is not None:
-            return None
+        if torch._C._functorch.maybe_current_level() is not None or _select.autograd_recording([*grads, *params]):
+            return None  # (recorded by autograd: the traced step refuses it)
         tensors = [*params, *grads] + ([counter] if counter is not None else [])
         if any(is_dtensor(t) or t.device.type != "cpu" for t in tensors):
             return None
+        if not ctx.donate and any(t.dtype != torch.float32 for t in (*params, *grads)):
+            return None  # (pure: the op's outputs are shaped as its inputs; updates of float32 parameters only)
         plan_key, dynamic = plan
         extras: list[Tensor] = []
         kinds = []
@@ -750,8 +758,16 @@ class Algorithm:
                     return None
             entries.append(f"{key}:{marks}")
         layout = "|".join([",".join(kinds), str(int(counter is not None)), ",".join(elem), ",".join(entries)])
-        step_op.inplace_step(plan_key, layout, params, grads, state, extras)
-        return None, dict(s)
+        if ctx.donate:
+            step_op.inplace_step(plan_key, layout, params, grads, state, extras)
+            return None, dict(s)
+        outs = step_op.step(plan_key, layout, params, grads, state, extras)
+        updates, rest = outs[: len(params)], iter(outs[len(params) :])
+        new = {
+            key: [Quantized(next(rest), next(rest)) if isinstance(v, Quantized) else next(rest) for v in values]
+            for key, values in s.items()
+        }
+        return updates, new
 
     def _opaque_body(
         self,
@@ -762,9 +778,11 @@ class Algorithm:
         grads: list[Tensor],
         state: list[Tensor],
         extras: list[Tensor],
-    ) -> None:
-        """The opaque op's eager step: the records rebuilt from ``layout`` (see :meth:`_opaque_step`), the donated
-        encoded step run, and whatever it returned as new tensors written into the ones passed in."""
+        donate: bool = True,
+    ) -> list[Tensor] | None:
+        """The opaque op's eager step: the records rebuilt from ``layout`` (see :meth:`_opaque_step`) and the
+        encoded step run; donated, whatever it returned as new tensors is written into the ones passed in; pure,
+        the updates and the new state's tensors (in ``state``'s order, none of them an input) are returned."""
         kinds, has_counter, elem_names, entries = layout.split("|")
         values = dict(static)
         for spec, value in zip(filter(None, kinds.split(",")), extras):
@@ -781,18 +799,26 @@ class Algorithm:
                 part = state[at : at + width]
                 s[key].append(Quantized(*part) if mark == "q" else part[0])
                 at += width
-        ctx = UpdateContext(tree.flatten(params)[1], donate=True, apply=True)
+        ctx = UpdateContext(tree.flatten(params)[1], donate=donate, apply=donate)
         elem = list(filter(None, elem_names.split(",")))
         updates, new = self._run_encoded(Hyper(**values), "auto", params, grads, s, ctx, encodings, elem, {}, counter)
+        if any(key not in s for key in new):
+            raise RuntimeError(
+                f"{self.name}'s encoded step returned a field its state does not keep ({set(new) - set(s)})"
+            )
+        if not donate:
+            assert updates is not None
+            inputs = {id(t) for t in (*params, *grads, *state)}
+            outs = [*updates, *(t for key in s for entry in new.get(key, s[key]) for t in _parts(entry))]
+            return [t.clone() if id(t) in inputs else t for t in outs]  # (an op's outputs never alias its inputs)
         if updates is not None:
             torch._foreach_add_(params, updates)
         for key, news in new.items():
-            if key not in s:
-                raise RuntimeError(f"{self.name}'s encoded step returned a field ({key}) its state does not keep")
             for old, now in zip(s[key], news):
-                for a, b in zip(*((old, now) if isinstance(old, Quantized) else ((old,), (now,)))):
+                for a, b in zip(_parts(old), _parts(now)):
                     if b is not a:
                         a.copy_(b)
+        return None
 
     def _run_encoded(
         self,
