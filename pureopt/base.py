@@ -126,6 +126,10 @@ class UpdateContext:
         flat-buffer layout): ``segments[i]`` are the element counts of the parameters in leaf ``i``, in order.
         A transformation with per-tensor math (norms, trust ratios) computes it per segment; only those that
         declare it (:func:`is_segmentwise`) are run this way. ``None``: every leaf is one parameter.
+      streams: set on the lists a kernel gets (the leaves that have a gradient): each one's position among all
+        the transformation's leaves, a per-tensor identity that does not depend on which leaves a call steps (a
+        DDP bucket, one parameter in backward, a parameter without a gradient): stochastic rounding keys its
+        random bits by it. ``None``: the lists' own positions.
 
     ``grad_scale`` and ``found_inf`` are set only with ``donate=True``, by an adapter driven by GradScaler
     (:func:`pureopt.adapters._amp.donated_step`), and only for transformations registered as handling them
@@ -139,6 +143,7 @@ class UpdateContext:
     grad_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
     segments: Sequence[Sequence[int]] | None = None
+    streams: Sequence[int] | None = None
 
     def segments_of(self, indices: Sequence[int]) -> list[Sequence[int]] | None:
         """The segments of the leaves at ``indices`` (``None`` when the leaves are not flat buffers)."""

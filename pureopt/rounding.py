@@ -15,6 +15,7 @@ so a sharded run rounds exactly as an unsharded one would (other placements are 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, NamedTuple
 
 import torch
@@ -101,8 +102,11 @@ def stochastic_rounding(inner: GradientTransformation, seed: int = 0) -> Gradien
         inner_updates, new_inner = fn(updates, state.inner_state, params, inner_context(ctx, allow_apply=False))
         out = list(returned(inner_updates))
         apply = ctx.apply and ctx.donate
-        offset = 0
-        for i, (p, u) in enumerate(zip(params, out)):
+        # (each parameter's elements are keyed by their places in all the parameters one after the other, every
+        # parameter counted, so that the bits do not depend on which ones a call steps: a DDP bucket, a parameter
+        # without a gradient)
+        offsets = itertools.accumulate((0 if p is None else p.numel() for p in params), initial=0)
+        for i, (p, u, offset) in enumerate(zip(params, out, offsets)):
             if u is None or p is None or p.dtype not in _ROUNDED:
                 continue
             sharded = is_dtensor(p)
@@ -116,7 +120,6 @@ def stochastic_rounding(inner: GradientTransformation, seed: int = 0) -> Gradien
             stochastic_round_into(new_p.view(-1), total.reshape(-1), state.key, state.counter, offset + starts[i])
             if apply and not into:
                 here.copy_(new_p)
-            offset += p.numel()
             if apply:
                 out[i] = None  # written: nothing left to add
             else:

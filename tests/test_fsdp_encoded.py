@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 from _dist import WORLD, dcp_load, dcp_save, launch, unsharded_trajectory
+from _encoded import SPECS, TOL_FP32, TOL_SAME, distance
 from torch import nn
 
 import pureopt
@@ -35,17 +36,7 @@ STEPS = 6
 RESUME_AT = 3
 LR = 1e-2
 GLOBAL_BATCH = 16
-SPECS = ["q8", "q4", "bf16-sr"]
-# L2 distance from torch.optim.AdamW's fp32 run / the distance that run moved the parameters
-TOL_FP32 = {"q8": 0.1, "q4": 0.5, "bf16-sr": 0.05}
-# ... and from the unsharded run of the same encodings: a code flip from the gradients' summation order moves an
-# element by up to a code step; stochastic rounding (the same bits) flips a rounding where the value it rounds moved by
-# an ulp with probability ~2**-16 per ulp, element and step (measured: none in one run, two in another, 3e-5 apart)
-TOL_SAME = {"q8": 1e-3, "q4": 1e-3, "bf16-sr": 1e-4}
-
-
 COLUMN_SPECS = ["q8", "q4", "bf16"]
-TOL_FP32["bf16"], TOL_SAME["bf16"] = 0.05, 1e-3
 
 
 def spec_of(run: str) -> str:
@@ -394,10 +385,6 @@ class RowBlockedAdamW(torch.optim.Optimizer):
             p.copy_(new[0])
 
 
-def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return float(sum((x - y).square().sum() for x, y in zip(a, b)).sqrt())
-
-
 RUNS = [*SPECS, "q8-hsdp", "q8-flat", *(f"{spec}-columns" for spec in COLUMN_SPECS)]
 
 
@@ -411,11 +398,11 @@ def test_encoded_state_on_fsdp2_tracks_the_unsharded_runs(job: list[dict[str, An
     for rank in range(WORLD):
         got = job[rank][run]["trajectory"]
         for step in range(STEPS):
-            moved = _distance(fp32[step], start)
-            assert _distance(got[step], fp32[step]) <= TOL_FP32[spec] * moved, (spec, step)
+            moved = distance(fp32[step], start)
+            assert distance(got[step], fp32[step]) <= TOL_FP32[spec] * moved, (spec, step)
             # the same encodings unsharded: only the gradients' summation order differs (a code may flip; stochastic
             # rounding's bits are keyed by each element's place in the whole parameter, as unsharded)
-            assert _distance(got[step], same_blocks[step]) <= TOL_SAME[spec] * moved, (spec, step)
+            assert distance(got[step], same_blocks[step]) <= TOL_SAME[spec] * moved, (spec, step)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -501,7 +488,7 @@ def test_encoded_state_checkpoint_from_two_ranks_resumes_on_one(
     start = [p.detach().clone() for p in make_net(run.endswith("columns")).parameters()]
     want = job[0][run]["trajectory"][RESUME_AT:]
     for got, ref in zip(one_rank[run], want):
-        assert _distance(got, ref) <= TOL_SAME[spec] * _distance(ref, start), run
+        assert distance(got, ref) <= TOL_SAME[spec] * distance(ref, start), run
 
 
 def test_column_sharded_checkpoint_with_other_blocks_at_one_rank_is_refused(one_rank: dict[str, Any]) -> None:
@@ -516,7 +503,7 @@ def test_pure_step_with_encoded_state_on_fsdp2_tracks_the_unsharded_run(job: lis
     same_blocks = unsharded(lambda ps: RowBlockedAdamW(ps, "q8"))
     for rank in range(WORLD):
         for step, got in enumerate(job[rank]["pure-q8"]):
-            assert _distance(got, same_blocks[step]) <= 1e-3 * _distance(same_blocks[step], start)
+            assert distance(got, same_blocks[step]) <= 1e-3 * distance(same_blocks[step], start)
 
 
 @pytest.mark.parametrize(

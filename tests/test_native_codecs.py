@@ -225,29 +225,35 @@ def test_fp8_encode_rounds_as_the_cast_at_every_value_and_tie(name, path):
 @pytest.mark.bitwise
 @pytest.mark.parametrize("donate", [True, False])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_stochastic_rounding_of_bf16_params_follows_the_rule(donate, transposed, path):
+@pytest.mark.parametrize("skip", [False, True], ids=["all", "a-without-gradient"])
+def test_stochastic_rounding_of_bf16_params_follows_the_rule(donate, transposed, skip, path):
     # stochastic_rounding(sgd) on bf16 parameters: p <- SR(float32(p) - lr * float32(g)) with the bits of place
-    # offset + k (offset: the elements of the parameters before it; k in the logical order, also for a transposed
-    # parameter), key = seed, counter = the step
+    # offset + k (offset: the elements of all the parameters before it, stepped or not, so that a parameter's bits
+    # do not depend on which others a call steps; k in the logical order, also for a transposed parameter),
+    # key = seed, counter = the step
     seed, lr = 77, 0.25  # (a power of two: the inner bf16 update -lr * g is exact)
     g = torch.Generator().manual_seed(5)
     b = torch.randn(51, 20, generator=g).bfloat16().t() if transposed else torch.randn(20, 51, generator=g).bfloat16()
     params = {"a": torch.randn(33, generator=g).bfloat16(), "b": b}
     grads = {k: torch.randn(v.shape, generator=g).bfloat16() for k, v in params.items()}
+    given = {**grads, "a": None} if skip else grads
     tx = pureopt.stochastic_rounding(pureopt.sgd(lr=lr), seed=seed)
     mine = {k: v.clone() for k, v in params.items()}
     state = tx.init(mine)
     for _ in range(2):  # (the second step: counter 1)
         if donate:
-            state = pureopt.inplace_step(tx, grads, state, mine)
+            state = pureopt.inplace_step(tx, given, state, mine)
         else:
-            updates, state = tx.update(grads, state, mine)
+            updates, state = tx.update(given, state, mine)
             mine = pureopt.apply_updates(mine, updates)
     want = {k: v.clone() for k, v in params.items()}
     for counter in range(2):
         s = _fmix32(_fmix32(seed) ^ counter)
         offset = 0
         for k in ("a", "b"):
+            if given[k] is None:  # (not stepped; its elements still count)
+                offset += want[k].numel()
+                continue
             total = (want[k].float() - lr * grads[k].float()).reshape(-1)
             pattern = total.view(torch.int32).tolist()
             out = []

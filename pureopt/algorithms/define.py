@@ -757,7 +757,8 @@ class Algorithm:
                 else:
                     return None
             entries.append(f"{key}:{marks}")
-        layout = "|".join([",".join(kinds), str(int(counter is not None)), ",".join(elem), ",".join(entries)])
+        streams = ",".join(map(str, ctx.streams if ctx.streams is not None else range(len(grads))))
+        layout = "|".join([",".join(kinds), str(int(counter is not None)), ",".join(elem), ",".join(entries), streams])
         if ctx.donate:
             step_op.inplace_step(plan_key, layout, params, grads, state, extras)
             return None, dict(s)
@@ -783,7 +784,7 @@ class Algorithm:
         """The opaque op's eager step: the records rebuilt from ``layout`` (see :meth:`_opaque_step`) and the
         encoded step run; donated, whatever it returned as new tensors is written into the ones passed in; pure,
         the updates and the new state's tensors (in ``state``'s order, none of them an input) are returned."""
-        kinds, has_counter, elem_names, entries = layout.split("|")
+        kinds, has_counter, elem_names, entries, streams = layout.split("|")
         values = dict(static)
         for spec, value in zip(filter(None, kinds.split(",")), extras):
             key, kind = spec.split(":")
@@ -799,7 +800,12 @@ class Algorithm:
                 part = state[at : at + width]
                 s[key].append(Quantized(*part) if mark == "q" else part[0])
                 at += width
-        ctx = UpdateContext(tree.flatten(params)[1], donate=donate, apply=donate)
+        ctx = UpdateContext(
+            tree.flatten(params)[1],
+            donate=donate,
+            apply=donate,
+            streams=[int(i) for i in filter(None, streams.split(","))],
+        )
         elem = list(filter(None, elem_names.split(",")))
         updates, new = self._run_encoded(Hyper(**values), "auto", params, grads, s, ctx, encodings, elem, {}, counter)
         if any(key not in s for key in new):
@@ -858,7 +864,7 @@ class Algorithm:
             make = functools.partial(Kernel, ops=FOREACH, h=h, donate=True, own=True, coef=coef,
                                      segments=None, extra=ctx.extra_args)  # fmt: skip
             done = onepass.run(self.math, make, params, grads, fields, encodings, columns, donate=donate, apply=apply,
-                               counter=counter)  # fmt: skip
+                               counter=counter, streams=ctx.streams)  # fmt: skip
             if done is not None:
                 return done[0], {**out, **done[1]}
         # torch's fused kernel on each chunk's decoded state where it would run on plain state (one call instead of
@@ -894,7 +900,7 @@ class Algorithm:
 
         updates, new_fields = run_chunks(
             body, ops, params, grads, fields, encodings, columns, donate=donate, apply=apply,
-            elementwise=self.elementwise, counter=counter,
+            elementwise=self.elementwise, counter=counter, streams=ctx.streams,
         )  # fmt: skip
         return updates, {**out, **new_fields, **globals_out}
 

@@ -129,13 +129,15 @@ def run_chunks(
     apply: bool,
     elementwise: bool,
     counter: Tensor | None = None,
+    streams: Sequence[int] | None = None,
 ) -> tuple[list[Tensor] | None, dict[str, list[Any]]]:
     """One step over encoded (and plain) per-element state fields, chunk by chunk (see module docstring).
 
     ``fields``: each per-element field's stored values (encoded records for the fields in ``encodings``, tensors
     otherwise); ``columns``: per-tensor values (one per parameter); ``counter``: the transformation's update count
-    (keys stochastically rounding encodings, with the tensor's position). Returns the updates (``None`` when
-    ``apply``: added to the parameters) and the new stored fields.
+    (keys stochastically rounding encodings, with the tensor's stream: ``streams[i]``, else its position; see
+    ``UpdateContext.streams``). Returns the updates (``None`` when ``apply``: added to the parameters) and the new
+    stored fields.
     """
     tensors = [*grads, *(params or [])]
     if any(t.is_complex() for t in tensors):
@@ -221,7 +223,8 @@ def run_chunks(
                 if (enc := encs[key][i]) is None:
                     _view(out_flat[key][i], lo, hi, whole).copy_(v)
                 else:
-                    token = enc.encode_into(out_flat[key][i], lo, v.reshape(-1), counter, i, starts[i])
+                    stream = streams[i] if streams is not None else i
+                    token = enc.encode_into(out_flat[key][i], lo, v.reshape(-1), counter, stream, starts[i])
                     after += [] if token is None else [token]
     out = {
         key: list(values)

@@ -205,7 +205,8 @@ class Encoding:
     ) -> Tensor | None:
         """Write the flat values ``x`` into elements ``lo:lo + x.numel()`` of ``stored`` (``lo`` a block start).
 
-        ``counter`` (0-d int64, advancing every step), ``stream`` (the tensor's position) and the elements' places
+        ``counter`` (0-d int64, advancing every step), ``stream`` (the tensor's position among the transformation's
+        parameters, ``UpdateContext.streams``) and the elements' places
         ``at + lo + k`` in the whole tensor (``at``: a shard's offset) key the random bits of a stochastically
         rounding encoding; the others ignore them. Returns an ordering token when the write is an opaque op of a
         traced step, else ``None``."""

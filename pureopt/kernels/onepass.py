@@ -569,12 +569,13 @@ def run(
     donate: bool,
     apply: bool,
     counter: Tensor | None = None,
+    streams: Sequence[int] | None = None,
 ) -> tuple[list[Tensor] | None, dict[str, list[Any]]] | None:
     """One step over encoded (and plain float32) per-element fields in one pass per tensor; ``None`` where the
     kernel cannot take it (the caller runs the chunked path). Same contract as
     :func:`pureopt.algorithms.storage.run_chunks`: the updates (``None`` when ``apply``: added into the parameters)
     and the new stored fields (the stored ones themselves when ``donate``); ``counter`` keys stochastic rounding
-    (with the tensor's position and each element's place, as there)."""
+    (with the tensor's stream, ``streams[i]`` or its position, and each element's place, as there)."""
     if not eligible(params, grads) or (params is not None and len(params) != len(grads)):
         return None
     # bfloat16 parameters: the math returns the update, which the kernel adds and rounds to nearest (p.add_(u))
@@ -618,7 +619,8 @@ def run(
                 out = local_enc.like(local)
             rounding = None
             if isinstance(local_enc, FloatEncoding) and local_enc.stochastic and counter is not None:
-                seeds = plain_seeds(torch.tensor(local_enc.stream_key(i), dtype=torch.int64), counter)
+                stream = streams[i] if streams is not None else i
+                seeds = plain_seeds(torch.tensor(local_enc.stream_key(stream), dtype=torch.int64), counter)
                 if seeds is None:
                     return None
                 rounding = (*seeds, starts[i] & _M32)

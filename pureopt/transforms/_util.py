@@ -191,7 +191,8 @@ def kernel_transform(
         diff = torch.is_grad_enabled() and autograd_recording(
             [*(sub_params or []), *sub_grads, *(t for values in sub.values() for t in values)]
         )
-        step_ctx = ctx if ctx.segments is None else ctx.but(segments=ctx.segments_of(idx))
+        step_ctx = ctx.but(streams=[ctx.streams[i] for i in idx] if ctx.streams is not None else idx)
+        step_ctx = step_ctx if ctx.segments is None else step_ctx.but(segments=ctx.segments_of(idx))
         if leaf_args:
             step_ctx = step_ctx.but(extra_args={**ctx.extra_args, **_leaf_args(ctx, leaf_args, idx, sub_grads)})
         with differentiating(diff):
