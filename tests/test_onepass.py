@@ -289,6 +289,23 @@ def test_compiled_pure_encoded_step_is_one_op_returning_new_state(spec, kernels)
     assert len(kernels) == len(grads)
 
 
+def test_compiled_step_of_a_transformation_built_while_tracing_takes_the_traced_chunks():
+    # inject_hyperparams builds its inner transformation inside the traced update: no opaque step is registered
+    # there (its key is a hash dynamo cannot trace); the step is traced chunk by chunk, within the codes of the
+    # eager torch-op path's
+    params, grads = _problem(7)
+    mine = pureopt.inject_hyperparams(pureopt.adamw)(lr=1e-2, state_dtype="q8")
+    ref = pureopt.inject_hyperparams(pureopt.adamw)(lr=1e-2, state_dtype="q8", impl="foreach")
+    compiled, called = _compiled(lambda g, s, p: pureopt.step(mine, g, s, p, donate=("params", "state")))
+    state = mine.init(params)
+    for g in grads:
+        p1, s1 = compiled(g, _copy(state), _copy(params))
+        p2, s2 = pureopt.step(ref, g, _copy(state), _copy(params), donate=("params", "state"))
+        _within_the_codes(p1, s1.inner_state, p2, s2.inner_state, "q8")
+        params, state = p2, s2
+    assert "pureopt.inplace_step" not in called and "pureopt.block_encode" in called, called
+
+
 @pytest.mark.bitwise
 def test_compiled_donated_step_of_untraceable_math_steps_as_torch_optim(kernels):
     # Rprop (a comparison: no one-pass kernel) with float32 fields, compiled donated: the op runs the chunked eager

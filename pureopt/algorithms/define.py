@@ -641,7 +641,9 @@ class Algorithm:
         }
         for key, enc in encodings.items():
             inits[key] = functools.partial(_encoded_init, enc, inits[key], None if self.elementwise else self.name)
-        opaque = self._opaque_plan(given, encodings) if encodings and impl == "auto" else None
+        # (built while dynamo traces, e.g. inside inject_hyperparams: no opaque step, whose key is hashed)
+        eager = not torch.compiler.is_compiling()
+        opaque = self._opaque_plan(given, encodings) if encodings and impl == "auto" and eager else None
 
         def step(
             params: list[Tensor] | None,
