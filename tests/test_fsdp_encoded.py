@@ -240,7 +240,8 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
 def refused(rank: int) -> dict[str, str | None]:
     """What encoded state refuses on DTensors (at init, before anything is made): stochastically rounded state on
     matrices sharded by columns (its random bits are keyed by places in the whole parameter), and block encodings
-    on a tensor split within its rows other than by a matrix's columns (a 3-D tensor by its last dimension)."""
+    on a tensor split within its rows other than by a matrix's columns (a 3-D tensor by its last dimension); and
+    what it takes there (float state on any split, rows strided over the ranks, rows of no elements)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -248,6 +249,7 @@ def refused(rank: int) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     mesh = init_device_mesh("cpu", (WORLD,))
     cube = distribute_tensor(torch.randn(4, 6, 64), mesh, [Shard(2)])
+    empty = distribute_tensor(torch.randn(4, 0), mesh, [Shard(0)])
     # rows split as FSDP2 splits a tensor-parallel Shard(0) matrix: each rank's rows are not consecutive, so rows
     # are whole (blocks work) but the elements' places are not one run (stochastic rounding cannot key them)
     strided = _StridedShard(0, split_factor=2)
@@ -263,6 +265,8 @@ def refused(rank: int) -> dict[str, str | None]:
             sharded_net(columns=True).parameters(), pureopt.adamw, lr=LR, state_dtype="bf16-sr"
         ),
         "q8-last-dim": lambda: pureopt.adamw(lr=LR, state_dtype="q8").init([cube]),
+        "bf16-last-dim": lambda: pureopt.adamw(lr=LR, state_dtype="bf16").init([cube]),  # (elementwise: taken)
+        "q8-empty-rows": lambda: pureopt.adamw(lr=LR, state_dtype="q8").init([empty]),  # (rows of no elements)
     }
     for name, make in cases.items():
         try:
@@ -464,7 +468,8 @@ def test_encoded_state_refusals_on_dtensors_name_the_placement(job: list[dict[st
         assert "keyed by each element's place" in refusals["bf16-sr-columns"]
         assert "Shard(dim=1)" in refusals["bf16-sr-columns"] and "'bf16'" in refusals["bf16-sr-columns"]
         assert "split within its rows" in refusals["q8-last-dim"] and "Shard(dim=2)" in refusals["q8-last-dim"]
-        assert refusals["q8-strided-rows"] is None
+        assert refusals["q8-strided-rows"] is None and refusals["bf16-last-dim"] is None
+        assert refusals["q8-empty-rows"] is None
         assert "not sharded by rows" in (refusals["sr-strided-rows"] or ""), refusals["sr-strided-rows"]
         assert "NovoGrad's reaches over whole parameters" in job[rank]["novograd_error"]
 

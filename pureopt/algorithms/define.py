@@ -289,7 +289,7 @@ def _sharded_encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None
                 f"them sharded by rows (Shard(0), as FSDP2 does): its random bits are keyed by each element's place "
                 f"in the whole parameter; {problem}: give state rounded to nearest instead, e.g. state_dtype='bf16'"
             )
-    elif (problem := row_runs_problem(p)) is not None:
+    elif isinstance(enc, BlockEncoding) and (problem := row_runs_problem(p)) is not None:
         raise ValueError(
             "encoded optimizer state (state_dtype=) on DTensor parameters needs each rank's shard to hold whole "
             f"rows or, for a matrix, whole runs of its rows (Shard(0), Shard(1)); {problem}: give a float dtype, "
@@ -326,7 +326,7 @@ def _row_block(enc: BlockEncoding, p: Any) -> BlockEncoding | None:
     others flattened; a 1-D parameter has none) where they divide every rank's run of a row, else those for the
     greatest common divisor of the runs (a matrix sharded by columns). DTensor must split the codes and the scales
     (shaped ``rows x width``, ``rows x width / block``) as it splits ``p``, else the field is kept too."""
-    if p.dim() < 2 or not p.shape[0]:
+    if p.dim() < 2 or not p.numel():
         return None
     width = p.numel() // p.shape[0]
     runs = row_run_widths(p)
