@@ -168,17 +168,39 @@ def make_set(shapes: list[tuple[int, ...]], seed: int) -> tuple[list[torch.Tenso
     return params, grads
 
 
-def pureopt_row(algo: str, storage: str, shapes: list[tuple[int, ...]], memory: bool) -> tuple[Row, Callable | None]:
-    """Measure a pureopt row; return it and its donated step (for timing), or None if refused."""
+def compiled_row(
+    row: Row, tx: Any, params: list[torch.Tensor], grads: list[torch.Tensor], state: Any
+) -> tuple[Row, Callable]:
+    """The donated step of ``row``'s optimizer under ``torch.compile(fullgraph=True)`` (inductor), as a row of its
+    own (compiled on its first call, a warm-up round; its own copy of the parameters and state)."""
+    params = [p.clone() for p in params]
+    state = pureopt.tree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, state)
+    fn = torch.compile(lambda g, s, p: pureopt.inplace_step(tx, g, s, p), fullgraph=True)
+    holder = {"state": state}
+
+    def compiled() -> None:
+        holder["state"] = fn(grads, holder["state"], params)
+
+    out = Row(f"{row.name} compiled", row.algo, row.storage, state_bytes=row.state_bytes)
+    out.note = "torch.compile(fullgraph=True), inductor; donated step"
+    return out, compiled
+
+
+def pureopt_row(
+    algo: str, storage: str, shapes: list[tuple[int, ...]], memory: bool, compiled: bool = False
+) -> tuple[Row, Callable | None, tuple[Row, Callable] | None]:
+    """Measure a pureopt row; return it, its donated step (for timing; None if refused) and, with ``compiled``,
+    the compiled donated step's row and step."""
     row = Row(f"pureopt {algo} {storage}", algo, storage)
     try:
         tx = ALGOS[algo](STORAGES[storage])
     except (ValueError, TypeError) as exc:
         row.note = f"refused: {exc}"
-        return row, None
+        return row, None, None
     params, grads = make_set(shapes, 0)
     state = tx.init(params)
     row.state_bytes = tree_state_bytes(state)
+    traced = compiled_row(row, tx, params, grads, state) if compiled else None
     holder = {"state": pureopt.inplace_step(tx, grads, state, params)}  # warm-up step
 
     def donated() -> None:
@@ -192,7 +214,7 @@ def pureopt_row(algo: str, storage: str, shapes: list[tuple[int, ...]], memory: 
             return pureopt.apply_updates(params, updates), new_state
 
         row.pure_peak, row.pure_outputs = transient_peak(pure)
-    return row, donated
+    return row, donated, traced
 
 
 def external_rows(
@@ -356,6 +378,9 @@ def main() -> None:
         help="run torchao's rows compiled, as it ships (its first steps compile for minutes); default: eager, untimed",
     )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled transient measurements")
+    parser.add_argument(
+        "--compiled", action="store_true", help="also time each AdamW row's donated step under torch.compile"
+    )
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds of the donated AdamW steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-time", action="store_true", help="skip the timing")
@@ -379,10 +404,13 @@ def main() -> None:
     steps: dict[str, Callable[[], Any]] = {}
     for algo in args.algos.split(","):
         for storage in args.storages.split(","):
-            row, step = pureopt_row(algo, storage, shapes, memory)
+            row, step, traced = pureopt_row(algo, storage, shapes, memory, args.compiled and algo == "adamw")
             rows.append(row)
             if step is not None and algo == "adamw":
                 steps[row.name] = step
+            if traced is not None:
+                rows.append(traced[0])
+                steps[traced[0].name] = traced[1]
             print(f"  {row.name}: {row.state_bytes} state bytes, transient donated {row.donated_peak} pure "
                   f"{row.pure_peak} (outputs {row.pure_outputs}) {row.note[:80]}", flush=True)  # fmt: skip
             gc.collect()

@@ -148,3 +148,29 @@ def test_compiled_torch_optimizer_step_with_encoded_state_tracks_torch_adamw():
     err = sum((p.detach() - r.detach()).square().sum() for p, r in zip(model.parameters(), ref)).sqrt()
     assert err <= _TOL["q8"] * moved, (float(err), float(moved))
     assert any(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in opt.state_dict()["state"][0].values())
+
+
+def test_compiled_torch_optimizer_with_an_lr_scheduler_steps_as_the_eager_torch_op_path():
+    # torch.compile(opt.step) with q8 state and a LambdaLR changing lr every step: the compiled step is one opaque
+    # op reading the lr tensor that pureopt::refill_lrs filled from param_groups just before; the parameters follow
+    # the eager torch-op path's run (impl="foreach", the same scheduler) but where a code flipped at a midpoint
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 8))
+    twin = copy.deepcopy(model)
+    opt = pureopt.TorchOptimizer(model.parameters(), pureopt.adamw, lr=1e-2, state_dtype="q8")
+    ref = pureopt.TorchOptimizer(twin.parameters(), pureopt.adamw, lr=1e-2, state_dtype="q8", impl="foreach")
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1.0 / (1 + k)) for o in (opt, ref)]
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="inductor")
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        for p, r in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            r.grad = p.grad.clone()
+        step()
+        ref.step()
+        for schedule in schedules:
+            schedule.step()
+    for p, r in zip(model.parameters(), twin.parameters()):
+        off = (p.detach() - r.detach()).abs() > 1e-6 + 1e-5 * r.detach().abs()
+        assert int(off.sum()) <= max(2, p.numel() // 1000), int(off.sum())
