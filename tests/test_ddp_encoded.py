@@ -230,7 +230,15 @@ def test_optimizer_hook_checkpoint_with_encoded_state_resumes_bitwise(
 def test_optimizer_in_backward_with_encoded_state_steps_as_the_optimizer_after_backward(
     job: list[dict[str, Any]], spec: str
 ) -> None:
+    start = snapshot(make_net())
     for rank in range(WORLD):
         runs = job[rank][spec]["backward"]
+        # (the independent reference: torch.optim.AdamW's fp32 run on this rank's batches, within the encoding's bound)
+        fp32 = unsharded_trajectory(
+            make_net(), lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.1), lambda k, r=rank: batch_of(r, k),
+            loss_fn, STEPS,
+        )  # fmt: skip
         for step in range(STEPS):
             assert _equal(runs["in_backward"][step], runs["after"][step]), (spec, rank, step)
+            moved = distance(fp32[step], start)
+            assert distance(runs["in_backward"][step], fp32[step]) <= TOL_FP32[spec] * moved, (spec, rank, step)

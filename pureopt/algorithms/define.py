@@ -348,6 +348,18 @@ def _parts(entry: Any) -> tuple[Tensor, ...]:
     return tuple(entry) if isinstance(entry, Quantized) else (entry,)
 
 
+def _records(entries: Sequence[str], tensors: Sequence[Tensor]) -> dict[str, list[Any]]:
+    """State lists rebuilt from their tensors in order (:func:`_parts` of each entry, field after field), by
+    ``entries`` of the opaque step's layout: ``"<field>:<marks>"``, a mark per tensor, ``q`` for an encoded record
+    (codes, scale), ``t`` for a tensor."""
+    out: dict[str, list[Any]] = {}
+    rest = iter(tensors)
+    for entry in entries:
+        key, marks = entry.split(":")
+        out[key] = [Quantized(next(rest), next(rest)) if mark == "q" else next(rest) for mark in marks]
+    return out
+
+
 def _static(value: Any) -> bool:
     """Whether a hyperparameter's value is a constant that names itself by ``repr`` (a number, flag, string,
     dtype, ``None``, or a tuple of those)."""
@@ -745,32 +757,19 @@ class Algorithm:
                 return None
         if counter is not None:
             extras.append(counter)
-        state: list[Tensor] = []
-        entries = []
-        for key, values in s.items():
-            marks = ""
-            for v in values:
-                if isinstance(v, Tensor):
-                    state.append(v)
-                    marks += "t"
-                elif isinstance(v, Quantized):
-                    state.extend(v)
-                    marks += "q"
-                else:
-                    return None
-            entries.append(f"{key}:{marks}")
+        if not all(isinstance(v, (Tensor, Quantized)) for values in s.values() for v in values):
+            return None
+        state = [t for values in s.values() for v in values for t in _parts(v)]
+        entries = [
+            f"{key}:{''.join('q' if isinstance(v, Quantized) else 't' for v in values)}" for key, values in s.items()
+        ]
         streams = ",".join(map(str, ctx.streams if ctx.streams is not None else range(len(grads))))
         layout = "|".join([",".join(kinds), str(int(counter is not None)), ",".join(elem), ",".join(entries), streams])
         if ctx.donate:
             step_op.inplace_step(plan_key, layout, params, grads, state, extras)
             return None, dict(s)
         outs = step_op.step(plan_key, layout, params, grads, state, extras)
-        updates, rest = outs[: len(params)], iter(outs[len(params) :])
-        new = {
-            key: [Quantized(next(rest), next(rest)) if isinstance(v, Quantized) else next(rest) for v in values]
-            for key, values in s.items()
-        }
-        return updates, new
+        return outs[: len(params)], _records(entries, outs[len(params) :])
 
     def _opaque_body(
         self,
@@ -792,16 +791,7 @@ class Algorithm:
             key, kind = spec.split(":")
             values[key] = value if kind == "t" else value.item()
         counter = extras[-1] if has_counter == "1" else None
-        s: dict[str, list[Any]] = {}
-        at = 0
-        for entry in filter(None, entries.split(",")):
-            key, marks = entry.split(":")
-            s[key] = []
-            for mark in marks:
-                width = 2 if mark == "q" else 1
-                part = state[at : at + width]
-                s[key].append(Quantized(*part) if mark == "q" else part[0])
-                at += width
+        s = _records(list(filter(None, entries.split(","))), state)
         ctx = UpdateContext(
             tree.flatten(params)[1],
             donate=donate,
