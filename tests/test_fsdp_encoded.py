@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 from _dist import WORLD, dcp_load, dcp_save, launch, unsharded_trajectory
-from _encoded import SPECS, TOL_FP32, TOL_SAME, distance
+from _encoded import SPECS, TOL_FP32, TOL_SAME, TOL_SR_REALIZATIONS, distance
 from torch import nn
 
 import pureopt
@@ -310,15 +310,20 @@ def resumed_on_one_rank(rank: int, world: int, out: Path) -> dict[str, Any]:
         except CheckpointException as e:  # (DCP's planner refuses a record of another shape)
             res[run] = f"{type(e).__name__}: {e}"
             continue
-        resumed = []
-        for step in range(RESUME_AT, STEPS):
-            opt.zero_grad(set_to_none=True)
-            x, y = global_batch(step)
-            loss_fn(model(x), y).backward()
-            opt.step()
-            resumed.append(full(model))
-        res[run] = resumed
+        res[run] = resumed_steps(model, opt, full)
     return res
+
+
+def resumed_steps(model: nn.Module, opt: torch.optim.Optimizer, snapshot: Any) -> list[list[torch.Tensor]]:
+    """The steps after ``RESUME_AT`` on whole global batches: ``snapshot(model)`` after each."""
+    out = []
+    for step in range(RESUME_AT, STEPS):
+        opt.zero_grad(set_to_none=True)
+        x, y = global_batch(step)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        out.append(snapshot(model))
+    return out
 
 
 # --- test side ----------------------------------------------------------------------------------------------------
@@ -554,3 +559,94 @@ def test_stochastic_rounding_of_sharded_bf16_parameters_equals_the_unsharded_rou
                 assert all(a.dtype == torch.bfloat16 and torch.equal(a, b) for a, b in zip(got, ref)), (mode, step)
         assert "not sharded by rows" in job[rank]["sr-params"]["columns_error"]
         assert job[rank]["sr-params"]["columns_unchanged"]
+
+
+def resumed_unsharded(
+    load: Any, spec: str, flat: bool
+) -> tuple[list[dict[str, torch.Tensor]], list[list[torch.Tensor]]]:
+    """A plain (unsharded) model and optimizer loaded from a checkpoint of :func:`trained` by ``load(model, opt)``:
+    the optimizer's state right after loading (torch's per-parameter entries) and the parameters after each of the
+    remaining steps on whole global batches."""
+    model = make_net()
+    opt = TorchOptimizer(model.parameters(), pureopt.adamw, lr=LR, weight_decay=0.1, state_dtype=spec, flat=flat)
+    load(model, opt)
+    loaded = [{n: t.clone() for n, t in v.items()} for v in opt.state_dict()["state"].values()]
+    return loaded, resumed_steps(model, opt, lambda m: [p.detach().clone() for p in m.parameters()])
+
+
+def gathered_load(path: Path, tmp: Path) -> Any:
+    """Loading by torch's offline route: the DCP checkpoint gathered into one file (``dcp_to_torch_save``), then
+    torch's ``set_state_dict``."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    dcp_to_torch_save(path, tmp / "gathered.pt")
+    saved = torch.load(tmp / "gathered.pt", weights_only=False)
+
+    def load(model: nn.Module, opt: TorchOptimizer) -> None:
+        set_state_dict(model, opt, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
+
+    return load
+
+
+def planned_load(path: Path, planner: Any) -> Any:
+    """Loading in place with ``dcp.load`` into the unsharded model's template (``get_state_dict``), read by
+    ``planner``, then ``set_state_dict``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def load(model: nn.Module, opt: TorchOptimizer) -> None:
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path), planner=planner)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    return load
+
+
+def saved_entries(path: Path, tmp: Path) -> list[dict[str, torch.Tensor]]:
+    """Each parameter's optimizer entry as the checkpoint holds it (gathered to whole tensors), in model order."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(path, tmp / "entries.pt")
+    state = torch.load(tmp / "entries.pt", weights_only=False)["optim"]["state"]
+    return [state[name] for name, _ in make_net().named_parameters()]
+
+
+@pytest.mark.parametrize("how", ["gathered", "planner", "planner-flat"])
+@pytest.mark.parametrize("run", [*SPECS, "q8-hsdp", "q8-flat"])
+def test_fsdp2_checkpoint_loads_into_unsharded_parameters_in_its_layout(
+    job: list[dict[str, Any]], job_dir: Path, tmp_path: Path, run: str, how: str
+) -> None:
+    # A 2-rank DCP checkpoint loads into an optimizer over the plain model, gathered into one file (torch's
+    # dcp_to_torch_save) or in place with dcp.load and pureopt's SavedLayoutLoadPlanner: each encoded field keeps
+    # the layout it was saved in (codes and scales by rows; the vectors' and short rows' float32 state), bitwise, and
+    # the run goes on as the 2-rank one did (up to the gradients' summation order; with flat=True, bf16-sr state's
+    # random bits are keyed by places in the flat buffers: another realization of the rounding) and within the
+    # quantisation bound of torch.optim.AdamW's fp32 run
+    from pureopt.adapters import SavedLayoutLoadPlanner
+
+    spec, path, flat = spec_of(run), job_dir / f"dcp-{run}", how.endswith("flat")
+    load = gathered_load(path, tmp_path) if how == "gathered" else planned_load(path, SavedLayoutLoadPlanner())
+    loaded, resumed = resumed_unsharded(load, spec, flat)
+    for entry, want in zip(loaded, saved_entries(path, tmp_path)):
+        assert sorted(entry) == sorted(want)
+        assert all(entry[k].shape == v.shape and torch.equal(entry[k], v) for k, v in want.items())
+    start = [p.detach().clone() for p in make_net().parameters()]
+    fp32 = unsharded(lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.1))
+    for k, got in enumerate(resumed):
+        ref = job[0][run]["trajectory"][RESUME_AT + k]
+        moved = distance(fp32[RESUME_AT + k], start)
+        same = TOL_SR_REALIZATIONS if flat and spec == "bf16-sr" else TOL_SAME[spec]
+        assert distance(got, ref) <= same * distance(ref, start), (run, k)
+        assert distance(got, fp32[RESUME_AT + k]) <= TOL_FP32[spec] * moved, (run, k)
+
+
+def test_fsdp2_checkpoint_into_unsharded_parameters_needs_the_planner(job_dir: Path) -> None:
+    # DCP's default planner reads the template's keys and shapes: the unsharded q8 state's flat blocks are neither
+    # the checkpoint's rows nor its float32 fields (the first matrix's 16-element rows), and it refuses the load
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException, match=r"Missing key in checkpoint state_dict: optim\.state\.0\.weight"):
+        resumed_unsharded(planned_load(job_dir / "dcp-q8", DefaultLoadPlanner()), "q8", False)

@@ -186,7 +186,7 @@ class ParamState(_Guarded, dict):
     def set_pure(self, values: Mapping[str, Any]) -> None:
         """Refresh the pure keys with the owner's live tensors (keys no longer kept are removed)."""
         for key in self.pure_keys - values.keys():
-            super().pop(key, None)
+            dict.pop(self, key, None)  # (past the guard: the optimizer no longer keeps it)
         self.pure_keys = frozenset(values)
         for key, value in values.items():
             super().__setitem__(key, value)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from pureopt import tree as _tree
 from pureopt.adapters._flat import FlatParams, FlatState
+from pureopt.adapters._layouts import adopt_saved_layouts
 from pureopt.adapters._state import (
     FORMAT_VERSION,
     PUREOPT_KEY,
@@ -313,7 +314,9 @@ class FunctionalOptimizer:
         entries = {local[k]: v for k, v in saved_state.items()}
         with torch.no_grad():
             fresh = self.tx.init(tuple(self.params))
-        layout = StateLayout(fresh, len(self.params))
+        fresh, layout = adopt_saved_layouts(
+            StateLayout(fresh, len(self.params)), fresh, entries, self.params, labels=ids
+        )
         section = state_dict.get(PUREOPT_KEY)
         globals_: Mapping[str, Any] | None = None
         if section is not None:

@@ -54,6 +54,7 @@ from pureopt.adapters._factory import (
 )
 from pureopt.adapters._flat import FlatParams
 from pureopt.adapters._groups import _distinct, _extract_params, _Group
+from pureopt.adapters._layouts import adopt_saved_layouts
 from pureopt.adapters._live import LiveState, ParamState
 from pureopt.adapters._lr import _KEYS, _LIVE_OPTIMIZERS, _fill_lr, _lr_tensor, _lr_value
 from pureopt.adapters._state import (
@@ -424,8 +425,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             return tx, built_with, g.state, g.layout
         with torch.no_grad():
             fresh = tx.init(g.params)
-        layout = StateLayout(fresh, len(g.params))
         per_param, globals_ = g.layout.export(g.checkpoint_state())
+        fresh, layout = adopt_saved_layouts(
+            StateLayout(fresh, len(g.params)), fresh, dict(enumerate(per_param)), g.params
+        )
         for i, ps in enumerate(g.views):  # clients' tensors under keys only the new state keeps
             for key, value in ps.extras().items():
                 if isinstance(value, Tensor) and key in layout.param_keys[i] and key not in per_param[i]:
@@ -690,6 +693,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                 message = str(e) if str(e).startswith(where) else f"{where} of the checkpoint: {e}"
                 raise ValueError(message) from e
             ids_of = _first_ids(saved["params"], g.listed, g.params)
+            # (encoded fields saved in another layout, e.g. by rows from sharded parameters: loaded as saved)
+            g._state, g.layout = adopt_saved_layouts(g.layout, g.state, entries[gi], g.params, where, ids_of)
             globals_ = None
             declared = None
             if records is not None:

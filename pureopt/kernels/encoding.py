@@ -35,6 +35,7 @@ __all__ = [
     "encoding_for",
     "shaped_like",
     "stored_bytes",
+    "row_block",
 ]
 
 
@@ -355,7 +356,7 @@ class BlockEncoding(Encoding):
 
     def _fits(self, block: int) -> bool:
         """Whether blocks of ``block`` elements are worth their scales (32 or more) and whole bytes at 4 bits."""
-        return block >= 32 and (self.bits != 4 or block % 2 == 0)
+        return _fits(block, self.bits)
 
     def with_block(self, block: int) -> BlockEncoding:
         """This encoding with blocks of ``block`` elements (the same code; kept, so that each size is one encoding
@@ -383,12 +384,13 @@ class BlockEncoding(Encoding):
         flat = Quantized(stored.codes.view(-1), stored.scale.view(-1))
         if stored.codes.numel() == 0:  # (an empty shard: nothing to read)
             return self, flat
-        if not per_row or width % per_row or not self._fits(width // per_row):
+        block = row_block(width, per_row, self.bits)
+        if block is None:
             raise ValueError(
                 f"{self.name}: rows of {width} elements stored with {per_row} scales each are not whole blocks of 32 "
                 "or more elements (see for_rows)"
             )
-        return self.with_block(width // per_row), flat
+        return self.with_block(block), flat
 
     def _ncodes(self, n: int) -> int:
         return (n + 1) // 2 if self.bits == 4 else n
@@ -529,6 +531,20 @@ class BlockEncoding(Encoding):
 
     def nbytes(self, stored: Quantized) -> int:
         return stored.codes.numel() * stored.codes.element_size() + stored.scale.numel() * 4
+
+
+def _fits(block: int, bits: int) -> bool:
+    return block >= 32 and (bits != 4 or block % 2 == 0)
+
+
+def row_block(width: int, per_row: int, bits: int) -> int | None:
+    """The block size of a record stored by rows (2-D codes and scales, see :meth:`BlockEncoding.local`): rows of
+    ``width`` elements with ``per_row`` scales each; ``None`` where they are not whole blocks of 32 or more
+    elements (of an even number of elements at 4 bits), which no encoding writes."""
+    if per_row <= 0 or width % per_row:
+        return None
+    block = width // per_row
+    return block if _fits(block, bits) else None
 
 
 def _named() -> dict[str, Encoding]:
