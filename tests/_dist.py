@@ -125,6 +125,37 @@ def dcp_load(model: Any, opt: Any, path: Path) -> None:
     set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
 
 
+def full_save(model: Any, opt: Any, path: Path) -> None:
+    """Inside a rank: the model and optimizer gathered whole onto rank 0's CPU (``full_state_dict``,
+    ``cpu_offload``) and saved there with ``torch.save``."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        torch.save({"model": model_sd, "optim": optim_sd}, path)
+    dist.barrier()
+
+
+def full_load(model: Any, opt: Any, path: Path) -> None:
+    """Inside a rank: a file of :func:`full_save` loaded into ``model`` and ``opt`` (fresh ones).
+
+    On gloo, ``full_state_dict`` + ``cpu_offload`` needs ``broadcast_from_rank0`` (rank 0 alone holds the values),
+    or ``set_state_dict`` hangs; model and optimizer are set by two calls, because ``set_state_dict`` skips the
+    model on the ranks whose model state dict is empty (and the ranks' collectives then differ)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    loaded = torch.load(path, weights_only=True) if dist.get_rank() == 0 else {"model": {}, "optim": {}}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, loaded["model"], options=options)
+    set_optimizer_state_dict(model, opt, loaded["optim"], options=options)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:

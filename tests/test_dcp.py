@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from _dist import WORLD, launch
+from _dist import WORLD, full_load, full_save, launch
 from _dist import assert_trajectory_close as assert_close
 from torch import nn
 
@@ -112,15 +112,8 @@ def counters(opt: TorchOptimizer) -> list[int]:
 
 def resume(name: str, mode: str, rank: int, path: Path) -> dict[str, Any]:
     """Train, checkpoint, load into a fresh model and optimizer, train on; the trajectory after the checkpoint."""
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-        set_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model = sharded_net()
     opt = make_optimizer(name, model.parameters())
@@ -131,11 +124,7 @@ def resume(name: str, mode: str, rank: int, path: Path) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     else:  # a full state dict on rank 0's CPU, saved there
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_state_dict(model, opt, options=options)
-        if rank == 0:
-            torch.save({"model": model_sd, "optim": optim_sd}, path)
-        dist.barrier()
+        full_save(model, opt, path)
     del model, opt
 
     model = sharded_net()
@@ -148,14 +137,8 @@ def resume(name: str, mode: str, rank: int, path: Path) -> dict[str, Any]:
         dcp.load(loaded, checkpoint_id=str(path))
         set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     else:
-        # on gloo, full_state_dict + cpu_offload needs broadcast_from_rank0 (rank 0 alone holds the values), or
-        # set_state_dict hangs; model and optimizer are set by two calls, because set_state_dict skips the model on
-        # the ranks whose model_state_dict is empty (and the ranks' collectives then differ)
         template_keys = []
-        loaded = torch.load(path, weights_only=True) if rank == 0 else {"model": {}, "optim": {}}
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, loaded["model"], options=options)
-        set_optimizer_state_dict(model, opt, loaded["optim"], options=options)
+        full_load(model, opt, path)
     loaded_counters = counters(opt)
     trajectory = []
     for step in range(RESUME_AT, STEPS):

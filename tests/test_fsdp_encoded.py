@@ -8,8 +8,10 @@ unsharded run of the same encodings with the same blocks, one pure AdamW per par
 2-D parameter are its flat blocks when the block is the row width; 1-D parameters keep float32 state; bf16-sr's
 random bits keyed by each element's place in the whole parameter), which the sharded run matches up to the
 gradients' summation order (FSDP2 reduces two half-batch gradients). A DCP
-checkpoint taken after ``RESUME_AT`` steps resumes the uninterrupted sharded run bitwise, and resumes it on one rank
-(world size 1, whole batches) up to the summation order.
+checkpoint taken after ``RESUME_AT`` steps, and a full state dict gathered onto rank 0, resume the uninterrupted
+sharded run bitwise; the DCP one resumes it on one rank (world size 1, whole batches) up to the summation order, and
+both load into the plain, unsharded model in one process, their layout kept (``SavedLayoutLoadPlanner``, torch's
+``dcp_to_torch_save``), going on as the sharded run did up to the summation order.
 
 Matrices sharded by columns (FSDP2's ``shard_placement_fn``: ``Shard(1)``, as tensor parallelism's row-wise layers):
 a wider MLP whose middle matrix (8 x 256) leaves each rank runs of 128 elements per row, so the blocks are 128 (q8:
@@ -24,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from _dist import WORLD, dcp_load, dcp_save, launch, unsharded_trajectory
+from _dist import WORLD, dcp_load, dcp_save, full_load, full_save, launch, unsharded_trajectory
 from _encoded import SPECS, TOL_FP32, TOL_SAME, TOL_SR_REALIZATIONS, distance
 from torch import nn
 
@@ -137,14 +139,17 @@ def trained(
         if step == RESUME_AT:
             optim_sd = dcp_save(model, opt, path)
             keys = sorted(k for entry in optim_sd["state"].values() for k in entry)
+            full_save(model, opt, path.with_suffix(".pt"))  # (also gathered whole, torch.save'd on rank 0)
         one_step(rank, model, opt, step)
         trajectory.append(full(model))
-    model2, opt2 = make()
-    dcp_load(model2, opt2, path)
-    resumed = []
-    for step in range(RESUME_AT, STEPS):
-        one_step(rank, model2, opt2, step)
-        resumed.append(full(model2))
+    resumed: dict[str, list[list[torch.Tensor]]] = {}
+    for how, load in [("dcp", dcp_load), ("full", full_load)]:
+        model2, opt2 = make()
+        load(model2, opt2, path if how == "dcp" else path.with_suffix(".pt"))
+        resumed[how] = []
+        for step in range(RESUME_AT, STEPS):
+            one_step(rank, model2, opt2, step)
+            resumed[how].append(full(model2))
     return {"trajectory": trajectory, "resumed": resumed, "layout": describe(opt, model), "keys": keys}
 
 
@@ -479,11 +484,14 @@ def test_encoded_state_refusals_on_dtensors_name_the_placement(job: list[dict[st
         assert "NovoGrad's reaches over whole parameters" in job[rank]["novograd_error"]
 
 
+@pytest.mark.parametrize("how", ["dcp", "full"])
 @pytest.mark.parametrize("run", RUNS)
-def test_encoded_state_on_fsdp2_resumes_through_dcp_bitwise(job: list[dict[str, Any]], run: str) -> None:
+def test_encoded_state_on_fsdp2_resumes_through_dcp_bitwise(job: list[dict[str, Any]], run: str, how: str) -> None:
+    # a sharded DCP checkpoint, and a full state dict (gathered onto rank 0, broadcast back on load: torchtune's and
+    # accelerate's way): the resumed run is the uninterrupted one
     for rank in range(WORLD):
         res = job[rank][run]
-        for got, want in zip(res["resumed"], res["trajectory"][RESUME_AT:]):
+        for got, want in zip(res["resumed"][how], res["trajectory"][RESUME_AT:]):
             assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
@@ -578,10 +586,14 @@ def gathered_load(path: Path, tmp: Path) -> Any:
     """Loading by torch's offline route: the DCP checkpoint gathered into one file (``dcp_to_torch_save``), then
     torch's ``set_state_dict``."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     dcp_to_torch_save(path, tmp / "gathered.pt")
-    saved = torch.load(tmp / "gathered.pt", weights_only=False)
+    return saved_load(torch.load(tmp / "gathered.pt", weights_only=False))
+
+
+def saved_load(saved: dict[str, Any]) -> Any:
+    """Loading a whole checkpoint in memory (``{"model": ..., "optim": ...}``) with torch's ``set_state_dict``."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     def load(model: nn.Module, opt: TorchOptimizer) -> None:
         set_state_dict(model, opt, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
@@ -613,7 +625,7 @@ def saved_entries(path: Path, tmp: Path) -> list[dict[str, torch.Tensor]]:
     return [state[name] for name, _ in make_net().named_parameters()]
 
 
-@pytest.mark.parametrize("how", ["gathered", "planner", "planner-flat"])
+@pytest.mark.parametrize("how", ["full", "gathered", "planner", "planner-flat"])
 @pytest.mark.parametrize("run", [*SPECS, "q8-hsdp", "q8-flat"])
 def test_fsdp2_checkpoint_loads_into_unsharded_parameters_in_its_layout(
     job: list[dict[str, Any]], job_dir: Path, tmp_path: Path, run: str, how: str
@@ -627,7 +639,12 @@ def test_fsdp2_checkpoint_loads_into_unsharded_parameters_in_its_layout(
     from pureopt.adapters import SavedLayoutLoadPlanner
 
     spec, path, flat = spec_of(run), job_dir / f"dcp-{run}", how.endswith("flat")
-    load = gathered_load(path, tmp_path) if how == "gathered" else planned_load(path, SavedLayoutLoadPlanner())
+    if how == "full":  # the full state dict the ranks gathered onto rank 0 (full_save)
+        load = saved_load(torch.load(path.with_suffix(".pt"), weights_only=True))
+    elif how == "gathered":
+        load = gathered_load(path, tmp_path)
+    else:
+        load = planned_load(path, SavedLayoutLoadPlanner())
     loaded, resumed = resumed_unsharded(load, spec, flat)
     for entry, want in zip(loaded, saved_entries(path, tmp_path)):
         assert sorted(entry) == sorted(want)

@@ -9,15 +9,12 @@ Memory is measured by ``benchmarks/memory.py``'s ``transient_peak``: the CPU all
 from __future__ import annotations
 
 import copy
-import functools
-import importlib.util
 import math
 import pickle
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _memory import transient_peak
 
 import pureopt
 from pureopt.algorithms.storage import CHUNK_ELEMENTS
@@ -27,18 +24,6 @@ from pureopt.kernels.encoding import BlockEncoding, FloatEncoding, Quantized, dy
 # how far the parameters may drift from the fp32 run, as a fraction of how far that run moved them (L2 norms over
 # all elements, 3 steps; as tests/test_state_encoding.py allows over 20 steps)
 _TOL = {"q8": 0.1, "fp8": 0.25, "q4": 0.5, "bf16-sr": 0.05}
-
-
-@functools.cache
-def _benchmark_module():
-    """``benchmarks/memory.py``, whose ``transient_peak`` measures here what its tables report."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
-    spec = importlib.util.spec_from_file_location("pureopt_memory_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up)
-    spec.loader.exec_module(module)
-    return module
 
 
 # (the pure path is the donated one past its copies: q8 stands for it)
@@ -68,7 +53,7 @@ def test_compiled_encoded_step_stays_within_a_few_chunks(spec, donated):
     for t, gr in enumerate(grads):
         if t == 2:  # the step measured on copies (a donated step writes into what it is given)
             p_copy, s_copy = [x.clone() for x in p], copy.deepcopy(s)
-            peak, live = _benchmark_module().transient_peak(lambda: compiled(gr, s_copy, p_copy))  # noqa: B023  (called right here)
+            peak, live = transient_peak(lambda: compiled(gr, s_copy, p_copy))  # noqa: B023  (called right here)
             bound = 12 * CHUNK_ELEMENTS * 4
             assert peak - live <= bound, f"{spec}: transient {peak / 2**20:.2f} MiB > {bound / 2**20:.0f} MiB"
         p, s = compiled(gr, s, p)

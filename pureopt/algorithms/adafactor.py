@@ -26,6 +26,9 @@ torch, which state keys a parameter has depends on its shape: one with two or mo
 torch reads ``step``, ``||p||`` and ``||U||`` back to the host with ``.item()``; here every such scalar stays a 0-d
 tensor (stacked over the parameters), so an update never synchronises with the device. The row / column reductions
 are per tensor on every path (as in torch's foreach implementation); the elementwise work runs through ``ListOps``.
+Where the step applies its updates itself (the adapters, ``inplace_step``) on the CPU, it runs over a few whole
+tensors at a time and adds their updates before the next ones' are made, so its full-size temporaries (the
+second-moment estimate ``V``, the direction ``U``) exist for one chunk of tensors, not for every parameter at once.
 
 DTensor parameters (FSDP2): the factors are DTensors placed like the parameter except along the dimension they
 reduce (:func:`pureopt.kernels.dtensor.zeros_reduced`: a factor over a sharded dimension is replicated), the
@@ -44,7 +47,7 @@ import torch
 from torch import Tensor
 
 from pureopt.algorithms.define import Algorithm, Check, Field, Hyper, Impl, Kernel, StateDtype, step_count
-from pureopt.base import GradientTransformation, ScalarOrSchedule
+from pureopt.base import GradientTransformation, ScalarOrSchedule, add_inplace
 from pureopt.hyperparams import is_schedule, number
 from pureopt.kernels.common import cast_like, map_scalars_n, scalar_dtype, scalars_for
 from pureopt.kernels.dtensor import as_plain_scalar, is_dtensor, like_placed, zeros_reduced
@@ -84,10 +87,13 @@ def _like(x: Tensor, ref: Tensor) -> Tensor:
     return x if x.dtype == ref.dtype and x.device == ref.device else x.to(device=ref.device, dtype=ref.dtype)
 
 
-def _in_state_dtype(k: Kernel) -> list[Tensor]:
-    """The gradients in the dtype each update is computed in: the state's (state_dtype=) or the gradient's."""
-    dtypes = [(v if is_factored(g) else s).dtype for g, v, s in zip(k.g, k.row_var, k.variance)]
-    return [x if x.dtype == dt else x.to(dt) for x, dt in zip(k.g, dtypes)]
+def _dtypes(k: Kernel) -> list[torch.dtype]:
+    """The dtype each update is computed in: the state's (state_dtype=) or the gradient's."""
+    return [(v if is_factored(g) else s).dtype for g, v, s in zip(k.g, k.row_var, k.variance)]
+
+
+def _in_dtypes(xs: list[Tensor], dtypes: list[torch.dtype]) -> list[Tensor]:
+    return [x if x.dtype == dt else x.to(dt) for x, dt in zip(xs, dtypes)]
 
 
 def _scalars(k: Kernel, steps: list[Tensor]) -> Mapping[str, list[Any]]:
@@ -107,10 +113,11 @@ def _scalars(k: Kernel, steps: list[Tensor]) -> Mapping[str, list[Any]]:
         alpha = torch.clamp_min(param_rms.to(t.dtype), h.eps2) * rho
         return one_minus_beta2, alpha
 
-    if k.p is not None and lr is not None:
+    if k.p is not None and lr is not None:  # (each parameter cast on its own: one copy at a time)
         param_rms = [
-            as_plain_scalar(torch.linalg.vector_norm(p)).to(scalar_dtype(s.device)) / (max(p.numel(), 1) ** 0.5)
-            for p, s in zip(cast_like(k.p, _in_state_dtype(k)), steps)
+            as_plain_scalar(torch.linalg.vector_norm(_in_dtypes([p], [dt])[0])).to(scalar_dtype(s.device))
+            / (max(p.numel(), 1) ** 0.5)
+            for p, dt, s in zip(k.p, _dtypes(k), steps)
         ]
     else:
         param_rms = list(steps)  # unused
@@ -124,7 +131,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Any]]]:
     if not k.g:
         return [], {}
     grads, row_vars, col_vars, variances = k.g, k.row_var, k.col_var, k.variance
-    g = _in_state_dtype(k)
+    g = _in_dtypes(k.g, _dtypes(k))
     if h.maximize:
         g = ops.neg(g)
     rparams = cast_like(k.p, g) if k.p is not None else None
@@ -190,7 +197,11 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Any]]]:
                 updates = ops.add(updates, rparams, alpha=decay, inplace=tmp)
     if any(map(is_dtensor, grads)):  # DTensor ops may place an update otherwise (a product with a replicated factor)
         updates = [like_placed(u, g0) for u, g0 in zip(updates, grads)]
-    return updates, {"row_var": new_rows, "col_var": new_cols, "variance": new_vars}
+    new = {"row_var": new_rows, "col_var": new_cols, "variance": new_vars}
+    if k.target is not None:  # (applied here, a chunk of whole tensors at a time: as the adapters add updates)
+        add_inplace(k.target, updates)
+        return None, new
+    return updates, new
 
 
 def _real(p: Tensor) -> Tensor:
@@ -232,6 +243,7 @@ ADAFACTOR = Algorithm(
     math=_math,
     scalars=_scalars,
     elementwise=False,
+    tensorwise=True,
     params_required="adafactor",
     params_required_when=lambda h: h.lr is not None,
     real_only=True,

@@ -208,6 +208,7 @@ CAME = Algorithm(
     },
     math=_math,
     elementwise=False,
+    tensorwise=True,
     check_order=("lr", "betas"),
     doc="State of :func:`came` and :func:`scale_by_came` (``came_pytorch``'s state keys).",
 )

@@ -200,7 +200,8 @@ class Field:
         with an unsigned code (see :mod:`pureopt.kernels.encoding`).
       like_param: the field is shaped like its parameter. ``False`` for state of other shapes (Adafactor's row and
         column factors; ``()`` where a parameter keeps none): such lists reach ``scalars`` and ``math`` as they are
-        stored (no real views, casts or chunks; the math handles their dtypes) and the math returns their new lists.
+        stored (no real views, casts or slices: chunks of whole tensors only, for ``tensorwise`` math; the math
+        handles their dtypes) and the math returns their new lists.
     """
 
     doc: str
@@ -510,7 +511,8 @@ class Algorithm:
       segmentwise: the math honours ``k.segments`` (per-parameter reductions on flat buffers, see
         :func:`pureopt.base.is_segmentwise`).
       tensorwise: (with ``elementwise=False``) the math's reductions are each within one tensor (a norm per tensor,
-        not over all tensors): on the applied CPU path it then runs chunk by chunk over whole tensors (never cut).
+        not over all tensors): on the applied CPU path it then runs chunk by chunk over whole tensors (never cut),
+        fields of any shape (Adafactor's factors) taken per tensor, and must add its updates into ``k.target``.
       global_fields: state kept once per transformation (see :class:`Global`), e.g. Prodigy's ``d``.
       local_shards: (with ``elementwise=False``) the math reaches across shards itself: on DTensor parameters the
         step runs on their local shards where it can (:func:`~pureopt.kernels.dtensor.run_on_local_shards`), with
@@ -576,7 +578,8 @@ class Algorithm:
         self.amp_native = amp_native
         self.globals = dict(global_fields or {})
         self.chunked = chunked and (elementwise or tensorwise) and not self.globals
-        self.chunked = self.chunked and all(f.like_param for f in self.fields.values())
+        # (chunks of whole tensors take fields of any shape, one entry per tensor; slices need them like the params)
+        self.chunked = self.chunked and (tensorwise or all(f.like_param for f in self.fields.values()))
         self.chunk_scale = chunk_scale
         self.elementwise = elementwise
         self.segmentwise = segmentwise
@@ -999,24 +1002,26 @@ class Algorithm:
                 else:
                     extra[key] = values
         names, cols = list(extra), list(extra.values())
+        fields = [*elem, *odd]  # (fields not shaped like the parameters: chunked whole tensors only, see __init__)
 
         def body(ops: ListOps, p: list[Tensor] | None, g: list[Tensor], *columns: Any) -> tuple[Any, ...]:
-            named = {**dict(zip(elem, columns)), **dict(zip(names, columns[len(elem) :]))}
+            named = {**dict(zip(fields, columns)), **dict(zip(names, columns[len(fields) :]))}
             target = p if apply else None
             k = Kernel(ops=ops, h=h, p=p, g=g, donate=donate, own=own, apply=apply, coef=coef, target=target,
-                       segments=ctx.segments, extra=ctx.extra_args, dtensors=dtensors, **shared, **odd,
+                       segments=ctx.segments, extra=ctx.extra_args, dtensors=dtensors, **shared,
                        **named)  # fmt: skip
             updates, new = self.math(k)
-            # (whole lists only: globals change once, fields not shaped like the parameters run unchunked)
-            out.update({key: new[key] for key in (*shared, *odd) if key in new})
-            return (updates, *(new.get(key) for key in elem))
+            out.update({key: new[key] for key in shared if key in new})  # (chunked: never with globals)
+            return (updates, *(new.get(key) for key in fields))
 
-        writes = (None, *range(2, 2 + len(elem)))
+        writes = (None, *range(2, 2 + len(fields)))
         results = elementwise(
-            body, ops, (p, g, *(real[key] for key in elem), *cols), writes, in_place=apply and self.chunked,
+            body, ops, (p, g, *(real[key] for key in elem), *(odd[key] for key in odd), *cols), writes,
+            # (tensorwise chunks: not over flat buffers' segments, nor with per-leaf arguments, which come whole)
+            in_place=apply and self.chunked and (self.elementwise or (ctx.segments is None and not self.leaf_args)),
             chunk_scale=self.chunk_scale, split=self.elementwise,
         )  # fmt: skip
         updates = results[0]
-        for key, result in zip(elem, results[1:]):
-            out[key] = s[key] if result is None else as_complex_like(result, like)
+        for key, result in zip(fields, results[1:]):
+            out[key] = s[key] if result is None else as_complex_like(result, like) if key in real else result
         return (None if updates is None else as_complex_like(updates, like)), out

@@ -93,6 +93,7 @@ LAMB = Algorithm(
     math=_math,
     scalars=_scalars,
     elementwise=False,
+    tensorwise=True,
     segmentwise=True,
     params_required="lamb",
     check_order=("lr", "eps", "betas", "weight_decay"),

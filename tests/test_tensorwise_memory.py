@@ -1,0 +1,90 @@
+"""The applied step of algorithms whose math reduces within each tensor (Adafactor, CAME, LAMB: ``tensorwise``)
+runs over a few whole tensors at a time on the CPU, adding their updates before the next tensors' are made: its
+full-size temporaries exist for one chunk, not for every parameter at once (before: Adafactor 4 bytes per
+parameter, CAME 4.3, LAMB 8).
+
+Memory is measured by ``benchmarks/memory.py``'s ``transient_peak`` (the CPU allocator's events recorded by
+``torch.profiler``); the steps are checked against torch.optim.Adafactor, came_pytorch's CAME and LAMB's update
+rule written out here (You et al. 2020, Algorithm 2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from _memory import transient_peak
+
+import pureopt
+from pureopt.kernels.common import CHUNK_BYTES
+
+SHAPES = [(256, 256)] * 24 + [(256,)] * 24  # 1.6M elements, 6 MiB of float32
+STEPS = 3
+
+
+def _problem() -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g) for s in SHAPES]
+    grads = [[torch.randn(s, generator=g) * 1e-2 for s in SHAPES] for _ in range(STEPS)]
+    return params, grads
+
+
+class LambRule(torch.optim.Optimizer):
+    """LAMB as You et al. 2020 write it (Algorithm 2, phi the identity), in float64."""
+
+    def __init__(self, params: Any, lr: float, weight_decay: float) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        b1, b2, eps = 0.9, 0.999, 1e-6
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                t = st["t"] = st.get("t", 0) + 1
+                g, x = p.grad.double(), p.double()
+                m = st["m"] = b1 * st.get("m", torch.zeros_like(g)) + (1 - b1) * g
+                v = st["v"] = b2 * st.get("v", torch.zeros_like(g)) + (1 - b2) * g * g
+                u = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps) + group["weight_decay"] * x
+                pn, un = x.norm(), u.norm()
+                ratio = pn / un if pn > 0 and un > 0 else 1.0
+                p.copy_(x - group["lr"] * ratio * u)
+
+
+def _came(ps: list[torch.Tensor], **kw: Any) -> torch.optim.Optimizer:
+    came_pytorch = pytest.importorskip("came_pytorch")
+    return came_pytorch.CAME(ps, **kw)
+
+
+CASES = {
+    # name: (pureopt factory, kwargs, reference optimizer, parameters' tolerance)
+    "adafactor": (pureopt.adafactor, {"lr": 1e-2, "weight_decay": 0.1}, torch.optim.Adafactor, 1e-6),
+    "came": (pureopt.came, {"lr": 1e-3, "weight_decay": 0.1}, _came, 1e-5),
+    "lamb": (pureopt.lamb, {"lr": 1e-3, "weight_decay": 0.1}, LambRule, 1e-5),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_applied_step_of_tensorwise_math_holds_one_chunk_of_temporaries(name: str) -> None:
+    factory, kw, reference, tol = CASES[name]
+    params, grads = _problem()
+    ref = [p.clone().requires_grad_() for p in params]
+    ref_opt = reference(ref, **kw)
+    mine = [p.clone().requires_grad_() for p in params]
+    opt = pureopt.TorchOptimizer(mine, factory, **kw)
+    for step, gs in enumerate(grads):
+        for p, r, g in zip(mine, ref, gs):
+            p.grad, r.grad = g.clone(), g.clone()
+        ref_opt.step()
+        if step == STEPS - 1:
+            peak, live = transient_peak(opt.step)
+            # two float32 temporaries per element of a chunk (1 MiB of parameters: 4 of the matrices), e.g.
+            # Adafactor's estimate V and direction U, and the small ones; a step over all tensors at once makes
+            # 6-12 MiB here
+            bound = 2 * CHUNK_BYTES + (256 << 10)
+            assert peak - live <= bound, f"{name}: transient {(peak - live) / 2**20:.2f} MiB > {bound / 2**20:.2f}"
+        else:
+            opt.step()
+        for p, r in zip(mine, ref):
+            torch.testing.assert_close(p.detach(), r.detach().to(p.dtype), rtol=tol, atol=tol * 1e-2)
