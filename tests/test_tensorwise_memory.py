@@ -1,11 +1,14 @@
-"""The applied step of algorithms whose math reduces within each tensor (Adafactor, CAME, LAMB: ``tensorwise``)
-runs over a few whole tensors at a time on the CPU, adding their updates before the next tensors' are made: its
-full-size temporaries exist for one chunk, not for every parameter at once (before: Adafactor 4 bytes per
-parameter, CAME 4.3, LAMB 8).
+"""The applied step of algorithms whose math reduces within each tensor (Adafactor, CAME, LAMB, LARS, SGDP:
+``tensorwise``) runs over a few whole tensors at a time on the CPU, adding their updates before the next tensors'
+are made, and so does schedule-free's (elementwise, its global scalars advanced outside the math): their
+full-size temporaries exist for one chunk, not for every parameter at once (before, in bytes per parameter:
+Adafactor 4, CAME 4.3, LAMB 8, LARS 4, SGDP 2, schedule-free AdamW 8).
 
 Memory is measured by ``benchmarks/memory.py``'s ``transient_peak`` (the CPU allocator's events recorded by
-``torch.profiler``); the steps are checked against torch.optim.Adafactor, came_pytorch's CAME and LAMB's update
-rule written out here (You et al. 2020, Algorithm 2).
+``torch.profiler``); the steps are checked against torch.optim.Adafactor, came_pytorch's CAME, the ``adamp``
+package's SGDP, and the update rules of LAMB (You et al. 2020, Algorithm 2), LARS (You, Gitman & Ginsburg 2017,
+Algorithm 1, with an exclusion mask) and schedule-free AdamW (Defazio et al. 2024, with ``x``, ``y`` and ``z`` kept
+explicitly) written out here in float64.
 """
 
 from __future__ import annotations
@@ -52,6 +55,64 @@ class LambRule(torch.optim.Optimizer):
                 p.copy_(x - group["lr"] * ratio * u)
 
 
+class LarsRule(torch.optim.Optimizer):
+    """LARS with momentum (the buffer includes the learning rate); vectors excluded: plain momentum SGD."""
+
+    def __init__(self, params: Any, lr: float, momentum: float, weight_decay: float) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                g, x = p.grad.double(), p.double()
+                if p.dim() > 1:
+                    wn, gn = x.norm(), g.norm()
+                    local = 1e-3 * wn / (gn + wd * wn) if wn > 0 and gn > 0 else 1.0
+                    d = g + wd * x
+                else:
+                    local, d = 1.0, g
+                v = self.state[p]["v"] = mom * self.state[p].get("v", torch.zeros_like(x)) + lr * local * d
+                p.copy_(x - v)
+
+
+class ScheduleFreeRule(torch.optim.Optimizer):
+    """Schedule-free AdamW with the three sequences kept (no warmup, r = 0, weight_lr_power = 2)."""
+
+    def __init__(self, params: Any, lr: float, weight_decay: float) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.k, self.weight_sum = 0, 0.0
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        beta, b2, eps = 0.9, 0.999, 1e-8
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            weight = lr**2
+            self.weight_sum += weight
+            c = weight / self.weight_sum
+            for p in group["params"]:
+                st, y = self.state[p], p.double()
+                z, x = st.get("z", y), st.get("x", y)
+                t = st["t"] = st.get("t", 0) + 1
+                g = p.grad.double()
+                v = st["v"] = b2 * st.get("v", torch.zeros_like(y)) + (1 - b2) * g * g
+                d = g / ((v / (1 - b2**t)).sqrt() + eps) + wd * y
+                z = st["z"] = z - lr * d
+                x = st["x"] = (1 - c) * x + c * z
+                p.copy_((1 - beta) * z + beta * x)
+        self.k += 1
+
+
+def _sgdp(ps: list[torch.Tensor], **kw: Any) -> torch.optim.Optimizer:
+    return pytest.importorskip("adamp").SGDP(ps, **kw)
+
+
+def _lars(**kw: Any) -> Any:
+    return pureopt.lars(**kw, mask=lambda params: type(params)(p.dim() > 1 for p in params))
+
+
 def _came(ps: list[torch.Tensor], **kw: Any) -> torch.optim.Optimizer:
     came_pytorch = pytest.importorskip("came_pytorch")
     return came_pytorch.CAME(ps, **kw)
@@ -62,6 +123,9 @@ CASES = {
     "adafactor": (pureopt.adafactor, {"lr": 1e-2, "weight_decay": 0.1}, torch.optim.Adafactor, 1e-6),
     "came": (pureopt.came, {"lr": 1e-3, "weight_decay": 0.1}, _came, 1e-5),
     "lamb": (pureopt.lamb, {"lr": 1e-3, "weight_decay": 0.1}, LambRule, 1e-5),
+    "lars": (_lars, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}, LarsRule, 1e-5),
+    "sgdp": (pureopt.sgdp, {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1, "delta": 1.0}, _sgdp, 1e-5),
+    "schedule_free_adamw": (pureopt.schedule_free_adamw, {"lr": 1e-2, "weight_decay": 0.1}, ScheduleFreeRule, 1e-5),
 }
 
 

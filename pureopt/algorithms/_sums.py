@@ -102,11 +102,12 @@ def reused_temporaries(ops: ListOps, tensors: Sequence[Tensor], enabled: bool) -
     the block runs: for a step over whole lists (not chunked) on the applied CPU path (``enabled``; the state is
     updated in place and nothing computed escapes the step), when the tensors average at least
     :data:`pureopt.kernels.common.SCRATCH_MIN_BYTES` (temporaries that big are otherwise page-faulted in again every
-    step: glibc hands them back to the OS when a whole list of them is freed)."""
+    step: glibc hands them back to the OS when a whole list of them is freed). ``ops`` already over scratch memory
+    (a chunk of :func:`pureopt.kernels.common.elementwise`) are used as they are."""
     big = bool(tensors) and sum(t.numel() * t.element_size() for t in tensors) >= common.SCRATCH_MIN_BYTES * len(
         tensors
     )
-    if not (enabled and big and common.SCRATCH):
+    if not (enabled and big and common.SCRATCH) or isinstance(ops, ScratchOps):  # (chunked: the chunk's own)
         yield ops
         return
     scratch = Scratch.acquire()

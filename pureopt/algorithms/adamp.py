@@ -161,6 +161,7 @@ ADAMP = Algorithm(
     scalars=_scalars,
     needs_params=("weight_decay", "delta"),
     elementwise=False,
+    tensorwise=True,
     check_order=("lr", "eps", "betas", "weight_decay"),
     doc="State of :func:`adamp` and :func:`scale_by_adamp` (the ``adamp`` package's state keys).",
 )

@@ -514,6 +514,8 @@ class Algorithm:
         not over all tensors): on the applied CPU path it then runs chunk by chunk over whole tensors (never cut),
         fields of any shape (Adafactor's factors) taken per tensor, and must add its updates into ``k.target``.
       global_fields: state kept once per transformation (see :class:`Global`), e.g. Prodigy's ``d``.
+      updates_globals: the math returns new values of the global fields (once per step: it then runs unchunked);
+        ``False`` where they are only read, or advanced outside the math (schedule-free's, by its wrapper).
       local_shards: (with ``elementwise=False``) the math reaches across shards itself: on DTensor parameters the
         step runs on their local shards where it can (:func:`~pureopt.kernels.dtensor.run_on_local_shards`), with
         the DTensor gradients in ``k.dtensors`` for its collectives over whole tensors (e.g.
@@ -553,6 +555,7 @@ class Algorithm:
         segmentwise: bool = False,
         tensorwise: bool = False,
         global_fields: Mapping[str, Global] | None = None,
+        updates_globals: bool = True,
         local_shards: bool = False,
         leaf_args: Sequence[str] = (),
         check_order: Sequence[str] = ("lr",),
@@ -577,7 +580,7 @@ class Algorithm:
         self.dense_error = dense_error
         self.amp_native = amp_native
         self.globals = dict(global_fields or {})
-        self.chunked = chunked and (elementwise or tensorwise) and not self.globals
+        self.chunked = chunked and (elementwise or tensorwise) and not (self.globals and updates_globals)
         # (chunks of whole tensors take fields of any shape, one entry per tensor; slices need them like the params)
         self.chunked = self.chunked and (tensorwise or all(f.like_param for f in self.fields.values()))
         self.chunk_scale = chunk_scale
@@ -1011,7 +1014,7 @@ class Algorithm:
                        segments=ctx.segments, extra=ctx.extra_args, dtensors=dtensors, **shared,
                        **named)  # fmt: skip
             updates, new = self.math(k)
-            out.update({key: new[key] for key in shared if key in new})  # (chunked: never with globals)
+            out.update({key: new[key] for key in shared if key in new})  # (chunked: never updates_globals)
             return (updates, *(new.get(key) for key in fields))
 
         writes = (None, *range(2, 2 + len(fields)))

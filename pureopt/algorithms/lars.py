@@ -38,13 +38,18 @@ __all__ = ["LARS", "LarsState", "lars"]
 _ADAPT = "_pureopt_lars_adapt"
 
 
+def _scalars(k: Kernel, steps: list[Tensor]) -> Mapping[str, Any]:
+    # the per-tensor mask rides along with the columns, so that chunks of whole tensors take their part of it
+    return {"adapt": k.extra.get(_ADAPT)}
+
+
 def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     ops, h, g, p, segments = k.ops, k.h, k.g, k.p, k.segments
     lr, weight_decay = h.lr, h.weight_decay
     if h.maximize:
         g = ops.neg(g)
     n = len(g)
-    adapt = k.extra.get(_ADAPT)
+    adapt = k.adapt
     keep = [True] * n if adapt is None else [bool(a) for a in adapt]
     on = [i for i in range(n) if keep[i]]
     off = [i for i in range(n) if not keep[i]]
@@ -100,7 +105,9 @@ LARS = Algorithm(
         )
     },
     math=_math,
+    scalars=_scalars,
     elementwise=False,
+    tensorwise=True,
     segmentwise=True,
     params_required="lars",
     doc="State of :func:`lars`.",

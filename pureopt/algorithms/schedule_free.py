@@ -183,6 +183,7 @@ SCHEDULE_FREE = Algorithm(
             lambda h, device: torch.tensor(h.beta, dtype=scalar_dtype(device), device=device),
         ),
     },
+    updates_globals=False,  # (advanced by _with_scalars, outside the math: chunked on the applied CPU path)
     check_order=("lr", "eps", "betas"),
     doc="State of :func:`schedule_free_sgd` / :func:`schedule_free_adamw`.",
 )

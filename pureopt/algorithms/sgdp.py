@@ -64,6 +64,7 @@ SGDP = Algorithm(
     neutral={"momentum": 0.0, "dampening": 0.0},
     needs_params=("weight_decay", "delta"),
     elementwise=False,
+    tensorwise=True,
     check_order=("lr", "momentum", "weight_decay"),
     doc="State of :func:`sgdp` and :func:`scale_by_sgdp` (the ``adamp`` package's state key).",
 )
