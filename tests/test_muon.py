@@ -17,6 +17,7 @@ import pytest
 import torch
 from _checks import assert_unchanged, snapshot
 
+import pureopt
 from pureopt.algorithms.muon import MuonState, muon, scale_by_muon
 from pureopt.base import apply_updates
 from pureopt.combine import chain
@@ -454,3 +455,22 @@ def test_orthogonalize_rejects_non_matrix_updates():
     tx = orthogonalize()
     with pytest.raises(ValueError, match="only supports 2D updates"):
         tx.update({"b": torch.ones(3)}, tx.init({"b": torch.ones(3)}))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_applied_scale_by_muon_adds_the_orthogonalised_direction(nesterov):
+    # inplace_step applies the step itself (a few matrices at a time on the CPU): for scale_by_muon, p + O * ratio,
+    # O the Newton-Schulz iterate of the momentum written out here (the iteration in float64: no bfloat16 roundings
+    # in other operation orders)
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(s, generator=g) for s in [(64, 32), (32, 48), (16, 16)]]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    applied = [p.clone() for p in params]
+    tx = pureopt.scale_by_muon(nesterov=nesterov, ns_dtype=torch.float64)
+    pureopt.inplace_step(tx, grads, tx.init(params), applied)
+    for p, q, gr in zip(params, applied, grads):
+        buf = torch.lerp(torch.zeros_like(gr), gr, 1 - 0.95)
+        u = torch.lerp(gr, buf, 0.95) if nesterov else buf
+        o = reference_newton_schulz(u, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float64)
+        ratio = math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
+        torch.testing.assert_close(q, p + o.float() * ratio, rtol=1e-5, atol=1e-6)

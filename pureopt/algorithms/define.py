@@ -520,6 +520,9 @@ class Algorithm:
         step runs on their local shards where it can (:func:`~pureopt.kernels.dtensor.run_on_local_shards`), with
         the DTensor gradients in ``k.dtensors`` for its collectives over whole tensors (e.g.
         :func:`~pureopt.kernels.dtensor.shard_norms`); elsewhere it sees the DTensors themselves.
+      local_chunks: (with ``local_shards`` and ``tensorwise``) the math may run chunk by chunk on local shards;
+        ``False`` where it talks to the other ranks per tensor (Muon's owner-rank orthogonalisation: ranks holding
+        shards of other sizes would chunk them otherwise).
       leaf_args: keyword arguments of ``update`` that are trees like the gradients (Sophia's ``hessian``); the math
         reads each in ``k.extra`` as a list over the leaves it steps (``None`` when not given).
       check_order: the hyperparameters validated first, in torch's order (the rest follow in signature order).
@@ -557,6 +560,7 @@ class Algorithm:
         global_fields: Mapping[str, Global] | None = None,
         updates_globals: bool = True,
         local_shards: bool = False,
+        local_chunks: bool = True,
         leaf_args: Sequence[str] = (),
         check_order: Sequence[str] = ("lr",),
         doc: str = "",
@@ -587,6 +591,7 @@ class Algorithm:
         self.elementwise = elementwise
         self.segmentwise = segmentwise
         self.local_shards = local_shards
+        self.local_chunks = local_chunks
         self.leaf_args = tuple(leaf_args)
         self.check_order = list(check_order)
         home = module or math.__module__
@@ -1004,25 +1009,26 @@ class Algorithm:
                     out[key] = values
                 else:
                     extra[key] = values
-        names, cols = list(extra), list(extra.values())
+        names, cols = [*extra, "dtensors"], list(extra.values())  # (the DTensors: the last column, per chunk too)
         fields = [*elem, *odd]  # (fields not shaped like the parameters: chunked whole tensors only, see __init__)
 
         def body(ops: ListOps, p: list[Tensor] | None, g: list[Tensor], *columns: Any) -> tuple[Any, ...]:
             named = {**dict(zip(fields, columns)), **dict(zip(names, columns[len(fields) :]))}
             target = p if apply else None
             k = Kernel(ops=ops, h=h, p=p, g=g, donate=donate, own=own, apply=apply, coef=coef, target=target,
-                       segments=ctx.segments, extra=ctx.extra_args, dtensors=dtensors, **shared,
-                       **named)  # fmt: skip
+                       segments=ctx.segments, extra=ctx.extra_args, **shared, **named)  # fmt: skip
             updates, new = self.math(k)
             out.update({key: new[key] for key in shared if key in new})  # (chunked: never updates_globals)
             return (updates, *(new.get(key) for key in fields))
 
         writes = (None, *range(2, 2 + len(fields)))
+        # tensorwise chunks: not over flat buffers' segments, nor with per-leaf arguments (they come whole), nor on
+        # local shards where the math talks to the other ranks (each rank would chunk its shards otherwise)
+        tensorwise = ctx.segments is None and not self.leaf_args and (dtensors is None or self.local_chunks)
         results = elementwise(
-            body, ops, (p, g, *(real[key] for key in elem), *(odd[key] for key in odd), *cols), writes,
-            # (tensorwise chunks: not over flat buffers' segments, nor with per-leaf arguments, which come whole)
-            in_place=apply and self.chunked and (self.elementwise or (ctx.segments is None and not self.leaf_args)),
-            chunk_scale=self.chunk_scale, split=self.elementwise,
+            body, ops, (p, g, *(real[key] for key in elem), *(odd[key] for key in odd), *cols, dtensors), writes,
+            in_place=apply and self.chunked and (self.elementwise or tensorwise), chunk_scale=self.chunk_scale,
+            split=self.elementwise,
         )  # fmt: skip
         updates = results[0]
         for key, result in zip(fields, results[1:]):

@@ -10,10 +10,12 @@ Update rule, per 2-D parameter ``P`` of shape ``A x B`` with gradient ``G`` (``M
     adjusted_lr = lr * sqrt(max(1, A / B))        adjust_lr_fn None or "original" (Keller Jordan's)
                 = lr * 0.2 * sqrt(max(A, B))      adjust_lr_fn "match_rms_adamw" (Moonshot's: reuse AdamW's lr)
 
-As in torch, the iteration runs in bfloat16 whatever the parameter dtype (``ns_dtype`` changes that). The update
-is returned as ``P_new - P`` with ``P_new`` computed with torch's own operations, so that
-:func:`pureopt.apply_updates` gives torch's parameter bit for bit wherever the step changes an entry by less than a
-factor of two (Sterbenz), which keeps trajectories through the bfloat16 iteration identical. The ``scale_by_muon``
+As in torch, the iteration runs in bfloat16 whatever the parameter dtype (``ns_dtype`` changes that). Where the step
+applies itself (the adapters, ``inplace_step``) each parameter is stepped in place by torch's own two operations, a
+few matrices at a time on the CPU (the iteration's temporaries exist for one chunk). The pure update is returned as
+``P_new - P`` with ``P_new`` computed by those operations, so that :func:`pureopt.apply_updates` gives torch's
+parameter bit for bit wherever the step changes an entry by less than a factor of two (Sterbenz), which keeps
+trajectories through the bfloat16 iteration identical. The ``scale_by_muon``
 form returns ``O * adjusted_lr / lr``. On FSDP2 (DTensor parameters) the momentum and the update run on the local
 shards and each whole matrix is orthogonalised on one owner rank (:mod:`pureopt.kernels.owner`, ``sharded=``).
 
@@ -28,14 +30,14 @@ Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from pureopt.algorithms.define import Algorithm, Check, Field, Hyper, Impl, Kernel, StateDtype
-from pureopt.base import GradientTransformation, ScalarOrSchedule
+from pureopt.base import GradientTransformation, ScalarOrSchedule, add_inplace
 from pureopt.hyperparams import is_schedule, number
 from pureopt.kernels import muon as ns_kernels  # (the iteration, called through its module: tests count the calls)
 from pureopt.kernels.muon import (
@@ -109,26 +111,40 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     bufs = ops.lerp(k.momentum_buffer, k.g, 1 - h.momentum, inplace=k.donate)
     directions = ops.lerp(k.g, bufs, h.momentum) if h.nesterov else bufs
     ns = (h.ns_coefficients, h.ns_steps, h.eps, h.ns_dtype)
+    new = {"momentum_buffer": bufs}
     if k.dtensors is not None:  # local shards: each whole matrix orthogonalised on one rank, scattered back
         specs = [spec_of(g) for g in k.dtensors]
-        ortho = map_whole(directions, specs, lambda x: ns_kernels.newton_schulz_batch(x, *ns), h.ns_dtype, h.sharded)
+        whole = map_whole(directions, specs, lambda x: ns_kernels.newton_schulz_batch(x, *ns), h.ns_dtype, h.sharded)
+        ortho: Iterator[Tensor] = iter(whole)
         shapes = [spec.shape for spec in specs]
-    else:
-        ortho = [ns_kernels.newton_schulz(u, *ns) for u in directions]
+    else:  # (lazily: applied, each matrix is orthogonalised and stepped before the next one's is made)
+        ortho = (ns_kernels.newton_schulz(u, *ns) for u in directions)
         shapes = [g.shape for g in k.g]
     ratios = [adjusted_lr_ratio(shape, h.adjust_lr_fn) for shape in shapes]
-    new = {"momentum_buffer": bufs}
+    if k.target is not None:
+        for p, g, o, r in zip(k.target, k.g, ortho, ratios):
+            if h.lr is None:  # (scale_by_muon: the update the caller would add)
+                add_inplace([p], [o.to(g.dtype) * r])
+            else:
+                _step_param(p, o, h, r)
+        return None, new
     if h.lr is None:
         return [o.to(g.dtype) * r for o, g, r in zip(ortho, k.g, ratios)], new
-    # torch: p.mul_(1 - lr * wd); p.add_(O, alpha=-lr * ratio). Replayed out of place on a copy we own.
-    new_params = ops.mul(k.p, 1 - h.lr * h.weight_decay)
-    for i, (o, r) in enumerate(zip(ortho, ratios)):
-        adjusted = h.lr * r
-        if isinstance(adjusted, Tensor):  # a tensor alpha would cost a host sync: multiply instead
-            new_params[i] = new_params[i].add_(o.to(new_params[i].dtype) * -adjusted)
-        else:
-            new_params[i] = new_params[i].add_(o, alpha=-adjusted)
+    # replayed out of place on a copy we own: the update is the new parameter minus the old
+    new_params = ops.clone(k.p)
+    for p, o, r in zip(new_params, ortho, ratios):
+        _step_param(p, o, h, r)
     return ops.sub(new_params, k.p, inplace=True), new
+
+
+def _step_param(p: Tensor, o: Tensor, h: Hyper, ratio: float) -> None:
+    """torch.optim.Muon's step of one parameter, in place: ``p.mul_(1 - lr * wd); p.add_(O, alpha=-lr * ratio)``."""
+    p.mul_(1 - h.lr * h.weight_decay)
+    adjusted = h.lr * ratio
+    if isinstance(adjusted, Tensor):  # a tensor alpha would cost a host sync: multiply instead
+        p.add_(o.to(p.dtype) * -adjusted)
+    else:
+        p.add_(o, alpha=-adjusted)
 
 
 MUON = Algorithm(
@@ -144,7 +160,9 @@ MUON = Algorithm(
     params_required_when=lambda h: h.lr is not None,
     real_only=True,
     elementwise=False,
+    tensorwise=True,  # (applied on the CPU: a few matrices at a time, each stepped in place as torch does)
     local_shards=True,
+    local_chunks=False,  # (on local shards each matrix goes to its owner rank: every rank steps all at once)
     check_order=("lr", "momentum", "weight_decay", "adjust_lr_fn", "ns_steps", "ns_coefficients"),
     doc="State of :func:`scale_by_muon` and :func:`muon`.",
 )
