@@ -114,14 +114,15 @@ def dcp_save(model: Any, opt: Any, path: Path) -> dict[str, Any]:
     return optim_sd
 
 
-def dcp_load(model: Any, opt: Any, path: Path) -> None:
-    """Inside a rank: a DCP checkpoint of :func:`dcp_save` loaded into ``model`` and ``opt`` (fresh ones)."""
+def dcp_load(model: Any, opt: Any, path: Path, planner: Any = None) -> None:
+    """Inside a rank: a DCP checkpoint of :func:`dcp_save` loaded into ``model`` and ``opt`` (fresh ones), read by
+    ``planner`` (DCP's default when ``None``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, opt)
     loaded = {"model": model_sd, "optim": optim_sd}
-    dcp.load(loaded, checkpoint_id=str(path))
+    dcp.load(loaded, checkpoint_id=str(path), planner=planner)
     set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
 
 

@@ -302,20 +302,35 @@ def resumed_on_one_rank(rank: int, world: int, out: Path) -> dict[str, Any]:
     ``RESUME_AT`` steps) and runs the remaining steps on whole global batches."""
     from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
 
+    from pureopt.adapters import SavedLayoutLoadPlanner
+
     assert rank == 0 and world == 1
     res: dict[str, Any] = {}
-    for run in [*SPECS, "q8-flat", *(f"{spec}-columns" for spec in COLUMN_SPECS)]:
-        model = sharded_net(columns=run.endswith("columns"))
+    runs = [*SPECS, "q8-flat", *(f"{spec}-columns" for spec in COLUMN_SPECS), "q8-columns-planner"]
+    for run in runs:
+        model = sharded_net(columns="columns" in run)
         opt = TorchOptimizer(
             model.parameters(), pureopt.adamw, lr=LR, weight_decay=0.1, state_dtype=spec_of(run),
             flat=run.endswith("flat"),
         )  # fmt: skip
+        planner = SavedLayoutLoadPlanner() if run.endswith("planner") else None
         try:
-            dcp_load(model, opt, out / f"dcp-{run}")
+            dcp_load(model, opt, out / f"dcp-{run.removesuffix('-planner')}", planner)
         except CheckpointException as e:  # (DCP's planner refuses a record of another shape)
             res[run] = f"{type(e).__name__}: {e}"
             continue
         res[run] = resumed_steps(model, opt, full)
+        res[f"{run}-layout"] = describe(opt, model)
+        if run.endswith("planner"):  # scales of 16-element blocks (under 32: no encoding writes them) are refused
+            from pureopt.kernels.dtensor import from_local_like
+
+            sd, matrix = opt.state_dict(), list(model.parameters())[2]
+            sd["state"][2]["exp_avg.scale"] = from_local_like(torch.ones(8, 16), matrix, (8, 16))
+            try:
+                opt.load_state_dict(sd)
+                res["bad-blocks"] = None
+            except ValueError as e:
+                res["bad-blocks"] = str(e)
     return res
 
 
@@ -511,9 +526,25 @@ def test_encoded_state_checkpoint_from_two_ranks_resumes_on_one(
 
 def test_column_sharded_checkpoint_with_other_blocks_at_one_rank_is_refused(one_rank: dict[str, Any]) -> None:
     # q8 blocks the 256-element rows whole at world size 1 (the 2-rank runs were 128): the scales' shapes differ
-    # ((8, 1) there, (8, 2) saved) and DCP's planner refuses the load rather than read other blocks' scales
+    # ((8, 1) there, (8, 2) saved) and DCP's default planner refuses the load rather than read other blocks' scales
     refusal = one_rank["q8-columns"]
     assert isinstance(refusal, str) and "Size mismatch" in refusal and "exp_avg.scale" in refusal, refusal
+
+
+def test_column_sharded_checkpoint_with_other_blocks_resumes_with_the_saved_layout_planner(
+    job: list[dict[str, Any]], one_rank: dict[str, Any]
+) -> None:
+    # with SavedLayoutLoadPlanner the saved scales (8, 2) are read as they are, placed as the parameter, and the
+    # optimizer keeps the saved blocks of 128 (they lie within the one rank's 256-element rows): the run resumes,
+    # following the 2-rank one up to the gradients' summation order
+    start = [p.detach().clone() for p in make_net(True).parameters()]
+    want = job[0]["q8-columns"]["trajectory"][RESUME_AT:]
+    for got, ref in zip(one_rank["q8-columns-planner"], want):
+        assert distance(got, ref) <= TOL_SAME["q8"] * distance(ref, start)
+    middle = one_rank["q8-columns-planner-layout"][2]["exp_avg"]  # (the 8 x 256 matrix)
+    assert middle["shapes"] == [(8, 256), (8, 2)] and middle["placed"], middle
+    refusal = one_rank["bad-blocks"]
+    assert refusal is not None and "blocks of 16 elements (scales (8, 16)) do not lie within" in refusal, refusal
 
 
 def test_pure_step_with_encoded_state_on_fsdp2_tracks_the_unsharded_run(job: list[dict[str, Any]]) -> None:

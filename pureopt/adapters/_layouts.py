@@ -8,8 +8,10 @@ reads any of them (``Encoding.local``: the block is the codes' row over the scal
 sharded run, gathered to full tensors (``get_optimizer_state_dict`` with ``full_state_dict=True``, or
 ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``), loads into an optimizer over unsharded
 parameters *as saved*: each field whose saved layout differs takes that layout, bitwise, with no re-encoding (the
-run then continues with the sharded run's blocks). Shapes that are not such a layout are left to the usual checks
-(a ValueError naming the parameter and key).
+run then continues with the sharded run's blocks). For DTensor parameters only the blocks may differ: a matrix
+sharded by columns saved at another world size took other blocks for its runs of a row, and its scales load as
+saved wherever those blocks lie within every rank's runs here (else a ValueError names them). Shapes that are not
+such a layout are left to the usual checks (a ValueError naming the parameter and key).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from pureopt.adapters._state import StateLayout
 from pureopt.algorithms.storage import compute_dtype
-from pureopt.kernels.dtensor import is_dtensor
+from pureopt.kernels.dtensor import blocks_fit_runs, from_local_like, is_dtensor
 from pureopt.kernels.encoding import Quantized, row_block
 
 __all__ = ["adopt_saved_layouts"]
@@ -57,8 +59,6 @@ def adopt_saved_layouts(
         if not (isinstance(entry, Mapping) and isinstance(i, int) and 0 <= i < layout.num_params):
             continue  # (reported by the load's checks)
         p = params[i]
-        if is_dtensor(p):  # (a sharded parameter's layout is fixed by its placement: DCP reshards it)
-            continue
         keys = layout.param_keys[i]
         for key, pos in keys.items():
             base = key[: -len(_CODES)]
@@ -83,6 +83,8 @@ def _saved_layout(entry: Mapping[Any, Any], base: str, codes: Tensor, scale: Ten
     are, or not a layout of this field: the load's checks name it; a string: codes and scales by rows that are not
     whole blocks of ``p``, what is wrong)."""
     saved_codes, saved_scale, plain = entry.get(base + _CODES), entry.get(base + _SCALE), entry.get(base)
+    if is_dtensor(p):
+        return _saved_blocks(saved_codes, saved_scale, codes, scale, p)
     if isinstance(saved_codes, Tensor) and isinstance(saved_scale, Tensor):
         if saved_codes.shape == codes.shape and saved_scale.shape == scale.shape:
             return None
@@ -110,6 +112,28 @@ def _saved_layout(entry: Mapping[Any, Any], base: str, codes: Tensor, scale: Ten
             return None
         return torch.zeros(p.shape, dtype=compute_dtype(p), device=p.device)
     return None
+
+
+def _saved_blocks(saved_codes: Any, saved_scale: Any, codes: Any, scale: Any, p: Any) -> Any:
+    """For DTensor parameter ``p``: its field's buffers with the scales of the saved blocks, where only the blocks
+    differ (a matrix sharded by columns saved at another world size, whose runs of a row took other blocks) and
+    they lie within every rank's runs here (``None``: as the buffers are, or not such a layout: the load's checks
+    name it; a string: blocks that do not fit the runs, what is wrong)."""
+    if not (is_dtensor(saved_codes) and is_dtensor(saved_scale)) or saved_codes.shape != codes.shape:
+        return None
+    if saved_scale.shape == scale.shape or saved_scale.dim() != 2 or saved_scale.shape[0] != scale.shape[0]:
+        return None
+    per_code = 2 if codes.shape[1] != p.numel() // p.shape[0] else 1  # (4-bit codes: two elements a byte)
+    width = codes.shape[1] * per_code
+    block = row_block(width, saved_scale.shape[1], 4 if per_code == 2 else 8)
+    if block is None or saved_scale.placements != p.placements or not blocks_fit_runs(p, block, per_code):
+        return (
+            f"its blocks of {width // max(saved_scale.shape[1], 1)} elements (scales {tuple(saved_scale.shape)}) "
+            f"do not lie within each rank's run of the rows of this {tuple(p.shape)} parameter placed as "
+            f"{tuple(p.placements)}"
+        )
+    local = torch.zeros_like(saved_scale.to_local(), dtype=scale.dtype)
+    return Quantized(codes, from_local_like(local, p, saved_scale.shape))
 
 
 def _replace(tree: Any, path: tuple[Any, ...], value: Any) -> Any:

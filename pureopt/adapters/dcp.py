@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from pureopt.kernels.dtensor import is_dtensor
+from pureopt.kernels.dtensor import from_local_like, is_dtensor
 
 __all__ = ["SavedLayoutLoadPlanner"]
 
@@ -29,9 +29,11 @@ class SavedLayoutLoadPlanner(DefaultLoadPlanner):
     saved it in.
 
     Each optimizer-state entry of the template that is an encoded field's part (``"<field>.codes"`` /
-    ``"<field>.scale"`` of a plain tensor parameter) is replaced by a tensor of the checkpoint's shape and dtype
-    where they differ, and the pair by the field's plain tensor (``"<field>"``) where the checkpoint keeps the
-    field so (the float32 state of a sharded run's 1-D parameters). Everything else loads as with
+    ``"<field>.scale"``) is replaced by a tensor of the checkpoint's shape and dtype where they differ (for a
+    DTensor parameter, a DTensor placed as the template: the scales of other blocks, which a matrix sharded by
+    columns takes at another world size), and, for a plain tensor parameter, the pair by the field's plain tensor
+    (``"<field>"``) where the checkpoint keeps the field so (the float32 state of a sharded run's 1-D
+    parameters). Everything else loads as with
     :class:`~torch.distributed.checkpoint.DefaultLoadPlanner`. Pass the loaded optimizer state dict to
     ``set_state_dict`` / ``set_optimizer_state_dict`` (or ``load_state_dict``): a :class:`TorchOptimizer` keeps
     each field in the layout it arrives in (bitwise, no re-encoding) and refuses one it cannot read.
@@ -55,21 +57,23 @@ class SavedLayoutLoadPlanner(DefaultLoadPlanner):
             path = self.mappings.get(fqn)
             if path is None or len(path) < 3 or path[-3] != "state" or not isinstance(value, Tensor):
                 continue
-            if is_dtensor(value) or not str(path[-1]).endswith(_PARTS):
-                continue  # (a sharded template: DCP reshards it as placed)
+            if not str(path[-1]).endswith(_PARTS):
+                continue
             base = fqn[: -len(_PARTS[0])]
             if any(base + part not in self.state_dict for part in _PARTS):
                 continue  # (not an encoded field's pair)
             found = saved.get(fqn)
             if isinstance(found, TensorStorageMetadata):
                 if tuple(found.size) != tuple(value.shape) or found.properties.dtype != value.dtype:
-                    self._put(fqn, path, _like(found, value.device))
+                    self._put(fqn, path, _like(found, value))
                 continue
+            if is_dtensor(value):
+                continue  # (a sharded parameter keeps its fields' kinds: blocks are all that may change)
             plain = saved.get(base)
             if found is None and isinstance(plain, TensorStorageMetadata) and base not in self.state_dict:
                 for part in _PARTS:  # the pair becomes the field's plain tensor
                     self._drop(base + part)
-                self._put(base, (*path[:-1], str(path[-1])[: -len(_PARTS[0])]), _like(plain, value.device))
+                self._put(base, (*path[:-1], str(path[-1])[: -len(_PARTS[0])]), _like(plain, value))
 
     def _put(self, fqn: str, path: tuple[Any, ...], value: Tensor) -> None:
         self.state_dict[fqn] = value
@@ -82,8 +86,18 @@ class SavedLayoutLoadPlanner(DefaultLoadPlanner):
         del _parent(self.original_state_dict, path)[path[-1]]
 
 
-def _like(found: TensorStorageMetadata, device: torch.device) -> Tensor:
-    return torch.empty(tuple(found.size), dtype=found.properties.dtype, device=device)
+def _like(found: TensorStorageMetadata, template: Tensor) -> Tensor:
+    """A tensor to read ``found`` into: of its shape and dtype, placed like ``template`` (a DTensor's local shard
+    as DTensor would split the saved shape over the template's mesh and placements)."""
+    shape, dtype = tuple(found.size), found.properties.dtype
+    if not is_dtensor(template):
+        return torch.empty(shape, dtype=dtype, device=template.device)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = template.device_mesh, template.placements  # type: ignore[attr-defined]
+    local_shape, _ = compute_local_shape_and_global_offset(shape, mesh, placements)
+    local = torch.empty(local_shape, dtype=dtype, device=template.to_local().device)  # type: ignore[attr-defined]
+    return from_local_like(local, template, shape)
 
 
 def _parent(tree: Any, path: tuple[Any, ...]) -> Any:

@@ -51,6 +51,7 @@ from pureopt.kernels import onepass, step_op
 from pureopt.kernels import select as _select
 from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
 from pureopt.kernels.dtensor import (
+    blocks_fit_runs,
     from_local_like,
     is_dtensor,
     row_run_widths,
@@ -335,13 +336,9 @@ def _row_block(enc: BlockEncoding, p: Any) -> BlockEncoding | None:
     block = enc.for_rows(width)
     if block is None or common % block.block:
         block = enc.for_rows(common) if common < width else None
-    if block is None or runs == [width]:
+    if block is None or blocks_fit_runs(p, block.block, 2 if block.bits == 4 else 1):
         return block
-    per_code = 2 if block.bits == 4 else 1
-    for divisor in (per_code, block.block):
-        if row_run_widths(p, (p.shape[0], width // divisor)) != [run // divisor for run in runs]:
-            return None
-    return block
+    return None
 
 
 def _parts(entry: Any) -> tuple[Tensor, ...]:

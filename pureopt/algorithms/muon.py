@@ -109,16 +109,17 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     if any(g.ndim != 2 for g in k.g):
         raise ValueError("Param gradient must be a 2D matrix")
     bufs = ops.lerp(k.momentum_buffer, k.g, 1 - h.momentum, inplace=k.donate)
-    directions = ops.lerp(k.g, bufs, h.momentum) if h.nesterov else bufs
     ns = (h.ns_coefficients, h.ns_steps, h.eps, h.ns_dtype)
     new = {"momentum_buffer": bufs}
     if k.dtensors is not None:  # local shards: each whole matrix orthogonalised on one rank, scattered back
+        directions = ops.lerp(k.g, bufs, h.momentum) if h.nesterov else bufs
         specs = [spec_of(g) for g in k.dtensors]
         whole = map_whole(directions, specs, lambda x: ns_kernels.newton_schulz_batch(x, *ns), h.ns_dtype, h.sharded)
         ortho: Iterator[Tensor] = iter(whole)
         shapes = [spec.shape for spec in specs]
-    else:  # (lazily: applied, each matrix is orthogonalised and stepped before the next one's is made)
-        ortho = (ns_kernels.newton_schulz(u, *ns) for u in directions)
+    else:  # (lazily, matrix by matrix: applied, each is stepped before the next one's direction is made)
+        lazy = (torch.lerp(g, b, h.momentum) for g, b in zip(k.g, bufs)) if h.nesterov else iter(bufs)
+        ortho = (ns_kernels.newton_schulz(u, *ns) for u in lazy)
         shapes = [g.shape for g in k.g]
     ratios = [adjusted_lr_ratio(shape, h.adjust_lr_fn) for shape in shapes]
     if k.target is not None:

@@ -52,6 +52,7 @@ __all__ = [
     "is_split",
     "row_runs_problem",
     "row_run_widths",
+    "blocks_fit_runs",
     "shard_starts",
     "sharded_mesh_dims",
     "shard_norms",
@@ -214,6 +215,23 @@ def row_run_widths(t: Any, shape: Sequence[int] | None = None) -> list[int]:
         local, _ = _compute_local_shape_and_global_offset(shape, mesh_shape, coordinate, t.placements, True)
         widths.append(int(local[1]))
     return widths
+
+
+def blocks_fit_runs(t: Any, block: int, per_code: int) -> bool:
+    """Whether blocks of ``block`` elements, a scale each, lie within every rank's run of each row of DTensor
+    ``t`` (which passes :func:`row_runs_problem`), and DTensor splits a record by rows of ``t`` as it splits ``t``:
+    its codes (``per_code`` elements a code) and its scales (one per block), so that each rank holds its runs'
+    own codes and scales."""
+    width = t.numel() // t.shape[0] if t.dim() and t.shape[0] else 0
+    runs = row_run_widths(t)
+    if not width or width % block or any(run % block for run in runs):
+        return False
+    if runs == [width]:
+        return True
+    return all(
+        row_run_widths(t, (t.shape[0], width // divisor)) == [run // divisor for run in runs]
+        for divisor in (per_code, block)
+    )
 
 
 def local_flat_offset(t: Any) -> int:
