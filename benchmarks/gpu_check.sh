@@ -4,7 +4,8 @@
 #   OUT=/tmp/gpu benchmarks/gpu_check.sh          # logs and benchmarks/results-style JSON land in $OUT
 #
 # Phase 1 runs tests/test_cuda.py and the suite under PUREOPT_TEST_DEVICE=cuda side by side (they only need to be
-# right, not quiet); phase 2 runs benchmarks/step.py --device cuda alone on the GPU. Each phase has a time limit so
+# right, not quiet); phase 2 runs benchmarks/step.py --device cuda alone on the GPU; phase 3 benchmarks/memory.py
+# --device cuda (encoded state's step time and the steps' transients on the GPU). Each phase has a time limit so
 # that the whole run fits a few minutes; what a phase printed before its limit is kept. Python packages missing
 # on the machine (optree) can be carried as wheels in .whl/ (see docs/benchmarks.md).
 set -u
@@ -13,6 +14,7 @@ OUT=${OUT:-/tmp/pureopt-gpu-check}
 PY=${PY:-python3}
 TEST_LIMIT=${TEST_LIMIT:-240}
 BENCH_LIMIT=${BENCH_LIMIT:-170}
+MEM_LIMIT=${MEM_LIMIT:-140}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -37,4 +39,10 @@ wait $SUITE_PID; echo "suite exit $?" >> "$OUT/suite_cuda.log"
 timeout "$BENCH_LIMIT" "$PY" benchmarks/step.py --device cuda --algos sgd,adam,adamw --rounds 10 --warmup 2 \
     --inner 5 --json "$OUT/latest-cuda.json" > "$OUT/bench.log" 2>&1
 echo "bench exit $?" >> "$OUT/bench.log"
+
+# issue 16 on the GPU: encoded AdamW state (8-bit step vs fp32), and the transients of the unchunked GPU steps
+timeout "$MEM_LIMIT" "$PY" benchmarks/memory.py --device cuda --algos adamw,adafactor,lion \
+    --storages fp32,q8,q4,fp8,bf16-enc,bf16-sr --skip torchao --rounds 10 --warmup 2 \
+    --json "$OUT/memory-cuda.json" --markdown > "$OUT/memory.log" 2>&1
+echo "memory exit $?" >> "$OUT/memory.log"
 tail -n 3 "$OUT"/*.log

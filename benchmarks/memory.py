@@ -27,6 +27,11 @@ Reported per row:
     python benchmarks/memory.py                               # everything (torchao's first steps compile: minutes)
     python benchmarks/memory.py --quick                       # a 1M-parameter set, few rounds: a smoke run
     python benchmarks/memory.py --json benchmarks/results/memory.json --markdown
+    python benchmarks/memory.py --device cuda --algos adamw --skip torchao   # on a GPU (benchmarks/gpu_check.sh)
+
+With ``--device cuda`` the tensors live on the GPU, the transient is the CUDA caching allocator's peak of allocated
+bytes during the call beyond what was allocated before it (``torch.cuda.max_memory_allocated``), and each timed
+step ends with ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step import param_shapes  # (the parameter sets of the step benchmark)
 
 MIB = 2**20
+DEVICE = torch.device("cpu")
+"""Where the parameters, gradients and states live (``--device``)."""
 
 STORAGES: dict[str, Any] = {
     "fp32": torch.float32,
@@ -99,9 +106,19 @@ class Row:
 def transient_peak(fn: Callable[[], Any]) -> tuple[int, int]:
     """(peak, still alive at the end) bytes of the tensors one call of ``fn`` allocates: the CPU allocator's
     allocation / free events recorded by ``torch.profiler`` (``profile_memory=True``), replayed in time order;
-    frees of blocks allocated before the call are ignored."""
+    frees of blocks allocated before the call are ignored. On a CUDA ``DEVICE``: the caching allocator's peak of
+    allocated bytes during the call, beyond those allocated before it."""
     import json
     import tempfile
+
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        del out
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -163,8 +180,8 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
 
 def make_set(shapes: list[tuple[int, ...]], seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
-    grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    params = [(torch.randn(s, generator=gen) * 0.02).to(DEVICE) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(DEVICE) for s in shapes]
     return params, grads
 
 
@@ -281,7 +298,7 @@ def external_rows(
                 opt.step()
                 warm = time.perf_counter() - t0
             except Exception as exc:
-                row.note = f"fails on CPU: {type(exc).__name__}: {str(exc)[:160]}"
+                row.note = f"fails on {DEVICE.type}: {type(exc).__name__}: {str(exc)[:160]}"
                 rows.append((row, None))
                 continue
             if no_compile:
@@ -306,6 +323,8 @@ def time_rows(steps: dict[str, Callable[[], Any]], rows: dict[str, Row], rounds:
         for name in names:
             t0 = time.perf_counter()
             steps[name]()
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 rows[name].times.append(dt)
@@ -385,10 +404,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-time", action="store_true", help="skip the timing")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a loaded machine)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU's allocator measures the transient)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     shapes = param_shapes("small" if args.quick else "medium")
     nparams = sum(torch.Size(s).numel() for s in shapes)
@@ -396,7 +418,8 @@ def main() -> None:
     memory = not args.no_memory
     print(
         f"{len(shapes)} tensors, {nparams / 1e6:.2f}M fp32 params; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        f"{'; ' + torch.cuda.get_device_name() if DEVICE.type == 'cuda' else ''}; "
         f"chunk {CHUNK_ELEMENTS} elements ({CHUNK_ELEMENTS * 4 / MIB:.0f} MiB fp32)",
         flush=True,
     )
