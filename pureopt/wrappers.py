@@ -41,6 +41,7 @@ from pureopt.base import (
 )
 from pureopt.combine import inner_context, returned
 from pureopt.hyperparams import is_schedule
+from pureopt.kernels.fused import is_amp_native
 from pureopt.transforms._util import count_device, new_count
 from pureopt.tree import PyTreeSpec
 
@@ -451,18 +452,36 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         finite = _all_finite(updates, state.notfinite_count.device)
         notfinite_count = torch.where(finite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1)
         apply = finite | (notfinite_count > max_errors)
+        counts = {
+            "notfinite_count": notfinite_count,
+            "last_finite": finite,
+            "total_notfinite": state.total_notfinite + (~finite).to(state.total_notfinite.dtype),
+        }
+        if _skips_itself(ctx):  # donated, and the inner kernel skips on found_inf: its buffers are reused
+            skip = (~apply).to(torch.float32)
+            out, new_inner = fn(
+                updates, state.inner_state, params, inner_context(ctx, allow_apply=True).but(found_inf=skip)
+            )
+            return out, ApplyIfFiniteState(**counts, inner_state=new_inner)  # type: ignore[return-value]
         inner_updates, new_inner = fn(updates, state.inner_state, params, inner_context(ctx, allow_donate=False))
         out = [
             None if u is None else torch.where(apply.to(u.device), u, torch.zeros_like(u))
             for u in returned(inner_updates)
         ]
-        new_state = ApplyIfFiniteState(
-            notfinite_count=notfinite_count,
-            last_finite=finite,
-            total_notfinite=state.total_notfinite + (~finite).to(state.total_notfinite.dtype),
-            inner_state=_select(apply, new_inner, state.inner_state),
+        return out, ApplyIfFiniteState(**counts, inner_state=_select(apply, new_inner, state.inner_state))
+
+    def _skips_itself(ctx: UpdateContext) -> bool:
+        """Whether the step may run donated with GradScaler's ``found_inf`` as the skip flag: ``inner`` honours it
+        in its own kernel (torch's fused kernels skip without a host sync; its other paths read the flag), no
+        GradScaler flag is already in flight, and not traced (the other paths' host read would break the graph).
+        The inner's state then stays as it was on a skipped step without a copy of it to select from."""
+        return (
+            ctx.donate
+            and is_amp_native(fn)
+            and ctx.grad_scale is None
+            and ctx.found_inf is None
+            and not torch.compiler.is_compiling()
         )
-        return out, new_state
 
     return leaf_transformation(
         init_leaves, update_leaves, elementwise=is_elementwise(inner), segmentwise=is_segmentwise(inner)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _checks import assert_unchanged, snapshot
+from _memory import transient_peak
 from _parity import grads_at, make_data, make_params, tolerances
 from torch._dynamo.utils import counters
 
@@ -307,6 +308,44 @@ def test_apply_if_finite_skips_non_finite_steps_bitwise_and_counts():
             ref.step(step)  # torch steps only on the finite steps
             for k in ref.names:
                 torch.testing.assert_close(params[k], ref.tp[k].detach(), **tolerances(F64))
+
+
+@pytest.mark.parametrize("impl", ["auto", "foreach"])
+def test_apply_if_finite_donated_skips_inside_the_inner_step(impl):
+    # donated (inplace_step), the skip is GradScaler's found_inf flag handed to the inner AdamW: torch's fused kernel
+    # skips on it without a host sync ("auto"), the foreach path reads it; no copy of the state to select from
+    ref = Stepper(lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1), F64)
+    tx = apply_if_finite(pureopt.adamw(lr=0.01, weight_decay=0.1, impl=impl), max_consecutive_errors=1)
+    params = {k: v.clone() for k, v in ref.init.items()}
+    state = tx.init(params)
+    bad = {2: "nan", 5: "inf", 6: "nan"}  # 6 is the 2nd in a row: applied anyway
+    for step in range(7):
+        g = grads_at(params, step, ref.data)
+        if step in bad:
+            g["w1"] = g["w1"].clone()
+            g["w1"][0, 0] = float(bad[step])
+        snaps = snapshot(params), snapshot(state.inner_state)
+        state = pureopt.inplace_step(tx, g, state, params)
+        assert bool(state.last_finite) == (step not in bad)
+        if step in (2, 5):
+            assert_unchanged(params, snaps[0], "params")
+            assert_unchanged(state.inner_state, snaps[1], "inner state")
+        elif step == 6:
+            assert int(state.notfinite_count) == 2 and torch.isnan(params["w1"][0, 0])
+        else:
+            ref.step(step)  # torch steps only on the finite steps
+            for k in ref.names:
+                torch.testing.assert_close(params[k], ref.tp[k].detach(), **tolerances(F64))
+
+
+def test_apply_if_finite_donated_step_holds_no_copy_of_the_state():
+    # the select-based step held the inner's new state, its updates and their selections: 24 bytes a parameter
+    params = [torch.randn(256, 256) for _ in range(8)]  # 2 MiB
+    grads = [torch.randn(256, 256) * 1e-2 for _ in params]
+    tx = apply_if_finite(pureopt.adamw(lr=1e-3), max_consecutive_errors=3)
+    state = pureopt.inplace_step(tx, grads, tx.init(params), params)
+    peak, live = transient_peak(lambda: pureopt.inplace_step(tx, grads, state, params))
+    assert peak - live <= 1 << 20, f"{(peak - live) / 2**20:.2f} MiB"
 
 
 def test_apply_if_finite_validation():
