@@ -97,6 +97,14 @@ def _check_transform(tx: Any, where: str) -> None:
         raise TypeError(f"{where} is a {type(tx).__name__}, not a GradientTransformation")
 
 
+def _own_updates(updates: LeafList | None, n: int, ctx: UpdateContext) -> LeafList:
+    """An inner transformation's updates of its ``n`` leaves; ``None`` each where it stepped its parameters in
+    place (allowed where ``ctx.apply``: nothing is left for the caller to add for them)."""
+    if updates is None and getattr(ctx, "apply", False):
+        return [None] * n
+    return returned(updates)
+
+
 def returned(updates: LeafList | None) -> LeafList:
     """The updates an inner transformation returned (it was not allowed to apply them in place)."""
     if updates is None:
@@ -313,12 +321,13 @@ def _broadcast(spec: PyTreeSpec, value: Any, out: list[Any]) -> bool:
     return all(_broadcast(child, sub, out) for child, sub in zip(children, sub_values))
 
 
-def restricted_context(ctx: UpdateContext, keep: list[bool]) -> UpdateContext:
+def restricted_context(ctx: UpdateContext, keep: list[bool], allow_apply: bool = False) -> UpdateContext:
     """The context of an inner transformation that owns the leaves where ``keep`` is True (:func:`partition`,
     :func:`masked`): its structure is :func:`sub_spec`, and every keyword argument of ``update`` that is a tree of
     tensors shaped like the updates (Sophia's ``hessian``) is cut to the same leaves (other arguments, such as
-    L-BFGS's ``value_fn``, pass on whole)."""
-    inner = inner_context(ctx, sub_spec(ctx.spec, keep))
+    L-BFGS's ``value_fn``, pass on whole). ``allow_apply``: as for :func:`inner_context` (the inner owns its
+    parameters alone: it may step them in place where the caller allows)."""
+    inner = inner_context(ctx, sub_spec(ctx.spec, keep), allow_apply=allow_apply)
     if all(keep) or not ctx.extra_args:
         return inner
     args = dict(ctx.extra_args)
@@ -463,14 +472,14 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels: Lab
         for key in keys:
             idx = [i for i, label in enumerate(leaf_labels) if label == key]
             keep = [label == key for label in leaf_labels]
-            sub_ctx = restricted_context(ctx, keep)
+            sub_ctx = restricted_context(ctx, keep, allow_apply=True)
             sub_updates, new_inner[key] = fns[key](
                 [updates[i] for i in idx],
                 state.inner_states[key],
                 None if params is None else [params[i] for i in idx],
                 sub_ctx,
             )
-            for i, u in zip(idx, returned(sub_updates)):
+            for i, u in zip(idx, _own_updates(sub_updates, len(idx), ctx)):
                 out[i] = u
         return out, PartitionState(new_inner)
 
@@ -523,12 +532,12 @@ def masked(inner: GradientTransformation, mask: LabelTree) -> GradientTransforma
             raise ValueError(f"masked expects a MaskedState, got a {type(state).__name__}")
         keep = _mask_leaves(mask, ctx.spec, params if params is not None else updates, "masked")
         idx = [i for i, k in enumerate(keep) if k]
-        sub_ctx = restricted_context(ctx, keep)
+        sub_ctx = restricted_context(ctx, keep, allow_apply=True)
         sub_updates, new_inner = fn(
             [updates[i] for i in idx], state.inner_state, None if params is None else [params[i] for i in idx], sub_ctx
         )
         out = list(updates)
-        for i, u in zip(idx, returned(sub_updates)):
+        for i, u in zip(idx, _own_updates(sub_updates, len(idx), ctx)):
             out[i] = u
         return out, MaskedState(new_inner)
 

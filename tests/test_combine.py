@@ -345,9 +345,14 @@ def test_only_the_last_transformation_of_a_chain_may_apply_in_place():
     tx = chain(recorder(), named_chain(("x", recorder()), ("y", recorder())), partition({"a": recorder()}, ["a"]))
     state = tx.init(params)
     tx.update.update_leaves(leaves, state, leaves, ctx)
-    assert seen == [False, False, False, False]
+    # (a partition's or a mask's inner owns its parameters alone: last in the chain, it may apply)
+    assert seen == [False, False, False, True]
     seen.clear()
     chain(recorder(), recorder()).update.update_leaves(leaves, ((), ()), leaves, ctx)
+    assert seen == [False, True]
+    seen.clear()
+    tx = chain(partition({"a": recorder()}, ["a"]), masked(recorder(), [True]))
+    tx.update.update_leaves(leaves, tx.init(params), leaves, ctx)
     assert seen == [False, True]
 
 

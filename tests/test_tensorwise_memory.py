@@ -158,3 +158,48 @@ def test_applied_step_of_tensorwise_math_holds_one_chunk_of_temporaries(name: st
             opt.step()
         for p, r in zip(mine, ref):
             torch.testing.assert_close(p.detach(), r.detach().to(p.dtype), rtol=tol, atol=tol * 1e-2)
+
+
+class MuonAndAdamW(torch.optim.Optimizer):
+    """The usual Muon recipe in torch: torch.optim.Muon on the matrices, torch.optim.AdamW on the rest."""
+
+    def __init__(self, params: Any, lr: float, weight_decay: float) -> None:
+        params = list(params)
+        super().__init__(params, {})
+        self.muon = torch.optim.Muon([p for p in params if p.dim() == 2], lr=lr, weight_decay=weight_decay)
+        self.adamw = torch.optim.AdamW([p for p in params if p.dim() != 2], lr=lr, weight_decay=weight_decay)
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        self.muon.step()
+        self.adamw.step()
+
+
+def _muon_and_adamw(lr: float, weight_decay: float) -> Any:
+    labels = lambda params: type(params)("muon" if p.dim() == 2 else "adamw" for p in params)
+    inner = {
+        "muon": pureopt.muon(lr=lr, weight_decay=weight_decay),
+        "adamw": pureopt.adamw(lr, weight_decay=weight_decay),
+    }
+    return pureopt.partition(inner, labels)
+
+
+def test_partitioned_step_applies_each_part_in_place() -> None:
+    # partition's (and masked's) inner transformations own their parameters alone: where the caller applies the
+    # step, each steps its own in place (Muon a matrix at a time), no whole tree of updates (before: 4 bytes a
+    # parameter); against torch.optim.Muon and torch.optim.AdamW side by side
+    params, grads = _problem([(256, 256)] * 8 + [(256,)] * 8)
+    ref = [p.clone().requires_grad_() for p in params]
+    ref_opt = MuonAndAdamW(ref, lr=1e-2, weight_decay=0.1)
+    mine = [p.clone().requires_grad_() for p in params]
+    opt = pureopt.TorchOptimizer(mine, _muon_and_adamw, lr=1e-2, weight_decay=0.1)
+    for step, gs in enumerate(grads):
+        for p, r, g in zip(mine, ref, gs):
+            p.grad, r.grad = g.clone(), g.clone()
+        ref_opt.step()
+        if step == STEPS - 1:
+            peak, live = transient_peak(opt.step)
+            assert peak - live <= 2 * CHUNK_BYTES + (256 << 10), f"{(peak - live) / 2**20:.2f} MiB"
+        else:
+            opt.step()
+        for p, r in zip(mine, ref):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-7)

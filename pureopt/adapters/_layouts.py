@@ -41,11 +41,12 @@ def adopt_saved_layouts(
     where: str = "the checkpoint",
     labels: Sequence[Any] | None = None,
 ) -> tuple[Any, StateLayout]:
-    """``fresh`` (a state of ``layout``, e.g. from ``tx.init``) with each encoded field of an unsharded parameter
-    laid out as its loaded entry has it, where that differs and is a layout the step reads: codes and scales by
-    rows (whole blocks within each row), or a plain floating tensor shaped like the parameter (the compute dtype's
-    state of a field whose rows could not be blocked). The adopted fields are new zero buffers (the load writes
-    them); the rest of ``fresh`` is kept. Returns the state and its layout (``fresh`` and ``layout`` themselves
+    """``fresh`` (a state of ``layout``, e.g. from ``tx.init``) with each encoded field laid out as its loaded entry
+    has it, where that differs and is a layout the step reads: for an unsharded parameter, codes and scales by rows
+    (whole blocks within each row) or a plain floating tensor shaped like the parameter (the compute dtype's state
+    of a field whose rows could not be blocked); for a DTensor parameter, scales of other blocks that lie within
+    every rank's runs. The adopted fields are new zero buffers (the load writes them); the rest of ``fresh`` is
+    kept. Returns the state and its layout (``fresh`` and ``layout`` themselves
     when nothing changes). Nothing is modified.
 
     ``entries``: per-parameter values by parameter index in torch's ``{key: tensor}`` form, as loaded; ``where``
