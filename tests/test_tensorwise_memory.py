@@ -135,10 +135,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_applied_step_of_tensorwise_math_holds_one_chunk_of_temporaries(name: str) -> None:
-    factory, kw, reference, tol = CASES[name]
-    params, grads = _problem(MATRICES if name == "muon" else SHAPES)
+def run_against(
+    shapes: list[tuple[int, ...]], factory: Any, reference: Any, kw: dict[str, Any], tol: float, what: str
+) -> None:
+    """``STEPS`` steps of ``TorchOptimizer(factory, **kw)`` and of the ``reference`` optimizer side by side, the
+    parameters compared after each (``tol``, relative); the last step's transient bounded: two float32
+    temporaries per element of a chunk (1 MiB of parameters: 4 of the matrices), e.g. Adafactor's estimate V and
+    direction U, and the small ones (a step over all tensors at once makes 3-12 MiB here)."""
+    params, grads = _problem(shapes)
     ref = [p.clone().requires_grad_() for p in params]
     ref_opt = reference(ref, **kw)
     mine = [p.clone().requires_grad_() for p in params]
@@ -149,15 +153,18 @@ def test_applied_step_of_tensorwise_math_holds_one_chunk_of_temporaries(name: st
         ref_opt.step()
         if step == STEPS - 1:
             peak, live = transient_peak(opt.step)
-            # two float32 temporaries per element of a chunk (1 MiB of parameters: 4 of the matrices), e.g.
-            # Adafactor's estimate V and direction U, and the small ones; a step over all tensors at once makes
-            # 5-12 MiB here
             bound = 2 * CHUNK_BYTES + (256 << 10)
-            assert peak - live <= bound, f"{name}: transient {(peak - live) / 2**20:.2f} MiB > {bound / 2**20:.2f}"
+            assert peak - live <= bound, f"{what}: transient {(peak - live) / 2**20:.2f} MiB > {bound / 2**20:.2f}"
         else:
             opt.step()
         for p, r in zip(mine, ref):
             torch.testing.assert_close(p.detach(), r.detach().to(p.dtype), rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_applied_step_of_tensorwise_math_holds_one_chunk_of_temporaries(name: str) -> None:
+    factory, kw, reference, tol = CASES[name]
+    run_against(MATRICES if name == "muon" else SHAPES, factory, reference, kw, tol, name)
 
 
 class MuonAndAdamW(torch.optim.Optimizer):
@@ -187,19 +194,5 @@ def test_partitioned_step_applies_each_part_in_place() -> None:
     # partition's (and masked's) inner transformations own their parameters alone: where the caller applies the
     # step, each steps its own in place (Muon a matrix at a time), no whole tree of updates (before: 4 bytes a
     # parameter); against torch.optim.Muon and torch.optim.AdamW side by side
-    params, grads = _problem([(256, 256)] * 8 + [(256,)] * 8)
-    ref = [p.clone().requires_grad_() for p in params]
-    ref_opt = MuonAndAdamW(ref, lr=1e-2, weight_decay=0.1)
-    mine = [p.clone().requires_grad_() for p in params]
-    opt = pureopt.TorchOptimizer(mine, _muon_and_adamw, lr=1e-2, weight_decay=0.1)
-    for step, gs in enumerate(grads):
-        for p, r, g in zip(mine, ref, gs):
-            p.grad, r.grad = g.clone(), g.clone()
-        ref_opt.step()
-        if step == STEPS - 1:
-            peak, live = transient_peak(opt.step)
-            assert peak - live <= 2 * CHUNK_BYTES + (256 << 10), f"{(peak - live) / 2**20:.2f} MiB"
-        else:
-            opt.step()
-        for p, r in zip(mine, ref):
-            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-7)
+    shapes = [(256, 256)] * 8 + [(256,)] * 8
+    run_against(shapes, _muon_and_adamw, MuonAndAdamW, {"lr": 1e-2, "weight_decay": 0.1}, 1e-5, "partition")
