@@ -196,3 +196,60 @@ def test_partitioned_step_applies_each_part_in_place() -> None:
     # parameter); against torch.optim.Muon and torch.optim.AdamW side by side
     shapes = [(256, 256)] * 8 + [(256,)] * 8
     run_against(shapes, _muon_and_adamw, MuonAndAdamW, {"lr": 1e-2, "weight_decay": 0.1}, 1e-5, "partition")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("state_dtype", ["q8", "bf16"])
+def test_lars_with_encoded_state_tracks_its_rule(state_dtype: str, masked: bool) -> None:
+    # LARS's per-tensor mask rides as a column of its scalars; without a mask there is none, also on the encoded
+    # path (decoded whole tensors): within the quantisation bound of the float64 rule (0.1 of the distance moved)
+    params, grads = _problem([(64, 64)] * 3 + [(64,)] * 3)
+    ref = [p.clone().requires_grad_() for p in params]
+    ref_opt = LarsRule(ref, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    mine = [p.clone().requires_grad_() for p in params]
+    make = _lars if masked else pureopt.lars
+    opt = pureopt.TorchOptimizer(mine, make, lr=0.1, momentum=0.9, weight_decay=1e-4, state_dtype=state_dtype)
+    for gs in grads:
+        for p, r, g in zip(mine, ref, gs):
+            p.grad, r.grad = g.clone(), g.clone()
+        ref_opt.step()
+        opt.step()
+    if not masked:  # (the rule excludes the vectors; unmasked LARS adapts them too: compare the matrices)
+        mine, ref, params = mine[:3], ref[:3], params[:3]
+    moved = sum((r.detach() - p).square().sum() for r, p in zip(ref, params)).sqrt()
+    err = sum((m.detach() - r.detach()).square().sum() for m, r in zip(mine, ref)).sqrt()
+    assert err <= 0.1 * moved, (float(err), float(moved))
+
+
+def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float(sum((x.detach() - y.detach()).square().sum() for x, y in zip(a, b)).sqrt())
+
+
+@pytest.mark.parametrize(
+    "name, make, reference",
+    [
+        # CAME's factors are not shaped like the parameters (``()`` for vectors): its first moment alone is encoded
+        ("came", lambda ps: pureopt.TorchOptimizer(ps, pureopt.came, lr=1e-3, state_dtype={"exp_avg": "q8"}),
+         lambda ps: _came(ps, lr=1e-3)),
+        # Sophia-G stepped without Hessian estimates: its estimate column is absent, also on the encoded path
+        ("sophia_g", lambda ps: pureopt.TorchOptimizer(ps, pureopt.sophia_g, lr=1e-3, state_dtype="q8"),
+         lambda ps: pureopt.TorchOptimizer(ps, pureopt.sophia_g, lr=1e-3)),
+    ],
+)  # fmt: skip
+def test_encoded_state_of_algorithms_with_other_columns_tracks_the_float32_run(
+    name: str, make: Any, reference: Any
+) -> None:
+    params, grads = _problem([(64, 64)] * 3 + [(64,)] * 3)
+    mine, ref = [p.clone().requires_grad_() for p in params], [p.clone().requires_grad_() for p in params]
+    opt, ref_opt = make(mine), reference(ref)
+    for gs in grads:
+        for p, r, g in zip(mine, ref, gs):
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    assert _distance(mine, ref) <= 0.1 * _distance(ref, params), name
+
+
+def test_encodings_of_came_factors_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="CAME's exp_avg_sq_row is not shaped like its parameter"):
+        pureopt.came(lr=1e-3, state_dtype="q8")

@@ -65,7 +65,10 @@ def _zeros(shape: Callable[[Tensor], tuple[int, ...]], factored: bool, doc: str)
 
         return make
 
-    return Field(doc + (" (parameters with 2+ dims; ``()`` for the others)." if factored else ""), init)
+    # (not shaped like the parameter, and ``()`` for some: encodings are refused for it, chunks take it whole)
+    return Field(
+        doc + (" (parameters with 2+ dims; ``()`` for the others)." if factored else ""), init, like_param=False
+    )
 
 
 def _rows(p: Tensor) -> tuple[int, ...]:

@@ -858,6 +858,12 @@ class Algorithm:
             (out if key in self.fields else columns)[key] = values
         globals_out: dict[str, Any] = {}
         fields = {key: s[key] for key in elem}
+        # fields not shaped like the parameters (CAME's factors: kept as stored, never encoded) ride as per-tensor
+        # columns; the math runs once over whole tensors then (elementwise=False), so their new lists are whole
+        odd = [key for key, f in self.fields.items() if key in s and not f.like_param]
+        if odd and self.elementwise:
+            raise NotImplementedError(f"{self.name}: encoded state with fields not shaped like the parameters")
+        columns.update({key: list(s[key]) for key in odd})
         if impl == "auto" and self.elementwise and not shared and not self.leaf_args and ctx.grad_scale is None \
                 and ctx.found_inf is None:  # fmt: skip
             # the math traced into one native pass per tensor (decode, step, encode each tile in cache), where it can
@@ -895,7 +901,7 @@ class Algorithm:
             k = Kernel(ops=ops, h=h, p=p, g=g, donate=True, own=True, apply=applies, coef=coef, target=target,
                        segments=None, extra=ctx.extra_args, **shared, **fields, **cols)  # fmt: skip
             updates, new = self.math(k)
-            globals_out.update({key: new[key] for key in shared if key in new})
+            globals_out.update({key: new[key] for key in (*shared, *odd) if key in new})
             return updates, {key: v for key, v in new.items() if key in fields}
 
         updates, new_fields = run_chunks(

@@ -40,7 +40,8 @@ _ADAPT = "_pureopt_lars_adapt"
 
 def _scalars(k: Kernel, steps: list[Tensor]) -> Mapping[str, Any]:
     # the per-tensor mask rides along with the columns, so that chunks of whole tensors take their part of it
-    return {"adapt": k.extra.get(_ADAPT)}
+    adapt = k.extra.get(_ADAPT)
+    return {} if adapt is None else {"adapt": adapt}
 
 
 def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
@@ -49,7 +50,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
     if h.maximize:
         g = ops.neg(g)
     n = len(g)
-    adapt = k.adapt
+    adapt = getattr(k, "adapt", None)  # (none without a mask)
     keep = [True] * n if adapt is None else [bool(a) for a in adapt]
     on = [i for i in range(n) if keep[i]]
     off = [i for i in range(n) if not keep[i]]

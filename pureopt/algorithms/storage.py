@@ -204,7 +204,7 @@ def run_chunks(
                 else enc.decode(values[i], lo, hi, dtypes[i], after, buf).view(grads[i].shape if whole else (hi - lo,))
                 for (i, lo, hi, whole), buf in zip(chunk, bufs)
             ]
-        c_c = {name: [col[i] for i, *_ in chunk] for name, col in columns.items()}
+        c_c = {name: None if col is None else [col[i] for i, *_ in chunk] for name, col in columns.items()}
         u, new = body(ops, p_c, g_c, f_c, c_c, apply and own_p and not traced)  # type: ignore[arg-type]
         written.update(new)
         after = []
