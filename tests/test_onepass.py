@@ -423,7 +423,8 @@ def test_every_elementwise_algorithm_with_state_either_traces_or_falls_back(kern
         "adabelief", "adadelta", "adagrad", "adam", "adamax", "adamw", "adan", "ademamix", "adopt", "asgd", "laprop",
         "lion", "nadam", "radam", "rmsprop", "sgd", "signum", "yogi",
     }, traced  # fmt: skip
-    assert set(fell_back) == {"rprop", "madgrad", "schedule_free_adamw", "schedule_free_sgd"}, fell_back
+    # (schedule-free SGD keeps only z, parameter values: nothing of it is encoded by "q8")
+    assert set(fell_back) == {"rprop", "madgrad", "schedule_free_adamw"}, fell_back
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])

@@ -199,6 +199,9 @@ class Field:
         fields are updated by ``scalars``, outside the elementwise pass.
       nonneg: the field never holds negative values (second moments): ``state_dtype="q8"`` / ``"q4"`` then store it
         with an unsigned code (see :mod:`pureopt.kernels.encoding`).
+      copies_param: the field holds parameter values (a copy, an iterate: schedule-free's ``z``, DoG's ``x0``):
+        ``state_dtype="q8"`` & co. leave it in the parameter's dtype and a block encoding named for it is refused
+        (codes with a scale per block would move the weights it stands for by up to a code step).
       like_param: the field is shaped like its parameter. ``False`` for state of other shapes (Adafactor's row and
         column factors; ``()`` where a parameter keeps none): such lists reach ``scalars`` and ``math`` as they are
         stored (no real views, casts or slices: chunks of whole tensors only, for ``tensorwise`` math; the math
@@ -211,6 +214,7 @@ class Field:
     per_tensor: bool = False
     nonneg: bool = False
     like_param: bool = True
+    copies_param: bool = False
 
 
 def state(doc: str, when: Callable[[Hyper], bool] | None = None, *, nonneg: bool = False) -> Field:
@@ -226,7 +230,7 @@ def filled(value: Callable[[Hyper], float], doc: str, when: Callable[[Hyper], bo
 
 def param_copy(doc: str, when: Callable[[Hyper], bool] | None = None) -> Field:
     """A state field that starts as a copy of the parameter (e.g. ASGD's ``ax``)."""
-    return Field(doc, lambda h, dtype: copy_of(dtype), when)
+    return Field(doc, lambda h, dtype: copy_of(dtype), when, copies_param=True)
 
 
 @dataclass(frozen=True)
@@ -650,7 +654,15 @@ class Algorithm:
         lr = h.lr
         kept = [key for key, f in self.fields.items() if not f.per_tensor and (f.when is None or f.when(h))]
         nonneg = {key: f.nonneg for key, f in self.fields.items()}
-        state_dtype, encodings = parse_state_dtype(state_dtype, kept, nonneg)
+        copies = {key for key, f in self.fields.items() if f.copies_param}
+        state_dtype, encodings = parse_state_dtype(state_dtype, kept, nonneg, copies)
+        blocked = [key for key in copies if isinstance(encodings.get(key), BlockEncoding)]
+        if blocked:
+            raise ValueError(
+                f"{self.name}'s {blocked[0]} holds parameter values: block codes (q8 / q4 / fp8) would move the "
+                "weights it stands for by up to a code step; give it a float dtype (e.g. torch.bfloat16) or leave it "
+                "out of state_dtype"
+            )
         odd = [key for key in encodings if not self.fields[key].like_param]
         if odd:
             raise ValueError(

@@ -26,7 +26,7 @@ blocks within rows), or a plain tensor (rows too short to block).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,20 +51,21 @@ def compute_dtype(p: Tensor) -> torch.dtype:
 
 
 def parse_state_dtype(
-    spec: Any, fields: Sequence[str], nonneg: Mapping[str, bool]
+    spec: Any, fields: Sequence[str], nonneg: Mapping[str, bool], copies: Collection[str] = ()
 ) -> tuple[torch.dtype | None, dict[str, Encoding]]:
     """``state_dtype`` -> (the one dtype every field is kept in, as before; the encodings per field).
 
     ``None`` or a float dtype: all fields in that dtype (no encoding). A name (``"q8"``, ``"q4"``, ``"fp8"``), an
-    fp8 dtype or an :class:`~pureopt.kernels.encoding.Encoding`: every per-element field encoded so. A dict from field
-    names to any of these (or to float dtypes): per field; fields it does not name keep the parameter's dtype.
+    fp8 dtype or an :class:`~pureopt.kernels.encoding.Encoding`: every per-element field encoded so but those in
+    ``copies`` (fields holding parameter values: kept in the parameter's dtype). A dict from field names to any of
+    these (or to float dtypes): per field; fields it does not name keep the parameter's dtype.
     """
     if spec is None:
         return None, {}
     if not isinstance(spec, Mapping):
         if isinstance(spec, torch.dtype) and encoding_for(spec) is None:
             return spec, {}
-        spec = dict.fromkeys(fields, spec)
+        spec = {key: spec for key in fields if key not in copies}
     unknown = [key for key in spec if key not in fields]
     if unknown:
         raise ValueError(f"state_dtype names {unknown[0]!r}, which is not a state field here; fields: {list(fields)}")
