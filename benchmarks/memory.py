@@ -71,8 +71,8 @@ STORAGES: dict[str, Any] = {
     "fp8": "fp8",
     "q8": "q8",
     "q4": "q4",
-    # bf16 through the chunked encoding path (decode to fp32, step, round back); a bare torch.bfloat16 keeps the
-    # state in bf16 and runs the math in bf16 on whole tensors
+    # bf16 through the chunked encoding path (decode to fp32, step, round back); a bare torch.bfloat16 takes the
+    # same path for float32 parameters (it ran the math in bf16 on whole tensors before)
     "bf16-enc": FloatEncoding(torch.bfloat16),
     # the same, written with stochastic rounding (random bits hashed per element and step)
     "bf16-sr": "bf16-sr",

@@ -80,8 +80,8 @@ ADABELIEF = Algorithm(
     fields={
         "step": step_count(),
         "exp_avg": state("first moments."),
-        "exp_avg_var": state('the "belief" second moments, EMAs of ``(g - m)**2`` plus ``eps``.'),
-        "max_exp_avg_var": state("running maxima of ``exp_avg_var`` (amsgrad).", when=lambda h: h.amsgrad),
+        "exp_avg_var": state('the "belief" second moments, EMAs of ``(g - m)**2`` plus ``eps``.', nonneg=True),
+        "max_exp_avg_var": state("running maxima of ``exp_avg_var`` (amsgrad).", when=lambda h: h.amsgrad, nonneg=True),
     },
     math=_math,
     scalars=_scalars,

@@ -67,8 +67,8 @@ ADADELTA = Algorithm(
     record="ScaleByAdadeltaState",
     fields={
         "step": step_count("per-parameter step counts (0-d float tensors; kept for torch's state format, not used)."),
-        "square_avg": state("running averages of the squared gradients."),
-        "acc_delta": state("running averages of the squared steps."),
+        "square_avg": state("running averages of the squared gradients.", nonneg=True),
+        "acc_delta": state("running averages of the squared steps.", nonneg=True),
     },
     math=_math,
     doc="State of :func:`adadelta` and :func:`scale_by_adadelta` (torch.optim.Adadelta's state keys).",

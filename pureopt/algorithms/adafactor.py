@@ -139,8 +139,11 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Any]]]:
     new_cols: list[Any] = list(col_vars)
     new_vars: list[Any] = list(variances)
     estimates: list[Tensor] = []
+    # eps1's default is the machine epsilon of the gradients' dtype (torch's), not of the state's: bf16 state
+    # (state_dtype=) made it 2**-7 for float32 parameters and clamped second moments below 6e-5
+    eps = [torch.finfo(x.dtype).eps if eps1 is None else eps1 for x in k.g]
     for i, gi in enumerate(g):
-        e1 = torch.finfo(gi.dtype).eps if eps1 is None else eps1
+        e1 = eps[i]
         w = _like(k.weights[i], gi)
         if gi.numel() == 0:  # nothing to average (torch would divide by a zero size)
             estimates.append(torch.ones_like(gi))
@@ -166,7 +169,7 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Any]]]:
             new_vars[i] = var
             estimates.append(var.clone() if donate else var)
     # U = g / sqrt(max(V, eps1**2)); estimates that are state (unfactored, not donated) are not written
-    eps_sq = [(torch.finfo(x.dtype).eps if eps1 is None else eps1) ** 2 for x in g]
+    eps_sq = [e**2 for e in eps]
     owned = [tmp and est is not new_vars[i] for i, est in enumerate(estimates)]
     if all(owned) and len({*eps_sq}) <= 1:
         clamped = _clamp_min(ops, estimates, eps_sq[0] if eps_sq else 0.0, inplace=tmp)

@@ -167,7 +167,11 @@ ADAGRAD = Algorithm(
     record="ScaleByAdagradState",
     fields={
         "step": step_count(),
-        "sum": Field("per-parameter sums of squared gradients (dense, shaped like the parameter).", _accumulator_init),
+        "sum": Field(
+            "per-parameter sums of squared gradients (dense, shaped like the parameter).",
+            _accumulator_init,
+            nonneg=True,
+        ),
     },
     math=_math,
     scalars=_scalars,

@@ -119,7 +119,7 @@ ADAN = Algorithm(
         "step": step_count(),
         "exp_avg": state("EMAs of the gradient."),
         "exp_avg_diff": state("EMAs of the gradient difference ``g - g_prev``."),
-        "exp_avg_sq": state("EMAs of the squared Nesterov gradient ``(g + beta2 * (g - g_prev))**2``."),
+        "exp_avg_sq": state("EMAs of the squared Nesterov gradient ``(g + beta2 * (g - g_prev))**2``.", nonneg=True),
         "pre_grad": state("the previous gradient of each parameter."),
     },
     math=_math,

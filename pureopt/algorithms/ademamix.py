@@ -163,7 +163,7 @@ ADEMAMIX = Algorithm(
         "step": step_count("per-parameter step counts (bias corrections and the alpha / beta3 warmups use them)."),
         "exp_avg_fast": state("the fast EMA of the gradient (``beta1``)."),
         "exp_avg_slow": state("the slow EMA of the gradient (``beta3``)."),
-        "exp_avg_sq": state("the EMA of the squared gradient (``beta2``)."),
+        "exp_avg_sq": state("the EMA of the squared gradient (``beta2``).", nonneg=True),
     },
     math=_math,
     scalars=_scalars,

@@ -133,7 +133,7 @@ ADOPT = Algorithm(
     fields={
         "step": step_count(),
         "exp_avg": state("first moments of the normalised, clipped gradients."),
-        "exp_avg_sq": state("second moments of the gradients (one step behind the normalisation)."),
+        "exp_avg_sq": state("second moments of the gradients (one step behind the normalisation).", nonneg=True),
     },
     math=_math,
     scalars=_scalars,

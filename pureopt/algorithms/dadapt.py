@@ -189,7 +189,7 @@ DADAPT_ADAM = Algorithm(
         "step": step_count(),
         "s": state("weighted sums of the gradients (the denominator of the d estimate)."),
         "exp_avg": state("first moments (scaled by d * lr)."),
-        "exp_avg_sq": state("second moments."),
+        "exp_avg_sq": state("second moments.", nonneg=True),
     },
     math=_adam_math,
     elementwise=False,

@@ -197,11 +197,14 @@ class Field:
       when: the hyperparameters for which the field is kept (``None``: always); otherwise it is stored as ``()``.
       per_tensor: one 0-d value per parameter (step counts, NAdam's ``mu_product``), not one per element; such
         fields are updated by ``scalars``, outside the elementwise pass.
-      nonneg: the field never holds negative values (second moments): ``state_dtype="q8"`` / ``"q4"`` then store it
-        with an unsigned code (see :mod:`pureopt.kernels.encoding`).
+      nonneg: the field never holds negative values (second moments, sums of squares, step sizes):
+        ``state_dtype="q8"`` / ``"q4"`` / ``"fp8"`` then store it with an unsigned code that never decodes to zero
+        (see :mod:`pureopt.kernels.encoding`); a signed code would, making ``m / sqrt(v)`` steps of ``m / eps``.
+        Declare it for every such field (tests/test_state_encoding.py checks the registry's against their runs).
       copies_param: the field holds parameter values (a copy, an iterate: schedule-free's ``z``, DoG's ``x0``):
         ``state_dtype="q8"`` & co. leave it in the parameter's dtype and a block encoding named for it is refused
-        (codes with a scale per block would move the weights it stands for by up to a code step).
+        (codes with a scale per block would move the weights it stands for by up to a code step); a bare float
+        ``state_dtype`` narrower than the parameters leaves it in theirs too.
       like_param: the field is shaped like its parameter. ``False`` for state of other shapes (Adafactor's row and
         column factors; ``()`` where a parameter keeps none): such lists reach ``scalars`` and ``math`` as they are
         stored (no real views, casts or slices: chunks of whole tensors only, for ``tensorwise`` math; the math
@@ -223,9 +226,12 @@ def state(doc: str, when: Callable[[Hyper], bool] | None = None, *, nonneg: bool
     return Field(doc, lambda h, dtype: zeros(dtype), when, nonneg=nonneg)
 
 
-def filled(value: Callable[[Hyper], float], doc: str, when: Callable[[Hyper], bool] | None = None) -> Field:
-    """A state field that starts at ``value(h)`` everywhere (e.g. Adagrad's ``initial_accumulator_value``)."""
-    return Field(doc, lambda h, dtype: full(value(h), dtype), when)
+def filled(
+    value: Callable[[Hyper], float], doc: str, when: Callable[[Hyper], bool] | None = None, *, nonneg: bool = False
+) -> Field:
+    """A state field that starts at ``value(h)`` everywhere (e.g. Yogi's ``initial_accumulator_value``; ``nonneg``
+    as for :func:`state`)."""
+    return Field(doc, lambda h, dtype: full(value(h), dtype), when, nonneg=nonneg)
 
 
 def param_copy(doc: str, when: Callable[[Hyper], bool] | None = None) -> Field:
@@ -673,9 +679,22 @@ class Algorithm:
         }
         for key, enc in encodings.items():
             inits[key] = functools.partial(_encoded_init, enc, inits[key], None if self.elementwise else self.name)
+        # a bare float dtype narrower than the parameters stores the state in it and runs the math in theirs, as
+        # the float encodings do (the math in bf16 rounds fp32 parameters it reads to bf16: ASGD's and Adadelta's
+        # steps vanished, DoG's and D-Adaptation's step sizes went wrong by orders of magnitude); fields holding
+        # parameter values stay as wide as the parameters
+        narrow = (
+            {k: FloatEncoding(state_dtype) for k in kept if k not in copies and self.fields[k].like_param}
+            if state_dtype is not None
+            else {}
+        )
+        for key in copies:
+            if state_dtype is not None and inits[key] is not None:
+                inits[key] = functools.partial(self._copy_init, h, key, state_dtype)
         # (built while dynamo traces, e.g. inside inject_hyperparams: no opaque step, whose key is hashed)
         eager = not torch.compiler.is_compiling()
         opaque = self._opaque_plan(given, encodings) if encodings and impl == "auto" and eager else None
+        narrow_opaque = self._opaque_plan(given, narrow) if narrow and impl == "auto" and eager else None
 
         def step(
             params: list[Tensor] | None,
@@ -685,6 +704,8 @@ class Algorithm:
             ctx: UpdateContext,
         ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
             hs = h if lr is None else Hyper(**{**given, "lr": resolve(lr, num_updates)})
+            if narrow and self._stores_narrower(state_dtype, params, grads):
+                return self.run(hs, impl, params, grads, s, ctx, narrow, counter=num_updates, opaque=narrow_opaque)
             compute = None if kept else state_dtype
             if self.local_shards and any(map(is_dtensor, grads)):  # (local shards where they can; see __init__)
 
@@ -710,6 +731,35 @@ class Algorithm:
             leaf_args=self.leaf_args,
         )
         return _fused.mark_amp_native(tx) if self.amp_native else tx
+
+    def _narrow_dtype(self, p: Tensor, state_dtype: torch.dtype) -> bool:
+        """Whether ``state_dtype`` (bare) is stored narrower than parameter ``p`` and the math runs in ``p``'s
+        dtype (:meth:`build`): real floating parameters, DTensors only for elementwise math (whose encoded step
+        runs on their local shards)."""
+        return (
+            p.dtype.is_floating_point
+            and state_dtype.is_floating_point
+            and state_dtype.itemsize < p.dtype.itemsize
+            and (self.elementwise or not is_dtensor(p))
+        )
+
+    def _copy_init(self, h: Hyper, key: str, state_dtype: torch.dtype, p: Tensor) -> Tensor:
+        """The initial value of field ``key`` (holding parameter values) under a bare ``state_dtype``: in the
+        parameter's dtype where that is wider and the step runs the math in it (:meth:`_narrow_dtype`)."""
+        dtype = p.dtype if self._narrow_dtype(p, state_dtype) else state_dtype
+        return self.fields[key].init(h, dtype)(p)
+
+    def _stores_narrower(self, state_dtype: torch.dtype, params: list[Tensor] | None, grads: list[Tensor]) -> bool:
+        """Whether this step keeps a bare ``state_dtype`` as storage only (:meth:`build`): some parameter is wider
+        and none is refused by :meth:`_narrow_dtype`, and autograd is not recording through the step (the encoded
+        step cannot be differentiated: there the math runs in the state's dtype, as it always did)."""
+        if not grads or any(g.is_complex() for g in grads):
+            return False
+        if _select.autograd_recording([*grads, *(params or [])]):
+            return False
+        if any(is_dtensor(g) for g in grads) and not self.elementwise:
+            return False
+        return any(self._narrow_dtype(g, state_dtype) for g in grads)
 
     # --- the kernel -----------------------------------------------------------------------------------------------
 

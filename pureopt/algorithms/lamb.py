@@ -88,7 +88,7 @@ LAMB = Algorithm(
     fields={
         "step": step_count(),
         "exp_avg": state("first moments."),
-        "exp_avg_sq": state("second moments."),
+        "exp_avg_sq": state("second moments.", nonneg=True),
     },
     math=_math,
     scalars=_scalars,

@@ -135,11 +135,11 @@ LAPROP = Algorithm(
     fields={
         "step": step_count(),
         "exp_avg": state("momentum of the normalised gradients (the learning rate inside)."),
-        "exp_avg_sq": state("second moments of the gradients."),
+        "exp_avg_sq": state("second moments of the gradients.", nonneg=True),
         "exp_avg_lr_1": scalar_state(_zero, "running average of the learning rate with beta1 (0-d float64 each)."),
         "exp_avg_lr_2": scalar_state(_zero, "running average of 1 with beta2: the bias correction of v (0-d)."),
         "exp_mean_avg_beta2": state("running averages of the gradients.", when=lambda h: h.centered),
-        "max_exp_avg_sq": state("maxima of the second moments.", when=lambda h: h.amsgrad),
+        "max_exp_avg_sq": state("maxima of the second moments.", when=lambda h: h.amsgrad, nonneg=True),
     },
     math=_math,
     scalars=_scalars,

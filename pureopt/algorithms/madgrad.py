@@ -130,7 +130,7 @@ MADGRAD = Algorithm(
     record="MadgradState",
     fields={
         "step": step_count(),
-        "grad_sum_sq": state("weighted sums of the squared gradients (S)."),
+        "grad_sum_sq": state("weighted sums of the squared gradients (S).", nonneg=True),
         "s": state("weighted sums of the gradients (the dual average)."),
         "x0": param_copy("the parameters' initial values.", when=lambda h: h.momentum != 0),
     },

@@ -190,9 +190,9 @@ MARS = Algorithm(
     fields={
         "step": step_count(),
         "exp_avg": state("momentum of the variance-reduced gradients (of the gradients for 1-d AdamW tensors)."),
-        "exp_avg_sq": state("second moments (unused by the Lion form's matrices)."),
+        "exp_avg_sq": state("second moments (unused by the Lion form's matrices).", nonneg=True),
         "last_grad": state("the previous step's gradients."),
-        "max_exp_avg_sq": state("maxima of the second moments.", when=lambda h: h.amsgrad),
+        "max_exp_avg_sq": state("maxima of the second moments.", when=lambda h: h.amsgrad, nonneg=True),
     },
     math=_math,
     scalars=_scalars,

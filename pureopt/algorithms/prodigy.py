@@ -172,7 +172,7 @@ PRODIGY = Algorithm(
         "s": state("weighted sums of the gradients (the denominator of the d estimate)."),
         "p0": param_copy("the initial parameters."),
         "exp_avg": state("first moments (scaled by d).", when=lambda h: h.betas[0] > 0),
-        "exp_avg_sq": state("second moments (scaled by d**2)."),
+        "exp_avg_sq": state("second moments (scaled by d**2).", nonneg=True),
     },
     math=_math,
     elementwise=False,

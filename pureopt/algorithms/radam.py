@@ -135,7 +135,11 @@ def _math(k: Kernel) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:
 RADAM = Algorithm(
     "RAdam",
     record="ScaleByRAdamState",
-    fields={"step": step_count(), "exp_avg": state("first moments."), "exp_avg_sq": state("second moments.")},
+    fields={
+        "step": step_count(),
+        "exp_avg": state("first moments."),
+        "exp_avg_sq": state("second moments.", nonneg=True),
+    },
     math=_math,
     scalars=_scalars,
     neutral={"decoupled_weight_decay": False},

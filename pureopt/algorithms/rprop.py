@@ -142,6 +142,7 @@ RPROP = Algorithm(
             "the per-element step sizes (initialised to the learning rate; for complex parameters both the real and"
             " the imaginary part, as torch).",
             _size_init,
+            nonneg=True,
         ),
     },
     math=_math,

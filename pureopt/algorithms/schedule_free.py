@@ -171,7 +171,7 @@ SCHEDULE_FREE = Algorithm(
             per_tensor=True,
         ),
         "z": param_copy("the base sequence, one tensor per parameter (starts at the initial parameters)."),
-        "exp_avg_sq": state("Adam's second moments (AdamW).", when=lambda h: h.adam),
+        "exp_avg_sq": state("Adam's second moments (AdamW).", when=lambda h: h.adam, nonneg=True),
     },
     math=_math,
     scalars=_scalars,

@@ -106,7 +106,7 @@ SPARSE_ADAM = Algorithm(
             "per-parameter step counts (0-d float tensors; torch keeps a Python int under the same key)."
         ),
         "exp_avg": state("first moments (dense; only the rows present in a gradient change)."),
-        "exp_avg_sq": state("second moments (dense; only the rows present in a gradient change)."),
+        "exp_avg_sq": state("second moments (dense; only the rows present in a gradient change).", nonneg=True),
     },
     math=_no_dense,
     sparse=_sparse_step,

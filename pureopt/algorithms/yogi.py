@@ -78,7 +78,9 @@ YOGI = Algorithm(
         ),
         "exp_avg": state("first moments (start at 0)."),
         "exp_avg_sq": filled(
-            lambda h: h.initial_accumulator_value, "Yogi's second moments (start at ``initial_accumulator_value``)."
+            lambda h: h.initial_accumulator_value,
+            "Yogi's second moments (start at ``initial_accumulator_value``).",
+            nonneg=True,
         ),
     },
     math=_math,
