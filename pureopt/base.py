@@ -131,9 +131,14 @@ class UpdateContext:
         DDP bucket, one parameter in backward, a parameter without a gradient): stochastic rounding keys its
         random bits by it. ``None``: the lists' own positions.
 
+      grad_factor: a 0-d tensor the gradients are to be multiplied by before anything reads them: a :func:`chain`
+        folds a scaling transformation (``clip_by_global_norm``) into the next one this way, which multiplies
+        each chunk of gradients as it reads it, so that the scaled gradients never exist whole. ``None``: none.
+
     ``grad_scale`` and ``found_inf`` are set only with ``donate=True``, by an adapter driven by GradScaler
     (:func:`pureopt.adapters._amp.donated_step`), and only for transformations registered as handling them
-    (:func:`pureopt.kernels.fused.mark_amp_native`); any other transformation never sees them.
+    (:func:`pureopt.kernels.fused.mark_amp_native`); any other transformation never sees them. ``grad_factor`` is
+    set only for transformations that declare they take it (``LeafUpdate.takes_grad_factor``).
     """
 
     spec: PyTreeSpec
@@ -144,6 +149,7 @@ class UpdateContext:
     found_inf: torch.Tensor | None = None
     segments: Sequence[Sequence[int]] | None = None
     streams: Sequence[int] | None = None
+    grad_factor: torch.Tensor | None = None
 
     def segments_of(self, indices: Sequence[int]) -> list[Sequence[int]] | None:
         """The segments of the leaves at ``indices`` (``None`` when the leaves are not flat buffers)."""
@@ -188,12 +194,19 @@ class LeafUpdate:
     ``segmentwise`` declares the weaker property that is enough when the runner says where the parameters sit in
     each leaf (``UpdateContext.segments``): the update is elementwise except for per-tensor reductions, which it
     then computes per segment (see :func:`is_segmentwise`). Elementwise implies segmentwise.
+
+    Two optional declarations let :func:`pureopt.chain` fold a scaling step into the next one (no whole copy of
+    the scaled gradients): ``grad_factor``, set on a transformation whose updates are its input times one 0-d
+    factor, is ``grad_factor(updates, state, params, ctx) -> factor or None`` (its state must not change);
+    ``takes_grad_factor`` declares that ``update_leaves`` honours ``UpdateContext.grad_factor`` on every path.
     """
 
     def __init__(self, update_leaves: LeafUpdateFn, *, elementwise: bool = False, segmentwise: bool = False) -> None:
         self.update_leaves = update_leaves
         self.elementwise = elementwise
         self.segmentwise = segmentwise or elementwise
+        self.grad_factor: Callable[[LeafList, OptState, LeafList | None, UpdateContext], Any] | None = None
+        self.takes_grad_factor = False
 
     def __call__(
         self, updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any

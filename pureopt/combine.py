@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import optree
@@ -115,7 +115,9 @@ def returned(updates: LeafList | None) -> LeafList:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` one after the other; the state is the tuple of their states.
 
-    The gradient and parameter trees are flattened once per step for the whole chain.
+    The gradient and parameter trees are flattened once per step for the whole chain. A scaling step followed by
+    an optimizer (``chain(clip_by_global_norm(1.0), adamw(...))``) is folded into the optimizer's step, which
+    scales each chunk of gradients as it reads it (no whole copy of the clipped gradients; the same numbers).
 
     Args:
       *transforms: the transformations, in order.
@@ -139,11 +141,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if not isinstance(state, tuple) or len(state) != len(updates_fns):
             got = f"a tuple of {len(state)} states" if isinstance(state, tuple) else f"a {type(state).__name__}"
             raise ValueError(f"chain of {len(updates_fns)} transformations got {got}")
-        new_states = []
-        last = len(updates_fns) - 1
-        for i, (fn, sub_state) in enumerate(zip(updates_fns, state)):
-            updates, new_sub = fn(returned(updates), sub_state, params, inner_context(ctx, allow_apply=i == last))
-            new_states.append(new_sub)
+        updates, new_states = _run_chain(transforms, updates_fns, list(state), updates, params, ctx)
         return updates, tuple(new_states)
 
     return leaf_transformation(
@@ -190,13 +188,8 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
         updates: LeafList | None, state: dict[str, OptState], params: LeafList | None, ctx: UpdateContext
     ) -> tuple[LeafList | None, dict[str, OptState]]:
         _check_keys(state, names, "named_chain")
-        new_state: dict[str, OptState] = {}
-        last = len(fns) - 1
-        for i, (name, fn) in enumerate(zip(names, fns)):
-            updates, new_state[name] = fn(
-                returned(updates), state[name], params, inner_context(ctx, allow_apply=i == last)
-            )
-        return updates, new_state
+        updates, new_states = _run_chain(txs, fns, [state[name] for name in names], updates, params, ctx)
+        return updates, dict(zip(names, new_states))
 
     return leaf_transformation(
         init_leaves,
@@ -204,6 +197,38 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
         elementwise=all(is_elementwise(t) for t in txs),
         segmentwise=all(is_segmentwise(t) for t in txs),
     )
+
+
+def _run_chain(
+    txs: Sequence[GradientTransformation],
+    fns: Sequence[LeafUpdateFn],
+    states: list[OptState],
+    updates: LeafList | None,
+    params: LeafList | None,
+    ctx: UpdateContext,
+) -> tuple[LeafList | None, list[OptState]]:
+    """The transformations one after the other (only the last may apply in place). A scaling transformation
+    (``LeafUpdate.grad_factor``: ``clip_by_global_norm``) followed by one that takes a gradient factor
+    (``LeafUpdate.takes_grad_factor``: the algorithms) is folded into it: the next step multiplies each chunk of
+    the gradients as it reads it, so that the scaled gradients are never made whole (4 bytes/param for float32);
+    the numbers are the same (the same products, read where they are needed)."""
+    new_states: list[OptState] = []
+    last = len(fns) - 1
+    factor: torch.Tensor | None = None
+    for i, (tx, fn, sub_state) in enumerate(zip(txs, fns, states)):
+        inner = inner_context(ctx, allow_apply=i == last)
+        scaling = getattr(tx.update, "grad_factor", None)
+        following = txs[i + 1].update if i < last else None
+        if scaling is not None and factor is None and getattr(following, "takes_grad_factor", False):
+            factor = scaling(returned(updates), sub_state, params, inner)
+            new_states.append(sub_state)  # (a scaling transformation's state does not change)
+            continue
+        if factor is not None:
+            inner = inner.but(grad_factor=factor)
+            factor = None
+        updates, new_sub = fn(returned(updates), sub_state, params, inner)
+        new_states.append(new_sub)
+    return updates, new_states
 
 
 def _check_keys(state: Any, expected: list[Any], who: str) -> None:

@@ -44,13 +44,14 @@ from torch import Tensor
 
 from pureopt import tree
 from pureopt.algorithms.storage import compute_dtype, parse_state_dtype, run_chunks
-from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext
+from pureopt.base import GradientTransformation, LeafUpdate, ScalarOrSchedule, UpdateContext
 from pureopt.hyperparams import check_betas, check_lr, check_nonneg, resolve
 from pureopt.kernels import fused as _fused
 from pureopt.kernels import onepass, step_op
 from pureopt.kernels import select as _select
 from pureopt.kernels.common import as_complex_like, as_real, can_apply, cast_like, elementwise
 from pureopt.kernels.dtensor import (
+    as_plain_scalar,
     blocks_fit_runs,
     from_local_like,
     is_dtensor,
@@ -59,7 +60,7 @@ from pureopt.kernels.dtensor import (
     row_sharding_problem,
     run_on_local_shards,
 )
-from pureopt.kernels.encoding import BlockEncoding, Encoding, FloatEncoding, Quantized
+from pureopt.kernels.encoding import BlockEncoding, Encoding, FloatEncoding, Quantized, compiling
 from pureopt.kernels.listops import FOREACH, ListOps, ops_for
 from pureopt.kernels.select import check_impl, choose_impl
 from pureopt.transforms._util import copy_of, full, kernel_transform, step_init, zeros
@@ -284,6 +285,20 @@ _Plan = tuple[str, tuple[str, ...]]
 
 _STEPS_BEFORE = "_steps_before"
 """(a column of the encoded step: the step counts before it, for torch's fused kernel)"""
+
+
+def _scaled_math(math: Callable[[Kernel], Any], factor: Tensor, k: Kernel) -> Any:
+    """``math`` on the gradients times ``factor`` (``UpdateContext.grad_factor``, traced by the one-pass kernel)."""
+    k.g = k.ops.mul(k.g, factor)
+    return math(k)
+
+
+_FUSED_CHUNKS = 4
+"""(torch's fused kernel on plain state with a folded gradient factor, see :meth:`Algorithm.run`: chunks this many
+times the encoded ones, 2 MiB of scaled float32 gradients: a fused call per chunk is light, the calls cost)"""
+
+_INDEX = "_index"
+"""(a column of the encoded step of tensorwise math: each tensor's position, to gather its chunk's results)"""
 
 
 def _sharded_encoded_init(enc: Encoding, init: Callable[[Tensor], Tensor] | None, p: Any) -> Any:
@@ -534,6 +549,9 @@ class Algorithm:
         reads each in ``k.extra`` as a list over the leaves it steps (``None`` when not given).
       check_order: the hyperparameters validated first, in torch's order (the rest follow in signature order).
       doc: first line of the state record's docstring.
+      scalars_read_grads: ``scalars`` reads the gradients' values (NovoGrad's per-tensor norms), not only their
+        dtypes and devices: a gradient factor folded in by :func:`pureopt.chain` is then applied to the whole
+        gradients first (see ``UpdateContext.grad_factor``).
     """
 
     def __init__(
@@ -571,8 +589,10 @@ class Algorithm:
         leaf_args: Sequence[str] = (),
         check_order: Sequence[str] = ("lr",),
         doc: str = "",
+        scalars_read_grads: bool = False,
     ) -> None:
         self.name = name
+        self.scalars_read_grads = scalars_read_grads
         self.fields = dict(fields)
         self.math = math
         self.scalars = scalars
@@ -730,7 +750,27 @@ class Algorithm:
             global_fields=shared,
             leaf_args=self.leaf_args,
         )
+        assert isinstance(tx.update, LeafUpdate)
+        tx.update.takes_grad_factor = True  # (see run: folded into the chunks, or applied to the gradients first)
         return _fused.mark_amp_native(tx) if self.amp_native else tx
+
+    def _folds_factor(
+        self, factor: Tensor, params: list[Tensor] | None, grads: list[Tensor], ctx: UpdateContext
+    ) -> bool:
+        """Whether this step multiplies the gradients by ``UpdateContext.grad_factor`` chunk by chunk where it
+        reads them (else the whole gradients are multiplied first): eagerly, outside any torch.func transform and
+        autograd, on plain dense float32 gradients (the product then is the one the folded transformation would
+        have made), without GradScaler arguments, and where ``scalars`` does not read the gradients."""
+        return (
+            not compiling()
+            and not self.scalars_read_grads
+            and ctx.grad_scale is None
+            and ctx.found_inf is None
+            and not is_dtensor(factor)
+            and factor.dtype == torch.float32
+            and all(g.dtype == torch.float32 and g.layout == torch.strided and not is_dtensor(g) for g in grads)
+            and not _select.autograd_recording([factor, *grads, *(params or [])])
+        )
 
     def _narrow_dtype(self, p: Tensor, state_dtype: torch.dtype) -> bool:
         """Whether ``state_dtype`` (bare) is stored narrower than parameter ``p`` and the math runs in ``p``'s
@@ -900,9 +940,12 @@ class Algorithm:
         elem: list[str],
         shared: dict[str, Any],
         counter: Tensor | None,
+        factor: Tensor | None = None,
     ) -> tuple[list[Tensor] | None, dict[str, list[Tensor]]]:
         """The step with some fields encoded: the math traced into one native pass per tensor where
-        :mod:`pureopt.kernels.onepass` can take it, else chunk by chunk on decoded state (:func:`run_chunks`)."""
+        :mod:`pureopt.kernels.onepass` can take it, else chunk by chunk on decoded state (:func:`run_chunks`);
+        ``factor``: a gradient factor folded in (``UpdateContext.grad_factor``), each chunk's gradients multiplied
+        by it as they are read (with no encodings: torch's fused kernel chunk by chunk, see :meth:`run`)."""
         if _select.autograd_recording([*grads, *(params or [])]):
             raise RuntimeError("encoded optimizer state (state_dtype=) cannot be differentiated through")
         ops = ops_for(choose_impl(impl, grads))
@@ -926,22 +969,32 @@ class Algorithm:
         if odd and self.elementwise:
             raise NotImplementedError(f"{self.name}: encoded state with fields not shaped like the parameters")
         columns.update({key: list(s[key]) for key in odd})
+        # tensorwise math runs chunk by chunk over whole tensors (each chunk's odd fields gathered back by index)
+        tensorwise = (
+            not self.elementwise and self.chunked and not shared and not self.leaf_args and ctx.segments is None
+        )
+        odd_out = {key: list(s[key]) for key in odd}
+        if tensorwise:
+            columns[_INDEX] = list(range(len(grads)))
         if impl == "auto" and self.elementwise and not shared and not self.leaf_args and ctx.grad_scale is None \
-                and ctx.found_inf is None:  # fmt: skip
+                and ctx.found_inf is None and encodings:  # fmt: skip
             # the math traced into one native pass per tensor (decode, step, encode each tile in cache), where it can
             make = functools.partial(Kernel, ops=FOREACH, h=h, donate=True, own=True, coef=coef,
                                      segments=None, extra=ctx.extra_args)  # fmt: skip
-            done = onepass.run(self.math, make, params, grads, fields, encodings, columns, donate=donate, apply=apply,
+            math = self.math if factor is None else functools.partial(_scaled_math, self.math, factor)
+            done = onepass.run(math, make, params, grads, fields, encodings, columns, donate=donate, apply=apply,
                                counter=counter, streams=ctx.streams)  # fmt: skip
             if done is not None:
                 return done[0], {**out, **done[1]}
         # torch's fused kernel on each chunk's decoded state where it would run on plain state (one call instead of
         # a dozen list ops); it advances the step counts itself, so it gets the ones before this step
+        counts = self.fields.get("step")  # (kept: the fused kernel gets the counts before this step)
         fused = (
             self.fused is not None and impl == "auto" and (self.fused_when is None or self.fused_when(h))
-            and "step" in s and not shared and ctx.grad_scale is None and ctx.found_inf is None
+            and ("step" in s or counts is None or (counts.when is not None and not counts.when(h)))
+            and not shared and ctx.grad_scale is None and ctx.found_inf is None
         )  # fmt: skip
-        if fused:
+        if fused and "step" in s:
             columns[_STEPS_BEFORE] = s["step"] if not donate else [t - 1 for t in out["step"]]
 
         def body(
@@ -949,28 +1002,37 @@ class Algorithm:
             cols: dict[str, list[Any]], applies: bool,
         ) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:  # fmt: skip
             before = cols.pop(_STEPS_BEFORE, None)
-            if before is not None and self.fused is not None:
-                lists = [fields[key] for key in self.fused_state if key in fields]
+            index = cols.pop(_INDEX, None)
+            if factor is not None:  # (the chunk's gradients scaled as it reads them)
+                g = ops.mul(g, factor)
+            if fused and self.fused is not None:
+                lists = [fields[key] for key in self.fused_state if key in fields] or [g]  # (no state: on grads)
                 plan = _fused.fused_plan(
                     [*g, *(p or [])], *lists, devices=self.fused_devices, cpu_dtypes=self.fused_cpu_dtypes
                 )
                 if plan is not None:
-                    k = Kernel(h=h, p=p, g=g, donate=True, apply=applies, coef=coef, ctx=ctx,
-                               step=[t.clone() for t in before], **fields)  # fmt: skip
+                    steps = {} if before is None else {"step": [t.clone() for t in before]}
+                    k = Kernel(h=h, p=p, g=g, donate=True, apply=applies, coef=coef, ctx=ctx, **steps,
+                               **fields)  # fmt: skip
                     updates, new = self.fused(k, plan)
                     return updates, {key: v for key, v in new.items() if key in fields}
             target = p if applies else None
             k = Kernel(ops=ops, h=h, p=p, g=g, donate=True, own=True, apply=applies, coef=coef, target=target,
                        segments=None, extra=ctx.extra_args, **shared, **fields, **cols)  # fmt: skip
             updates, new = self.math(k)
-            globals_out.update({key: new[key] for key in (*shared, *odd) if key in new})
+            globals_out.update({key: new[key] for key in shared if key in new})
+            for key in odd:
+                if key in new:
+                    for j, i in enumerate(index if index is not None else range(len(g))):
+                        odd_out[key][i] = new[key][j]
             return updates, {key: v for key, v in new.items() if key in fields}
 
         updates, new_fields = run_chunks(
             body, ops, params, grads, fields, encodings, columns, donate=donate, apply=apply,
-            elementwise=self.elementwise, counter=counter, streams=ctx.streams,
+            elementwise=self.elementwise, tensorwise=tensorwise, counter=counter, streams=ctx.streams,
+            chunk_scale=1 if encodings else _FUSED_CHUNKS,
         )  # fmt: skip
-        return updates, {**out, **new_fields, **globals_out}
+        return updates, {**out, **new_fields, **globals_out, **odd_out}
 
     def run(
         self,
@@ -996,6 +1058,13 @@ class Algorithm:
                 f"{self.name} does not support DTensor (FSDP2 / tensor-parallel) parameters yet: its math mixes "
                 "per-tensor or global values kept as plain tensors with the sharded ones"
             )
+        factor = ctx.grad_factor  # (a scaling folded in by chain: see _folds_factor)
+        if factor is not None:
+            ctx = ctx.but(grad_factor=None)
+            if is_dtensor(factor) and not any(map(is_dtensor, grads)):  # (stepping local shards: its value)
+                factor = as_plain_scalar(factor)
+            if not self._folds_factor(factor, params, grads, ctx):
+                grads, factor = [g * factor.to(g.device, g.dtype) for g in grads], None
         if self.dense_error is not None and not all(g.is_sparse for g in grads):
             raise RuntimeError(self.dense_error)
         if self.sparse is not True and (self.dense_error is not None or any(g.is_sparse for g in grads)):
@@ -1029,7 +1098,7 @@ class Algorithm:
                 taken = self._opaque_step(opaque, h, params, grads, s, ctx, elem, shared, counter)
                 if taken is not None:
                     return taken
-            return self._run_encoded(h, impl, params, grads, s, ctx, encodings, elem, shared, counter)
+            return self._run_encoded(h, impl, params, grads, s, ctx, encodings, elem, shared, counter, factor)
         if self.fused is not None and impl in ("auto", "fused") and (self.fused_when is None or self.fused_when(h)):
             lists = [s[key] for key in self.fused_state if key in s] or [grads]  # (no state kept: plan on grads)
             inputs = [*grads, *(params or [])]
@@ -1037,6 +1106,11 @@ class Algorithm:
                 inputs, *lists, impl=impl, devices=self.fused_devices, cpu_dtypes=self.fused_cpu_dtypes
             )
         path = choose_impl(impl, [*grads, *s[elem[0]]] if elem else grads, fused_available=plan is not None)
+        if factor is not None and path == "fused":
+            if apply and self.elementwise and not self.leaf_args and not shared:
+                # torch's fused kernel chunk by chunk on the scaled gradients (see _run_encoded, no encodings)
+                return self._run_encoded(h, impl, params, grads, s, ctx, {}, elem, shared, counter, factor)
+            grads, factor = [g * factor.to(g.device, g.dtype) for g in grads], None
         coef: float | Tensor = 1.0 if h.lr is None else -h.lr
         if self.amp_native and (ctx.grad_scale is not None or ctx.found_inf is not None):
             ref = next((s[key] for key in (*self.fused_state, *elem) if key in s), grads)
@@ -1056,6 +1130,8 @@ class Algorithm:
         donate = donate and own
         like = grads
         real = {key: as_real(s[key]) for key in elem}
+        if factor is not None and elem and any(t.dtype != torch.float32 for t in real[elem[0]]):
+            grads, factor = [g * factor.to(g.device, g.dtype) for g in grads], None  # (cast below: scale first)
         ref = real[elem[0]] if elem else _in_dtype(as_real(grads), compute_dtype)
         g = cast_like(as_real(grads), ref) if elem else ref  # state may be kept in another dtype (state_dtype=)
         p = cast_like(as_real(params), ref) if params is not None else None
@@ -1079,6 +1155,8 @@ class Algorithm:
 
         def body(ops: ListOps, p: list[Tensor] | None, g: list[Tensor], *columns: Any) -> tuple[Any, ...]:
             named = {**dict(zip(fields, columns)), **dict(zip(names, columns[len(fields) :]))}
+            if factor is not None:  # (the chunk's gradients scaled as it reads them)
+                g = ops.mul(g, factor)
             target = p if apply else None
             k = Kernel(ops=ops, h=h, p=p, g=g, donate=donate, own=own, apply=apply, coef=coef, target=target,
                        segments=ctx.segments, extra=ctx.extra_args, **shared, **named)  # fmt: skip

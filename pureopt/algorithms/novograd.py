@@ -97,6 +97,7 @@ NOVOGRAD = Algorithm(
     },
     math=_math,
     scalars=_scalars,
+    scalars_read_grads=True,  # (per-tensor gradient norms)
     elementwise=False,  # (the norms, in ``scalars``; the math itself is elementwise given them)
     tensorwise=True,
     local_shards=True,

@@ -83,7 +83,11 @@ def _view(t: Tensor, lo: int, hi: int, whole: bool) -> Tensor:
 
 
 def _plan(
-    sizes: Sequence[int], splittable: Sequence[bool], align: int | Sequence[int], elementwise: bool
+    sizes: Sequence[int],
+    splittable: Sequence[bool],
+    align: int | Sequence[int],
+    elementwise: bool,
+    elements: int = CHUNK_ELEMENTS,
 ) -> Iterator[list[tuple[int, int, int, bool]]]:
     """Chunks as lists of ``(tensor, lo, hi, whole)``: flat slices of big splittable tensors (at multiples of
     ``align``, one for all tensors or one each), small tensors grouped whole; everything in one chunk for
@@ -95,12 +99,12 @@ def _plan(
     chunk: list[tuple[int, int, int, bool]] = []
     acc = 0
     for i, n in enumerate(sizes):
-        width = max(aligns[i], CHUNK_ELEMENTS // aligns[i] * aligns[i])
+        width = max(aligns[i], elements // aligns[i] * aligns[i])
         if n > width and splittable[i]:
             for lo in range(0, n, width):
                 yield [(i, lo, min(n, lo + width), False)]
             continue
-        if chunk and acc + n > CHUNK_ELEMENTS:  # a chunk never grows past the width (but for one big tensor)
+        if chunk and acc + n > elements:  # a chunk never grows past the width (but for one big tensor)
             yield chunk
             chunk, acc = [], 0
         chunk.append((i, 0, n, True))
@@ -129,10 +133,13 @@ def run_chunks(
     donate: bool,
     apply: bool,
     elementwise: bool,
+    tensorwise: bool = False,
     counter: Tensor | None = None,
     streams: Sequence[int] | None = None,
+    chunk_scale: int = 1,
 ) -> tuple[list[Tensor] | None, dict[str, list[Any]]]:
-    """One step over encoded (and plain) per-element state fields, chunk by chunk (see module docstring).
+    """One step over encoded (and plain) per-element state fields, chunk by chunk (see module docstring);
+    ``tensorwise`` (math that is not elementwise but reduces within each tensor): chunks of whole tensors.
 
     ``fields``: each per-element field's stored values (encoded records for the fields in ``encodings``, tensors
     otherwise); ``columns``: per-tensor values (one per parameter); ``counter``: the transformation's update count
@@ -187,17 +194,28 @@ def run_chunks(
     chunked = not compiling() or (opaque_codecs() and any(e.opaque for e in encodings.values()))
     traced = chunked and compiling()  # (traced by dynamo, chunk by chunk: the parameters written by an opaque op)
     after: list[Tensor] = []  # (traced: what the next chunk's decodes must follow, see pureopt.kernels.codec_ops)
-    plan = list(_plan([g.numel() for g in grads], splittable, aligns, elementwise and chunked))
+    whole_only = [False] * len(grads)  # (tensorwise math: tensors are never cut)
+    plan = list(
+        _plan([g.numel() for g in grads], splittable if elementwise else whole_only, aligns,
+              (elementwise or tensorwise) and chunked, CHUNK_ELEMENTS * chunk_scale)
+    )  # fmt: skip
     # Eagerly, each field's chunks are decoded into one scratch buffer per compute dtype, reused chunk after chunk
     # (a fresh chunk-sized buffer per chunk costs page faults on every step where the allocator hands memory back)
     scratch = None if compiling() else _Scratch(plan, [(dt, g.device) for dt, g in zip(dtypes, grads)])
+    in_place = {
+        key for key, values in flat.items()
+        if donate and all(e is None and v.dtype == dt for e, v, dt in zip(encs[key], values, dtypes))
+    }  # fmt: skip
     for chunk in plan:
-        g_c = [_view(grads[i], lo, hi, whole).to(dtypes[i]) for i, lo, hi, whole in chunk]
+        g_c = [_in(_view(grads[i], lo, hi, whole), dtypes[i]) for i, lo, hi, whole in chunk]
         p_views = None if params is None else [_view(params[i], lo, hi, whole) for i, lo, hi, whole in chunk]
-        p_c = None if p_views is None else [v.to(dtypes[i]) for v, (i, *_) in zip(p_views, chunk)]
+        p_c = None if p_views is None else [_in(v, dtypes[i]) for v, (i, *_) in zip(p_views, chunk)]
         own_p = p_views is not None and all(a is b for a, b in zip(p_c or [], p_views))  # parameters' own memory
         f_c: dict[str, list[Tensor]] = {}
         for k, (key, values) in enumerate(flat.items()):
+            if key in in_place:  # (plain, in the compute dtype, donated: the math steps their own memory)
+                f_c[key] = [_view(values[i], lo, hi, whole) for i, lo, hi, whole in chunk]
+                continue
             bufs = scratch.buffers(k, chunk) if scratch is not None else [None] * len(chunk)
             f_c[key] = [
                 _plain_copy(_view(values[i], lo, hi, whole), dtypes[i], buf)
@@ -222,7 +240,9 @@ def run_chunks(
         for key, values in new.items():
             for (i, lo, hi, whole), v in zip(chunk, values):
                 if (enc := encs[key][i]) is None:
-                    _view(out_flat[key][i], lo, hi, whole).copy_(v)
+                    target = _view(out_flat[key][i], lo, hi, whole)
+                    if not (v.data_ptr() == target.data_ptr() and v.shape == target.shape):  # (stepped in place)
+                        target.copy_(v)
                 else:
                     stream = streams[i] if streams is not None else i
                     token = enc.encode_into(out_flat[key][i], lo, v.reshape(-1), counter, stream, starts[i])
@@ -234,6 +254,10 @@ def run_chunks(
         for key, values in fields.items()
     }
     return updates, out
+
+
+def _in(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _plain_copy(t: Tensor, dtype: torch.dtype, buf: Tensor | None) -> Tensor:

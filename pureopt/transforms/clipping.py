@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from pureopt.base import EmptyState, GradientTransformation, LeafList, UpdateContext, leaf_transformation
+from pureopt.base import (
+    EmptyState,
+    GradientTransformation,
+    LeafList,
+    LeafUpdate,
+    UpdateContext,
+    leaf_transformation,
+)
 from pureopt.kernels.common import segment_views
 from pureopt.kernels.select import choose_impl
 
@@ -33,6 +40,8 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0, eps: float = 1e
 
     Computed without a host sync (the factor is a tensor, clamped at 1). ``None`` updates are ignored. On flat
     buffers (``UpdateContext.segments``) the norms are taken per parameter, as on the parameters themselves.
+    Followed by an optimizer in a :func:`~pureopt.chain`, the factor is folded into its step, which multiplies
+    each chunk of gradients as it reads it: the clipped gradients are never made whole (same numbers).
 
     Args:
       max_norm: the largest allowed global norm (> 0).
@@ -46,18 +55,27 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0, eps: float = 1e
     if not max_norm > 0:
         raise ValueError(f"Invalid max_norm value: {max_norm}")
 
+    def factor_of(
+        updates: LeafList, state: EmptyState, params: LeafList | None, ctx: UpdateContext
+    ) -> torch.Tensor | None:
+        idx = [i for i, u in enumerate(updates) if u is not None]
+        if not idx:
+            return None
+        total = global_norm(segment_views([updates[i] for i in idx], ctx.segments_of(idx)), norm_type)
+        return torch.clamp(max_norm / (total + eps), max=1.0)
+
     def update_leaves(
         updates: LeafList, state: EmptyState, params: LeafList | None, ctx: UpdateContext
     ) -> tuple[LeafList, EmptyState]:
-        del params
-        idx = [i for i, u in enumerate(updates) if u is not None]
-        if not idx:
+        factor = factor_of(updates, state, params, ctx)
+        if factor is None:
             return updates, state
-        total = global_norm(segment_views([updates[i] for i in idx], ctx.segments_of(idx)), norm_type)
-        factor = torch.clamp(max_norm / (total + eps), max=1.0)
         return [None if u is None else u * factor.to(u.device, u.dtype) for u in updates], state
 
-    return leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, segmentwise=True)
+    tx = leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, segmentwise=True)
+    assert isinstance(tx.update, LeafUpdate)
+    tx.update.grad_factor = factor_of  # (chain folds it into the next step: see pureopt.combine.chain)
+    return tx
 
 
 def clip(max_delta: float) -> GradientTransformation:
