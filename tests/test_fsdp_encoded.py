@@ -42,7 +42,10 @@ COLUMN_SPECS = ["q8", "q4", "bf16"]
 
 
 def spec_of(run: str) -> str:
-    """The state_dtype of a run ("q8-hsdp", "q4-columns", "bf16-sr", ...)."""
+    """The state_dtype of a run ("q8-hsdp", "q4-columns", "bf16-sr", ...; "bare-bf16": a bare torch.bfloat16,
+    the same storage as "bf16" for these float32 parameters)."""
+    if run == "bare-bf16":
+        return "bf16"
     return run.split("-")[0] if run.startswith("q") or run.endswith("columns") else run
 
 
@@ -126,7 +129,7 @@ def describe(opt: TorchOptimizer, model: nn.Module) -> list[dict[str, Any]]:
 
 
 def trained(
-    rank: int, spec: str, path: Path, hsdp: bool = False, flat: bool = False, columns: bool = False
+    rank: int, spec: Any, path: Path, hsdp: bool = False, flat: bool = False, columns: bool = False
 ) -> dict[str, Any]:
     def make() -> tuple[nn.Module, TorchOptimizer]:
         model = sharded_net(columns=columns, hsdp=hsdp)
@@ -228,6 +231,8 @@ def scenario(rank: int, world: int, out: Path) -> dict[str, Any]:
     res: dict[str, Any] = {spec: trained(rank, spec, out / f"dcp-{spec}") for spec in SPECS}
     res["q8-hsdp"] = trained(rank, "q8", out / "dcp-q8-hsdp", hsdp=True)
     res["q8-flat"] = trained(rank, "q8", out / "dcp-q8-flat", flat=True)
+    # a bare dtype narrower than the float32 parameters: bf16 storage, the math in float32 on the local shards
+    res["bare-bf16"] = trained(rank, torch.bfloat16, out / "dcp-bare-bf16")
     res["pure-q8"] = pure_steps(rank)
     res["sr-params"] = sr_params(rank)
     for spec in COLUMN_SPECS:
@@ -414,7 +419,7 @@ class RowBlockedAdamW(torch.optim.Optimizer):
             p.copy_(new[0])
 
 
-RUNS = [*SPECS, "q8-hsdp", "q8-flat", *(f"{spec}-columns" for spec in COLUMN_SPECS)]
+RUNS = [*SPECS, "q8-hsdp", "q8-flat", "bare-bf16", *(f"{spec}-columns" for spec in COLUMN_SPECS)]
 
 
 @pytest.mark.parametrize("run", RUNS)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
+from pureopt.adapters._options import loaded_option
 from pureopt.adapters._state import PUREOPT_KEY
 from pureopt.base import GradientTransformation
 
@@ -170,7 +171,7 @@ class _Factory:
                     f"but the group has {key}={group[key]!r}"
                 )
         kwargs = {
-            k: group[k] if read_lr or k != "lr" else None
+            k: loaded_option(group[k]) if read_lr or k != "lr" else None  # (as saved, if put back by a wrapper)
             for k in group.keys()
             if self.accepts(k) and k not in _RESERVED_KEYS
         }

@@ -57,6 +57,7 @@ from pureopt.adapters._groups import _distinct, _extract_params, _Group
 from pureopt.adapters._layouts import adopt_saved_layouts
 from pureopt.adapters._live import LiveState, ParamState
 from pureopt.adapters._lr import _KEYS, _LIVE_OPTIMIZERS, _fill_lr, _lr_tensor, _lr_value
+from pureopt.adapters._options import loaded_option, saved_option
 from pureopt.adapters._state import (
     PUREOPT_KEY,
     StateLayout,
@@ -601,7 +602,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             # torch's numbering: positions in the list, a parameter listed twice gets its last position's
             id_of = {id(p): start + k for k, p in enumerate(g.listed)}
             ids = [id_of[id(p)] for p in g.params]
-            packed = {k: v for k, v in group.items() if k not in ("params", GROUP_KEY)}
+            packed = {k: saved_option(v) for k, v in group.items() if k not in ("params", GROUP_KEY)}
             entries, globals_ = checkpoint_entries(g.layout, g.checkpoint_state(), never=g.unstepped)
             stepped = list(entries)
             if complete:  # DCP's template must ask for every parameter that may have stepped by the time it loads
@@ -762,7 +763,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         ``decoupled_weight_decay``, ...), and otherwise the checkpoint is from another optimizer. Other options
         only the current group has are dropped, as in torch.
         """
-        options = {k: copy.deepcopy(v) for k, v in saved.items() if k not in _RESERVED_KEYS}
+        options = {k: loaded_option(copy.deepcopy(v)) for k, v in saved.items() if k not in _RESERVED_KEYS}
         if self._factory is None:
             return options
         factory = self._factory

@@ -248,6 +248,15 @@ class FloatEncoding(Encoding):
         if self.stochastic:
             codec_ops.register(self.key, self)
 
+    def __eq__(self, other: object) -> bool:  # (by value: options rebuilt from a checkpoint equal the given ones)
+        return type(other) is type(self) and self._value() == other._value()
+
+    def __hash__(self) -> int:
+        return hash(self._value())
+
+    def _value(self) -> tuple[Any, ...]:
+        return (self.dtype, self.stochastic, self.seed)
+
     def empty(self, p: Tensor) -> Tensor:
         return torch.zeros_like(p, dtype=self.dtype)
 
@@ -326,6 +335,15 @@ class BlockEncoding(Encoding):
     def __setstate__(self, state: dict[str, Any]) -> None:  # (unpickled: known to the opaque ops again)
         self.__dict__.update(state)
         codec_ops.register(self.key, self)
+
+    def __eq__(self, other: object) -> bool:  # (by value: options rebuilt from a checkpoint equal the given ones)
+        return type(other) is type(self) and self._value() == other._value()
+
+    def __hash__(self) -> int:
+        return hash(self._value())
+
+    def _value(self) -> tuple[Any, ...]:
+        return (self.name, self.bits, self.block, self.dtype, self.code, self.least)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_by_device"}  # (tables: rebuilt where used)
