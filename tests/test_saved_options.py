@@ -126,3 +126,33 @@ def test_an_unknown_saved_option_is_refused_before_anything_changes() -> None:
     after = [t for t in opt.state_dict()["state"][0].values() if isinstance(t, torch.Tensor)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert opt.param_groups[0]["state_dtype"] is torch.float32
+
+
+def _stepped_lamb(state_dtype: Any, factory: Any = pureopt.lamb) -> tuple[torch.nn.Module, TorchOptimizer]:
+    model = _model()
+    opt = TorchOptimizer(model.parameters(), factory, lr=0.01, state_dtype=state_dtype)
+    _steps(model, opt, range(2))
+    return model, opt
+
+
+@pytest.mark.parametrize(
+    "factory,state_dtype,refused",
+    [(pureopt.lamb, "q8", True), (pureopt.lamb, "q4", True), (pureopt.lamb, "bf16", False),
+     (pureopt.adamw, "q8", False)],
+)  # fmt: skip
+def test_codes_written_with_the_earlier_code_tables_are_refused_by_field(factory, state_dtype, refused):
+    # before 2026-12-08 LAMB's exp_avg_sq (and 16 other non-negative fields) took signed codes; Adam's always took
+    # unsigned ones, and bf16 values are no codes: those checkpoints read the same and still load
+    _, opt = _stepped_lamb(state_dtype, factory)
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        del group["pureopt"]["codes"]  # (as written before: no "codes" marker)
+    _, fresh = _stepped_lamb(state_dtype, factory)
+    before = {k: v.clone() for k, v in fresh.state_dict()["state"][0].items()}
+    if not refused:
+        fresh.load_state_dict(sd)
+        return
+    with pytest.raises(ValueError, match="LambState's exp_avg_sq as signed 8-/4-bit codes"):
+        fresh.load_state_dict(sd)
+    after = fresh.state_dict()["state"][0]
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -34,7 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pureopt.adapters._state import PUREOPT_KEY, STEP_KEY, StateLayout, as_state_tensor, check_group_record
+from pureopt.adapters._state import (
+    CODES_VERSION,
+    PUREOPT_KEY,
+    STEP_KEY,
+    StateLayout,
+    as_state_tensor,
+    check_group_record,
+)
 
 GROUP_KEY = PUREOPT_KEY
 """The key of a param group under which its record is kept (live in ``param_groups``, and in saved groups)."""
@@ -76,6 +83,7 @@ def saved_record(
     of the parameters that took a step (their entries must load) and the sum of the entries' step counts."""
     return {
         "version": RECORD_VERSION,
+        "codes": CODES_VERSION,
         "kind": kind,
         "types": list(layout.types),
         "globals": dict(globals_),
@@ -127,7 +135,8 @@ def record_globals(
     from the step counts) when the entries' step counts no longer add up to the recorded sum: another optimizer
     (torch.optim) stepped the checkpoint after pureopt saved it, so the recorded counters are stale.
     """
-    globals_ = check_group_record(record, kind, layout, where)
+    keys = {str(k) for e in entries.values() if isinstance(e, Mapping) for k in e}
+    globals_ = check_group_record(record, kind, layout, where, keys)
     for i in record.get("stepped", ()):
         entry = entries.get(i)
         if isinstance(entry, Mapping) and any(k in entry for k in layout.param_keys[i]):

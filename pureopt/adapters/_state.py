@@ -384,19 +384,55 @@ def checkpoint_entries(
     return entries, globals_
 
 
+CODES_VERSION = 2
+"""Which code tables a group record's encoded fields were written with (its ``"codes"``; absent: 1). Version 2
+(2026-12-08): the fields in :data:`_UNSIGNED_SINCE_2` were declared non-negative, so ``"q8"`` / ``"q4"`` store them
+in unsigned zero-free codes, which read signed codes as other values."""
+
+_UNSIGNED_SINCE_2 = {
+    "ScaleByAdagradState": ("sum",), "ScaleByAdadeltaState": ("square_avg", "acc_delta"),
+    "ScaleByRAdamState": ("exp_avg_sq",), "ScaleByRpropState": ("step_size",), "LambState": ("exp_avg_sq",),
+    "ScaleByBeliefState": ("exp_avg_var", "max_exp_avg_var"), "ScaleByYogiState": ("exp_avg_sq",),
+    "AdanState": ("exp_avg_sq",), "ScheduleFreeState": ("exp_avg_sq",), "AdEMAMixState": ("exp_avg_sq",),
+    "ScaleByAdoptState": ("exp_avg_sq",), "ScaleByLaPropState": ("exp_avg_sq", "max_exp_avg_sq"),
+    "MadgradState": ("grad_sum_sq",), "ScaleByMarsState": ("exp_avg_sq", "max_exp_avg_sq"),
+    "ScaleByAdamPState": ("exp_avg_sq",), "ProdigyState": ("exp_avg_sq",), "DAdaptAdamState": ("exp_avg_sq",),
+    "SparseAdamState": ("exp_avg_sq",),
+}  # fmt: skip
+
+
 def group_record(kind: str, layout: StateLayout, globals_: Mapping[str, Tensor]) -> dict[str, Any]:
     """What the ``pureopt`` section of a state dict keeps about one group."""
-    return {"kind": kind, "types": list(layout.types), "globals": dict(globals_)}
+    return {"kind": kind, "types": list(layout.types), "globals": dict(globals_), "codes": CODES_VERSION}
 
 
-def check_group_record(record: Any, kind: str | None, layout: StateLayout, where: str) -> Mapping[str, Any]:
+def check_code_tables(record: Mapping[str, Any], keys: Collection[str], where: str) -> None:
+    """Refuse a checkpoint whose 8-/4-bit codes (entry keys ``"<field>.codes"``) of a field are read with another
+    code table now (:data:`CODES_VERSION`): decoding them would give other values, silently."""
+    if int(record.get("codes", 1)) >= CODES_VERSION:
+        return
+    for kind in record.get("types", ()):
+        for field in _UNSIGNED_SINCE_2.get(str(kind), ()):
+            if any(key == f"{field}.codes" or key.endswith(f".{field}.codes") for key in keys):
+                raise ValueError(
+                    f"{where}: the checkpoint stores {kind}'s {field} as signed 8-/4-bit codes (written before "
+                    f"2026-12-08); this version stores that non-negative field in unsigned codes and would read "
+                    "them as other values. Load it with the version that wrote it and save the state with a float "
+                    "state_dtype, or start this optimizer's state afresh"
+                )
+
+
+def check_group_record(
+    record: Any, kind: str | None, layout: StateLayout, where: str, keys: Collection[str] = ()
+) -> Mapping[str, Any]:
     """Check a group's record from the ``pureopt`` section against this optimizer; returns its globals.
 
     ``kind`` (the factory's name) is compared when both sides have one; the state record types when the record
-    has them.
+    has them; ``keys``: the loaded entries' keys (see :func:`check_code_tables`).
     """
     if not isinstance(record, Mapping) or not isinstance(record.get("globals"), Mapping):
         raise ValueError(f"{where}: the checkpoint's {PUREOPT_KEY!r} section is malformed")
+    check_code_tables(record, keys, where)
     saved_kind = record.get("kind")
     if kind is not None and saved_kind not in (None, "transform") and saved_kind != kind:
         raise ValueError(f"{where}: the checkpoint was saved by {saved_kind}, this optimizer is {kind}")

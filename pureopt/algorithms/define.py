@@ -759,10 +759,12 @@ class Algorithm:
     ) -> bool:
         """Whether this step multiplies the gradients by ``UpdateContext.grad_factor`` chunk by chunk where it
         reads them (else the whole gradients are multiplied first): eagerly, outside any torch.func transform and
-        autograd, on plain dense float32 gradients (the product then is the one the folded transformation would
-        have made), without GradScaler arguments, and where ``scalars`` does not read the gradients."""
+        autograd, on plain dense float32 CPU gradients (the product then is the one the folded transformation would
+        have made; the chunks are CPU-sized: on a GPU each would be kernel launches), without GradScaler
+        arguments, and where ``scalars`` does not read the gradients."""
         return (
             not compiling()
+            and all(g.device.type == "cpu" for g in grads)
             and not self.scalars_read_grads
             and ctx.grad_scale is None
             and ctx.found_inf is None
