@@ -163,3 +163,27 @@ def test_the_folded_step_holds_one_chunk_of_scaled_gradients(name, state_dtype):
     peak, _ = transient_peak(step)
     whole = sum(x.numel() for x in grads) * 4
     assert peak <= 3 * CHUNK_BYTES <= whole / 2, (peak, whole)  # (measured: 0.06-2.5 MiB; before: 6 MiB, more)
+
+
+@pytest.mark.bitwise
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: pureopt.muon(lr=0.02),  # (matrices only; its own per-matrix step)
+        lambda: pureopt.sign_sgd(lr=0.01, state_dtype=torch.bfloat16),  # (no state: the math in bf16, scaled first)
+        lambda: pureopt.sgd(lr=0.01, state_dtype=torch.bfloat16),
+    ],
+    ids=["muon", "sign_sgd-bf16", "sgd-bf16"],
+)
+def test_matrices_and_stateless_math_in_another_dtype_fold_as_clipping_does(make):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(64, 32, generator=g), torch.randn(128, 64, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(3)]
+    chain, alone = pureopt.chain(pureopt.clip_by_global_norm(1.0), make()), make()
+    got, ref = [p.clone() for p in params], [p.clone() for p in params]
+    s_got, s_ref = chain.init(got), alone.init(ref)
+    for gs in grads:
+        s_got = pureopt.inplace_step(chain, gs, s_got, got)
+        s_ref = pureopt.inplace_step(alone, _clipped(gs, 1.0), s_ref, ref)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -51,7 +51,7 @@ def saved_option(value: Any) -> Any:
                 "nonzero": value.least is not None}  # fmt: skip
     if isinstance(value, Mapping):
         return {k: saved_option(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # (plain ones: a NamedTuple is left as it is)
         return type(value)(saved_option(v) for v in value)
     return value
 
@@ -80,6 +80,6 @@ def loaded_option(value: Any) -> Any:
                 nonzero=bool(value["nonzero"]),
             )  # fmt: skip
         raise ValueError(f"a saved option is tagged {kind!r}, which this version of pureopt cannot read")
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         return type(value)(loaded_option(v) for v in value)
     return value

@@ -1132,7 +1132,8 @@ class Algorithm:
         donate = donate and own
         like = grads
         real = {key: as_real(s[key]) for key in elem}
-        if factor is not None and elem and any(t.dtype != torch.float32 for t in real[elem[0]]):
+        math_dtypes = [t.dtype for t in real[elem[0]]] if elem else [compute_dtype or g.dtype for g in grads]
+        if factor is not None and any(dt != torch.float32 for dt in math_dtypes):
             grads, factor = [g * factor.to(g.device, g.dtype) for g in grads], None  # (cast below: scale first)
         ref = real[elem[0]] if elem else _in_dtype(as_real(grads), compute_dtype)
         g = cast_like(as_real(grads), ref) if elem else ref  # state may be kept in another dtype (state_dtype=)
