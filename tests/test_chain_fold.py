@@ -41,6 +41,17 @@ def _clipped(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
     return [h.grad for h in holders]  # type: ignore[misc]
 
 
+def _assert_donated_runs_agree(chain: Any, alone: Any, params: list[torch.Tensor], grads: Any, max_norm: float):
+    """``chain`` (clipping folded in) against torch's clipping then ``alone``, donated steps: bitwise."""
+    got, ref = [p.clone() for p in params], [p.clone() for p in params]
+    s_got, s_ref = chain.init(got), alone.init(ref)
+    for gs in grads:
+        s_got = pureopt.inplace_step(chain, gs, s_got, got)
+        s_ref = pureopt.inplace_step(alone, _clipped(gs, max_norm), s_ref, ref)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _both(factory: Any, kw: dict[str, Any], max_norm: float, donated: bool, steps: int = 3, scale: float = 1.0):
     params, grads = _problem(steps, scale)
     chain = pureopt.chain(pureopt.clip_by_global_norm(max_norm), factory(**kw))
@@ -117,14 +128,7 @@ def test_bf16_parameters_scale_their_gradients_whole_as_clipping_does():
     params = [p.bfloat16() for p in params]
     grads = [[g.bfloat16() for g in gs] for gs in grads]
     chain = pureopt.chain(pureopt.clip_by_global_norm(1.0), pureopt.adamw(lr=0.01, state_dtype=torch.float32))
-    alone = pureopt.adamw(lr=0.01, state_dtype=torch.float32)
-    got, ref = [p.clone() for p in params], [p.clone() for p in params]
-    s_got, s_ref = chain.init(got), alone.init(ref)
-    for gs in grads:
-        s_got = pureopt.inplace_step(chain, gs, s_got, got)
-        s_ref = pureopt.inplace_step(alone, _clipped(gs, 1.0), s_ref, ref)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_donated_runs_agree(chain, pureopt.adamw(lr=0.01, state_dtype=torch.float32), params, grads, 1.0)
 
 
 def test_a_chain_into_a_transformation_that_does_not_take_the_factor_clips_first():
@@ -179,11 +183,4 @@ def test_matrices_and_stateless_math_in_another_dtype_fold_as_clipping_does(make
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(64, 32, generator=g), torch.randn(128, 64, generator=g)]
     grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(3)]
-    chain, alone = pureopt.chain(pureopt.clip_by_global_norm(1.0), make()), make()
-    got, ref = [p.clone() for p in params], [p.clone() for p in params]
-    s_got, s_ref = chain.init(got), alone.init(ref)
-    for gs in grads:
-        s_got = pureopt.inplace_step(chain, gs, s_got, got)
-        s_ref = pureopt.inplace_step(alone, _clipped(gs, 1.0), s_ref, ref)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_donated_runs_agree(pureopt.chain(pureopt.clip_by_global_norm(1.0), make()), make(), params, grads, 1.0)
