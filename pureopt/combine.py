@@ -38,6 +38,7 @@ from pureopt.base import (
     EmptyState,
     GradientTransformation,
     LeafList,
+    LeafUpdate,
     OptState,
     UpdateContext,
     as_leaf_update,
@@ -81,6 +82,8 @@ def inner_context(
         select between two outcomes) passes ``False``.
     """
     changes: dict[str, Any] = {}
+    if ctx.grad_factor is not None:  # (handed on only where the inner takes it: see _run_chain, _with_factor)
+        changes["grad_factor"] = None
     if spec is not None and spec is not ctx.spec:
         changes["spec"] = spec
         if ctx.segments is not None:  # other leaves: the flat segments no longer describe them
@@ -144,12 +147,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         updates, new_states = _run_chain(transforms, updates_fns, list(state), updates, params, ctx)
         return updates, tuple(new_states)
 
-    return leaf_transformation(
-        init_leaves,
-        update_leaves,
-        elementwise=all(is_elementwise(t) for t in transforms),
-        segmentwise=all(is_segmentwise(t) for t in transforms),
-    )
+    return _sequence(init_leaves, update_leaves, transforms)
 
 
 def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -191,11 +189,20 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
         updates, new_states = _run_chain(txs, fns, [state[name] for name in names], updates, params, ctx)
         return updates, dict(zip(names, new_states))
 
-    return leaf_transformation(
-        init_leaves,
-        update_leaves,
-        elementwise=all(is_elementwise(t) for t in txs),
-        segmentwise=all(is_segmentwise(t) for t in txs),
+    return _sequence(init_leaves, update_leaves, txs)
+
+
+def _sequence(
+    init_leaves: Callable[[list[Any], PyTreeSpec], OptState], update_leaves: Any, txs: Sequence[GradientTransformation]
+) -> GradientTransformation:
+    """A chain's transformation: elementwise / segmentwise where all of ``txs`` are; takes a gradient factor."""
+    return _takes_factor(
+        leaf_transformation(
+            init_leaves,
+            update_leaves,
+            elementwise=all(is_elementwise(t) for t in txs),
+            segmentwise=all(is_segmentwise(t) for t in txs),
+        )
     )
 
 
@@ -215,11 +222,16 @@ def _run_chain(
     new_states: list[OptState] = []
     last = len(fns) - 1
     factor: torch.Tensor | None = None
+    if ctx.grad_factor is not None:  # (this chain is itself folded into: its first step takes the factor, or not)
+        if txs and takes_grad_factor(txs[0]):
+            factor = ctx.grad_factor
+        else:
+            updates = scaled(returned(updates), ctx.grad_factor)
     for i, (tx, fn, sub_state) in enumerate(zip(txs, fns, states)):
         inner = inner_context(ctx, allow_apply=i == last)
         scaling = getattr(tx.update, "grad_factor", None)
-        following = txs[i + 1].update if i < last else None
-        if scaling is not None and factor is None and getattr(following, "takes_grad_factor", False):
+        following = txs[i + 1] if i < last else None
+        if scaling is not None and factor is None and following is not None and takes_grad_factor(following):
             factor = scaling(returned(updates), sub_state, params, inner)
             new_states.append(sub_state)  # (a scaling transformation's state does not change)
             continue
@@ -229,6 +241,35 @@ def _run_chain(
         updates, new_sub = fn(returned(updates), sub_state, params, inner)
         new_states.append(new_sub)
     return updates, new_states
+
+
+def takes_grad_factor(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` honours ``UpdateContext.grad_factor`` (``LeafUpdate.takes_grad_factor``: the algorithms,
+    :func:`chain`, :func:`partition`, :func:`masked`)."""
+    return bool(getattr(tx.update, "takes_grad_factor", False))
+
+
+def scaled(updates: LeafList, factor: torch.Tensor) -> LeafList:
+    """The updates times a folded gradient factor, as the scaling transformation would have made them."""
+    return [None if u is None else u * factor.to(u.device, u.dtype) for u in updates]
+
+
+def _with_factor(
+    tx: GradientTransformation, updates: LeafList, sub_ctx: UpdateContext, factor: torch.Tensor | None
+) -> tuple[LeafList, UpdateContext]:
+    """An inner transformation's updates and context given a folded gradient factor: handed on where it takes
+    it, else applied to its updates first."""
+    if factor is None:
+        return updates, sub_ctx
+    if takes_grad_factor(tx):
+        return updates, sub_ctx.but(grad_factor=factor)
+    return scaled(updates, factor), sub_ctx
+
+
+def _takes_factor(tx: GradientTransformation) -> GradientTransformation:
+    assert isinstance(tx.update, LeafUpdate)
+    tx.update.takes_grad_factor = True
+    return tx
 
 
 def _check_keys(state: Any, expected: list[Any], who: str) -> None:
@@ -498,17 +539,15 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels: Lab
             idx = [i for i, label in enumerate(leaf_labels) if label == key]
             keep = [label == key for label in leaf_labels]
             sub_ctx = restricted_context(ctx, keep, allow_apply=True)
+            mine, sub_ctx = _with_factor(transforms[key], [updates[i] for i in idx], sub_ctx, ctx.grad_factor)
             sub_updates, new_inner[key] = fns[key](
-                [updates[i] for i in idx],
-                state.inner_states[key],
-                None if params is None else [params[i] for i in idx],
-                sub_ctx,
+                mine, state.inner_states[key], None if params is None else [params[i] for i in idx], sub_ctx
             )
             for i, u in zip(idx, _own_updates(sub_updates, len(idx), ctx)):
                 out[i] = u
         return out, PartitionState(new_inner)
 
-    return leaf_transformation(init_leaves, update_leaves)
+    return _takes_factor(leaf_transformation(init_leaves, update_leaves))
 
 
 def _mask_leaves(mask: LabelTree, spec: PyTreeSpec, source: LeafList, who: str) -> list[bool]:
@@ -558,15 +597,20 @@ def masked(inner: GradientTransformation, mask: LabelTree) -> GradientTransforma
         keep = _mask_leaves(mask, ctx.spec, params if params is not None else updates, "masked")
         idx = [i for i, k in enumerate(keep) if k]
         sub_ctx = restricted_context(ctx, keep, allow_apply=True)
+        mine, sub_ctx = _with_factor(inner, [updates[i] for i in idx], sub_ctx, ctx.grad_factor)
         sub_updates, new_inner = fn(
-            [updates[i] for i in idx], state.inner_state, None if params is None else [params[i] for i in idx], sub_ctx
+            mine, state.inner_state, None if params is None else [params[i] for i in idx], sub_ctx
         )
-        out = list(updates)
+        out = list(updates)  # (the others pass through as they came in: scaled, where a factor was folded in)
+        if ctx.grad_factor is not None:
+            rest = [i for i, k in enumerate(keep) if not k]
+            for i, u in zip(rest, scaled([updates[i] for i in rest], ctx.grad_factor)):
+                out[i] = u
         for i, u in zip(idx, _own_updates(sub_updates, len(idx), ctx)):
             out[i] = u
         return out, MaskedState(new_inner)
 
-    return leaf_transformation(init_leaves, update_leaves)
+    return _takes_factor(leaf_transformation(init_leaves, update_leaves))
 
 
 def set_to_none() -> GradientTransformation:

@@ -184,3 +184,57 @@ def test_matrices_and_stateless_math_in_another_dtype_fold_as_clipping_does(make
     params = [torch.randn(64, 32, generator=g), torch.randn(128, 64, generator=g)]
     grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(3)]
     _assert_donated_runs_agree(pureopt.chain(pureopt.clip_by_global_norm(1.0), make()), make(), params, grads, 1.0)
+
+
+def _labels(ps: Any) -> Any:
+    return type(ps)("muon" if p.dim() == 2 else "adamw" for p in ps)
+
+
+COMBINED = {
+    # the usual Muon recipe, clipped: the factor reaches each inner step
+    "partition": lambda: pureopt.partition({"muon": pureopt.muon(lr=0.02), "adamw": pureopt.adamw(0.01)}, _labels),
+    # the others pass through clipped, as they came in
+    "masked": lambda: pureopt.masked(pureopt.adamw(0.01), lambda ps: type(ps)(p.dim() == 2 for p in ps)),
+    # a chain inside: its first step takes the factor (Muon), or gets the clipped updates (trace)
+    "nested-chains": lambda: pureopt.partition(
+        {"muon": pureopt.chain(pureopt.muon(lr=0.02)), "adamw": pureopt.chain(pureopt.trace(0.9), pureopt.sgd(0.01))},
+        _labels,
+    ),
+}
+
+
+@pytest.mark.bitwise
+@pytest.mark.parametrize("name", list(COMBINED))
+def test_clipping_folds_through_partition_masked_and_chains(name):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (32,), (128, 64), (64,)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    make = COMBINED[name]
+    _assert_donated_runs_agree(pureopt.chain(pureopt.clip_by_global_norm(1.0), make()), make(), params, grads, 1.0)
+    # the pure update too (masked's other updates are the clipped gradients themselves)
+    chain, alone = pureopt.chain(pureopt.clip_by_global_norm(1.0), make()), make()
+    got, _ = chain.update(grads[0], chain.init(params), params)
+    want, _ = alone.update(_clipped(grads[0], 1.0), alone.init(params), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_clipped_muon_recipe_holds_no_whole_copy_of_the_gradients():
+    # 24 matrices of 256 x 256 and 24 vectors (6 MiB of gradients): before, the clipped copy of all of them
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(256, 256, generator=g) for _ in range(24)] + [
+        torch.randn(256, generator=g) for _ in range(24)
+    ]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    tx = pureopt.chain(pureopt.clip_by_global_norm(1.0), COMBINED["partition"]())
+    state = tx.init(params)
+    for _ in range(2):
+        state = pureopt.inplace_step(tx, grads, state, params)
+    box = [state]
+
+    def step() -> None:
+        box[0] = pureopt.inplace_step(tx, grads, box[0], params)
+
+    peak, _ = transient_peak(step)
+    assert peak <= 2 * CHUNK_BYTES, peak / 2**20  # (measured 1.1 MiB on 8 matrices; before: 3.1)
