@@ -997,7 +997,7 @@ class Algorithm:
             and not shared and ctx.grad_scale is None and ctx.found_inf is None
         )  # fmt: skip
         if fused and "step" in s:
-            columns[_STEPS_BEFORE] = s["step"] if not donate else [t - 1 for t in out["step"]]
+            columns[_STEPS_BEFORE] = s["step"] if not donate else list(torch._foreach_sub(out["step"], 1))
 
         def body(
             ops: ListOps, p: list[Tensor], g: list[Tensor], fields: dict[str, list[Tensor]],
