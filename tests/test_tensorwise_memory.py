@@ -253,10 +253,10 @@ def test_encodings_of_came_factors_are_refused_by_name() -> None:
         pureopt.came(lr=1e-3, state_dtype="q8")
 
 
-# the learning-rate-free algorithms reduce over all tensors and advance their globals in the math: their encoded
-# state is decoded whole (12-16 bytes/param of float32; docs/memory.md), until their reductions are accumulated
-# over chunks
-_DECODED_WHOLE = {"prodigy", "dadapt_adam", "dadapt_sgd"}
+# D-Adapt SGD reduces over all tensors in the math with no `reduce` phase (its first step's gradient norm feeds
+# the other sums): its encoded `s` is decoded whole (docs/memory.md); D-Adapt Adam and Prodigy sum chunk by chunk
+# first (Algorithm(reduce=...); 12-16 bytes/param before)
+_DECODED_WHOLE = {"dadapt_sgd"}
 
 
 @pytest.mark.parametrize("name,factory,kw", CONFIGS, ids=[c[0] for c in CONFIGS])

@@ -83,28 +83,60 @@ def _lr(h: Any, like: Tensor) -> Any:
     return h.lr.to(like) if isinstance(h.lr, Tensor) else h.lr
 
 
+def _adam_dlr(k: Kernel) -> Tensor:
+    """D-Adapt Adam's step size ``d * lr`` (bias-corrected) from the globals before the step."""
+    h, d, step = k.h, k.d, k.k
+    beta1, beta2 = h.betas
+    dlr = d * _lr(h, d)
+    if h.use_bias_correction:
+        dlr = dlr * torch.sqrt(1 - torch.pow(beta2, step + 1)) / (1 - torch.pow(beta1, step + 1))
+    return dlr
+
+
+def _adam_dot(ops: ListOps, k: Kernel, g: list[Tensor], own: bool) -> Tensor:
+    """``sum <g, s / (sqrt(v) + eps)>`` over the tensors given, from the state before the step."""
+    old_denom = ops.add_scalar(ops.sqrt(k.exp_avg_sq), k.h.eps, inplace=own)
+    if own:  # s / denom into the temporary denominator
+        ratio = ops.mul_list(ops.reciprocal(old_denom, inplace=True), k.s, inplace=True)
+    else:
+        ratio = ops.div_list(k.s, old_denom)
+    return dot_total(ops, g, ratio, k.d)
+
+
+def _adam_s(ops: ListOps, k: Kernel, g: list[Tensor], dlr: Tensor | float, inplace: bool) -> list[Tensor]:
+    """The new weighted sums ``sqrt(beta2) s + dlr (1 - sqrt(beta2)) g``."""
+    b = math.sqrt(k.h.betas[1])
+    return add_scaled(ops, ops.mul(k.s, b, inplace=inplace), g, dlr * (1 - b), inplace=inplace)
+
+
+def _adam_grads(ops: ListOps, k: Kernel, own: bool) -> list[Tensor]:
+    h = k.h
+    return torch_grad(ops, k.g, k.p, maximize=False, weight_decay=0.0 if h.decouple else h.weight_decay, own=own)[0]
+
+
+def _adam_reduce(k: Kernel) -> dict[str, Tensor]:
+    """The step's sums over the tensors given (see ``Algorithm(reduce=...)``), from its inputs, writing nothing."""
+    ops = k.ops
+    g = _adam_grads(ops, k, own=False)
+    return {"dot": _adam_dot(ops, k, g, own=False), "l1": abs_total(ops, _adam_s(ops, k, g, _adam_dlr(k), False), k.d)}
+
+
 @scratch_math
 def _adam_math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     h, own = k.h, k.own
     beta1, beta2 = h.betas
     b = math.sqrt(beta2)
     d, r, step = k.d, k.numerator_weighted, k.k
-    dlr = d * _lr(h, d)
-    if h.use_bias_correction:
-        dlr = dlr * torch.sqrt(1 - torch.pow(beta2, step + 1)) / (1 - torch.pow(beta1, step + 1))
+    dlr = _adam_dlr(k)
     host = on_host_scalars(k.apply, k.g)  # (CPU, applied: the scalars as Python floats, fused ops as the reference)
-    g, _ = torch_grad(ops, k.g, k.p, maximize=False, weight_decay=0.0 if h.decouple else h.weight_decay, own=own)
-    old_denom = ops.add_scalar(ops.sqrt(k.exp_avg_sq), h.eps, inplace=own)
-    if own:  # s / denom into the temporary denominator
-        ratio = ops.mul_list(ops.reciprocal(old_denom, inplace=True), k.s, inplace=True)
-    else:
-        ratio = ops.div_list(k.s, old_denom)
-    acc = dlr * dot_total(ops, g, ratio, d)
+    totals = getattr(k, "totals", None)  # (given: the sums over all tensors, the math runs on a chunk of them)
+    g = _adam_grads(ops, k, own)
+    acc = dlr * (totals["dot"] if totals is not None else _adam_dot(ops, k, g, own))
     dlr_ = number(dlr, host)
     m = add_scaled(ops, ops.mul(k.exp_avg, beta1, inplace=k.donate), g, dlr_ * (1 - beta1), inplace=k.donate)
     v = ema_of_squares(ops, k.exp_avg_sq, g, beta2, donate=k.donate, own=own)
-    s = add_scaled(ops, ops.mul(k.s, b, inplace=k.donate), g, dlr_ * (1 - b), inplace=k.donate)
-    l1 = abs_total(ops, s, d)
+    s = _adam_s(ops, k, g, dlr_, k.donate)
+    l1 = totals["l1"] if totals is not None else abs_total(ops, s, d)
     numerator = b * r + (1 - b) * acc
     skip = l1 == 0
     new_d = torch.maximum(d, torch.minimum(numerator / ((1 - b) * l1), d * h.growth_rate))
@@ -192,6 +224,7 @@ DADAPT_ADAM = Algorithm(
         "exp_avg_sq": state("second moments.", nonneg=True),
     },
     math=_adam_math,
+    reduce=_adam_reduce,
     elementwise=False,
     global_fields=_ESTIMATE,
     check_order=("d0", "lr", "eps", "betas"),

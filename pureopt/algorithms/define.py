@@ -297,6 +297,12 @@ _FUSED_CHUNKS = 4
 """(torch's fused kernel on plain state with a folded gradient factor, see :meth:`Algorithm.run`: chunks this many
 times the encoded ones, 2 MiB of scaled float32 gradients: a fused call per chunk is light, the calls cost)"""
 
+
+def _with_totals(body: Callable[..., Any], totals: Mapping[str, Tensor], *args: Any) -> Any:
+    """A chunk body of :meth:`Algorithm._run_encoded` whose math gets ``k.totals`` (see ``Algorithm(reduce=...)``)."""
+    return body(*args, totals=totals)
+
+
 _INDEX = "_index"
 """(a column of the encoded step of tensorwise math: each tensor's position, to gather its chunk's results)"""
 
@@ -552,6 +558,11 @@ class Algorithm:
       scalars_read_grads: ``scalars`` reads the gradients' values (NovoGrad's per-tensor norms), not only their
         dtypes and devices: a gradient factor folded in by :func:`pureopt.chain` is then applied to the whole
         gradients first (see ``UpdateContext.grad_factor``).
+      reduce: (with ``elementwise=False``) ``reduce(k) -> {name: 0-d total}``: the sums over all tensors the math
+        needs (D-Adaptation's ``d`` estimate), computed from the step's inputs without writing anything, over the
+        tensors given; with it, the math is elementwise given ``k.totals`` (the sums over all tensors, added over
+        chunks), and encoded state is stepped chunk by chunk in two passes (sums, then the math) instead of being
+        decoded whole. Without ``k.totals`` (the plain path, whole lists) the math sums itself, as it did.
     """
 
     def __init__(
@@ -590,9 +601,11 @@ class Algorithm:
         check_order: Sequence[str] = ("lr",),
         doc: str = "",
         scalars_read_grads: bool = False,
+        reduce: Callable[[Kernel], Mapping[str, Tensor]] | None = None,
     ) -> None:
         self.name = name
         self.scalars_read_grads = scalars_read_grads
+        self.reduce = reduce
         self.fields = dict(fields)
         self.math = math
         self.scalars = scalars
@@ -1001,7 +1014,7 @@ class Algorithm:
 
         def body(
             ops: ListOps, p: list[Tensor], g: list[Tensor], fields: dict[str, list[Tensor]],
-            cols: dict[str, list[Any]], applies: bool,
+            cols: dict[str, list[Any]], applies: bool, totals: Mapping[str, Tensor] | None = None,
         ) -> tuple[list[Tensor] | None, Mapping[str, list[Tensor]]]:  # fmt: skip
             before = cols.pop(_STEPS_BEFORE, None)
             index = cols.pop(_INDEX, None)
@@ -1019,8 +1032,9 @@ class Algorithm:
                     updates, new = self.fused(k, plan)
                     return updates, {key: v for key, v in new.items() if key in fields}
             target = p if applies else None
+            given = {} if totals is None else {"totals": totals}
             k = Kernel(ops=ops, h=h, p=p, g=g, donate=True, own=True, apply=applies, coef=coef, target=target,
-                       segments=None, extra=ctx.extra_args, **shared, **fields, **cols)  # fmt: skip
+                       segments=None, extra=ctx.extra_args, **shared, **fields, **cols, **given)  # fmt: skip
             updates, new = self.math(k)
             globals_out.update({key: new[key] for key in shared if key in new})
             for key in odd:
@@ -1029,9 +1043,30 @@ class Algorithm:
                         odd_out[key][i] = new[key][j]
             return updates, {key: v for key, v in new.items() if key in fields}
 
+        phased = self.reduce is not None and not odd and not self.leaf_args and ctx.segments is None
+        if phased:  # (the sums over all tensors first, chunk by chunk, writing nothing; then the math on each chunk)
+            assert self.reduce is not None
+            reduce = self.reduce
+            totals: dict[str, Tensor] = {}
+
+            def sums(
+                ops: ListOps, p: list[Tensor], g: list[Tensor], fields: dict[str, list[Tensor]],
+                cols: dict[str, list[Any]], applies: bool,
+            ) -> tuple[None, dict[str, list[Tensor]]]:  # fmt: skip
+                cols = {key: value for key, value in cols.items() if key not in (_STEPS_BEFORE, _INDEX)}
+                g = g if factor is None else ops.mul(g, factor)
+                k = Kernel(ops=ops, h=h, p=p, g=g, donate=False, own=False, apply=False, coef=coef, target=None,
+                           segments=None, extra=ctx.extra_args, **shared, **fields, **cols)  # fmt: skip
+                for key, value in reduce(k).items():
+                    totals[key] = value if key not in totals else totals[key] + value
+                return None, {}
+
+            # (as if donated and applied: no output buffers; the chunks' decoded fields are dropped)
+            run_chunks(sums, ops, params, grads, fields, encodings, columns, donate=True, apply=True, elementwise=True)
+            body = functools.partial(_with_totals, body, totals)
         updates, new_fields = run_chunks(
             body, ops, params, grads, fields, encodings, columns, donate=donate, apply=apply,
-            elementwise=self.elementwise, tensorwise=tensorwise, counter=counter, streams=ctx.streams,
+            elementwise=self.elementwise or phased, tensorwise=tensorwise, counter=counter, streams=ctx.streams,
             chunk_scale=1 if encodings else _FUSED_CHUNKS,
         )  # fmt: skip
         return updates, {**out, **new_fields, **globals_out, **odd_out}

@@ -97,6 +97,39 @@ def scalar0(value: float | Callable[[Hyper], float]) -> Callable[[Hyper, torch.d
     return init
 
 
+def _dlr(k: Kernel) -> Tensor:
+    """Prodigy's step size ``d * lr`` (bias-corrected) from the globals before the step."""
+    h, d, step = k.h, k.d, k.k
+    beta1, beta2 = h.betas
+    lr = h.lr.to(d) if isinstance(h.lr, Tensor) else h.lr
+    if h.use_bias_correction:
+        return d * lr * (torch.sqrt(1 - torch.pow(beta2, step + 1)) / (1 - torch.pow(beta1, step + 1)))
+    return d * lr
+
+
+def _grads(ops: ListOps, k: Kernel, own: bool) -> tuple[list[Tensor], bool]:
+    h = k.h
+    return torch_grad(ops, k.g, k.p, maximize=False, weight_decay=0.0 if h.decouple else h.weight_decay, own=own)
+
+
+def _s(
+    ops: ListOps, k: Kernel, g: list[Tensor], d: Tensor | float, gain: Tensor | float, inplace: bool
+) -> list[Tensor]:
+    """The new weighted sums ``beta3 s + w g`` (``w``: ``d**2 / d0`` with the safeguard warmup, else the gain)."""
+    h = k.h
+    beta3 = math.sqrt(h.betas[1]) if h.beta3 is None else h.beta3
+    return add_scaled(ops, ops.mul(k.s, beta3, inplace=inplace), g, d / h.d0 * d if h.safeguard_warmup else gain,
+                      inplace=inplace)  # fmt: skip
+
+
+def _reduce(k: Kernel) -> dict[str, Tensor]:
+    """The step's sums over the tensors given (see ``Algorithm(reduce=...)``), from its inputs, writing nothing."""
+    ops, d = k.ops, k.d
+    g, _ = _grads(ops, k, own=False)
+    gain = d / k.h.d0 * _dlr(k)
+    return {"dot": dot_total(ops, g, ops.sub(k.p0, k.p), d), "l1": abs_total(ops, _s(ops, k, g, d, gain, False), d)}
+
+
 @scratch_math
 def _math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, Any]]:
     h, own = k.h, k.own
@@ -104,15 +137,11 @@ def _math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, An
     beta3 = math.sqrt(beta2) if h.beta3 is None else h.beta3
     d, d_max, r, step = k.d, k.d_max, k.d_numerator, k.k
     host = on_host_scalars(k.apply, k.g)  # (CPU, applied: the scalars as Python floats, fused ops as the reference)
-    lr = h.lr.to(d) if isinstance(h.lr, Tensor) else h.lr
-    if h.use_bias_correction:
-        c = torch.sqrt(1 - torch.pow(beta2, step + 1)) / (1 - torch.pow(beta1, step + 1))
-        dlr = d * lr * c
-    else:
-        dlr = d * lr
-    g, owned = torch_grad(ops, k.g, k.p, maximize=False, weight_decay=0.0 if h.decouple else h.weight_decay, own=own)
+    totals = getattr(k, "totals", None)  # (given: the sums over all tensors, the math runs on a chunk of them)
+    dlr = _dlr(k)
+    g, owned = _grads(ops, k, own)
     gain = d / h.d0 * dlr
-    delta = gain * dot_total(ops, g, ops.sub(k.p0, k.p), d)
+    delta = gain * (totals["dot"] if totals is not None else dot_total(ops, g, ops.sub(k.p0, k.p), d))
     d_, gain_ = number(d, host), number(gain, host)
     if beta1 > 0:
         m = add_scaled(ops, ops.mul(k.exp_avg, beta1, inplace=k.donate), g, d_ * (1 - beta1), inplace=k.donate)
@@ -121,10 +150,8 @@ def _math(k: Kernel, ops: ListOps) -> tuple[list[Tensor] | None, Mapping[str, An
         v = ops.addcmul(v, g, g, value=d_ * d_ * (1 - beta2), inplace=k.donate)
     else:
         v = add_scaled(ops, v, ops.mul_list(g, g), d * d * (1 - beta2), inplace=k.donate)
-    s = add_scaled(
-        ops, ops.mul(k.s, beta3, inplace=k.donate), g, d_ / h.d0 * d_ if h.safeguard_warmup else gain_, inplace=k.donate
-    )
-    denominator = abs_total(ops, s, d)
+    s = _s(ops, k, g, d_, gain_, k.donate)
+    denominator = totals["l1"] if totals is not None else abs_total(ops, s, d)
     numerator = beta3 * r + delta
     d_hat = h.d_coef * numerator / denominator
     skip = denominator == 0
@@ -175,6 +202,7 @@ PRODIGY = Algorithm(
         "exp_avg_sq": state("second moments (scaled by d**2).", nonneg=True),
     },
     math=_math,
+    reduce=_reduce,
     elementwise=False,
     global_fields={
         "d": Global(
