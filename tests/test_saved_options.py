@@ -141,7 +141,7 @@ def _stepped_lamb(state_dtype: Any, factory: Any = pureopt.lamb) -> tuple[torch.
      (pureopt.adamw, "q8", False)],
 )  # fmt: skip
 def test_codes_written_with_the_earlier_code_tables_are_refused_by_field(factory, state_dtype, refused):
-    # before 2026-12-08 LAMB's exp_avg_sq (and 16 other non-negative fields) took signed codes; Adam's always took
+    # before 2026-12-08 LAMB's exp_avg_sq (and 21 other non-negative fields) took signed codes; Adam's always took
     # unsigned ones, and bf16 values are no codes: those checkpoints read the same and still load
     _, opt = _stepped_lamb(state_dtype, factory)
     sd = opt.state_dict()
