@@ -45,6 +45,9 @@ __all__ = [
     "is_elementwise",
     "is_segmentwise",
     "as_leaf_update",
+    "scaled_by",
+    "takes_grad_factor",
+    "mark_takes_grad_factor",
     "identity",
     "stateless",
     "set_to_zero",
@@ -216,6 +219,25 @@ class LeafUpdate:
         new_leaves, new_state = self.update_leaves(leaves, state, param_leaves, UpdateContext(spec, extra_args))
         assert new_leaves is not None  # only a context with apply=True may return None
         return spec.unflatten(new_leaves), new_state
+
+
+def scaled_by(updates: LeafList, factor: torch.Tensor) -> LeafList:
+    """The updates times a 0-d factor (``None`` leaves stay ``None``), each product in the update's dtype: what
+    a scaling transformation makes, and what a step given ``UpdateContext.grad_factor`` reads."""
+    return [None if u is None else u * factor.to(u.device, u.dtype) for u in updates]
+
+
+def takes_grad_factor(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` honours ``UpdateContext.grad_factor`` (``LeafUpdate.takes_grad_factor``)."""
+    return isinstance(tx.update, LeafUpdate) and tx.update.takes_grad_factor
+
+
+def mark_takes_grad_factor(tx: GradientTransformation) -> GradientTransformation:
+    """Declare that ``tx`` (a leaf-level transformation) honours ``UpdateContext.grad_factor``; returns ``tx``."""
+    if not isinstance(tx.update, LeafUpdate):
+        raise TypeError("only a leaf-level transformation (leaf_transformation) can take a gradient factor")
+    tx.update.takes_grad_factor = True
+    return tx
 
 
 def flatten_params_like(spec: PyTreeSpec, updates: Updates, params: Params | None) -> LeafList | None:

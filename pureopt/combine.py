@@ -38,14 +38,16 @@ from pureopt.base import (
     EmptyState,
     GradientTransformation,
     LeafList,
-    LeafUpdate,
     OptState,
     UpdateContext,
     as_leaf_update,
     is_elementwise,
     is_segmentwise,
     leaf_transformation,
+    mark_takes_grad_factor,
+    scaled_by,
     set_to_zero,
+    takes_grad_factor,
 )
 from pureopt.tree import PyTreeSpec
 
@@ -196,7 +198,7 @@ def _sequence(
     init_leaves: Callable[[list[Any], PyTreeSpec], OptState], update_leaves: Any, txs: Sequence[GradientTransformation]
 ) -> GradientTransformation:
     """A chain's transformation: elementwise / segmentwise where all of ``txs`` are; takes a gradient factor."""
-    return _takes_factor(
+    return mark_takes_grad_factor(
         leaf_transformation(
             init_leaves,
             update_leaves,
@@ -226,7 +228,7 @@ def _run_chain(
         if txs and takes_grad_factor(txs[0]):
             factor = ctx.grad_factor
         else:
-            updates = scaled(returned(updates), ctx.grad_factor)
+            updates = scaled_by(returned(updates), ctx.grad_factor)
     for i, (tx, fn, sub_state) in enumerate(zip(txs, fns, states)):
         inner = inner_context(ctx, allow_apply=i == last)
         scaling = getattr(tx.update, "grad_factor", None)
@@ -243,17 +245,6 @@ def _run_chain(
     return updates, new_states
 
 
-def takes_grad_factor(tx: GradientTransformation) -> bool:
-    """Whether ``tx`` honours ``UpdateContext.grad_factor`` (``LeafUpdate.takes_grad_factor``: the algorithms,
-    :func:`chain`, :func:`partition`, :func:`masked`)."""
-    return bool(getattr(tx.update, "takes_grad_factor", False))
-
-
-def scaled(updates: LeafList, factor: torch.Tensor) -> LeafList:
-    """The updates times a folded gradient factor, as the scaling transformation would have made them."""
-    return [None if u is None else u * factor.to(u.device, u.dtype) for u in updates]
-
-
 def _with_factor(
     tx: GradientTransformation, updates: LeafList, sub_ctx: UpdateContext, factor: torch.Tensor | None
 ) -> tuple[LeafList, UpdateContext]:
@@ -263,13 +254,7 @@ def _with_factor(
         return updates, sub_ctx
     if takes_grad_factor(tx):
         return updates, sub_ctx.but(grad_factor=factor)
-    return scaled(updates, factor), sub_ctx
-
-
-def _takes_factor(tx: GradientTransformation) -> GradientTransformation:
-    assert isinstance(tx.update, LeafUpdate)
-    tx.update.takes_grad_factor = True
-    return tx
+    return scaled_by(updates, factor), sub_ctx
 
 
 def _check_keys(state: Any, expected: list[Any], who: str) -> None:
@@ -547,7 +532,7 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels: Lab
                 out[i] = u
         return out, PartitionState(new_inner)
 
-    return _takes_factor(leaf_transformation(init_leaves, update_leaves))
+    return mark_takes_grad_factor(leaf_transformation(init_leaves, update_leaves))
 
 
 def _mask_leaves(mask: LabelTree, spec: PyTreeSpec, source: LeafList, who: str) -> list[bool]:
@@ -604,13 +589,13 @@ def masked(inner: GradientTransformation, mask: LabelTree) -> GradientTransforma
         out = list(updates)  # (the others pass through as they came in: scaled, where a factor was folded in)
         if ctx.grad_factor is not None:
             rest = [i for i, k in enumerate(keep) if not k]
-            for i, u in zip(rest, scaled([updates[i] for i in rest], ctx.grad_factor)):
+            for i, u in zip(rest, scaled_by([updates[i] for i in rest], ctx.grad_factor)):
                 out[i] = u
         for i, u in zip(idx, _own_updates(sub_updates, len(idx), ctx)):
             out[i] = u
         return out, MaskedState(new_inner)
 
-    return _takes_factor(leaf_transformation(init_leaves, update_leaves))
+    return mark_takes_grad_factor(leaf_transformation(init_leaves, update_leaves))
 
 
 def set_to_none() -> GradientTransformation:

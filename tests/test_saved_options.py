@@ -61,6 +61,13 @@ def _steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range) -> 
         opt.step()
 
 
+def _assert_resumed(model: torch.nn.Module, opt: torch.optim.Optimizer, uninterrupted: torch.nn.Module, steps: range):
+    """``model`` / ``opt``, loaded from a checkpoint, stepped through ``steps``: bitwise the uninterrupted run's."""
+    _steps(model, opt, steps)
+    for a, b in zip(uninterrupted.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
 def _make(name: str) -> tuple[torch.nn.Module, TorchOptimizer]:
     factory, kw = OPTIONS[name]
     model = _model()
@@ -93,9 +100,7 @@ def test_a_checkpoint_through_torch_save_resumes_bitwise_with_the_options_it_was
     for key in ("state_dtype", "ns_dtype"):
         if key in opt.param_groups[0]:
             assert opt2.param_groups[0][key] == opt.param_groups[0][key]
-    _steps(model2, opt2, range(2, 5))
-    for a, b in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(a, b)
+    _assert_resumed(model2, opt2, model, range(2, 5))
 
 
 def test_checkpoints_holding_the_objects_still_load() -> None:
@@ -110,9 +115,7 @@ def test_checkpoints_holding_the_objects_still_load() -> None:
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["state_dtype"] is torch.float32
     _steps(model, opt, range(2, 4))
-    _steps(model2, opt2, range(2, 4))
-    for a, b in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(a, b)
+    _assert_resumed(model2, opt2, model, range(2, 4))
 
 
 def test_an_unknown_saved_option_is_refused_before_anything_changes() -> None:

@@ -135,8 +135,7 @@ def record_globals(
     from the step counts) when the entries' step counts no longer add up to the recorded sum: another optimizer
     (torch.optim) stepped the checkpoint after pureopt saved it, so the recorded counters are stale.
     """
-    keys = {str(k) for e in entries.values() if isinstance(e, Mapping) for k in e}
-    globals_ = check_group_record(record, kind, layout, where, keys)
+    globals_ = check_group_record(record, kind, layout, where, entries)
     for i in record.get("stepped", ()):
         entry = entries.get(i)
         if isinstance(entry, Mapping) and any(k in entry for k in layout.param_keys[i]):

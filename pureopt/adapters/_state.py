@@ -423,15 +423,17 @@ def check_code_tables(record: Mapping[str, Any], keys: Collection[str], where: s
 
 
 def check_group_record(
-    record: Any, kind: str | None, layout: StateLayout, where: str, keys: Collection[str] = ()
+    record: Any, kind: str | None, layout: StateLayout, where: str, entries: Mapping[Any, Any] | None = None
 ) -> Mapping[str, Any]:
     """Check a group's record from the ``pureopt`` section against this optimizer; returns its globals.
 
     ``kind`` (the factory's name) is compared when both sides have one; the state record types when the record
-    has them; ``keys``: the loaded entries' keys (see :func:`check_code_tables`).
+    has them; ``entries``: the loaded per-parameter entries, whose keys name their codes (see
+    :func:`check_code_tables`).
     """
     if not isinstance(record, Mapping) or not isinstance(record.get("globals"), Mapping):
         raise ValueError(f"{where}: the checkpoint's {PUREOPT_KEY!r} section is malformed")
+    keys = {str(k) for e in (entries or {}).values() if isinstance(e, Mapping) for k in e}
     check_code_tables(record, keys, where)
     saved_kind = record.get("kind")
     if kind is not None and saved_kind not in (None, "transform") and saved_kind != kind:

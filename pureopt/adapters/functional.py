@@ -323,8 +323,7 @@ class FunctionalOptimizer:
             records = section.get("groups") if isinstance(section, Mapping) else None
             if not isinstance(records, Sequence) or len(records) != 1:
                 raise ValueError(f"the checkpoint's {PUREOPT_KEY!r} section is malformed")
-            keys = {str(k) for e in entries.values() if isinstance(e, Mapping) for k in e}
-            globals_ = check_group_record(records[0], None, layout, "the checkpoint", keys)
+            globals_ = check_group_record(records[0], None, layout, "the checkpoint", entries)
         new_state, _ = load_entries(layout, fresh, entries, globals_, "the checkpoint", param_label=ids)
         new_flat = None if self._flat is None else FlatState(self._flat.flat, self.tx, new_state)
         with self._lock:

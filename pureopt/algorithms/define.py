@@ -44,7 +44,7 @@ from torch import Tensor
 
 from pureopt import tree
 from pureopt.algorithms.storage import compute_dtype, parse_state_dtype, run_chunks
-from pureopt.base import GradientTransformation, LeafUpdate, ScalarOrSchedule, UpdateContext
+from pureopt.base import GradientTransformation, ScalarOrSchedule, UpdateContext, mark_takes_grad_factor, scaled_by
 from pureopt.hyperparams import check_betas, check_lr, check_nonneg, resolve
 from pureopt.kernels import fused as _fused
 from pureopt.kernels import onepass, step_op
@@ -763,8 +763,7 @@ class Algorithm:
             global_fields=shared,
             leaf_args=self.leaf_args,
         )
-        assert isinstance(tx.update, LeafUpdate)
-        tx.update.takes_grad_factor = True  # (see run: folded into the chunks, or applied to the gradients first)
+        mark_takes_grad_factor(tx)  # (see run: folded into the chunks, or applied to the gradients first)
         return _fused.mark_amp_native(tx) if self.amp_native else tx
 
     def _folds_factor(
@@ -1101,7 +1100,7 @@ class Algorithm:
             if is_dtensor(factor) and not any(map(is_dtensor, grads)):  # (stepping local shards: its value)
                 factor = as_plain_scalar(factor)
             if not self._folds_factor(factor, params, grads, ctx):
-                grads, factor = [g * factor.to(g.device, g.dtype) for g in grads], None
+                grads, factor = scaled_by(grads, factor), None
         if self.dense_error is not None and not all(g.is_sparse for g in grads):
             raise RuntimeError(self.dense_error)
         if self.sparse is not True and (self.dense_error is not None or any(g.is_sparse for g in grads)):
@@ -1147,7 +1146,7 @@ class Algorithm:
             if apply and self.elementwise and not self.leaf_args and not shared:
                 # torch's fused kernel chunk by chunk on the scaled gradients (see _run_encoded, no encodings)
                 return self._run_encoded(h, impl, params, grads, s, ctx, {}, elem, shared, counter, factor)
-            grads, factor = [g * factor.to(g.device, g.dtype) for g in grads], None
+            grads, factor = scaled_by(grads, factor), None
         coef: float | Tensor = 1.0 if h.lr is None else -h.lr
         if self.amp_native and (ctx.grad_scale is not None or ctx.found_inf is not None):
             ref = next((s[key] for key in (*self.fused_state, *elem) if key in s), grads)
@@ -1169,7 +1168,7 @@ class Algorithm:
         real = {key: as_real(s[key]) for key in elem}
         math_dtypes = [t.dtype for t in real[elem[0]]] if elem else [compute_dtype or g.dtype for g in grads]
         if factor is not None and any(dt != torch.float32 for dt in math_dtypes):
-            grads, factor = [g * factor.to(g.device, g.dtype) for g in grads], None  # (cast below: scale first)
+            grads, factor = scaled_by(grads, factor), None  # (cast below: scale first)
         ref = real[elem[0]] if elem else _in_dtype(as_real(grads), compute_dtype)
         g = cast_like(as_real(grads), ref) if elem else ref  # state may be kept in another dtype (state_dtype=)
         p = cast_like(as_real(params), ref) if params is not None else None

@@ -11,6 +11,7 @@ from pureopt.base import (
     LeafUpdate,
     UpdateContext,
     leaf_transformation,
+    scaled_by,
 )
 from pureopt.kernels.common import segment_views
 from pureopt.kernels.select import choose_impl
@@ -70,7 +71,7 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0, eps: float = 1e
         factor = factor_of(updates, state, params, ctx)
         if factor is None:
             return updates, state
-        return [None if u is None else u * factor.to(u.device, u.dtype) for u in updates], state
+        return scaled_by(updates, factor), state
 
     tx = leaf_transformation(lambda leaves, spec: EmptyState(), update_leaves, segmentwise=True)
     assert isinstance(tx.update, LeafUpdate)
