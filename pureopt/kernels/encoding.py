@@ -249,7 +249,7 @@ class FloatEncoding(Encoding):
             codec_ops.register(self.key, self)
 
     def __eq__(self, other: object) -> bool:  # (by value: options rebuilt from a checkpoint equal the given ones)
-        return type(other) is type(self) and self._value() == other._value()
+        return self is other or (type(other) is type(self) and self._value() == other._value())
 
     def __hash__(self) -> int:
         return hash(self._value())
@@ -337,10 +337,10 @@ class BlockEncoding(Encoding):
         codec_ops.register(self.key, self)
 
     def __eq__(self, other: object) -> bool:  # (by value: options rebuilt from a checkpoint equal the given ones)
-        return type(other) is type(self) and self._value() == other._value()
+        return self is other or (type(other) is type(self) and self._value() == other._value())
 
-    def __hash__(self) -> int:
-        return hash(self._value())
+    def __hash__(self) -> int:  # (without the code: hashed on every lookup of a step, a 256-value tuple cost)
+        return hash((self.name, self.bits, self.block, self.dtype, self.least))
 
     def _value(self) -> tuple[Any, ...]:
         return (self.name, self.bits, self.block, self.dtype, self.code, self.least)
